@@ -1,0 +1,5 @@
+"""The fused ops, one folder each: ``reference.py`` (the oracle), ``triton.py``, ``cuda.py`` and the dispatch."""
+
+from .gated_attention import gated_attention_pool, gated_attention_scores
+
+__all__ = ["gated_attention_pool", "gated_attention_scores"]

@@ -1,0 +1,123 @@
+"""Input checks and the one internal layout every op works on: packed bags.
+
+A call takes one of three layouts, and :func:`pack_bags` turns each into rows ``x2d: (T, L)``, bag
+boundaries ``cu_seqlens: (B + 1,)`` int32 and an optional ``row_valid: (T,)`` bool:
+
+- one bag ``x: (N, L)``;
+- padded bags ``x: (B, N, L)`` with an optional ``mask: (B, N)`` (nonzero or True = a real
+  instance, as in torchmil; padded rows are never read for pooling);
+- packed bags ``x: (T, L)`` with ``cu_seqlens: (B + 1,)``, bag ``b`` being rows
+  ``cu_seqlens[b]:cu_seqlens[b + 1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Bags:
+    """Packed bags: rows ``x2d: (T, L)``, ``cu_seqlens: (B + 1,)`` int32 and ``row_valid: (T,)`` bool or None.
+
+    ``layout`` is ``"single"``, ``"padded"`` or ``"packed"`` and ``shape`` the caller's
+    ``x.shape``, so results can be put back in the caller's layout.
+    """
+
+    x2d: torch.Tensor
+    cu_seqlens: torch.Tensor
+    row_valid: torch.Tensor | None
+    layout: str
+    shape: tuple
+
+    @property
+    def num_bags(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    def bag_index(self) -> torch.Tensor:
+        """``(T,)`` int64: the bag of each row."""
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        return torch.repeat_interleave(torch.arange(self.num_bags, device=lengths.device), lengths)
+
+    def rows_to_caller(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row results ``(T, ...)`` in the caller's layout: ``(N, ...)``, ``(B, N, ...)`` or ``(T, ...)``."""
+        if self.layout == "padded":
+            return rows.reshape(self.shape[0], self.shape[1], *rows.shape[1:])
+        return rows
+
+    def bags_to_caller(self, per_bag: torch.Tensor) -> torch.Tensor:
+        """Per-bag results ``(B, ...)`` in the caller's layout: ``(...)`` for one bag, else ``(B, ...)``."""
+        return per_bag[0] if self.layout == "single" else per_bag
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError unless ``tensor`` is a floating-point tensor of a supported dtype."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Raise ValueError unless all given tensors (None ignored) are on one device; return it."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+    return devices.pop()
+
+
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> torch.Tensor:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape (B + 1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    host = cu_seqlens.cpu()
+    lengths = host[1:] - host[:-1]
+    if host[0] != 0 or host[-1] != total_rows:
+        raise ValueError(f"cu_seqlens must start at 0 and end at the row count {total_rows}, got {host.tolist()}")
+    if bool((lengths <= 0).any()):
+        raise ValueError(f"every bag needs at least one instance; cu_seqlens {host.tolist()} has an empty bag")
+    return cu_seqlens.to(torch.int32)
+
+
+def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None) -> Bags:
+    """Check ``x`` (one bag, padded bags or packed bags, see the module doc) and pack it.
+
+    ``feature_dim`` is the L the weights expect. Raises ValueError naming the problem.
+    """
+    check_float("x", x)
+    check_same_device(x=x, mask=mask, cu_seqlens=cu_seqlens)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (N, L), (B, N, L) or packed (T, L), got rank {x.dim()} shape {tuple(x.shape)}")
+    if x.shape[-1] != feature_dim:
+        raise ValueError(f"x has feature size L={x.shape[-1]} but the weights expect L={feature_dim}")
+    if x.shape[-2] == 0 or (x.dim() == 3 and x.shape[0] == 0):
+        raise ValueError(f"empty bag: x has shape {tuple(x.shape)}")
+    if mask is not None and cu_seqlens is not None:
+        raise ValueError("give either mask (padded bags) or cu_seqlens (packed bags), not both")
+    if cu_seqlens is not None:
+        if x.dim() != 2:
+            raise ValueError(f"packed bags need x of shape (T, L), got {tuple(x.shape)}")
+        return Bags(x, _check_cu_seqlens(cu_seqlens, x.shape[0]), None, "packed", tuple(x.shape))
+    if x.dim() == 2:
+        if mask is not None:
+            raise ValueError("a mask needs padded bags x: (B, N, L); one bag (N, L) takes no mask")
+        bounds = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
+        return Bags(x, bounds, None, "single", tuple(x.shape))
+    batch, length, _ = x.shape
+    row_valid = None
+    if mask is not None:
+        if tuple(mask.shape) != (batch, length):
+            raise ValueError(f"mask must have shape (B, N) = {(batch, length)}, got {tuple(mask.shape)}")
+        if mask.is_floating_point() or mask.is_complex():
+            row_valid = (mask != 0).reshape(-1)
+        else:
+            row_valid = mask.reshape(-1).bool()
+    bounds = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * length
+    return Bags(x.reshape(batch * length, -1), bounds, row_valid, "padded", tuple(x.shape))

@@ -1,0 +1,20 @@
+"""Test set-up. TRITON_INTERPRET must be set before anything imports triton, so it comes first.
+
+On a machine with a CUDA GPU (``benchmarks/gpu.sh``) the interpreter stays off and the kernels run
+natively; set ``MILKERNELS_TEST_GPU=1`` there.
+"""
+
+import os
+
+if os.environ.get("MILKERNELS_TEST_GPU") != "1":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    """Where kernel tests run: the GPU under MILKERNELS_TEST_GPU=1, else the CPU (interpreter)."""
+    return torch.device("cuda" if os.environ.get("MILKERNELS_TEST_GPU") == "1" else "cpu")

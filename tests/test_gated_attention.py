@@ -1,0 +1,230 @@
+"""Gated attention pooling: the triton kernels (interpreter on CPU) against the float64 reference."""
+
+import pytest
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import milkernels
+from milkernels.ops import gated_attention_pool, gated_attention_scores
+from milkernels.ops._bags import pack_bags
+from milkernels.ops.gated_attention import reference
+from milkernels.ops.gated_attention import triton as kernels
+
+TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_buffers(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN, so an entry they fail to write shows up."""
+    def poisoned(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(kernels, "new_buffer", poisoned)
+
+
+def make_weights(features, hidden, heads, dtype, device, gated=True, generator=None):
+    """Fresh random (wa, ba, wb, bb, wc, bc) with requires_grad; wb, bb are None when ungated."""
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype=dtype, device=device).requires_grad_()
+
+    scale = features ** -0.5
+    wa, ba = rand(hidden, features, scale=scale), rand(hidden, scale=0.1)
+    wb, bb = (rand(hidden, features, scale=scale), rand(hidden, scale=0.1)) if gated else (None, None)
+    return [wa, ba, wb, bb, rand(heads, hidden, scale=hidden ** -0.5 * 3), rand(heads, scale=0.1)]
+
+
+def leaves(x, weights):
+    return [t for t in (x, *weights) if t is not None]
+
+
+def outputs_and_grads(fn, x, weights, **kwargs):
+    """Run ``fn(x, *weights, **kwargs)`` and backprop fixed random cotangents into every input."""
+    outs = fn(x, *weights, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    generator = torch.Generator().manual_seed(7)
+    cotangents = [torch.randn(o.shape, generator=generator).to(o) for o in outs]
+    loss = sum((o.float() * c.float()).sum() for o, c in zip(outs, cotangents))
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, leaves(x, weights)))
+
+
+def as_float64(tensors):
+    return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+
+
+def compare(fn, x, weights, dtype, **kwargs):
+    """Triton in ``dtype`` against the reference in float64: outputs and every gradient."""
+    with milkernels.use_backend("triton"):
+        got_out, got_grad = outputs_and_grads(fn, x, weights, **kwargs)
+    with milkernels.use_backend("reference"):
+        x64, *w64 = as_float64([x, *weights])
+        want_out, want_grad = outputs_and_grads(fn, x64, w64, **kwargs)
+    for name, got, want in zip(["output"] * len(got_out) + ["grad"] * len(got_grad),
+                               got_out + got_grad, want_out + want_grad):
+        assert got.dtype == dtype
+        assert not got.isnan().any(), name
+        scale = want.abs().max().clamp_min(1.0)
+        err = (got.double() - want).abs().max() / scale
+        assert err < TOLERANCE[dtype], f"{name} error {err:.2e}"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 17, 1000, 4099])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_one_bag_matches_reference(rows, heads, device):
+    generator = torch.Generator().manual_seed(rows * 10 + heads)
+    weights = make_weights(45, 27, heads, torch.float32, device, generator=generator)
+    x = torch.randn(rows, 45, generator=generator).to(device).requires_grad_()
+    compare(gated_attention_pool, x, weights, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, device):
+    generator = torch.Generator().manual_seed(3)
+    weights = make_weights(70, 33, 2, dtype, device, generator=generator)
+    x = torch.randn(300, 70, generator=generator).to(dtype=dtype, device=device).requires_grad_()
+    compare(gated_attention_pool, x, weights, dtype)
+
+
+def test_ungated_and_without_biases(device):
+    generator = torch.Generator().manual_seed(4)
+    wa, _, _, _, wc, _ = make_weights(30, 19, 1, torch.float32, device, gated=False, generator=generator)
+    x = torch.randn(130, 30, generator=generator).to(device).requires_grad_()
+    compare(gated_attention_pool, x, [wa, None, None, None, wc, None], torch.float32)
+
+
+def test_wide_hidden_takes_several_d_tiles(device):
+    generator = torch.Generator().manual_seed(5)
+    weights = make_weights(150, 260, 3, torch.float32, device, generator=generator)
+    x = torch.randn(150, 150, generator=generator).to(device).requires_grad_()
+    compare(gated_attention_pool, x, weights, torch.float32)
+
+
+def test_padded_bags_with_mask(device):
+    generator = torch.Generator().manual_seed(6)
+    weights = make_weights(37, 23, 3, torch.float32, device, generator=generator)
+    x = torch.randn(3, 90, 37, generator=generator).to(device).requires_grad_()
+    mask = torch.rand(3, 90, generator=generator) > 0.3
+    mask[1, :70] = False
+    compare(gated_attention_pool, x, weights, torch.float32, mask=mask.to(device))
+
+
+def test_packed_bags_equal_separate_calls(device):
+    generator = torch.Generator().manual_seed(8)
+    weights = make_weights(37, 23, 2, torch.float32, device, generator=generator)
+    cu_seqlens = torch.tensor([0, 1, 66, 200, 217], device=device)
+    x = torch.randn(217, 37, generator=generator).to(device).requires_grad_()
+    with milkernels.use_backend("triton"):
+        (pooled, scores), grads = outputs_and_grads(gated_attention_pool, x, weights, cu_seqlens=cu_seqlens)
+        bounds = cu_seqlens.tolist()
+        for bag, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            one_pooled, one_scores = gated_attention_pool(x[start:stop], *weights)
+            torch.testing.assert_close(pooled[bag], one_pooled, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(scores[start:stop], one_scores, rtol=1e-5, atol=1e-5)
+    compare(gated_attention_pool, x, weights, torch.float32, cu_seqlens=cu_seqlens)
+
+
+def test_scores_only(device):
+    generator = torch.Generator().manual_seed(9)
+    weights = make_weights(41, 29, 3, torch.float32, device, generator=generator)
+    x = torch.randn(2, 70, 41, generator=generator).to(device).requires_grad_()
+    compare(gated_attention_scores, x, weights, torch.float32)
+
+
+def test_only_pooled_used_in_loss(device):
+    generator = torch.Generator().manual_seed(10)
+    weights = make_weights(33, 21, 1, torch.float32, device, generator=generator)
+    x = torch.randn(80, 33, generator=generator).to(device).requires_grad_()
+    compare(lambda *args: gated_attention_pool(*args)[0], x, weights, torch.float32)
+
+
+def test_dropout_same_seed_same_result_and_backward_matches_forward_mask(device):
+    generator = torch.Generator().manual_seed(11)
+    weights = make_weights(37, 23, 2, torch.float32, device, generator=generator)
+    x = torch.randn(150, 37, generator=generator).to(device).requires_grad_()
+    with milkernels.use_backend("triton"):
+        torch.manual_seed(3)
+        first, grads = outputs_and_grads(gated_attention_pool, x, weights, dropout_p=0.25)
+        torch.manual_seed(3)
+        again, _ = outputs_and_grads(gated_attention_pool, x, weights, dropout_p=0.25)
+        other, _ = outputs_and_grads(gated_attention_pool, x, weights, dropout_p=0.25)
+        no_drop, _ = outputs_and_grads(gated_attention_pool, x, weights, dropout_p=0.25, training=False)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], other[0])
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    keep = kernels.dropout_keep_masks(seed, 150, 23, 0.25, device)
+    assert 0.65 < keep[0].float().mean() < 0.85 and not torch.equal(keep[0], keep[1])
+    bags = pack_bags(x, 37)
+    want, want_grads = outputs_and_grads(
+        lambda *a: reference.gated_attention_pool(*a, bags, 0.25, True, keep), x, weights)
+    torch.testing.assert_close(first[0], want[0][0], rtol=1e-4, atol=1e-5)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with milkernels.use_backend("reference"):
+        plain, _ = outputs_and_grads(gated_attention_pool, x, weights)
+    torch.testing.assert_close(no_drop[0], plain[0], rtol=1e-4, atol=1e-5)
+
+
+def test_backward_is_deterministic(device):
+    generator = torch.Generator().manual_seed(12)
+    weights = make_weights(37, 23, 3, torch.float32, device, generator=generator)
+    x = torch.randn(500, 37, generator=generator).to(device).requires_grad_()
+    with milkernels.use_backend("triton"):
+        _, first = outputs_and_grads(gated_attention_pool, x, weights)
+        _, second = outputs_and_grads(gated_attention_pool, x, weights)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_in_input_gives_nan_out(backend, device):
+    generator = torch.Generator().manual_seed(13)
+    weights = make_weights(20, 12, 1, torch.float32, device, generator=generator)
+    x = torch.randn(2, 50, 20, generator=generator).to(device)
+    x[0, 7, 3] = float("nan")
+    with milkernels.use_backend(backend):
+        pooled, _ = gated_attention_pool(x, *weights)
+        assert pooled[0].isnan().all() and not pooled[1].isnan().any()
+        mask = torch.ones(2, 50, dtype=torch.bool, device=device)
+        mask[0, 7] = False
+        masked_pooled, _ = gated_attention_pool(x, *weights, mask=mask)
+        assert not masked_pooled.isnan().any(), "a masked-out instance must not reach the result"
+
+
+def bad_input_cases():
+    x = torch.randn(10, 8)
+    weights = make_weights(8, 4, 1, torch.float32, "cpu")
+    yield "rank", (torch.randn(2, 3, 4, 8), *weights), {}
+    yield "feature size L=9", (torch.randn(10, 9), *weights), {}
+    yield "float32, float16", (torch.randint(0, 5, (10, 8)), *weights), {}
+    yield "one device", (x, weights[0].detach().to("meta"), *weights[1:]), {}
+    yield "empty bag", (torch.randn(0, 8), *weights), {}
+    yield "empty bag", (x, *weights), {"cu_seqlens": torch.tensor([0, 4, 4, 10])}
+    yield "cu_seqlens must start", (x, *weights), {"cu_seqlens": torch.tensor([0, 4, 9])}
+    yield "mask must have shape", (torch.randn(2, 5, 8), *weights), {"mask": torch.ones(2, 4)}
+    yield "wc must have shape", (x, *weights[:4], torch.randn(1, 5), None), {}
+    yield "dropout_p", (x, *weights), {"dropout_p": 1.0}
+
+
+@pytest.mark.parametrize("message,args,kwargs", list(bad_input_cases()))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input_raises_value_error(message, args, kwargs, backend):
+    with milkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+        gated_attention_pool(*args, **kwargs)
+
+
+def test_triton_rejects_float64_with_a_reason():
+    weights = make_weights(8, 4, 1, torch.float64, "cpu")
+    with milkernels.use_backend("triton"), pytest.raises(milkernels.BackendUnavailable, match="float64"):
+        gated_attention_pool(torch.randn(10, 8, dtype=torch.float64), *weights)
+
+
+SPECIALIZATIONS = list(kernels.shipped_specializations())
+
+
+@pytest.mark.parametrize("kernel,signature,constexprs,num_warps", SPECIALIZATIONS,
+                         ids=[f"{k.__name__}-{i}" for i, (k, *_) in enumerate(SPECIALIZATIONS)])
+def test_compiles_for_sm90(kernel, signature, constexprs, num_warps):
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    assert "cubin" in compiled.asm and compiled.metadata.shared <= 227 * 1024
