@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The whole GPU run in one call, from the repo root of a GPU machine:
+#   1. pip install -e . (builds the CUDA extension against the machine's torch, which stays as is),
+#   2. the whole test suite on the GPU (MILKERNELS_TEST_GPU=1), its exit code recorded,
+#   3. the benchmark sweep (python -m milkernels.bench), whatever the tests gave.
+# Results go to benchmarks/results/<UTC stamp>-<gpu>/ and, when $OUT is set, to $OUT/<stamp>-<gpu>/
+# after every step (so a run cut short still hands back what it has).
+#
+# Usage: bash benchmarks/gpu.sh [sweep options, e.g. --sizes 1k,64k,1M --no-compile]
+# Environment: PYTHON (default python3); TEST_TIMEOUT and BENCH_TIMEOUT in seconds (default 180 and
+# 240, so that a run with a few minutes of build fits a 10-minute call; 0 = none); MILKERNELS_GIT_SHA
+# (recorded when the tree has no .git, e.g. a copy sent to a device machine).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+
+PY=${PYTHON:-python3}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+slug=$(printf '%s' "${gpu:-no-gpu}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+stamp=$(date -u +%Y%m%d-%H%M%S)
+res="benchmarks/results/$stamp-$slug"
+mkdir -p "$res"
+
+publish() {  # copy what exists so far into $OUT (the device tool returns at most 8 files, 2 folders deep)
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT/$stamp-$slug"
+    for f in gpu.log tests.log env.txt nvidia-smi.txt results.csv results.json; do
+        [ -f "$res/$f" ] && cp "$res/$f" "$OUT/$stamp-$slug/"
+    done
+    return 0
+}
+
+if [ -z "${MILKERNELS_GIT_SHA:-}" ]; then
+    MILKERNELS_GIT_SHA=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+fi
+export MILKERNELS_GIT_SHA
+dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | head -c 1)
+
+versions() {
+    "$PY" -c 'import platform, torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = "not installed"
+print(f"python {platform.python_version()} | torch {torch.__version__} (CUDA {torch.version.cuda}) | triton {tv}")'
+}
+
+limit() {  # run "$@" under a time limit of $1 seconds (0 = none); SIGINT first, so pytest still reports
+    local seconds=$1; shift
+    if [ "$seconds" -gt 0 ]; then timeout --signal=INT --kill-after=30 "$seconds" "$@"; else "$@"; fi
+}
+
+main() {
+    echo "== $stamp $gpu"
+    {
+        echo "date_utc $stamp"
+        echo "git_sha $MILKERNELS_GIT_SHA${dirty:+ (dirty)}"
+        versions
+        nvcc --version 2>&1 | tail -n 2
+    } > "$res/env.txt"
+    {
+        nvidia-smi
+        nvidia-smi --format=csv \
+            --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu
+    } > "$res/nvidia-smi.txt" 2>&1
+    cat "$res/env.txt"
+    publish
+
+    echo "== pip install -e . --no-build-isolation --no-deps"
+    torch_before=$("$PY" -c 'import torch; print(torch.__version__)')
+    "$PY" -m pip install -e . --no-build-isolation --no-deps
+    install_rc=$?
+    torch_after=$("$PY" -c 'import torch; print(torch.__version__)')
+    if [ "$torch_before" != "$torch_after" ]; then
+        echo "WARNING: torch changed from $torch_before to $torch_after during the install"
+    fi
+    "$PY" -c 'import milkernels; print("backends:", milkernels.backends())'
+    publish
+
+    echo "== MILKERNELS_TEST_GPU=1 $PY -m pytest tests -q"
+    # pytest.main with SIGINT restored (a job started in the background ignores it), so a timed-out
+    # run still prints its failures; otherwise the same as `python -m pytest tests -q`.
+    limit "${TEST_TIMEOUT:-180}" env MILKERNELS_TEST_GPU=1 "$PY" -c 'import signal, sys, pytest
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(pytest.main(["tests", "-q"]))' 2>&1 | tee "$res/tests.log"
+    test_rc=${PIPESTATUS[0]}
+    publish
+
+    echo "== $PY -m milkernels.bench --out $res $*"
+    limit "${BENCH_TIMEOUT:-240}" env PYTHONUNBUFFERED=1 "$PY" -m milkernels.bench --out "$res" "$@"
+    bench_rc=$?
+    nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >> "$res/nvidia-smi.txt" 2>&1
+
+    echo
+    echo "== summary"
+    echo "device:  ${gpu:-none} | $(versions)"
+    echo "git:     $MILKERNELS_GIT_SHA${dirty:+ (dirty)}"
+    echo "install: exit $install_rc (torch $torch_before -> $torch_after)"
+    echo "tests:   exit $test_rc | $(grep -E '(passed|failed|error|no tests ran)' "$res/tests.log" | tail -n 1)"
+    echo "bench:   exit $bench_rc (1 = an implementation errored, 124/130 = timed out) | $res"
+    [ -n "${OUT:-}" ] && echo "copied:  $OUT/$stamp-$slug/"
+    return $(( install_rc != 0 || test_rc != 0 || bench_rc != 0 ))
+}
+
+main "$@" 2>&1 | tee "$res/gpu.log"
+status=${PIPESTATUS[0]}
+publish
+exit "$status"

@@ -1,0 +1,149 @@
+"""Command line: ``python -m milkernels.bench [sweep] [options]``, also installed as ``milkernels-bench``.
+
+``sweep`` (the default subcommand) times every registered op under every implementation over bag
+sizes, prints a table and writes ``results.csv`` and ``results.json`` into ``--out`` (default
+``benchmarks/results/<UTC stamp>-<device>/`` under the current directory). Sizes take ``k`` (1024)
+and ``M`` (1024²) suffixes: ``--sizes 1k,100000,1M``. It exits 1 when an implementation failed
+with an error (skips and out-of-memory are expected outcomes, exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+from . import registry, report
+from .roofline import device_peak
+from .sweep import SweepConfig, dims_text, flop_check, op_dims, run_sweep
+
+GPU_SIZES = (1024, 4096, 16384, 65536, 100000, 262144, 1048576)
+CPU_SIZES = (1024, 4096, 16384)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SUBCOMMANDS = ("sweep",)
+
+
+def parse_size(text: str) -> int:
+    """``"16k"`` -> 16384, ``"1M"`` -> 1048576, ``"100000"`` -> 100000."""
+    units = {"k": 2**10, "K": 2**10, "M": 2**20}
+    try:
+        n = int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad bag size {text!r}; use e.g. 1000, 4k or 1M") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"bag size must be positive, got {text!r}")
+    return n
+
+
+def _comma_list(parse):
+    return lambda text: tuple(parse(item.strip()) for item in text.split(",") if item.strip())
+
+
+def _dim(text: str) -> tuple[str, int]:
+    key, sep, value = text.partition("=")
+    if not sep or not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use NAME=POSITIVE_INT, e.g. L=512")
+    return key.strip(), int(value)
+
+
+def _at_least(lowest: int):
+    def check(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < lowest:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}")
+        return int(text)
+    return check
+
+
+def _choices(allowed):
+    def check(name: str) -> str:
+        if name not in allowed:
+            raise argparse.ArgumentTypeError(f"unknown name {name!r}; expected one of {', '.join(allowed)}")
+        return name
+    return check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one subparser per subcommand."""
+    ops = registry.ops()
+    impl_names = tuple(dict.fromkeys(name for op in ops.values() for name in registry.impls(op)))
+    parser = argparse.ArgumentParser(prog="milkernels-bench", description="Benchmarks of the milkernels ops.",
+                                     epilog="`sweep` is the default subcommand; `milkernels-bench sweep -h` lists "
+                                            "its options.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sweep = commands.add_parser("sweep", help="time every op and implementation over bag sizes (default)")
+    sweep.add_argument("--ops", type=_comma_list(_choices(tuple(ops))), default=tuple(ops),
+                       help=f"comma-separated ops (default: all: {','.join(ops)})")
+    sweep.add_argument("--impls", type=_comma_list(_choices(impl_names)), default=impl_names,
+                       help=f"comma-separated implementations (default: all: {','.join(impl_names)})")
+    sweep.add_argument("--sizes", type=_comma_list(parse_size),
+                       help="comma-separated bag sizes N (default: 1k..1M on a GPU, 1k,4k,16k on a CPU)")
+    sweep.add_argument("--dims", type=_comma_list(_dim), default=(),
+                       help="override op sizes, e.g. L=512,D=128,K=2 (default: "
+                            + "; ".join(f"{name} {dims_text(op.gpu_dims)} on a GPU, {dims_text(op.cpu_dims)} on a CPU"
+                                        for name, op in ops.items()) + ")")
+    sweep.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
+    sweep.add_argument("--device", help="default: cuda when a GPU is visible, else cpu")
+    sweep.add_argument("--repeats", type=_at_least(1), help="timed calls per case (default: 30 on a GPU, 5 on a CPU)")
+    sweep.add_argument("--warmup", type=_at_least(0), help="untimed calls first (default: 5 on a GPU, 2 on a CPU)")
+    sweep.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<stamp>-<device>/)")
+    sweep.add_argument("--no-compile", action="store_true", help="leave out reference_compiled")
+    sweep.add_argument("--peak-tflops", type=float, help="matmul peak for the roofline, overriding the table")
+    sweep.add_argument("--peak-gbps", type=float, help="memory bandwidth for the roofline, overriding the table")
+    sweep.set_defaults(func=sweep_command)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    """The sweep settings from parsed arguments, device-dependent defaults filled in."""
+    known = {key for name in args.ops for key in registry.ops()[name].gpu_dims}
+    unknown = sorted(set(dict(args.dims)) - known)
+    if unknown:
+        raise SystemExit(f"milkernels-bench: --dims names {', '.join(unknown)}, which no selected op has "
+                         f"(they have {', '.join(sorted(known))})")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    impls = tuple(name for name in args.impls if not (args.no_compile and name == "reference_compiled"))
+    warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 2)
+    return SweepConfig(ops=args.ops, impls=impls, sizes=args.sizes or (GPU_SIZES if on_gpu else CPU_SIZES),
+                       dtype=DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")], device=device,
+                       dims=dict(args.dims), repeats=args.repeats or (30 if on_gpu else 5), warmup=warmup,
+                       peak=device_peak(report.device_name(device), args.peak_tflops, args.peak_gbps))
+
+
+def _dims_note(op: registry.Op, dims: dict) -> str:
+    note = dims_text(dims)
+    if dims != op.gpu_dims:
+        note += f" (not the GPU default {dims_text(op.gpu_dims)})"
+    return note
+
+
+def sweep_command(args: argparse.Namespace, command: str) -> int:
+    """Run the sweep, write the results and print the table; 1 if an implementation failed with an error."""
+    cfg = config_from_args(args)
+    ops = registry.ops()
+    dims = {name: op_dims(ops[name], cfg.device, cfg.dims) for name in cfg.ops}
+    meta = report.metadata(cfg, {name: _dims_note(ops[name], dims[name]) for name in cfg.ops},
+                           {name: flop_check(ops[name], dims[name]) for name in cfg.ops}, command)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    device = report.slug(meta["device"]) if cfg.device.type == "cuda" else "cpu"
+    out = args.out or Path("benchmarks", "results", f"{stamp}-{device}")
+    rows = run_sweep(cfg, checkpoint=lambda rows_so_far: report.write_results(out, meta, rows_so_far))
+    print(report.format_table(rows, meta))
+    print("\nwrote " + " and ".join(str(out / name) for name in ("results.csv", "results.json")))
+    return 1 if any(row["status"] == "error" for row in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m milkernels.bench`` and ``milkernels-bench``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS + ("-h", "--help"):
+        argv.insert(0, "sweep")
+    args = build_parser().parse_args(argv)
+    return args.func(args, "milkernels-bench " + " ".join(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The benchmark spine: a tiny sweep end to end, its math, and how it records failures."""
+
+import argparse
+import csv
+import dataclasses
+import json
+import socket
+
+import pytest
+import torch
+
+from milkernels import BackendUnavailable
+from milkernels.bench import registry
+from milkernels.bench.__main__ import build_parser, config_from_args, main, parse_size
+from milkernels.bench.gated_attention import GATED_ATTENTION
+from milkernels.bench.roofline import device_peak, floor_seconds, math_mode, roofline_pct
+from milkernels.bench.sweep import COLUMNS, SweepConfig, add_ratios, flop_check, run_sweep
+from milkernels.bench.timing import percentile, summarize
+
+TINY_DIMS = {"L": 32, "D": 16, "K": 1}
+TINY_ARGS = ["--sizes", "64", "--dims", "L=32,D=16,K=1", "--repeats", "2", "--warmup", "1"]
+METADATA_KEYS = {"date_utc", "device", "torch", "triton", "python", "cuda", "git_sha", "git_dirty", "dtype",
+                 "sizes", "dims", "timer", "peak_memory", "roofline", "flop_check"}
+
+
+def _read_csv(path):
+    lines = path.read_text().splitlines()
+    meta = dict(line[2:].split(": ", 1) for line in lines if line.startswith("# "))
+    return meta, list(csv.DictReader(line for line in lines if not line.startswith("#")))
+
+
+def _tiny_config(device, impls, sizes=(64,)):
+    return SweepConfig(ops=("gated_attention",), impls=impls, sizes=sizes, dtype=torch.float32, device=device,
+                       dims=TINY_DIMS, repeats=2, warmup=1, peak=None)
+
+
+def test_tiny_sweep_writes_csv_and_json(tmp_path, device):
+    code = main(["sweep", *TINY_ARGS, "--impls", "reference,triton", "--device", device.type,
+                 "--peak-tflops", "1", "--peak-gbps", "1", "--out", str(tmp_path)])
+    assert code == 0
+    meta, rows = _read_csv(tmp_path / "results.csv")
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert METADATA_KEYS <= set(meta) and METADATA_KEYS <= set(result["metadata"])
+    assert result["columns"] == list(COLUMNS) and list(rows[0]) == list(COLUMNS)
+    assert result["metadata"]["torch"] == torch.__version__
+    assert not any("host" in key for key in result["metadata"])
+    if len(socket.gethostname()) >= 6:  # a short name such as "vm" can occur in other text by chance
+        assert socket.gethostname() not in (tmp_path / "results.csv").read_text()
+    by_key = {(r["impl"], r["pass"]): r for r in result["rows"]}
+    assert set(by_key) == {(impl, p) for impl in ("reference", "triton") for p in ("fwd", "fwd_bwd")}
+    for pass_ in ("fwd", "fwd_bwd"):
+        ref = by_key["reference", pass_]
+        assert ref["status"] == "ok" and ref["n"] == 64 and ref["dims"] == "L=32 D=16 K=1"
+        assert 0 < ref["p20_ms"] <= ref["median_ms"] <= ref["p80_ms"]
+        assert ref["speedup_vs_eager"] == 1.0
+        assert ref["flops"] == GATED_ATTENTION.flops(64, TINY_DIMS, pass_ == "fwd_bwd")
+        assert ref["tflops"] == pytest.approx(ref["flops"] / (ref["median_ms"] * 1e9))
+        assert ref["roofline_pct"] == pytest.approx(100 * ref["floor_ms"] / ref["median_ms"])
+        assert (ref["peak_mem_mib"] is None) == (device.type == "cpu")
+        triton_row = by_key["triton", pass_]
+        assert triton_row["status"] == "ok" or (triton_row["status"] == "skipped" and triton_row["reason"])
+
+
+def test_cpu_defaults_have_no_roofline():
+    cfg = config_from_args(build_parser().parse_args(["sweep", "--device", "cpu"]))
+    assert cfg.peak is None and cfg.dtype == torch.float32 and cfg.sizes == (1024, 4096, 16384)
+    assert "reference_compiled" in cfg.impls
+    no_compile = config_from_args(build_parser().parse_args(["sweep", "--device", "cpu", "--no-compile"]))
+    assert "reference_compiled" not in no_compile.impls
+    with pytest.raises(SystemExit, match="names Q, which no selected op has"):
+        config_from_args(build_parser().parse_args(["sweep", "--device", "cpu", "--dims", "Q=3"]))
+
+
+def test_unavailable_oom_and_broken_impls_are_recorded_and_the_sweep_goes_on(monkeypatch):
+    def raising(exc):
+        def run(*inputs):
+            raise exc
+        return lambda op: run
+
+    op = dataclasses.replace(GATED_ATTENTION, name="bench_test_op", peers={
+        "absent": raising(BackendUnavailable("absent needs a GPU")),
+        "oom": raising(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")),
+        "broken": raising(ValueError("bad kernel")),
+    })
+    monkeypatch.setitem(registry._OPS, op.name, op)
+    cfg = dataclasses.replace(_tiny_config(torch.device("cpu"), ("absent", "oom", "broken", "reference"), (32, 64)),
+                              ops=(op.name,))
+    rows = run_sweep(cfg)
+    assert len(rows) == 2 * 4 * 2
+    status = {(r["impl"], r["n"], r["pass"]): (r["status"], r["reason"]) for r in rows}
+    for n in (32, 64):
+        for pass_ in ("fwd", "fwd_bwd"):
+            assert status["absent", n, pass_] == ("skipped", "absent needs a GPU")
+            assert status["oom", n, pass_][0] == "oom"
+            assert status["broken", n, pass_] == ("error", "ValueError: bad kernel")
+            assert status["reference", n, pass_] == ("ok", None)
+    assert all(r["median_ms"] is None and r["speedup_vs_eager"] is None for r in rows if r["impl"] != "reference")
+
+
+def test_compile_failure_is_a_skip_with_its_reason():
+    def breaks(*inputs):
+        torch._dynamo.graph_break()
+        return GATED_ATTENTION.reference(*inputs)
+
+    op = dataclasses.replace(GATED_ATTENTION, reference=breaks)
+    run = registry.GENERIC_IMPLS["reference_compiled"](op)
+    inputs = op.build(16, TINY_DIMS, torch.float32, torch.device("cpu"))
+    with pytest.raises(registry.Skip, match="^torch.compile failed: "):
+        run(*inputs)
+
+
+def test_reference_matches_the_public_op():
+    inputs = GATED_ATTENTION.build(50, {"L": 24, "D": 8, "K": 2}, torch.float32, torch.device("cpu"))
+    expected = registry.GENERIC_IMPLS["reference"](GATED_ATTENTION)(*inputs)
+    for got, want in zip(GATED_ATTENTION.reference(*inputs), expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_percentiles():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(values, 20) == pytest.approx(1.8)
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 80) == pytest.approx(4.2)
+    assert (percentile(values, 0), percentile(values, 100)) == (1.0, 5.0)
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert summarize([7.0]) == {"median_ms": 7.0, "p20_ms": 7.0, "p80_ms": 7.0}
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_roofline_floor_and_percent():
+    peak = device_peak("NVIDIA H100 80GB HBM3", tflops=1000.0, gbps=2000.0)
+    compute_bound = floor_seconds(2e12, 1e9, peak, torch.bfloat16)
+    assert compute_bound == pytest.approx(2e-3)
+    assert roofline_pct(compute_bound, 4e-3) == pytest.approx(50.0)
+    assert floor_seconds(1e9, 4e9, peak, torch.bfloat16) == pytest.approx(2e-3)
+    assert floor_seconds(1e9, 4e9, peak, torch.float64) is None
+
+
+def test_device_peaks():
+    assert device_peak("NVIDIA H100 80GB HBM3").gbps == 3350
+    assert device_peak("NVIDIA H100 80GB HBM3").tflops["bf16"] == pytest.approx(989.4)
+    assert device_peak("NVIDIA H100 PCIe").gbps == 2000
+    assert device_peak("NVIDIA H200").gbps == 4800
+    assert device_peak("NVIDIA A100-SXM4-80GB").tflops["bf16"] == 312
+    assert device_peak("cpu (x86_64, 2 cores, 2 torch threads)") is None
+    assert device_peak("cpu", tflops=10.0) is None
+    assert device_peak("cpu", tflops=10.0, gbps=50.0).tflops == {"bf16": 10.0, "tf32": 10.0, "fp32": 10.0}
+    assert device_peak("NVIDIA H200", gbps=4000.0).tflops["bf16"] == pytest.approx(989.4)
+
+
+def test_math_mode_follows_float32_precision():
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert math_mode(torch.float32) == "fp32"
+        torch.set_float32_matmul_precision("high")
+        assert math_mode(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert math_mode(torch.bfloat16) == math_mode(torch.float16) == "bf16"
+
+
+@pytest.mark.parametrize("dims", [TINY_DIMS, {"L": 40, "D": 24, "K": 3}])
+def test_flop_formula_matches_the_counter(dims):
+    assert flop_check(GATED_ATTENTION, dims, n=48) == {"n": 48, "fwd": 1.0, "fwd_bwd": 1.0}
+
+
+def test_flop_and_byte_formulas():
+    forward = 2 * 64 * 32 * 16 * 2 + 2 * 64 * 16 + 2 * 64 * 32
+    assert GATED_ATTENTION.flops(64, TINY_DIMS, False) == forward == 137216
+    assert GATED_ATTENTION.flops(64, TINY_DIMS, True) == 3 * forward
+    x, weights, outputs = 64 * 32, 2 * 16 * 32 + 2 * 16 + 16 + 1, 32 + 64
+    assert GATED_ATTENTION.min_bytes(64, TINY_DIMS, 2, False) == 2 * (x + weights + outputs)
+    assert GATED_ATTENTION.min_bytes(64, TINY_DIMS, 2, True) == 2 * (3 * x + 3 * weights + 2 * outputs)
+
+
+def test_ratios_against_eager():
+    def row(impl, median, memory, status="ok"):
+        return {"op": "op", "n": 8, "pass": "fwd", "impl": impl, "status": status, "median_ms": median,
+                "peak_mem_mib": memory, "speedup_vs_eager": None, "mem_ratio_vs_eager": None}
+
+    rows = [row("reference", 4.0, 100.0), row("triton", 2.0, 50.0), row("cuda", None, None, "skipped")]
+    add_ratios(rows)
+    assert [(r["speedup_vs_eager"], r["mem_ratio_vs_eager"]) for r in rows] == [(1.0, 1.0), (2.0, 0.5), (None, None)]
+
+
+def test_sizes_parse():
+    assert [parse_size(text) for text in ("1k", "16K", "1M", "100000")] == [1024, 16384, 2**20, 100000]
+    for bad in ("", "k", "1.5k", "0", "-4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_size(bad)
