@@ -35,11 +35,12 @@ def make_weights(features, hidden, heads, dtype, device, gated=True, generator=N
 
 
 def leaves(x, weights):
-    return [t for t in (x, *weights) if t is not None]
+    """The inputs that take a gradient."""
+    return [t for t in (x, *weights) if t is not None and t.requires_grad]
 
 
 def outputs_and_grads(fn, x, weights, **kwargs):
-    """Run ``fn(x, *weights, **kwargs)`` and backprop fixed random cotangents into every input."""
+    """Run ``fn(x, *weights, **kwargs)`` and backprop fixed random cotangents into every input that needs it."""
     outs = fn(x, *weights, **kwargs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     generator = torch.Generator().manual_seed(7)
@@ -49,7 +50,7 @@ def outputs_and_grads(fn, x, weights, **kwargs):
 
 
 def as_float64(tensors):
-    return [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
 
 
 def compare(fn, x, weights, dtype, **kwargs):
@@ -137,6 +138,52 @@ def test_only_pooled_used_in_loss(device):
     compare(lambda *args: gated_attention_pool(*args)[0], x, weights, torch.float32)
 
 
+@pytest.mark.parametrize("lengths", [[300], [1, 39, 1, 189]])
+def test_backward_in_chunks_smaller_than_a_bag(lengths, device, monkeypatch):
+    monkeypatch.setattr(kernels, "BACKWARD_SCRATCH_BYTES", 100 * 2 * 23 * 4)  # 100 rows of fp32 dH
+    generator = torch.Generator().manual_seed(14)
+    weights = make_weights(37, 23, 2, torch.float32, device, generator=generator)
+    x = torch.randn(sum(lengths), 37, generator=generator).to(device).requires_grad_()
+    cu_seqlens = torch.tensor([0, *lengths], device=device).cumsum(0)
+    compare(gated_attention_pool, x, weights, torch.float32, cu_seqlens=cu_seqlens)
+    compare(gated_attention_scores, x, weights, torch.float32)
+
+
+def test_non_contiguous_weights_and_mask(device):
+    generator = torch.Generator().manual_seed(15)
+    wa, ba, wb, bb, wc, bc = make_weights(37, 23, 3, torch.float32, device, generator=generator)
+    transposed = [w.detach().t().contiguous().t().requires_grad_() for w in (wa, wb, wc)]
+    assert not any(w.is_contiguous() for w in transposed)
+    x = torch.randn(3, 80, 37, generator=generator).to(device).requires_grad_()
+    mask = (torch.rand(3, 160, generator=generator) > 0.3).to(device)[:, ::2]
+    weights = [transposed[0], ba, transposed[1], bb, transposed[2], bc]
+    compare(gated_attention_pool, x, weights, torch.float32, mask=mask)
+
+
+def test_fully_masked_bag_pools_to_nan_and_leaves_other_gradients_finite(device):
+    generator = torch.Generator().manual_seed(16)
+    weights = make_weights(37, 23, 2, torch.float32, device, generator=generator)
+    x = torch.randn(3, 40, 37, generator=generator).to(device).requires_grad_()
+    mask = torch.ones(3, 40, dtype=torch.bool, device=device)
+    mask[1] = False
+    keep_bags = torch.tensor([0, 2], device=device)
+
+    def other_bags(*args, **kwargs):
+        pooled, scores = gated_attention_pool(*args, **kwargs)
+        assert pooled[1].isnan().all()
+        return pooled[keep_bags], scores
+
+    compare(other_bags, x, weights, torch.float32, mask=mask)
+
+
+def test_gradients_only_for_inputs_that_need_them(device):
+    generator = torch.Generator().manual_seed(17)
+    weights = [w.detach() for w in make_weights(37, 23, 2, torch.float32, device, generator=generator)]
+    weights[4].requires_grad_()
+    x = torch.randn(70, 37, generator=generator).to(device)
+    compare(gated_attention_pool, x, weights, torch.float32)
+
+
 def test_dropout_same_seed_same_result_and_backward_matches_forward_mask(device):
     generator = torch.Generator().manual_seed(11)
     weights = make_weights(37, 23, 2, torch.float32, device, generator=generator)
@@ -163,6 +210,21 @@ def test_dropout_same_seed_same_result_and_backward_matches_forward_mask(device)
     with milkernels.use_backend("reference"):
         plain, _ = outputs_and_grads(gated_attention_pool, x, weights)
     torch.testing.assert_close(no_drop[0], plain[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_casts_x_and_weights_like_linear(backend, device):
+    generator = torch.Generator().manual_seed(18)
+    weights = make_weights(37, 23, 2, torch.float32, device, generator=generator)
+    x = torch.randn(60, 37, generator=generator).to(device).requires_grad_()
+    with milkernels.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+        pooled, scores = gated_attention_pool(x, *weights)
+    assert pooled.dtype == scores.dtype == torch.bfloat16
+    pooled.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and weights[0].grad.dtype == torch.float32
+    with milkernels.use_backend("reference"):
+        expected, _ = gated_attention_pool(*[t.detach().bfloat16() for t in (x, *weights)])
+    torch.testing.assert_close(pooled.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
 def test_backward_is_deterministic(device):
@@ -203,6 +265,9 @@ def bad_input_cases():
     yield "mask must have shape", (torch.randn(2, 5, 8), *weights), {"mask": torch.ones(2, 4)}
     yield "wc must have shape", (x, *weights[:4], torch.randn(1, 5), None), {}
     yield "dropout_p", (x, *weights), {"dropout_p": 1.0}
+    yield "wa is torch.float32 but x is torch.float16", (x.half(), *weights), {}
+    yield "x must be a torch.Tensor", (x.tolist(), *weights), {}
+    yield "cu_seqlens must be a torch.Tensor", (x, *weights), {"cu_seqlens": [0, 10]}
 
 
 @pytest.mark.parametrize("message,args,kwargs", list(bad_input_cases()))

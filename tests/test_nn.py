@@ -139,17 +139,29 @@ def test_children_and_init_match_clam():
         assert torch.equal(mine, theirs), name
 
 
-@pytest.mark.parametrize("dropout, p", [(False, 0.0), (True, 0.25), (0.0, 0.0), (0.25, 0.25), (0.5, 0.5)])
-def test_dropout_argument(dropout, p):
+@pytest.mark.parametrize("dropout", [False, 0, 0.0, None, True, 1, 0.1, 0.5, 1.0, 2])
+def test_dropout_flag_as_clam(dropout):
+    """CLAM's ``if dropout:``: any truthy value is Dropout(0.25), a falsy one none, in both branches."""
     module = GatedAttention(L, D, dropout)
+    clam = AttnNetGated(L, D, dropout)
+    assert module.dropout_p == (0.25 if dropout else 0.0)
+    assert repr(module.attention_a) == repr(clam.attention_a)
+    assert repr(module.attention_b) == repr(clam.attention_b)
+
+
+@pytest.mark.parametrize("module_class", [GatedAttention, GatedAttentionPool])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dropout_p_keyword(module_class, dropout, p):
+    module = module_class(L, D, dropout, dropout_p=p)
     assert module.dropout_p == p
     assert len(module.attention_a) == len(module.attention_b) == (3 if p else 2)
 
 
-@pytest.mark.parametrize("dropout", [1.0, -0.1, 2])
-def test_dropout_argument_out_of_range(dropout):
-    with pytest.raises(ValueError, match="dropout"):
-        GatedAttention(L, D, dropout)
+@pytest.mark.parametrize("p", [1.0, -0.1, 2, float("nan"), True])
+def test_dropout_p_out_of_range(p):
+    with pytest.raises(ValueError, match="dropout_p"):
+        GatedAttention(L, D, dropout_p=p)
 
 
 @pytest.mark.parametrize("heads", [1, 3])

@@ -2,10 +2,13 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations, prune
 
 import milkernels
 from milkernels.nn import GatedAttention, TorchmilAttentionPool
@@ -202,12 +205,101 @@ def _with_branch(module, branch, layers):
     return module
 
 
+def _changed(module, path, change):
+    """``module`` after ``change(module.get_submodule(path))``: a hook, pruning or a weight norm on a child."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old-style torch.nn.utils.weight_norm
+        change(module.get_submodule(path))
+    return module
+
+
+def _pruned_without_hook(linear):
+    """Pruned, then the pruning pre-hook dropped: ``weight`` is left a plain tensor beside ``weight_orig``."""
+    prune.l1_unstructured(linear, "weight", amount=0.5)
+    linear._forward_pre_hooks.clear()
+
+
+def _forward_hook(module):
+    module.register_forward_hook(lambda *args: None)
+
+
+class SoftmaxedAttnNetGated(AttnNetGated):
+    """Same children as CLAM's, but returns the softmaxed attention."""
+
+    def forward(self, x):
+        A, x = super().forward(x)
+        return F.softmax(A, dim=0), x
+
+
+class ScoresOnlyAttnNetGated(AttnNetGated):
+    """Same children as CLAM's, but returns the scores only."""
+
+    def forward(self, x):
+        return super().forward(x)[0]
+
+
+class CoordsAttnNetGated(AttnNetGated):
+    """Same children as CLAM's, but its forward takes another argument."""
+
+    def forward(self, x, coords):
+        return super().forward(x + coords)
+
+
+def _torchmil_variant(forward):
+    """A class named ``AttentionPool`` (so swap recognizes it) with torchmil's children and another ``forward``."""
+    return type("AttentionPool", (AttentionPool,), {"forward": forward})
+
+
+def _softmaxed_att(self, X, mask=None, return_att=False):
+    z, f = AttentionPool.forward(self, X, mask, return_att=True)
+    return (z, torch.softmax(f, dim=1)) if return_att else z
+
+
+def _mask_ignored(self, X, mask=None, return_att=False):
+    return AttentionPool.forward(self, X, None, return_att)
+
+
+def _always_att(self, X, mask=None, return_att=False):
+    return AttentionPool.forward(self, X, mask, return_att=True)
+
+
 UNSUPPORTED = {
     "relu": (lambda: AttentionPool(L, D, act="relu"), "act='relu'"),
     "gelu": (lambda: AttentionPool(L, D, act="gelu", gated=True), "act='gelu'"),
     "lazy": (lambda: AttentionPool(None, D), "not initialized"),
     "ungated_clam": (lambda: ClamSB(attention=AttnNet).attention_net[3], "ungated Attn_Net"),
     "hook": (lambda: _with_hook(AttnNetGated(L, D)), "hooks"),
+    "child_forward_hook": (lambda: _changed(AttnNetGated(L, D), "attention_a", _forward_hook),
+                           "attention_a has forward hooks"),
+    "child_pre_hook": (lambda: _changed(AttnNetGated(L, D), "attention_c",
+                                        lambda m: m.register_forward_pre_hook(lambda *args: None)),
+                       "attention_c has forward pre hooks"),
+    "child_backward_hook": (lambda: _changed(AttnNetGated(L, D), "attention_b.1",
+                                             lambda m: m.register_full_backward_hook(lambda *args: None)),
+                            "attention_b.1 has backward hooks"),
+    "pruned": (lambda: _changed(AttnNetGated(L, D), "attention_a.0", lambda m: prune.l1_unstructured(m, "weight", 0.5)),
+               "attention_a.0 has forward pre hooks"),
+    "pruned_hook_dropped": (lambda: _changed(AttnNetGated(L, D), "attention_a.0", _pruned_without_hook),
+                            "attention_a.0.weight is not a plain registered Parameter"),
+    "old_weight_norm": (lambda: _changed(AttnNetGated(L, D), "attention_c", nn.utils.weight_norm),
+                        "attention_c has forward pre hooks"),
+    "parametrized": (lambda: _changed(AttnNetGated(L, D), "attention_b.0", parametrizations.weight_norm),
+                     "attention_b.0 is parametrized"),
+    "torchmil_child_hook": (lambda: _changed(AttentionPool(L, D, gated=True), "fc_gated.module", _forward_hook),
+                            "fc_gated.module has forward hooks"),
+    "torchmil_pruned": (lambda: _changed(AttentionPool(L, D), "fc2",
+                                         lambda m: prune.random_unstructured(m, "weight", 0.5)),
+                        "fc2 has forward pre hooks"),
+    "torchmil_parametrized": (lambda: _changed(AttentionPool(L, D), "fc1.module", parametrizations.weight_norm),
+                              "fc1.module is parametrized"),
+    "meta_device": (lambda: AttnNetGated(L, D).to("meta"), "meta device"),
+    "softmaxed_scores": (lambda: SoftmaxedAttnNetGated(L, D), "forward differs from CLAM's Attn_Net_Gated"),
+    "scores_only": (lambda: ScoresOnlyAttnNetGated(L, D), "forward differs from CLAM's Attn_Net_Gated"),
+    "forward_raises": (lambda: CoordsAttnNetGated(L, D), "its forward raised TypeError"),
+    "torchmil_softmaxed_att": (lambda: _torchmil_variant(_softmaxed_att)(L, D), "forward differs from torchmil's"),
+    "torchmil_mask_ignored": (lambda: _torchmil_variant(_mask_ignored)(L, D, gated=True),
+                              "forward differs from torchmil's"),
+    "torchmil_always_att": (lambda: _torchmil_variant(_always_att)(L, D), "forward differs from torchmil's"),
     "own_parameter": (lambda: _with_parameter(AttnNetGated(L, D)), "parameters"),
     "relu_branch": (lambda: _with_branch(AttnNetGated(L, D), "attention_a", [nn.Linear(L, D), nn.ReLU()]),
                     "attention_a is not Sequential(Linear, Tanh"),
@@ -252,3 +344,49 @@ def test_torchmil_replacement_keeps_attributes_and_return_contract():
     assert z.shape == (3, L) and f.shape == (3, 11)
     with pytest.raises(ValueError, match="batch_size, bag_size"):
         fused(X[0])
+
+
+class GatedAttentionNet(nn.Module):
+    """CMA-MIL style: CLAM's children and contract under another class name, forward written otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention_c = nn.Linear(D, 2)
+        self.attention_b = nn.Sequential(nn.Linear(L, D), nn.Sigmoid(), nn.Dropout(0.1))
+        self.attention_a = nn.Sequential(nn.Linear(L, D), nn.Tanh(), nn.Dropout(0.1))
+
+    def forward(self, features):
+        return self.attention_c(self.attention_a(features) * self.attention_b(features)), features
+
+
+def test_other_class_with_the_same_forward_swapped():
+    torch.manual_seed(0)
+    model = nn.Sequential(GatedAttentionNet()).eval()
+    x = torch.randn(9, L)
+    expected, _ = model(x)
+    milkernels.swap(model)
+    assert type(model[0]) is GatedAttention and model[0].dropout_p == 0.1
+    torch.testing.assert_close(model(x)[0], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_probe_passes_in_every_dtype(name, dtype):
+    build, path, fused_class = MODELS[name]
+    model = build().to(dtype)
+    assert swap_report(model).skipped == {}
+    milkernels.swap(model)
+    assert type(model.get_submodule(path)) is fused_class
+
+
+@pytest.mark.parametrize("build", [ClamSB, SoftmaxedAttnNetGated, lambda: TorchmilModel(gated=True)])
+def test_probe_keeps_training_flags_and_global_rng(build):
+    model = build().train()
+    for index, module in enumerate(model.modules()):
+        module.training = index % 3 != 1  # a mix of flags, children included
+    flags = [module.training for module in model.modules()]
+    rng = torch.get_rng_state()
+    report = swap_report(model)
+    assert [module.training for module in model.modules()] == flags
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert report.swappable or report.skipped

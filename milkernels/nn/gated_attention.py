@@ -21,11 +21,18 @@ from ..ops import gated_attention_pool, gated_attention_scores
 CLAM_DROPOUT_P = 0.25
 
 
-def dropout_probability(dropout: bool | float) -> float:
-    """CLAM's ``dropout`` flag as a probability: ``True`` is 0.25 (as in CLAM), ``False`` is 0, a float is p."""
-    p = CLAM_DROPOUT_P if dropout is True else float(dropout)
+def dropout_probability(dropout: bool | float = False, dropout_p: float | None = None) -> float:
+    """The dropout probability of both branches.
+
+    ``dropout`` is CLAM's flag: any truthy value (``True``, ``1``, ``0.5``) means Dropout(0.25), as
+    CLAM's ``if dropout:`` does; a falsy one means none. ``dropout_p``, when given, is the probability
+    itself and overrides ``dropout``; it must lie in [0, 1).
+    """
+    if dropout_p is None:
+        return CLAM_DROPOUT_P if dropout else 0.0
+    p = float(dropout_p)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be a bool or a probability in [0, 1), got {dropout!r}")
+        raise ValueError(f"dropout_p must be a probability in [0, 1), got {dropout_p!r}")
     return p
 
 
@@ -44,9 +51,10 @@ def _branch(features: int, hidden: int, activation: nn.Module, p: float) -> nn.S
 class _GatedAttentionBase(nn.Module):
     """The children of CLAM's ``Attn_Net_Gated`` and the weights the fused ops take from them."""
 
-    def __init__(self, L: int = 1024, D: int = 256, dropout: bool | float = False, n_classes: int = 1):
+    def __init__(self, L: int = 1024, D: int = 256, dropout: bool | float = False, n_classes: int = 1, *,
+                 dropout_p: float | None = None):
         super().__init__()
-        p = dropout_probability(dropout)
+        p = dropout_probability(dropout, dropout_p)
         self.attention_a = _branch(L, D, nn.Tanh(), p)
         self.attention_b = _branch(L, D, nn.Sigmoid(), p)
         self.attention_c = nn.Linear(D, n_classes)
@@ -80,7 +88,8 @@ class GatedAttention(_GatedAttentionBase):
 
     Args:
         L: features per instance. D: hidden units. n_classes: K, the attention heads.
-        dropout: ``True`` for CLAM's Dropout(0.25) after tanh and after sigmoid, or a probability.
+        dropout: CLAM's flag: truthy for Dropout(0.25) after tanh and after sigmoid, falsy for none.
+        dropout_p: another dropout probability in [0, 1), overriding ``dropout`` (keyword only).
 
     Children ``attention_a = Sequential(Linear(L, D), Tanh()[, Dropout])``, ``attention_b =
     Sequential(Linear(L, D), Sigmoid()[, Dropout])``, ``attention_c = Linear(D, K)``, as in CLAM.

@@ -23,12 +23,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 class Bags:
     """Packed bags: rows ``x2d: (T, L)``, ``cu_seqlens: (B + 1,)`` int32 and ``row_valid: (T,)`` bool or None.
 
-    ``layout`` is ``"single"``, ``"padded"`` or ``"packed"`` and ``shape`` the caller's
-    ``x.shape``, so results can be put back in the caller's layout.
+    ``bounds`` is ``cu_seqlens`` as an int64 CPU tensor, so kernels can plan their launches without
+    a device sync. ``layout`` is ``"single"``, ``"padded"`` or ``"packed"`` and ``shape`` the
+    caller's ``x.shape``, so results can be put back in the caller's layout.
     """
 
     x2d: torch.Tensor
     cu_seqlens: torch.Tensor
+    bounds: torch.Tensor
     row_valid: torch.Tensor | None
     layout: str
     shape: tuple
@@ -53,10 +55,15 @@ class Bags:
         return per_bag[0] if self.layout == "single" else per_bag
 
 
-def check_float(name: str, tensor: torch.Tensor) -> None:
-    """Raise ValueError unless ``tensor`` is a floating-point tensor of a supported dtype."""
+def check_tensor(name: str, tensor) -> None:
+    """Raise ValueError unless ``tensor`` is a torch.Tensor."""
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+
+
+def check_float(name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError unless ``tensor`` is a floating-point tensor of a supported dtype."""
+    check_tensor(name, tensor)
     if tensor.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {tensor.dtype}")
 
@@ -72,6 +79,7 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> torch.Tensor:
+    """Raise ValueError unless ``cu_seqlens`` bounds non-empty bags of ``total_rows`` rows; its CPU copy."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must have shape (B + 1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -82,7 +90,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> torch.Tensor
         raise ValueError(f"cu_seqlens must start at 0 and end at the row count {total_rows}, got {host.tolist()}")
     if bool((lengths <= 0).any()):
         raise ValueError(f"every bag needs at least one instance; cu_seqlens {host.tolist()} has an empty bag")
-    return cu_seqlens.to(torch.int32)
+    return host.long()
 
 
 def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = None,
@@ -92,6 +100,9 @@ def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = Non
     ``feature_dim`` is the L the weights expect. Raises ValueError naming the problem.
     """
     check_float("x", x)
+    for name, tensor in dict(mask=mask, cu_seqlens=cu_seqlens).items():
+        if tensor is not None:
+            check_tensor(name, tensor)
     check_same_device(x=x, mask=mask, cu_seqlens=cu_seqlens)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be (N, L), (B, N, L) or packed (T, L), got rank {x.dim()} shape {tuple(x.shape)}")
@@ -104,20 +115,25 @@ def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = Non
     if cu_seqlens is not None:
         if x.dim() != 2:
             raise ValueError(f"packed bags need x of shape (T, L), got {tuple(x.shape)}")
-        return Bags(x, _check_cu_seqlens(cu_seqlens, x.shape[0]), None, "packed", tuple(x.shape))
+        bounds = _check_cu_seqlens(cu_seqlens, x.shape[0])
+        return _bags(x, bounds, None, "packed", tuple(x.shape))
     if x.dim() == 2:
         if mask is not None:
             raise ValueError("a mask needs padded bags x: (B, N, L); one bag (N, L) takes no mask")
-        bounds = torch.tensor([0, x.shape[0]], dtype=torch.int32, device=x.device)
-        return Bags(x, bounds, None, "single", tuple(x.shape))
+        return _bags(x, torch.tensor([0, x.shape[0]]), None, "single", tuple(x.shape))
     batch, length, _ = x.shape
     row_valid = None
     if mask is not None:
         if tuple(mask.shape) != (batch, length):
             raise ValueError(f"mask must have shape (B, N) = {(batch, length)}, got {tuple(mask.shape)}")
         if mask.is_floating_point() or mask.is_complex():
-            row_valid = (mask != 0).reshape(-1)
+            row_valid = (mask != 0).reshape(-1).contiguous()
         else:
-            row_valid = mask.reshape(-1).bool()
-    bounds = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * length
-    return Bags(x.reshape(batch * length, -1), bounds, row_valid, "padded", tuple(x.shape))
+            row_valid = mask.reshape(-1).bool().contiguous()
+    bounds = torch.arange(batch + 1) * length
+    return _bags(x.reshape(batch * length, -1), bounds, row_valid, "padded", tuple(x.shape))
+
+
+def _bags(x2d, bounds, row_valid, layout, shape) -> Bags:
+    cu_seqlens = bounds.to(device=x2d.device, dtype=torch.int32)
+    return Bags(x2d, cu_seqlens, bounds, row_valid, layout, shape)

@@ -17,23 +17,34 @@ OP_NAME = "gated_attention"
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _autocast(x, *weights):
+    """Under ``torch.autocast`` cast x and the weights to its dtype, as ``F.linear`` would; else as given."""
+    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
+        return (x, *weights)
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *weights))
+
+
 def _check_weights(x, wa, ba, wb, bb, wc, bc):
-    """Raise ValueError unless the weights have consistent shapes and dtypes; return (L, D, K)."""
-    for name, tensor in dict(wa=wa, wc=wc).items():
+    """Raise ValueError unless the weights have consistent shapes, x's dtype and device; return (L, D, K)."""
+    check_float("x", x)
+    tensors = dict(wa=wa, ba=ba, wb=wb, bb=bb, wc=wc, bc=bc)
+    for name in ("wa", "wc"):
+        check_float(name, tensors[name])
+    present = {name: t for name, t in tensors.items() if t is not None}
+    for name, tensor in present.items():
         check_float(name, tensor)
-    for name, tensor in dict(ba=ba, wb=wb, bb=bb, bc=bc).items():
-        if tensor is not None:
-            check_float(name, tensor)
-    check_same_device(x=x, wa=wa, ba=ba, wb=wb, bb=bb, wc=wc, bc=bc)
+        if tensor.dtype != x.dtype:
+            raise ValueError(f"{name} is {tensor.dtype} but x is {x.dtype}: give x and the weights one dtype")
+    check_same_device(x=x, **present)
     if wa.dim() != 2 or wc.dim() != 2:
         raise ValueError(f"wa must be (D, L) and wc (K, D), got {tuple(wa.shape)} and {tuple(wc.shape)}")
     hidden, features = wa.shape
     heads = wc.shape[0]
     expected = dict(wb=(hidden, features), ba=(hidden,), bb=(hidden,), wc=(heads, hidden), bc=(heads,))
-    given = dict(wb=wb, ba=ba, bb=bb, wc=wc, bc=bc)
     for name, shape in expected.items():
-        if given[name] is not None and tuple(given[name].shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} to match wa {tuple(wa.shape)}, got {tuple(given[name].shape)}")
+        if name in present and tuple(present[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} to match wa {tuple(wa.shape)}, got {tuple(present[name].shape)}")
     if bb is not None and wb is None:
         raise ValueError("bb given without wb")
     if hidden == 0 or heads == 0:
@@ -43,9 +54,6 @@ def _check_weights(x, wa, ba, wb, bb, wc, bc):
 
 def _kernel_reasons(backend, bags: Bags, weights, dropout_p, pool, needs_grad):
     reasons = _backends.device_reasons(backend, bags.x2d.device)
-    dtypes = {bags.x2d.dtype} | {w.dtype for w in weights if w is not None}
-    if len(dtypes) > 1:
-        reasons.append(f"the {backend} kernels need one dtype for x and the weights, got {sorted(map(str, dtypes))}")
     if bags.x2d.dtype not in KERNEL_DTYPES:
         reasons.append(f"the {backend} kernels take float32, float16 or bfloat16, not {bags.x2d.dtype}")
     if backend == "cuda":
@@ -78,17 +86,19 @@ class _GatedAttentionFn(torch.autograd.Function):
     def forward(ctx, x2d, wa, ba, wb, bb, wc, bc, bags, dropout_p, seed, pool):
         from . import triton as kernels
 
-        pooled, scores, lse = kernels.forward(x2d, wa, ba, wb, bb, wc, bc, bags, dropout_p, seed, pool)
+        plan = kernels.Plan.make(bags, wa.shape[0], dropout_p, seed)
+        pooled, scores, lse = kernels.forward(x2d, wa, ba, wb, bb, wc, bc, plan, pool)
         ctx.save_for_backward(x2d, wa, ba, wb, bb, wc, bc, scores, lse, pooled)
-        ctx.config = (bags, dropout_p, seed, pool)
+        ctx.config = (plan, pool)
         return pooled, scores.to(x2d.dtype)
 
     @staticmethod
     def backward(ctx, d_pooled, d_scores):
         from . import triton as kernels
 
-        bags, dropout_p, seed, pool = ctx.config
-        grads = kernels.backward(*ctx.saved_tensors, bags, dropout_p, seed, pool, d_pooled, d_scores)
+        plan, pool = ctx.config
+        wanted = ctx.needs_input_grad[:7]
+        grads = kernels.backward(*ctx.saved_tensors, plan, pool, d_pooled, d_scores, wanted)
         return (*grads, None, None, None, None)
 
 
@@ -108,8 +118,8 @@ def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):
         from . import cuda
 
         return cuda.forward(bags, *weights, pool)
-    x2d = bags.x2d.contiguous()
-    return _GatedAttentionFn.apply(x2d, *weights, bags, active_p, _dropout_seed(active_p, True), pool)
+    contiguous = [t.contiguous() if t is not None else None for t in (bags.x2d, *weights)]
+    return _GatedAttentionFn.apply(*contiguous, bags, active_p, _dropout_seed(active_p, True), pool)
 
 
 def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlens=None,
@@ -123,12 +133,16 @@ def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlen
         wc: ``(K, D)``; ``bc: (K,)`` or None. K is the number of attention heads.
         dropout_p: dropout on both branches, active when ``training``.
 
+    x and the weights share one dtype (float32, float16, bfloat16; float64 on the reference); under
+    ``torch.autocast`` they are cast to the autocast dtype first.
+
     Returns:
         ``pooled``: ``(K, L)`` for one bag, else ``(B, K, L)``.
         ``scores``: the raw scores, ``(N, K)``, ``(B, N, K)`` or ``(T, K)``.
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    x, wa, ba, wb, bb, wc, bc = _autocast(x, wa, ba, wb, bb, wc, bc)
     features, _, _ = _check_weights(x, wa, ba, wb, bb, wc, bc)
     bags = pack_bags(x, features, mask, cu_seqlens)
     pooled, scores = _run(x, wa, ba, wb, bb, wc, bc, bags, dropout_p, training, pool=True)
@@ -139,8 +153,8 @@ def gated_attention_scores(x, wa, ba, wb, bb, wc, bc=None, *, dropout_p: float =
     """Raw gated attention scores ``(..., K)`` of instances ``x: (..., L)`` (no softmax, no pooling)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    x, wa, ba, wb, bb, wc, bc = _autocast(x, wa, ba, wb, bb, wc, bc)
     features, _, _ = _check_weights(x, wa, ba, wb, bb, wc, bc)
-    check_float("x", x)
     if x.dim() < 1 or x.shape[-1] != features:
         raise ValueError(f"x must end in the feature size L={features}, got shape {tuple(x.shape)}")
     if x.numel() == 0:

@@ -58,9 +58,9 @@ def pool(x, weights, bag_index, num_bags, row_valid=None):
     """
     if row_valid is not None:
         x = x.masked_fill(~row_valid[:, None], 0.0)
-    per_row = weights[:, :, None] * x[:, None, :]
-    out = torch.zeros(num_bags, *per_row.shape[1:], dtype=per_row.dtype, device=x.device)
-    return out.index_add(0, bag_index, per_row)
+    empty = torch.zeros(num_bags, x.shape[1], dtype=x.dtype, device=x.device)
+    heads = [empty.index_add(0, bag_index, weights[:, k, None] * x) for k in range(weights.shape[1])]
+    return torch.stack(heads, dim=1)
 
 
 def gated_attention_pool(x, wa, ba, wb, bb, wc, bc, bags, dropout_p=0.0, training=True, dropout_masks=None):

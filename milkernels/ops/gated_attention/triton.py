@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from ..._backends import triton_interpreted
+from .._bags import Bags
 
-BACKWARD_CHUNK_ROWS = 1 << 16  # rows of dH held at once in backward: bounds its scratch memory
+BACKWARD_SCRATCH_BYTES = 128 << 20  # dH (and an x copy for fp16) held at once in backward
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,17 @@ def _tanh(x):
 
 @triton.jit
 def _dropout_keep(seed, rows, cols, hidden, p_drop):
-    """Boolean keep mask (BLOCK_N, BLOCK_D) for element (row, col) of a T x D activation."""
-    offsets = (rows.to(tl.int64)[:, None] * hidden + cols[None, :]).to(tl.uint32)
+    """Boolean keep mask (BLOCK_N, BLOCK_D) for element (row, col) of a T x D activation.
+
+    The Philox counter is the 64-bit element index, so the pattern never repeats within a call.
+    """
+    offsets = rows.to(tl.int64)[:, None] * hidden + cols[None, :]
     return tl.rand(seed, offsets) >= p_drop
 
 
 @triton.jit
 def _project(x_ptr, w_ptr, rows64, row_ok, cols_d, d_ok, L, acc,
-             BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr):
+             BLOCK_L: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """acc (BLOCK_N, BLOCK_D) += x[rows, :] @ w[cols_d, :]^T, L in BLOCK_L steps."""
     offs_l = tl.arange(0, BLOCK_L)
     for l0 in range(0, L, BLOCK_L):
@@ -70,26 +74,29 @@ def _project(x_ptr, w_ptr, rows64, row_ok, cols_d, d_ok, L, acc,
         x_tile = tl.load(x_ptr + rows64[:, None] * L + cols_l[None, :], mask=row_ok[:, None] & l_ok[None, :], other=0.0)
         w_tile = tl.load(w_ptr + cols_d.to(tl.int64)[None, :] * L + cols_l[:, None], mask=d_ok[None, :] & l_ok[:, None], other=0.0)
         if DOT_FP32:
-            acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), acc, input_precision=FP32_PRECISION)
         else:
             acc = tl.dot(x_tile, w_tile, acc)
     return acc
 
 
 @triton.jit
-def _gates(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, rows64, row_ok, cols_d, d_ok, L, D, seed, p_drop, drop_scale,
+def _gates(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, rows64, row_ok, d0, L, D, seed, p_drop, drop_scale,
            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-           GATED: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """For D columns ``cols_d`` of the block: a and b after activation, and their dropout factors.
+           GATED: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """For the D columns ``cols_d = d0 + arange(BLOCK_D)`` of the block: a and b after activation, and
+    their dropout factors.
 
-    Returns ``(a, b, keep_a, keep_b)``, each (BLOCK_N, BLOCK_D) fp32; keep_* is 0 or 1/(1-p)
-    (all 1 without dropout), and b is 1 when ungated.
+    Returns ``(cols_d, d_ok, a, b, keep_a, keep_b)``, the last four (BLOCK_N, BLOCK_D) fp32; keep_* is
+    0 or 1/(1-p) (all 1 without dropout), and b is 1 when ungated.
     """
+    cols_d = d0 + tl.arange(0, BLOCK_D)
+    d_ok = cols_d < D
     zeros = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    h_a = _project(x_ptr, wa_ptr, rows64, row_ok, cols_d, d_ok, L, zeros, BLOCK_L, DOT_FP32)
+    h_a = _project(x_ptr, wa_ptr, rows64, row_ok, cols_d, d_ok, L, zeros, BLOCK_L, DOT_FP32, FP32_PRECISION)
     a = _tanh(h_a + tl.load(ba_ptr + cols_d, mask=d_ok, other=0.0).to(tl.float32)[None, :])
     if GATED:
-        h_b = _project(x_ptr, wb_ptr, rows64, row_ok, cols_d, d_ok, L, zeros, BLOCK_L, DOT_FP32)
+        h_b = _project(x_ptr, wb_ptr, rows64, row_ok, cols_d, d_ok, L, zeros, BLOCK_L, DOT_FP32, FP32_PRECISION)
         b = tl.sigmoid(h_b + tl.load(bb_ptr + cols_d, mask=d_ok, other=0.0).to(tl.float32)[None, :])
     else:
         b = zeros + 1.0
@@ -99,13 +106,13 @@ def _gates(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, rows64, row_ok, cols_d, d_ok, 
         keep_a = tl.where(_dropout_keep(seed, rows64, cols_d, D, p_drop), drop_scale, 0.0)
         if GATED:
             keep_b = tl.where(_dropout_keep(seed + 1, rows64, cols_d, D, p_drop), drop_scale, 0.0)
-    return a, b, keep_a, keep_b
+    return cols_d, d_ok, a, b, keep_a, keep_b
 
 
 @triton.jit
-def _block_rows(block_start_ptr, block_end_ptr, BLOCK_N: tl.constexpr):
-    """The rows (int64) of this program's block and which of them exist."""
-    block = tl.program_id(0)
+def _block_rows(block_start_ptr, block_end_ptr, first_block, BLOCK_N: tl.constexpr):
+    """This program's block (``first_block`` + program id), its rows (int64) and which of them exist."""
+    block = first_block + tl.program_id(0)
     start = tl.load(block_start_ptr + block)
     end = tl.load(block_end_ptr + block)
     rows = start + tl.arange(0, BLOCK_N)
@@ -126,16 +133,15 @@ def _forward_kernel(
     L, D, seed, p_drop, drop_scale,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     GATED: tl.constexpr, DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr, POOL: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    block, rows64, row_ok = _block_rows(block_start_ptr, block_end_ptr, BLOCK_N)
+    block, rows64, row_ok = _block_rows(block_start_ptr, block_end_ptr, 0, BLOCK_N)
     heads = tl.arange(0, K_PAD)
     scores = tl.zeros((BLOCK_N, K_PAD), tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = cols_d < D
-        a, b, keep_a, keep_b = _gates(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, rows64, row_ok, cols_d, d_ok, L, D,
-                                      seed, p_drop, drop_scale, BLOCK_N, BLOCK_D, BLOCK_L, GATED, DROPOUT, DOT_FP32)
+        cols_d, d_ok, a, b, keep_a, keep_b = _gates(
+            x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, rows64, row_ok, d0, L, D, seed, p_drop, drop_scale,
+            BLOCK_N, BLOCK_D, BLOCK_L, GATED, DROPOUT, DOT_FP32, FP32_PRECISION)
         gated = a * keep_a * b * keep_b
         for k in tl.static_range(K):
             wc_k = tl.load(wc_ptr + k * D + cols_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -227,7 +233,8 @@ def _score_grads(scores_ptr, d_scores_ptr, lse_ptr, delta_ptr, d_pooled_ptr, x_p
                 dx_tile += attn_k[:, None] * d_pooled_k[None, :]
             tl.store(dx_ptr + rows64[:, None] * L + cols_l[None, :], dx_tile.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & l_ok[None, :])
         delta = tl.load(delta_ptr + bag * K + heads, mask=heads < K, other=0.0)
-        d_s += attn * (d_attn - delta[None, :])
+        # delta is NaN for a bag with no valid row (its pooled is 0/0); such rows have no softmax gradient
+        d_s += tl.where(valid[:, None] & head_ok, attn * (d_attn - delta[None, :]), 0.0)
     return d_s
 
 
@@ -240,14 +247,10 @@ def _backward_rows_kernel(
     chunk_row0, chunk_block0, L, D, seed, p_drop, drop_scale,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
     GATED: tl.constexpr, DROPOUT: tl.constexpr, HAS_MASK: tl.constexpr, POOL: tl.constexpr,
-    HAS_DSCORES: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_DSCORES: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """Per block of rows: ds, the pooling part of dx, dH rows (relative to ``chunk_row0``), partial dWc and dbc."""
-    block = chunk_block0 + tl.program_id(0)
-    start = tl.load(block_start_ptr + block)
-    rows = start + tl.arange(0, BLOCK_N)
-    rows64 = rows.to(tl.int64)
-    row_ok = rows < tl.load(block_end_ptr + block)
+    block, rows64, row_ok = _block_rows(block_start_ptr, block_end_ptr, chunk_block0, BLOCK_N)
     bag = tl.load(block_bag_ptr + block)
     heads = tl.arange(0, K_PAD)
     valid = _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
@@ -258,10 +261,9 @@ def _backward_rows_kernel(
     local64 = rows64 - chunk_row0
     dh_width = 2 * D if GATED else D
     for d0 in range(0, D, BLOCK_D):
-        cols_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = cols_d < D
-        a, b, keep_a, keep_b = _gates(x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, rows64, row_ok, cols_d, d_ok, L, D,
-                                      seed, p_drop, drop_scale, BLOCK_N, BLOCK_D, BLOCK_L, GATED, DROPOUT, DOT_FP32)
+        cols_d, d_ok, a, b, keep_a, keep_b = _gates(
+            x_ptr, wa_ptr, ba_ptr, wb_ptr, bb_ptr, rows64, row_ok, d0, L, D, seed, p_drop, drop_scale,
+            BLOCK_N, BLOCK_D, BLOCK_L, GATED, DROPOUT, DOT_FP32, FP32_PRECISION)
         a_kept = a * keep_a
         b_kept = b * keep_b
         d_gated = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -292,29 +294,59 @@ def _dropout_mask_kernel(keep_ptr, seed, T, D, p_drop, BLOCK_N: tl.constexpr, BL
 @dataclass(frozen=True)
 class BlockTable:
     """Blocks of at most BLOCK_N rows, none crossing a bag: ``start``, ``end``, ``bag`` per block
-    and ``bag_first_block: (B + 1,)``, all int32 on the device."""
+    and ``bag_first_block: (B + 1,)``, int32 on the device; ``host_start``, ``host_end`` on the CPU."""
 
     start: torch.Tensor
     end: torch.Tensor
     bag: torch.Tensor
     bag_first_block: torch.Tensor
+    host_start: torch.Tensor
+    host_end: torch.Tensor
 
     @property
     def num_blocks(self) -> int:
-        return self.start.numel()
+        return self.host_start.numel()
 
 
-def block_table(cu_seqlens: torch.Tensor, block_n: int) -> BlockTable:
-    """The blocks of packed bags with boundaries ``cu_seqlens: (B + 1,)``."""
-    bounds = cu_seqlens.cpu().long()
+def block_table(bounds: torch.Tensor, block_n: int, device) -> BlockTable:
+    """The blocks of packed bags with CPU boundaries ``bounds: (B + 1,)``; no device sync."""
     lengths = bounds[1:] - bounds[:-1]
     counts = (lengths + block_n - 1) // block_n
     bag = torch.repeat_interleave(torch.arange(len(lengths)), counts)
     first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     start = bounds[bag] + (torch.arange(int(first[-1])) - first[bag]) * block_n
-    end = bounds[bag + 1]
-    device = cu_seqlens.device
-    return BlockTable(*(t.to(device=device, dtype=torch.int32) for t in (start, end, bag, first)))
+    end = torch.minimum(start + block_n, bounds[bag + 1])
+    on_device = (t.to(device=device, dtype=torch.int32) for t in (start, end, bag, first))
+    return BlockTable(*on_device, start, end)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call launches: the packed bags, the tile configuration, the block table and the dropout."""
+
+    bags: Bags
+    cfg: Config
+    table: BlockTable
+    dropout_p: float
+    seed: int
+
+    @staticmethod
+    def make(bags: Bags, hidden: int, dropout_p: float, seed: int) -> "Plan":
+        cfg = config_for(bags.x2d.shape[1], hidden)
+        return Plan(bags, cfg, block_table(bags.bounds, cfg.block_n, bags.x2d.device), dropout_p, seed)
+
+    def launch_args(self, x2d, hidden, gated, heads):
+        """Keyword arguments shared by the row kernels."""
+        return dict(
+            L=x2d.shape[1], D=hidden, seed=self.seed, p_drop=float(self.dropout_p),
+            drop_scale=1.0 / (1.0 - self.dropout_p), K=heads, K_PAD=triton.next_power_of_2(heads),
+            BLOCK_N=self.cfg.block_n, BLOCK_D=self.cfg.block_d, BLOCK_L=self.cfg.block_l,
+            GATED=gated, DROPOUT=self.dropout_p > 0, HAS_MASK=self.bags.row_valid is not None,
+            **dot_flags(x2d.dtype, triton_interpreted()), num_warps=self.cfg.num_warps,
+        )
+
+    def valid_rows(self, x2d):
+        return self.bags.row_valid if self.bags.row_valid is not None else x2d
 
 
 def new_buffer(*shape, dtype, device):
@@ -322,112 +354,116 @@ def new_buffer(*shape, dtype, device):
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _flags(x2d, wb, bags, dropout_p):
-    return dict(GATED=wb is not None, DROPOUT=dropout_p > 0, HAS_MASK=bags.row_valid is not None,
-                DOT_FP32=x2d.dtype == torch.float32 or triton_interpreted())
+def dot_flags(dtype, interpreted: bool) -> dict:
+    """How the kernels run ``tl.dot``: fp32 operands for fp32 input and under the interpreter (whose bf16
+    dot is wrong), with tf32x3 on a GPU (tensor cores at about fp32 accuracy); else native fp16/bf16."""
+    return dict(DOT_FP32=dtype == torch.float32 or interpreted, FP32_PRECISION="ieee" if interpreted else "tf32x3")
 
 
-def _bias(bias, size, like):
-    return bias if bias is not None else torch.zeros(size, dtype=like.dtype, device=like.device)
+def _bias(bias, weight):
+    return bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
 
-def _drop_args(seed, dropout_p):
-    return dict(seed=seed, p_drop=float(dropout_p), drop_scale=1.0 / (1.0 - dropout_p))
+def _gate_weights(wa, ba, wb, bb):
+    """``(wa, ba, wb, bb)`` as the kernels take them: absent biases as zeros, an absent wb as wa."""
+    return wa, _bias(ba, wa), wb if wb is not None else wa, _bias(bb, wa)
 
 
-def _valid_rows(bags, x2d):
-    return bags.row_valid if bags.row_valid is not None else x2d
-
-
-def forward(x2d, wa, ba, wb, bb, wc, bc, bags, dropout_p, seed, pool):
+def forward(x2d, wa, ba, wb, bb, wc, bc, plan: Plan, pool: bool):
     """Fused forward over packed rows ``x2d: (T, L)``.
 
     Returns ``(pooled: (B, K, L) or None, scores: (T, K) fp32, lse: (B, K) fp32 or None)``; backward
     takes the fp32 scores and ``lse`` back, so the attention weights are recomputed exactly.
     """
     total_rows, features = x2d.shape
-    hidden, heads = wa.shape[0], wc.shape[0]
-    cfg = config_for(features, hidden)
-    table = block_table(bags.cu_seqlens, cfg.block_n)
-    device = x2d.device
+    heads = wc.shape[0]
+    table, device = plan.table, x2d.device
     scores = new_buffer(total_rows, heads, dtype=torch.float32, device=device)
     blocks = table.num_blocks if pool else 1
     part_acc = new_buffer(blocks, heads, features, dtype=torch.float32, device=device)
     part_max = new_buffer(blocks, heads, dtype=torch.float32, device=device)
     part_sum = new_buffer(blocks, heads, dtype=torch.float32, device=device)
     _forward_kernel[(table.num_blocks,)](
-        x2d, wa, _bias(ba, hidden, wa), wb if wb is not None else wa, _bias(bb, hidden, wa), wc, _bias(bc, heads, wc),
-        _valid_rows(bags, x2d), table.start, table.end, scores, part_acc, part_max, part_sum,
-        features, hidden, **_drop_args(seed, dropout_p),
-        K=heads, K_PAD=triton.next_power_of_2(heads), BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-        BLOCK_L=cfg.block_l, POOL=pool, **_flags(x2d, wb, bags, dropout_p), num_warps=cfg.num_warps,
+        x2d, *_gate_weights(wa, ba, wb, bb), wc, _bias(bc, wc), plan.valid_rows(x2d),
+        table.start, table.end, scores, part_acc, part_max, part_sum,
+        POOL=pool, **plan.launch_args(x2d, wa.shape[0], wb is not None, heads),
     )
     if not pool:
         return None, scores, None
-    pooled = new_buffer(bags.num_bags, heads, features, dtype=x2d.dtype, device=device)
-    lse = new_buffer(bags.num_bags, heads, dtype=torch.float32, device=device)
-    grid = (bags.num_bags, heads, triton.cdiv(features, COMBINE_BLOCK_L))
+    pooled = new_buffer(plan.bags.num_bags, heads, features, dtype=x2d.dtype, device=device)
+    lse = new_buffer(plan.bags.num_bags, heads, dtype=torch.float32, device=device)
+    grid = (plan.bags.num_bags, heads, triton.cdiv(features, COMBINE_BLOCK_L))
     _combine_kernel[grid](part_acc, part_max, part_sum, table.bag_first_block, pooled, lse, features,
                           K=heads, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L)
     return pooled, scores, lse
 
 
 def _chunks(table: BlockTable, chunk_rows: int):
-    """Consecutive block ranges ``(first, stop, row0, row1)`` covering at most ~chunk_rows rows each."""
-    starts = table.start.cpu().long()
-    ends = table.end.cpu().long()
+    """Consecutive block ranges ``(first, stop, row0, row1)`` of at most ``chunk_rows`` rows each (one block at least)."""
+    starts, ends = table.host_start.tolist(), table.host_end.tolist()
     first = 0
     while first < table.num_blocks:
         stop = first + 1
         while stop < table.num_blocks and ends[stop] - starts[first] <= chunk_rows:
             stop += 1
-        yield first, stop, int(starts[first]), int(ends[stop - 1])
+        yield first, stop, starts[first], ends[stop - 1]
         first = stop
 
 
-def backward(x2d, wa, ba, wb, bb, wc, bc, scores, lse, pooled, bags, dropout_p, seed, pool, d_pooled, d_scores):
-    """Gradients ``(dx, dwa, dba, dwb, dbb, dwc, dbc)`` of the fused op (None for absent inputs).
+def _gemm_dtype(x_dtype):
+    """The dtype of dH and the backward GEMMs: bf16 for bf16 input (fp32's range), else fp32.
+
+    fp16 would underflow: dH scales with the attention weights, about 1/N for a bag of N.
+    """
+    return torch.bfloat16 if x_dtype == torch.bfloat16 and not triton_interpreted() else torch.float32
+
+
+def _chunk_rows(features, dh_width, x_dtype, gemm_dtype, block_n):
+    """Rows per backward chunk: dH and a GEMM-dtype copy of x, if one is needed, within the scratch budget."""
+    row_bytes = dh_width * gemm_dtype.itemsize + (features * gemm_dtype.itemsize if gemm_dtype != x_dtype else 0)
+    return max(block_n, BACKWARD_SCRATCH_BYTES // row_bytes)
+
+
+def backward(x2d, wa, ba, wb, bb, wc, bc, scores, lse, pooled, plan: Plan, pool, d_pooled, d_scores, wanted):
+    """Gradients ``(dx, dwa, dba, dwb, dbb, dwc, dbc)`` of the fused op; None where an input is absent or
+    ``wanted`` (``ctx.needs_input_grad``) says no gradient is needed.
 
     ``scores: (T, K)`` fp32 and ``lse: (B, K)`` are the forward's; ``d_pooled: (B, K, L)`` and
     ``d_scores: (T, K)`` may be None.
     """
-    total_rows, features = x2d.shape
+    features = x2d.shape[1]
     hidden, heads = wa.shape[0], wc.shape[0]
-    cfg = config_for(features, hidden)
-    table = block_table(bags.cu_seqlens, cfg.block_n)
-    device = x2d.device
+    table, device = plan.table, x2d.device
     pool = pool and d_pooled is not None
     gated = wb is not None
-    dx = torch.zeros_like(x2d) if not pool else new_buffer(*x2d.shape, dtype=x2d.dtype, device=device)
+    dx = new_buffer(*x2d.shape, dtype=x2d.dtype, device=device) if pool else torch.zeros_like(x2d)
     delta = (d_pooled.float() * pooled.float()).sum(-1) if pool else scores
     part_dwc = new_buffer(table.num_blocks, heads, hidden, dtype=torch.float32, device=device)
     part_dbc = new_buffer(table.num_blocks, heads, dtype=torch.float32, device=device)
-    dh_dtype = torch.float32 if triton_interpreted() else x2d.dtype
-    w_stack = torch.cat([wa, wb]) if gated else wa
+    gemm_dtype = _gemm_dtype(x2d.dtype)
+    w_stack = (torch.cat([wa, wb]) if gated else wa).to(gemm_dtype)
     d_w = torch.zeros(w_stack.shape, dtype=torch.float32, device=device)
     d_b = torch.zeros(w_stack.shape[0], dtype=torch.float32, device=device)
-    for first, stop, row0, row1 in _chunks(table, BACKWARD_CHUNK_ROWS):
-        d_h = new_buffer(row1 - row0, w_stack.shape[0], dtype=dh_dtype, device=device)
+    chunk_rows = _chunk_rows(features, w_stack.shape[0], x2d.dtype, gemm_dtype, plan.cfg.block_n)
+    for first, stop, row0, row1 in _chunks(table, chunk_rows):
+        d_h = new_buffer(row1 - row0, w_stack.shape[0], dtype=gemm_dtype, device=device)
         _backward_rows_kernel[(stop - first,)](
-            x2d, wa, _bias(ba, hidden, wa), wb if gated else wa, _bias(bb, hidden, wa), wc, _valid_rows(bags, x2d),
+            x2d, *_gate_weights(wa, ba, wb, bb), wc, plan.valid_rows(x2d),
             table.start, table.end, table.bag, scores,
             d_scores.contiguous() if d_scores is not None else scores, lse if pool else scores, delta,
-            d_pooled.contiguous() if pool else scores, dx, d_h, part_dwc, part_dbc,
-            row0, first, features, hidden, **_drop_args(seed, dropout_p),
-            K=heads, K_PAD=triton.next_power_of_2(heads), BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-            BLOCK_L=cfg.block_l, POOL=pool, HAS_DSCORES=d_scores is not None,
-            **_flags(x2d, wb, bags, dropout_p), num_warps=cfg.num_warps,
+            d_pooled.contiguous() if pool else scores, dx, d_h, part_dwc, part_dbc, row0, first,
+            POOL=pool, HAS_DSCORES=d_scores is not None, **plan.launch_args(x2d, hidden, gated, heads),
         )
-        x_chunk = x2d[row0:row1]
-        d_h_cast = d_h.to(x2d.dtype)
-        dx[row0:row1] += d_h_cast @ w_stack
-        d_w += (d_h_cast.t() @ x_chunk).float()
-        d_b += d_h.float().sum(0)
+        if wanted[0]:
+            dx[row0:row1] += (d_h @ w_stack).to(x2d.dtype)
+        if any(wanted[1:5]):
+            d_w += (d_h.t() @ x2d[row0:row1].to(gemm_dtype)).float()
+            d_b += d_h.float().sum(0)
     d_wa, d_wb = (d_w[:hidden], d_w[hidden:]) if gated else (d_w, None)
     d_ba, d_bb = (d_b[:hidden], d_b[hidden:]) if gated else (d_b, None)
     grads = (dx, d_wa, d_ba, d_wb, d_bb, part_dwc.sum(0), part_dbc.sum(0))
-    like = (x2d, wa, ba, wb, bb, wc, bc)
-    return tuple(None if ref is None else g.to(ref.dtype) for g, ref in zip(grads, like))
+    inputs = (x2d, wa, ba, wb, bb, wc, bc)
+    return tuple(g.to(ref.dtype) if ref is not None and want else None for g, ref, want in zip(grads, inputs, wanted))
 
 
 def dropout_keep_masks(seed: int, rows: int, hidden: int, dropout_p: float, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,26 +478,31 @@ def dropout_keep_masks(seed: int, rows: int, hidden: int, dropout_p: float, devi
 
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_FLAG_SETS = ((1, True, True, True), (3, False, False, False), (2, True, False, True))  # K, gated, dropout, mask
 
 
 def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
-    Yields ``(kernel, signature, constexprs, num_warps)``: the three dtypes, the tile configurations
-    of ``config_for`` for small and large L and D, K in {1, 3} and the flag combinations in use.
+    Yields ``(kernel, signature, constexprs, num_warps)`` built as the launches build them: the three
+    dtypes, the tile configurations of ``config_for`` for small and large L and D, K in {1, 2, 3},
+    with and without gating, dropout, a mask and pooling.
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for features, hidden in ((20, 10), (1024, 256), (384, 48)):
             cfg = config_for(features, hidden)
-            for heads, gated, dropout, has_mask in ((1, True, True, True), (3, False, False, False), (2, True, False, True)):
+            for heads, gated, dropout, has_mask in _FLAG_SETS:
                 tiles = dict(K=heads, K_PAD=triton.next_power_of_2(heads), BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                              BLOCK_L=cfg.block_l, GATED=gated, DROPOUT=dropout, HAS_MASK=has_mask,
-                             DOT_FP32=dtype == torch.float32)
+                             **dot_flags(dtype, interpreted=False))
+                valid = "*i1" if has_mask else ptr
                 for pool in (True, False):
-                    yield _forward_kernel, _forward_signature(ptr), dict(tiles, POOL=pool), cfg.num_warps
-                    yield (_backward_rows_kernel, _backward_signature(ptr), dict(tiles, POOL=pool, HAS_DSCORES=not pool),
-                           cfg.num_warps)
-            yield (_combine_kernel, _combine_signature(ptr), dict(K=3, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L), 4)
+                    yield _forward_kernel, _forward_signature(ptr, valid), dict(tiles, POOL=pool), cfg.num_warps
+                    yield (_backward_rows_kernel, _backward_signature(ptr, valid, _POINTER_TYPES[_gemm_dtype(dtype)]),
+                           dict(tiles, POOL=pool, HAS_DSCORES=not pool), cfg.num_warps)
+        for heads in (1, 3):
+            yield (_combine_kernel, _combine_signature(ptr),
+                   dict(K=heads, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L), 4)
     yield _dropout_mask_kernel, dict(keep_ptr="*i8", seed="i32", T="i32", D="i32", p_drop="fp32"), dict(BLOCK_N=64, BLOCK_D=64), 4
 
 
@@ -469,18 +510,18 @@ def _scalars():
     return dict(L="i32", D="i32", seed="i32", p_drop="fp32", drop_scale="fp32")
 
 
-def _forward_signature(ptr):
+def _forward_signature(ptr, valid):
     tensors = dict.fromkeys(["x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr", "wc_ptr", "bc_ptr"], ptr)
-    tensors.update(valid_ptr="*i1", block_start_ptr="*i32", block_end_ptr="*i32", scores_ptr="*fp32",
+    tensors.update(valid_ptr=valid, block_start_ptr="*i32", block_end_ptr="*i32", scores_ptr="*fp32",
                    part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32")
     return dict(tensors, **_scalars())
 
 
-def _backward_signature(ptr):
+def _backward_signature(ptr, valid, dh):
     tensors = dict.fromkeys(["x_ptr", "wa_ptr", "ba_ptr", "wb_ptr", "bb_ptr", "wc_ptr"], ptr)
-    tensors.update(valid_ptr="*i1", block_start_ptr="*i32", block_end_ptr="*i32", block_bag_ptr="*i32",
+    tensors.update(valid_ptr=valid, block_start_ptr="*i32", block_end_ptr="*i32", block_bag_ptr="*i32",
                    scores_ptr="*fp32", d_scores_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", d_pooled_ptr=ptr,
-                   dx_ptr=ptr, dh_ptr=ptr, part_dwc_ptr="*fp32", part_dbc_ptr="*fp32",
+                   dx_ptr=ptr, dh_ptr=dh, part_dwc_ptr="*fp32", part_dbc_ptr="*fp32",
                    chunk_row0="i32", chunk_block0="i32")
     return dict(tensors, **_scalars())
 
