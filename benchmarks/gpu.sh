@@ -2,14 +2,16 @@
 # The whole GPU run in one call, from the repo root of a GPU machine:
 #   1. pip install -e . (builds the CUDA extension against the machine's torch, which stays as is),
 #   2. the whole test suite on the GPU (MILKERNELS_TEST_GPU=1), its exit code recorded,
-#   3. the benchmark sweep (python -m milkernels.bench), whatever the tests gave.
+#   3. the benchmark sweep (python -m milkernels.bench), whatever the tests gave,
+#   4. the complexity comparison (python -m milkernels.bench complexity).
 # Results go to benchmarks/results/<UTC stamp>-<gpu>/ and, when $OUT is set, to $OUT/<stamp>-<gpu>/
 # after every step (so a run cut short still hands back what it has).
 #
 # Usage: bash benchmarks/gpu.sh [sweep options, e.g. --sizes 1k,64k,1M --no-compile]
-# Environment: PYTHON (default python3); TEST_TIMEOUT and BENCH_TIMEOUT in seconds (default 180 and
-# 240, so that a run with a few minutes of build fits a 10-minute call; 0 = none); MILKERNELS_GIT_SHA
-# (recorded when the tree has no .git, e.g. a copy sent to a device machine).
+# Environment: PYTHON (default python3); STEPS, the steps to run (default "install tests sweep
+# complexity"; a 10-minute device call fits "install tests" and then "install sweep complexity" on
+# the warm machine); TEST_TIMEOUT, BENCH_TIMEOUT and COMPLEXITY_TIMEOUT in seconds (default 180 each;
+# 0 = none); MILKERNELS_GIT_SHA (recorded when the tree has no .git, e.g. a copy sent to a device machine).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
@@ -20,13 +22,19 @@ stamp=$(date -u +%Y%m%d-%H%M%S)
 res="benchmarks/results/$stamp-$slug"
 mkdir -p "$res"
 
-publish() {  # copy what exists so far into $OUT (the device tool returns at most 8 files, 2 folders deep)
+publish() {  # copy what exists so far into $OUT (the device tool returns at most 8 files, 2 folders deep):
+             # the logs and tables to read at once, and everything in one tarball
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT/$stamp-$slug"
-    for f in gpu.log tests.log env.txt nvidia-smi.txt results.csv results.json; do
+    for f in gpu.log tests.log results.csv complexity/complexity.md complexity/complexity.png; do
         [ -f "$res/$f" ] && cp "$res/$f" "$OUT/$stamp-$slug/"
     done
+    tar -czf "$OUT/$stamp-$slug/results.tar.gz" -C "$(dirname "$res")" "$(basename "$res")"
     return 0
+}
+
+wants() {  # is step $1 among $STEPS?
+    case " ${STEPS:-install tests sweep complexity} " in *" $1 "*) return 0 ;; *) return 1 ;; esac
 }
 
 if [ -z "${MILKERNELS_GIT_SHA:-}" ]; then
@@ -65,29 +73,44 @@ main() {
     cat "$res/env.txt"
     publish
 
-    echo "== pip install -e . --no-build-isolation --no-deps"
+    install_rc=skipped test_rc=skipped bench_rc=skipped complexity_rc=skipped
     torch_before=$("$PY" -c 'import torch; print(torch.__version__)')
-    "$PY" -m pip install -e . --no-build-isolation --no-deps
-    install_rc=$?
-    torch_after=$("$PY" -c 'import torch; print(torch.__version__)')
-    if [ "$torch_before" != "$torch_after" ]; then
-        echo "WARNING: torch changed from $torch_before to $torch_after during the install"
+    torch_after=$torch_before
+    if wants install; then
+        echo "== pip install -e . --no-build-isolation --no-deps"
+        "$PY" -m pip install -e . --no-build-isolation --no-deps
+        install_rc=$?
+        torch_after=$("$PY" -c 'import torch; print(torch.__version__)')
+        if [ "$torch_before" != "$torch_after" ]; then
+            echo "WARNING: torch changed from $torch_before to $torch_after during the install"
+        fi
     fi
     "$PY" -c 'import milkernels; print("backends:", milkernels.backends())'
     publish
 
-    echo "== MILKERNELS_TEST_GPU=1 $PY -m pytest tests -q"
-    # pytest.main with SIGINT restored (a job started in the background ignores it), so a timed-out
-    # run still prints its failures; otherwise the same as `python -m pytest tests -q`.
-    limit "${TEST_TIMEOUT:-180}" env MILKERNELS_TEST_GPU=1 "$PY" -c 'import signal, sys, pytest
+    if wants tests; then
+        echo "== MILKERNELS_TEST_GPU=1 $PY -m pytest tests -q"
+        # pytest.main with SIGINT restored (a job started in the background ignores it), so a timed-out
+        # run still prints its failures; otherwise the same as `python -m pytest tests -q`.
+        limit "${TEST_TIMEOUT:-180}" env MILKERNELS_TEST_GPU=1 "$PY" -c 'import signal, sys, pytest
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(pytest.main(["tests", "-q"]))' 2>&1 | tee "$res/tests.log"
-    test_rc=${PIPESTATUS[0]}
-    publish
+        test_rc=${PIPESTATUS[0]}
+        publish
+    fi
 
-    echo "== $PY -m milkernels.bench --out $res $*"
-    limit "${BENCH_TIMEOUT:-240}" env PYTHONUNBUFFERED=1 "$PY" -m milkernels.bench --out "$res" "$@"
-    bench_rc=$?
+    if wants sweep; then
+        echo "== $PY -m milkernels.bench --out $res $*"
+        limit "${BENCH_TIMEOUT:-180}" env PYTHONUNBUFFERED=1 "$PY" -m milkernels.bench --out "$res" "$@"
+        bench_rc=$?
+        publish
+    fi
+
+    if wants complexity; then
+        echo "== $PY -m milkernels.bench complexity --out $res/complexity"
+        limit "${COMPLEXITY_TIMEOUT:-180}" env PYTHONUNBUFFERED=1 "$PY" -m milkernels.bench complexity --out "$res/complexity"
+        complexity_rc=$?
+    fi
     nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >> "$res/nvidia-smi.txt" 2>&1
 
     echo
@@ -95,10 +118,14 @@ sys.exit(pytest.main(["tests", "-q"]))' 2>&1 | tee "$res/tests.log"
     echo "device:  ${gpu:-none} | $(versions)"
     echo "git:     $MILKERNELS_GIT_SHA${dirty:+ (dirty)}"
     echo "install: exit $install_rc (torch $torch_before -> $torch_after)"
-    echo "tests:   exit $test_rc | $(grep -E '(passed|failed|error|no tests ran)' "$res/tests.log" | tail -n 1)"
+    echo "tests:   exit $test_rc | $(grep -sE '(passed|failed|error|no tests ran)' "$res/tests.log" | tail -n 1)"
     echo "bench:   exit $bench_rc (1 = an implementation errored, 124/130 = timed out) | $res"
+    echo "complexity: exit $complexity_rc | $res/complexity"
     [ -n "${OUT:-}" ] && echo "copied:  $OUT/$stamp-$slug/"
-    return $(( install_rc != 0 || test_rc != 0 || bench_rc != 0 ))
+    for rc in "$install_rc" "$test_rc" "$bench_rc" "$complexity_rc"; do
+        case $rc in 0|skipped) ;; *) return 1 ;; esac
+    done
+    return 0
 }
 
 main "$@" 2>&1 | tee "$res/gpu.log"

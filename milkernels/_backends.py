@@ -111,6 +111,9 @@ def choose(op_name: str, device: torch.device, reasons_for) -> str:
     return wanted
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def device_reasons(backend: str, device: torch.device) -> list[str]:
     """Reasons, shared by every op, that ``backend`` cannot run on tensors on ``device``."""
     if backend == "reference":
@@ -121,3 +124,11 @@ def device_reasons(backend: str, device: torch.device) -> list[str]:
     if device.type != "cuda" and not (backend == "triton" and triton_interpreted()):
         return [f"the {backend} backend needs CUDA tensors, got {device.type} tensors"]
     return []
+
+
+def kernel_reasons(backend: str, tensor: torch.Tensor) -> list[str]:
+    """Reasons, shared by every op, that a GPU ``backend`` cannot take ``tensor``: its device or dtype."""
+    reasons = device_reasons(backend, tensor.device)
+    if tensor.dtype not in KERNEL_DTYPES:
+        reasons.append(f"the {backend} kernels take float32, float16 or bfloat16, not {tensor.dtype}")
+    return reasons

@@ -1,4 +1,4 @@
-"""Model surgery: :func:`swap` puts the fused kernels into existing CLAM and torchmil models, in place.
+"""Model surgery: :func:`swap` puts the fused kernels into existing CLAM, torchmil and Lin-MIL models, in place.
 
 Modules are recognized by structure, whatever their class, then checked by behavior: before a
 replacement goes in, the candidate and its replacement run on a small random probe input (eval mode,
@@ -10,6 +10,21 @@ give the same outputs, so a class with the same children but another ``forward``
   and nothing else; it becomes a :class:`milkernels.nn.GatedAttention`.
 - torchmil's ``AttentionPool`` (by class name, torchmil is not imported) with ``act='tanh'``, gated or
   not, its LazyLinear layers initialized; it becomes a :class:`milkernels.nn.TorchmilAttentionPool`.
+- Lin-MIL's ``LinearAttention``: ``temperature: (H, 1, 1)``, ``qkv = Linear(C, 3C)``, ``proj =
+  Linear(C, C)``, Dropouts ``attn_drop`` and ``proj_drop``, ``qk_mul``, ``kv_mul``, ``extra_mul``
+  (``Mul``) and ``act``, a default-argument ReLU, GELU, ELU, LeakyReLU, Tanh or Softplus; it becomes
+  a :class:`milkernels.nn.LinearAttention`.
+- Lin-MIL's softmax ``Attention`` (the ``attention="softmax"`` ablation): ``attend = Softmax(-1)``,
+  ``to_qkv``, ``to_out``; it becomes a :class:`milkernels.nn.SoftmaxAttention`, whose ``forward`` still
+  forms the softmax matrix it returns; only the Lin-MIL forward below takes its SDPA path.
+- Lin-MIL's model (class name ``Lin_MIL``): ``projection``, ``dropout``, a ``transformer`` ModuleList of
+  blocks (``norm1``, ``attn``, ``drop_path``, ``norm2``, ``mlp``; linear or softmax attention), ``norm``,
+  ``mlp_head``, ``pool`` 'cls' (with ``cls_token``) or 'mean'. It stays the same object: its class
+  becomes :func:`milkernels.nn.fused_lin_mil_class` of its class, a subclass whose forward
+  (:class:`milkernels.nn.FusedLinMIL`) takes the last block's attention map from the map mode and no
+  attention output from the other blocks, so no ``(B, H, N, dh)`` numerator and no softmax matrix
+  but the last block's (which the model returns) is formed. It pickles and deep-copies as such.
+  Lin-MIL's ``nystrom`` and ``dilated`` ablation blocks (and models holding them) stay as they are.
 
 A replacement holds the very same child modules, so the parameters (and the optimizer state on
 them), the ``state_dict`` keys and checkpoints stay as they were, and so do outputs and gradients.
@@ -17,7 +32,9 @@ Recognized modules that cannot be swapped stay as they are: torchmil with ``act=
 ``'gelu'`` or an uninitialized LazyLinear; a module with parameters of its own; a module any of whose
 submodules has forward or backward hooks (the fused op would not call them); a pruned, weight-normed
 or parametrized Linear (the fused op reads the raw parameters); a ``forward`` that differs on the
-probe; CLAM's ungated ``Attn_Net``. :func:`swap_report` lists what is fused and why the others stay.
+probe; CLAM's ungated ``Attn_Net``; a Lin-MIL ``act`` with non-default arguments (``LeakyReLU(0.2)``,
+``ELU(alpha=0.5)``, ``GELU('tanh')``...) or of another class; a ``Lin_MIL`` with a hooked submodule
+(its blocks' attention is still swapped), another ``pool`` or a ``nystrom``/``dilated`` block. :func:`swap_report` lists what is fused and why the others stay.
 Hooks or parametrizations added after the swap are not seen by the fused op either.
 
     model = milkernels.swap(model, verbose=True)   # prints the report
@@ -27,6 +44,7 @@ Hooks or parametrizations added after the swap are not seen by the fused op eith
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -35,13 +53,21 @@ from torch.nn.utils.parametrize import is_parametrized
 
 from ._backends import use_backend
 from .nn.gated_attention import GatedAttention, GatedAttentionPool, TorchmilAttentionPool, branch_dropout_p
+from .nn.linear_attention import (FusedLinMIL, LinearAttention, SoftmaxAttention, activation_problem,
+                                  fused_lin_mil_class)
 
-FUSED = (GatedAttention, GatedAttentionPool, TorchmilAttentionPool)
+FUSED = (GatedAttention, GatedAttentionPool, TorchmilAttentionPool, LinearAttention, SoftmaxAttention, FusedLinMIL)
 CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                     "_load_state_dict_post_hooks")
 CLAM_CONTRACT = "CLAM's Attn_Net_Gated: forward(x) -> (A_raw, x)"
 TORCHMIL_CONTRACT = "torchmil's AttentionPool: forward(X, mask, return_att) -> z or (z, f)"
+LINEAR_CONTRACT = "Lin-MIL's LinearAttention: forward(x) -> (out, numerator)"
+SOFTMAX_CONTRACT = "Lin-MIL's Attention: forward(x) -> (out, softmax matrix)"
+LIN_MIL_CONTRACT = "Lin-MIL's Lin_MIL: forward(x) -> (logits, attention map)"
+LINEAR_CHILDREN = {"qkv", "attn_drop", "proj", "proj_drop", "qk_mul", "kv_mul", "extra_mul", "act"}
+BLOCK_CHILDREN = {"norm1", "attn", "drop_path", "norm2", "mlp"}
+FUSED_BLOCK_TYPES = ("linear", "softmax")
 PROBE_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -98,37 +124,63 @@ def swap_report(model: nn.Module) -> SwapReport:
     return report
 
 
+class Family(NamedTuple):
+    """How swap treats one kind of module.
+
+    ``problem(module)``: why it stays, or ``""``; ``build(module)``: the replacement that the probe
+    ``probe_calls(module)`` checks against ``contract`` (None: never swapped); ``commit(module)``: the
+    swap itself when it is not ``build`` (an in-place change, whose ``build`` is a throw-away view).
+    """
+
+    problem: Callable
+    build: Callable | None = None
+    probe_calls: Callable | None = None
+    contract: str = ""
+    commit: Callable | None = None
+
+
 def _recognized(model: nn.Module):
-    """Yield ``(name, module, problem, build)`` for each module swap knows, fused ones excepted:
-    ``problem`` is ``""`` when ``build(module)`` can replace it, else why it stays."""
+    """Yield ``(name, module, problem, replace)`` for each module swap knows, fused ones excepted:
+    ``problem`` is ``""`` when ``replace(module)`` can replace it, else why it stays."""
     for name, module in list(model.named_modules(remove_duplicate=False)):
         family = _family(module)
         if family is not None:
-            problem, build, probe_calls, contract = family
-            reason = problem(module) or _surgery_problem(module)
-            if not reason and build is not None:
-                reason = _probe_problem(module, build(module), probe_calls(module), contract)
-            yield name, module, reason, build
+            reason = family.problem(module) or _surgery_problem(module)
+            if not reason and family.build is not None:
+                reason = _probe_problem(module, family.build(module), family.probe_calls(module), family.contract)
+            yield name, module, reason, family.commit or family.build
 
 
-def _family(module: nn.Module):
-    """``(problem, build, probe_calls, contract)`` for the kind of attention module ``module`` is, else None."""
+def _family(module: nn.Module) -> Family | None:
+    """The :class:`Family` of the kind of attention module ``module`` is, else None."""
     if isinstance(module, FUSED):
         return None
     names = _child_names(module)
     if names == {"attention_a", "attention_b", "attention_c"}:
-        return _clam_gated_problem, _gated_attention_from, _clam_probe_calls, CLAM_CONTRACT
+        return Family(_clam_gated_problem, _gated_attention_from, _clam_probe_calls, CLAM_CONTRACT)
     if type(module).__name__ == "AttentionPool" and {"fc1", "fc2", "act_layer"} <= names:
-        return _torchmil_problem, _torchmil_pool_from, _torchmil_probe_calls, TORCHMIL_CONTRACT
+        return Family(_torchmil_problem, _torchmil_pool_from, _torchmil_probe_calls, TORCHMIL_CONTRACT)
     if names == {"module"} and _is_clam_ungated(module.module):
-        return _clam_ungated_problem, None, None, ""
+        return Family(_clam_ungated_problem)
+    if {"qkv", "proj", "act", "qk_mul", "kv_mul", "extra_mul"} <= names:
+        return Family(_linear_attention_problem, LinearAttention.from_module, _tokens_probe_calls("qkv"),
+                      LINEAR_CONTRACT)
+    if {"attend", "to_qkv", "to_out"} <= names:
+        return Family(_softmax_attention_problem, SoftmaxAttention.from_module, _tokens_probe_calls("to_qkv"),
+                      SOFTMAX_CONTRACT)
+    if type(module).__name__ == "Lin_MIL" and {"projection", "transformer", "mlp_head"} <= names:
+        return Family(_lin_mil_problem, _lin_mil_view, _tokens_probe_calls("projection"), LIN_MIL_CONTRACT,
+                      _fuse_lin_mil)
+    if BLOCK_CHILDREN <= names and _block_type(module) not in FUSED_BLOCK_TYPES:
+        return Family(_block_type_problem)
     return None
 
 
 def _replacement(module: nn.Module, build) -> nn.Module:
+    origin = _class_name(module)
     new = build(module)
     new.training = module.training
-    new.swapped_from = _class_name(module)
+    new.swapped_from = origin
     return new
 
 
@@ -150,13 +202,20 @@ def _class_name(module: nn.Module) -> str:
 
 
 def _fused_name(module: nn.Module) -> str:
-    return f"milkernels.nn.{type(module).__qualname__}"
+    """``milkernels.nn.<class>``, the first milkernels class ``module`` is an instance of."""
+    fused = next(cls for cls in type(module).__mro__ if cls in FUSED)
+    return f"milkernels.nn.{fused.__qualname__}"
 
 
-def _own_problem(module: nn.Module) -> str:
-    """Why ``module`` itself, beyond its children, cannot be replaced, or ``""``."""
-    if list(module.parameters(recurse=False)) or list(module.buffers(recurse=False)):
+def _own_problem(module: nn.Module, allowed: tuple = ()) -> str:
+    """Why ``module`` itself, beyond its children, cannot be replaced, or ``""``: it holds parameters other
+    than the plain registered ones named in ``allowed``, or buffers."""
+    names = {name for name, _ in module.named_parameters(recurse=False)}
+    if names - set(allowed) or list(module.buffers(recurse=False)):
         return "it holds parameters or buffers of its own"
+    for name in allowed:
+        if name not in names or getattr(module, name) is not module._parameters[name]:
+            return f"{name} is not a plain registered Parameter (parametrized?); the fused op reads it raw"
     return ""
 
 
@@ -330,3 +389,95 @@ def _is_clam_ungated(sequence: nn.Module) -> bool:
 
 def _clam_ungated_problem(module: nn.Module) -> str:
     return "CLAM's ungated Attn_Net is left as it is (only Attn_Net_Gated is swapped)"
+
+
+def _tokens_probe_calls(first_linear: str):
+    """The probe calls of a module taking tokens ``(B, N, C)``, C being the ``in_features`` of its
+    ``first_linear``: two bags of 3 tokens, then one bag of 1."""
+
+    def calls(module: nn.Module) -> list:
+        weight = getattr(module, first_linear).weight
+        return [((_probe_tensor(shape + (weight.shape[1],), weight),), {}) for shape in ((2, 3), (1, 1))]
+
+    return calls
+
+
+def _linear_attention_problem(module: nn.Module) -> str:
+    """Why a module with Lin-MIL's ``LinearAttention`` children cannot be swapped, or ``""``."""
+    names = _child_names(module)
+    if names != LINEAR_CHILDREN:
+        return f"its children are {sorted(names)}, expected {sorted(LINEAR_CHILDREN)}"
+    qkv, proj = module.qkv, module.proj
+    problem = _linear_problem(qkv, "qkv") or _linear_problem(proj, "proj")
+    if problem:
+        return problem
+    dim = qkv.in_features
+    if qkv.out_features != 3 * dim or proj.in_features != dim:
+        return f"qkv {tuple(qkv.weight.shape)} and proj {tuple(proj.weight.shape)} are not Linear(C, 3C), Linear(C, .)"
+    temperature = getattr(module, "temperature", None)
+    heads = temperature.shape[0] if isinstance(temperature, torch.Tensor) and temperature.dim() == 3 else 0
+    if not heads or temperature.shape[1:] != (1, 1) or dim % heads or getattr(module, "num_heads", heads) != heads:
+        return f"temperature is not a (num_heads, 1, 1) parameter with num_heads dividing C = {dim}"
+    return activation_problem(module.act) or _own_problem(module, ("temperature",))
+
+
+def _softmax_attention_problem(module: nn.Module) -> str:
+    """Why a module with Lin-MIL's softmax ``Attention`` children cannot be swapped, or ``""``."""
+    names = _child_names(module)
+    if names != {"attend", "to_qkv", "to_out"}:
+        return f"its children are {sorted(names)}, expected ['attend', 'to_out', 'to_qkv']"
+    if type(module.attend) is not nn.Softmax or module.attend.dim not in (-1, 3):
+        return "attend is not Softmax(dim=-1)"
+    heads, scale = getattr(module, "heads", None), getattr(module, "scale", None)
+    if not isinstance(heads, int) or heads <= 0 or not isinstance(scale, float):
+        return "it lacks the int heads and float scale of Lin-MIL's Attention"
+    problem = _linear_problem(module.to_qkv, "to_qkv")
+    if problem or module.to_qkv.out_features % (3 * heads):
+        return problem or f"to_qkv's {module.to_qkv.out_features} outputs are not 3 x heads ({heads}) x dim_head"
+    return _own_problem(module)
+
+
+def _block_type(block: nn.Module) -> str:
+    """A Lin-MIL block's attention: its ``attention_type`` (ablation blocks), else ``"linear"``."""
+    return getattr(block, "attention_type", "linear")
+
+
+def _block_type_problem(block: nn.Module) -> str:
+    return (f"attention_type={_block_type(block)!r}: milkernels has no fused kernel for it "
+            f"(only {' and '.join(map(repr, FUSED_BLOCK_TYPES))} blocks are fused)")
+
+
+def _lin_mil_problem(module: nn.Module) -> str:
+    """Why a ``Lin_MIL`` model cannot take :class:`FusedLinMIL`'s forward, or ``""``."""
+    expected = {"projection", "dropout", "transformer", "norm", "mlp_head"}
+    if isinstance(getattr(module, "pos_enc", None), nn.Module):
+        expected.add("pos_enc")
+    if _child_names(module) != expected:
+        return f"its children are {sorted(_child_names(module))}, expected {sorted(expected)}"
+    pool = getattr(module, "pool", None)
+    if pool not in ("cls", "mean"):
+        return f"pool={pool!r}; Lin-MIL pools with 'cls' or 'mean'"
+    blocks = module.transformer
+    if type(blocks) is not nn.ModuleList or len(blocks) == 0:
+        return "transformer is not a non-empty ModuleList of blocks"
+    for index, block in enumerate(blocks):
+        if _child_names(block) != BLOCK_CHILDREN:
+            return f"transformer.{index} is not a Lin-MIL block (children {sorted(BLOCK_CHILDREN)})"
+        if _block_type(block) not in FUSED_BLOCK_TYPES:
+            return f"transformer.{index} has {_block_type_problem(block)}"
+    return _own_problem(module, ("cls_token",) if pool == "cls" else ())
+
+
+def _lin_mil_view(module: nn.Module) -> nn.Module:
+    """A throw-away instance of the fused class sharing ``module``'s state: what the probe runs."""
+    cls = fused_lin_mil_class(type(module))
+    view = cls.__new__(cls)
+    view.__dict__.update(module.__dict__)
+    return view
+
+
+def _fuse_lin_mil(module: nn.Module) -> nn.Module:
+    """``module`` itself, its class now :func:`fused_lin_mil_class` of its class (parameters, children,
+    ``state_dict`` and identity unchanged)."""
+    module.__class__ = fused_lin_mil_class(type(module))
+    return module

@@ -9,22 +9,43 @@ specialization: ``{"name", "shared", "error"}``.
 """
 
 import concurrent.futures
+import functools
 import importlib
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 TARGET_ARCH = 90
+SHARED_MEMORY_LIMIT = 227 * 1024
 
 
-def compile_all(module: str) -> list[dict]:
+def sm90_test(kernels_module):
+    """A test, parametrized over ``kernels_module.shipped_specializations()``, that each compiles for sm_90
+    within the shared-memory limit. Assign it to a ``test_...`` name in the op's test module."""
+    count = len(list(kernels_module.shipped_specializations()))
+    ids = [f"{kernel.__name__}-{i}" for i, (kernel, *_) in enumerate(kernels_module.shipped_specializations())]
+
+    @pytest.mark.parametrize("index", range(count), ids=ids)
+    def test_compiles_for_sm90(index):
+        results = compile_all(kernels_module.__name__)
+        assert len(results) == count
+        assert results[index]["error"] is None, results[index]
+        assert results[index]["shared"] <= SHARED_MEMORY_LIMIT, results[index]
+
+    return test_compiles_for_sm90
+
+
+@functools.lru_cache(maxsize=None)
+def compile_all(module: str) -> tuple[dict, ...]:
     """Compile every specialization of ``module`` for sm_90 in a child process; one result dict each."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, __file__, module], env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
         raise RuntimeError(f"AOT compile of {module} failed:\n{done.stderr[-4000:]}")
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return tuple(json.loads(line) for line in done.stdout.splitlines() if line.startswith("{"))
 
 
 def _compile_one(module: str, index: int) -> dict:

@@ -18,3 +18,14 @@ import torch  # noqa: E402
 def device():
     """Where kernel tests run: the GPU under MILKERNELS_TEST_GPU=1, else the CPU (interpreter)."""
     return torch.device("cuda" if os.environ.get("MILKERNELS_TEST_GPU") == "1" else "cpu")
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    """Every buffer the Triton kernels allocate starts as NaN, so an entry they fail to write shows up."""
+    from milkernels.ops import _blocks
+
+    def poisoned(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(_blocks, "new_buffer", poisoned)

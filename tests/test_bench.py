@@ -5,6 +5,8 @@ import csv
 import dataclasses
 import json
 import socket
+import sys
+import types
 
 import pytest
 import torch
@@ -12,13 +14,15 @@ import torch
 from milkernels import BackendUnavailable
 from milkernels.bench import registry
 from milkernels.bench.__main__ import build_parser, config_from_args, main, parse_size
+from milkernels.bench import linear_attention as bench_linear
 from milkernels.bench.gated_attention import GATED_ATTENTION
+from milkernels.bench.linear_attention import LIN_MIL_LAYER, LINEAR_ATTENTION_CORE
 from milkernels.bench.roofline import device_peak, floor_seconds, math_mode, roofline_pct
-from milkernels.bench.sweep import COLUMNS, SweepConfig, add_ratios, flop_check, run_sweep
+from milkernels.bench.sweep import COLUMNS, PASSES, SweepConfig, add_ratios, flop_check, run_sweep
 from milkernels.bench.timing import percentile, summarize
 
 TINY_DIMS = {"L": 32, "D": 16, "K": 1}
-TINY_ARGS = ["--sizes", "64", "--dims", "L=32,D=16,K=1", "--repeats", "2", "--warmup", "1"]
+TINY_ARGS = ["--ops", "gated_attention", "--sizes", "64", "--dims", "L=32,D=16,K=1", "--repeats", "2", "--warmup", "1"]
 METADATA_KEYS = {"date_utc", "device", "torch", "triton", "python", "cuda", "git_sha", "git_dirty", "dtype",
                  "sizes", "dims", "timer", "peak_memory", "roofline", "flop_check"}
 
@@ -190,3 +194,74 @@ def test_sizes_parse():
     for bad in ("", "k", "1.5k", "0", "-4"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
+
+
+LINEAR_DIMS = {"C": 32, "H": 4}
+
+
+def test_linear_attention_ops_are_registered_and_swept(tmp_path):
+    ops = registry.ops()
+    assert {"linear_attention_core", "lin_mil_layer"} <= set(ops)
+    assert set(registry.impls(ops["lin_mil_layer"])) >= {"reference", "triton", "lin_mil", "lin_mil_swapped"}
+    code = main(["sweep", "--ops", "linear_attention_core,lin_mil_layer", "--impls", "reference,triton,lin_mil",
+                 "--sizes", "64", "--dims", "C=32,H=4", "--repeats", "2", "--warmup", "1", "--device", "cpu",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["op"], r["impl"], r["pass"]): r for r in result["rows"]}
+    assert set(rows) == {("linear_attention_core", impl, p) for impl in ("reference", "triton") for p in PASSES} | \
+        {("lin_mil_layer", impl, p) for impl in ("reference", "triton", "lin_mil") for p in PASSES}
+    for op in ("linear_attention_core", "lin_mil_layer"):
+        assert result["metadata"]["flop_check"][op] == {"n": 128, "fwd": 1.0, "fwd_bwd": 1.0}
+        for pass_ in PASSES:
+            ref = rows[op, "reference", pass_]
+            assert ref["status"] == "ok" and ref["dims"] == "C=32 H=4" and ref["median_ms"] > 0
+            assert ref["flops"] == ops[op].flops(64, LINEAR_DIMS, pass_ == "fwd_bwd")
+    for key in (("linear_attention_core", "triton"), ("lin_mil_layer", "triton"), ("lin_mil_layer", "lin_mil")):
+        row = rows[(*key, "fwd_bwd")]
+        assert row["status"] == "ok" or (row["status"] == "skipped" and row["reason"])
+
+
+def test_linear_attention_formulas():
+    dh = 32 // 4
+    core = 4 * 64 * 32 * dh + 2 * 64 * 32
+    assert LINEAR_ATTENTION_CORE.flops(64, LINEAR_DIMS, False) == core == 69632
+    assert LINEAR_ATTENTION_CORE.flops(64, LINEAR_DIMS, True) == 3 * core
+    assert LIN_MIL_LAYER.flops(64, LINEAR_DIMS, False) == core + 8 * 64 * 32 * 32
+    assert LIN_MIL_LAYER.flops(64, LINEAR_DIMS, True) == 3 * (core + 8 * 64 * 32 * 32)
+    n_c = 64 * 32
+    assert LINEAR_ATTENTION_CORE.min_bytes(64, LINEAR_DIMS, 2, False) == 2 * (4 * n_c + 4)  # q, k, v in; out
+    assert LINEAR_ATTENTION_CORE.min_bytes(64, LINEAR_DIMS, 2, True) == 2 * (11 * n_c + 3 * 4)
+    weights = 4 * 32 * 32 + 32 + 4
+    assert LIN_MIL_LAYER.min_bytes(64, LINEAR_DIMS, 4, True) == 4 * (5 * n_c + 3 * weights)
+
+
+@pytest.mark.parametrize("op", [LINEAR_ATTENTION_CORE, LIN_MIL_LAYER], ids=lambda op: op.name)
+def test_linear_attention_reference_matches_the_public_op_and_the_counter(op):
+    inputs = op.build(40, LINEAR_DIMS, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(op.reference(*inputs), registry.GENERIC_IMPLS["reference"](op)(*inputs))
+    assert flop_check(op, {"C": 48, "H": 3}, n=40) == {"n": 40, "fwd": 1.0, "fwd_bwd": 1.0}
+
+
+def test_lin_mil_peers_run_lin_mil_s_module(monkeypatch):
+    class LinearAttention(torch.nn.Module):  # Lin-MIL's signature: (dim, num_heads), returns (x, numerator)
+        def __init__(self, dim, num_heads=8):
+            super().__init__()
+            self.proj = torch.nn.Linear(dim, dim)
+            self.num_heads = num_heads
+
+        def forward(self, x):
+            return self.proj(x), x
+
+    fake = types.ModuleType("fake_lin_mil")
+    fake.LinearAttention = LinearAttention
+    monkeypatch.setitem(sys.modules, "fake_lin_mil", fake)
+    monkeypatch.setattr(bench_linear, "LIN_MIL_MODULE", "fake_lin_mil")
+    inputs = LIN_MIL_LAYER.build(16, LINEAR_DIMS, torch.float32, torch.device("cpu"))
+    out = LIN_MIL_LAYER.peers["lin_mil"](LIN_MIL_LAYER)(*inputs)
+    assert out.shape == (1, 16, 32)
+    with pytest.raises(registry.Skip, match="does not fuse LinearAttention"):
+        LIN_MIL_LAYER.peers["lin_mil_swapped"](LIN_MIL_LAYER)(*inputs)
+    monkeypatch.setattr(bench_linear, "LIN_MIL_MODULE", "no_such_lin_mil")
+    with pytest.raises(registry.Skip, match="^cannot import no_such_lin_mil"):
+        LIN_MIL_LAYER.peers["lin_mil"](LIN_MIL_LAYER)(*inputs)

@@ -10,17 +10,9 @@ from milkernels.ops.gated_attention import reference
 from milkernels.ops.gated_attention import triton as kernels
 
 import aot
+import kernel_checks
 
-TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-
-
-@pytest.fixture(autouse=True)
-def nan_poisoned_buffers(monkeypatch):
-    """Every buffer the kernels allocate starts as NaN, so an entry they fail to write shows up."""
-    def poisoned(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(kernels, "new_buffer", poisoned)
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def make_weights(features, hidden, heads, dtype, device, gated=True, generator=None):
@@ -34,39 +26,13 @@ def make_weights(features, hidden, heads, dtype, device, gated=True, generator=N
     return [wa, ba, wb, bb, rand(heads, hidden, scale=hidden ** -0.5 * 3), rand(heads, scale=0.1)]
 
 
-def leaves(x, weights):
-    """The inputs that take a gradient."""
-    return [t for t in (x, *weights) if t is not None and t.requires_grad]
+def compare(fn, x, weights, dtype, **kwargs):
+    """Triton in ``dtype`` against the reference in float64: outputs and every gradient."""
+    kernel_checks.compare(fn, [x, *weights], dtype, **kwargs)
 
 
 def outputs_and_grads(fn, x, weights, **kwargs):
-    """Run ``fn(x, *weights, **kwargs)`` and backprop fixed random cotangents into every input that needs it."""
-    outs = fn(x, *weights, **kwargs)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    generator = torch.Generator().manual_seed(7)
-    cotangents = [torch.randn(o.shape, generator=generator).to(o) for o in outs]
-    loss = sum((o.float() * c.float()).sum() for o, c in zip(outs, cotangents))
-    return [o.detach() for o in outs], list(torch.autograd.grad(loss, leaves(x, weights)))
-
-
-def as_float64(tensors):
-    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
-
-
-def compare(fn, x, weights, dtype, **kwargs):
-    """Triton in ``dtype`` against the reference in float64: outputs and every gradient."""
-    with milkernels.use_backend("triton"):
-        got_out, got_grad = outputs_and_grads(fn, x, weights, **kwargs)
-    with milkernels.use_backend("reference"):
-        x64, *w64 = as_float64([x, *weights])
-        want_out, want_grad = outputs_and_grads(fn, x64, w64, **kwargs)
-    for name, got, want in zip(["output"] * len(got_out) + ["grad"] * len(got_grad),
-                               got_out + got_grad, want_out + want_grad):
-        assert got.dtype == dtype
-        assert not got.isnan().any(), name
-        scale = want.abs().max().clamp_min(1.0)
-        err = (got.double() - want).abs().max() / scale
-        assert err < TOLERANCE[dtype], f"{name} error {err:.2e}"
+    return kernel_checks.outputs_and_grads(fn, [x, *weights], **kwargs)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 17, 1000, 4099])
@@ -283,18 +249,4 @@ def test_triton_rejects_float64_with_a_reason():
         gated_attention_pool(torch.randn(10, 8, dtype=torch.float64), *weights)
 
 
-SPECIALIZATIONS = list(kernels.shipped_specializations())
-
-
-@pytest.fixture(scope="module")
-def sm90_compiles():
-    return aot.compile_all(kernels.__name__)
-
-
-@pytest.mark.parametrize("index", range(len(SPECIALIZATIONS)),
-                         ids=[f"{k.__name__}-{i}" for i, (k, *_) in enumerate(SPECIALIZATIONS)])
-def test_compiles_for_sm90(index, sm90_compiles):
-    assert len(sm90_compiles) == len(SPECIALIZATIONS)
-    result = sm90_compiles[index]
-    assert result["error"] is None, result
-    assert result["shared"] <= 227 * 1024, result
+test_compiles_for_sm90 = aot.sm90_test(kernels)

@@ -1,10 +1,14 @@
-"""Command line: ``python -m milkernels.bench [sweep] [options]``, also installed as ``milkernels-bench``.
+"""Command line: ``python -m milkernels.bench [sweep|complexity] [options]``, also installed as ``milkernels-bench``.
 
 ``sweep`` (the default subcommand) times every registered op under every implementation over bag
 sizes, prints a table and writes ``results.csv`` and ``results.json`` into ``--out`` (default
 ``benchmarks/results/<UTC stamp>-<device>/`` under the current directory). Sizes take ``k`` (1024)
 and ``M`` (1024²) suffixes: ``--sizes 1k,100000,1M``. It exits 1 when an implementation failed
 with an error (skips and out-of-memory are expected outcomes, exit 0).
+
+``complexity`` sweeps one attention layer per mechanism (softmax, Nystrom, linear, dilated) over
+N, forward + backward, until it runs out of memory or time, fits the exponents of latency and peak
+memory in N and writes ``complexity.csv``, ``.json``, ``.md`` and ``.png`` (see :mod:`.complexity`).
 """
 
 from __future__ import annotations
@@ -16,14 +20,18 @@ from pathlib import Path
 
 import torch
 
-from . import registry, report
+from . import complexity, complexity_report, registry, report
 from .roofline import device_peak
 from .sweep import SweepConfig, dims_text, flop_check, op_dims, run_sweep
 
 GPU_SIZES = (1024, 4096, 16384, 65536, 100000, 262144, 1048576)
 CPU_SIZES = (1024, 4096, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SUBCOMMANDS = ("sweep",)
+SUBCOMMANDS = ("sweep", "complexity")
+COMPLEXITY_GPU = {"sizes": (1024, 4096, 16384, 65536, 262144, 1048576), "dims": {"C": 512, "H": 8}, "repeats": 10,
+                  "warmup": 3, "budget_s": 30.0, "fit_min_n": 16384}
+COMPLEXITY_CPU = {"sizes": (256, 512, 1024, 2048, 4096), "dims": {"C": 256, "H": 8}, "repeats": 3, "warmup": 1,
+                  "budget_s": 8.0, "fit_min_n": 1024}
 
 
 def parse_size(text: str) -> int:
@@ -93,7 +101,37 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--peak-tflops", type=float, help="matmul peak for the roofline, overriding the table")
     sweep.add_argument("--peak-gbps", type=float, help="memory bandwidth for the roofline, overriding the table")
     sweep.set_defaults(func=sweep_command)
+    _add_complexity(commands)
     return parser
+
+
+def _add_complexity(commands) -> None:
+    """The ``complexity`` subcommand's options."""
+    names = tuple(complexity.MECHANISMS)
+    gpu, cpu = COMPLEXITY_GPU, COMPLEXITY_CPU
+    parser = commands.add_parser("complexity", help="latency and memory against N per attention mechanism, "
+                                                    "with fitted exponents, a table and a plot")
+    parser.add_argument("--mechanisms", type=_comma_list(_choices(names)), default=names,
+                        help=f"comma-separated mechanisms (default: all: {','.join(names)})")
+    parser.add_argument("--sizes", type=_comma_list(parse_size),
+                        help="comma-separated ascending bag sizes N (default: 1k,4k,16k,64k,256k,1M on a GPU, "
+                             "256,512,1k,2k,4k on a CPU)")
+    parser.add_argument("--dims", type=_comma_list(_dim), default=(),
+                        help=f"C (channels) and H (heads), e.g. C=512,H=8 (default: {dims_text(gpu['dims'])} on a "
+                             f"GPU, {dims_text(cpu['dims'])} on a CPU)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bf16 on a GPU, fp32 on a CPU")
+    parser.add_argument("--device", help="default: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--repeats", type=_at_least(1), help=f"timed calls per point at most (default: "
+                        f"{gpu['repeats']} on a GPU, {cpu['repeats']} on a CPU; fewer when the budget is short)")
+    parser.add_argument("--warmup", type=_at_least(0), help=f"untimed calls after the first (default: "
+                        f"{gpu['warmup']} on a GPU, {cpu['warmup']} on a CPU)")
+    parser.add_argument("--budget-s", type=float, help=f"seconds one point may take; a mechanism stops after "
+                        f"the first point over it (default: {gpu['budget_s']:g} on a GPU, {cpu['budget_s']:g} on a CPU)")
+    parser.add_argument("--fit-min-n", type=parse_size, help="fit the exponents over points with N >= this, above "
+                        f"launch-overhead floors (default: {report.size_text(gpu['fit_min_n'])} on a GPU, "
+                        f"{report.size_text(cpu['fit_min_n'])} on a CPU)")
+    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<stamp>-complexity-<device>/)")
+    parser.set_defaults(func=complexity_command)
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -120,6 +158,13 @@ def _dims_note(op: registry.Op, dims: dict) -> str:
     return note
 
 
+def default_out(meta: dict, device: torch.device, kind: str = "") -> Path:
+    """``benchmarks/results/<UTC stamp>[-<kind>]-<device slug or cpu>`` under the current directory."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    name = report.slug(meta["device"]) if device.type == "cuda" else "cpu"
+    return Path("benchmarks", "results", "-".join(part for part in (stamp, kind, name) if part))
+
+
 def sweep_command(args: argparse.Namespace, command: str) -> int:
     """Run the sweep, write the results and print the table; 1 if an implementation failed with an error."""
     cfg = config_from_args(args)
@@ -127,12 +172,46 @@ def sweep_command(args: argparse.Namespace, command: str) -> int:
     dims = {name: op_dims(ops[name], cfg.device, cfg.dims) for name in cfg.ops}
     meta = report.metadata(cfg, {name: _dims_note(ops[name], dims[name]) for name in cfg.ops},
                            {name: flop_check(ops[name], dims[name]) for name in cfg.ops}, command)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    device = report.slug(meta["device"]) if cfg.device.type == "cuda" else "cpu"
-    out = args.out or Path("benchmarks", "results", f"{stamp}-{device}")
+    out = args.out or default_out(meta, cfg.device)
     rows = run_sweep(cfg, checkpoint=lambda rows_so_far: report.write_results(out, meta, rows_so_far))
     print(report.format_table(rows, meta))
     print("\nwrote " + " and ".join(str(out / name) for name in ("results.csv", "results.json")))
+    return 1 if any(row["status"] == "error" for row in rows) else 0
+
+
+def complexity_config(args: argparse.Namespace) -> complexity.ComplexityConfig:
+    """The complexity settings from parsed arguments, device-dependent defaults filled in."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    defaults = COMPLEXITY_GPU if on_gpu else COMPLEXITY_CPU
+    dims = {**defaults["dims"], **dict(args.dims)}
+    if set(dims) != {"C", "H"} or dims["C"] % dims["H"]:
+        raise SystemExit(f"milkernels-bench complexity: --dims takes C and H with H dividing C, got {dims_text(dims)}")
+    sizes = args.sizes or defaults["sizes"]
+    if list(sizes) != sorted(set(sizes)):
+        raise SystemExit("milkernels-bench complexity: --sizes must be ascending (a mechanism stops at the first "
+                         "size it cannot run)")
+    given = {key: getattr(args, key) for key in ("repeats", "warmup", "budget_s", "fit_min_n")}
+    return complexity.ComplexityConfig(
+        mechanisms=args.mechanisms, sizes=tuple(sizes), dims=dims, dtype=DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")],
+        device=device, **{key: defaults[key] if value is None else value for key, value in given.items()})
+
+
+def complexity_command(args: argparse.Namespace, command: str) -> int:
+    """Run the complexity sweep, fit the exponents, write the outputs and print the table; 1 on an error."""
+    cfg = complexity_config(args)
+    dims_note = dims_text(cfg.dims) + ("" if cfg.dims == COMPLEXITY_GPU["dims"]
+                                       else f" (not the GPU default {dims_text(COMPLEXITY_GPU['dims'])})")
+    meta = {**report.run_metadata(cfg.device, cfg.dtype, command), "mechanisms": list(cfg.mechanisms),
+            "sizes": list(cfg.sizes), "dims": dims_note, "repeats": cfg.repeats, "warmup": cfg.warmup,
+            "budget_s": cfg.budget_s, "fit_min_n": cfg.fit_min_n}
+    out = args.out or default_out(meta, cfg.device, "complexity")
+    rows = complexity.run_complexity(cfg, progress=lambda text: print(text, file=sys.stderr, flush=True))
+    fit_rows = complexity.fits(rows, cfg.fit_min_n)
+    meta["fit"] = complexity_report.fit_text(fit_rows, cfg.fit_min_n)
+    paths = complexity_report.write_outputs(out, meta, rows, fit_rows)
+    print(complexity_report.format_table(rows, fit_rows, meta))
+    print("\nwrote " + ", ".join(str(path) for path in paths))
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
 

@@ -21,7 +21,7 @@ import torch
 
 from .._backends import use_backend
 
-_BUILTIN = ("milkernels.bench.gated_attention",)
+_BUILTIN = ("milkernels.bench.gated_attention", "milkernels.bench.linear_attention")
 _OPS: dict[str, "Op"] = {}
 
 

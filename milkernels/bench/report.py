@@ -66,13 +66,13 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def metadata(cfg: SweepConfig, dims_notes: dict, flop_checks: dict, command: str) -> dict:
-    """Everything needed to read and reproduce the numbers: device, versions, git state and settings."""
+def run_metadata(device: torch.device, dtype: torch.dtype, command: str) -> dict:
+    """What every benchmark records: date, device, versions, git state, backends, dtype and how it measures."""
     sha, dirty = git_state()
-    on_gpu = cfg.device.type == "cuda"
+    on_gpu = device.type == "cuda"
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device_name(cfg.device),
+        "device": device_name(device),
         "torch": torch.__version__,
         "triton": _triton_version(),
         "python": platform.python_version(),
@@ -83,15 +83,22 @@ def metadata(cfg: SweepConfig, dims_notes: dict, flop_checks: dict, command: str
         "backends": backends(),
         "triton_interpret": triton_interpreted(),
         "command": command,
-        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "timer": "CUDA events, L2 flushed before each call" if on_gpu else "time.perf_counter",
+        "peak_memory": "torch.cuda.max_memory_allocated above the allocation before the call" if on_gpu
+        else "not measured on CPU",
+    }
+
+
+def metadata(cfg: SweepConfig, dims_notes: dict, flop_checks: dict, command: str) -> dict:
+    """The sweep's metadata: :func:`run_metadata` plus its sizes, timing settings, roofline and FLOP check."""
+    return {
+        **run_metadata(cfg.device, cfg.dtype, command),
         "sizes": list(cfg.sizes),
         "dims": dims_notes,
         "repeats": cfg.repeats,
         "warmup": cfg.warmup,
-        "timer": "CUDA events, L2 flushed before each call" if on_gpu else "time.perf_counter",
-        "peak_memory": "torch.cuda.max_memory_allocated above the allocation before the call" if on_gpu
-        else "not measured on CPU",
         "roofline": {"device": cfg.peak.name, "tflops": cfg.peak.tflops, "gbps": cfg.peak.gbps,
                      "mode": math_mode(cfg.dtype)} if cfg.peak
         else "n/a (no peak known for this device; --peak-tflops and --peak-gbps give one)",
@@ -99,17 +106,26 @@ def metadata(cfg: SweepConfig, dims_notes: dict, flop_checks: dict, command: str
     }
 
 
-def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> None:
-    """Write (or overwrite) ``results.csv`` and ``results.json`` in ``out_dir``, created if need be."""
+def write_table(out_dir: Path, stem: str, meta: dict, columns: tuple, rows: list[dict], **extra) -> None:
+    """Write (or overwrite) ``<stem>.csv`` and ``<stem>.json`` in ``out_dir``, created if need be.
+
+    The CSV has ``# key: value`` metadata lines, then the header and the rows; the JSON holds
+    ``{"metadata", "columns", "rows"}`` and the ``extra`` keys.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "results.csv", "w", newline="") as handle:
+    with open(out_dir / f"{stem}.csv", "w", newline="") as handle:
         for key, value in meta.items():
             handle.write(f"# {key}: {value if isinstance(value, str) else json.dumps(value)}\n")
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    result = {"metadata": meta, "columns": list(COLUMNS), "rows": rows}
-    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    result = {"metadata": meta, "columns": list(columns), "rows": rows, **extra}
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> None:
+    """Write (or overwrite) the sweep's ``results.csv`` and ``results.json`` in ``out_dir``."""
+    write_table(out_dir, "results", meta, COLUMNS, rows)
 
 
 def size_text(n: int) -> str:

@@ -14,7 +14,6 @@ from .._bags import Bags, check_float, check_same_device, pack_bags
 from . import reference
 
 OP_NAME = "gated_attention"
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _autocast(x, *weights):
@@ -53,9 +52,7 @@ def _check_weights(x, wa, ba, wb, bb, wc, bc):
 
 
 def _kernel_reasons(backend, bags: Bags, weights, dropout_p, pool, needs_grad):
-    reasons = _backends.device_reasons(backend, bags.x2d.device)
-    if bags.x2d.dtype not in KERNEL_DTYPES:
-        reasons.append(f"the {backend} kernels take float32, float16 or bfloat16, not {bags.x2d.dtype}")
+    reasons = _backends.kernel_reasons(backend, bags.x2d)
     if backend == "cuda":
         reasons += _cuda_reasons(bags, weights, dropout_p, pool, needs_grad)
     return reasons

@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 
 from ..._backends import triton_interpreted
+from .. import _blocks
 from .._bags import Bags
+from .._blocks import BlockTable, block_table, dot_flags
 
 BACKWARD_SCRATCH_BYTES = 128 << 20  # dH (and an x copy for fp16) held at once in backward
 
@@ -292,35 +294,6 @@ def _dropout_mask_kernel(keep_ptr, seed, T, D, p_drop, BLOCK_N: tl.constexpr, BL
 
 
 @dataclass(frozen=True)
-class BlockTable:
-    """Blocks of at most BLOCK_N rows, none crossing a bag: ``start``, ``end``, ``bag`` per block
-    and ``bag_first_block: (B + 1,)``, int32 on the device; ``host_start``, ``host_end`` on the CPU."""
-
-    start: torch.Tensor
-    end: torch.Tensor
-    bag: torch.Tensor
-    bag_first_block: torch.Tensor
-    host_start: torch.Tensor
-    host_end: torch.Tensor
-
-    @property
-    def num_blocks(self) -> int:
-        return self.host_start.numel()
-
-
-def block_table(bounds: torch.Tensor, block_n: int, device) -> BlockTable:
-    """The blocks of packed bags with CPU boundaries ``bounds: (B + 1,)``; no device sync."""
-    lengths = bounds[1:] - bounds[:-1]
-    counts = (lengths + block_n - 1) // block_n
-    bag = torch.repeat_interleave(torch.arange(len(lengths)), counts)
-    first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
-    start = bounds[bag] + (torch.arange(int(first[-1])) - first[bag]) * block_n
-    end = torch.minimum(start + block_n, bounds[bag + 1])
-    on_device = (t.to(device=device, dtype=torch.int32) for t in (start, end, bag, first))
-    return BlockTable(*on_device, start, end)
-
-
-@dataclass(frozen=True)
 class Plan:
     """What one call launches: the packed bags, the tile configuration, the block table and the dropout."""
 
@@ -349,17 +322,6 @@ class Plan:
         return self.bags.row_valid if self.bags.row_valid is not None else x2d
 
 
-def new_buffer(*shape, dtype, device):
-    """An uninitialized output buffer. Tests replace it with a NaN-filled one to catch unwritten entries."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
-
-def dot_flags(dtype, interpreted: bool) -> dict:
-    """How the kernels run ``tl.dot``: fp32 operands for fp32 input and under the interpreter (whose bf16
-    dot is wrong), with tf32x3 on a GPU (tensor cores at about fp32 accuracy); else native fp16/bf16."""
-    return dict(DOT_FP32=dtype == torch.float32 or interpreted, FP32_PRECISION="ieee" if interpreted else "tf32x3")
-
-
 def _bias(bias, weight):
     return bias if bias is not None else torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
@@ -378,11 +340,11 @@ def forward(x2d, wa, ba, wb, bb, wc, bc, plan: Plan, pool: bool):
     total_rows, features = x2d.shape
     heads = wc.shape[0]
     table, device = plan.table, x2d.device
-    scores = new_buffer(total_rows, heads, dtype=torch.float32, device=device)
+    scores = _blocks.new_buffer(total_rows, heads, dtype=torch.float32, device=device)
     blocks = table.num_blocks if pool else 1
-    part_acc = new_buffer(blocks, heads, features, dtype=torch.float32, device=device)
-    part_max = new_buffer(blocks, heads, dtype=torch.float32, device=device)
-    part_sum = new_buffer(blocks, heads, dtype=torch.float32, device=device)
+    part_acc = _blocks.new_buffer(blocks, heads, features, dtype=torch.float32, device=device)
+    part_max = _blocks.new_buffer(blocks, heads, dtype=torch.float32, device=device)
+    part_sum = _blocks.new_buffer(blocks, heads, dtype=torch.float32, device=device)
     _forward_kernel[(table.num_blocks,)](
         x2d, *_gate_weights(wa, ba, wb, bb), wc, _bias(bc, wc), plan.valid_rows(x2d),
         table.start, table.end, scores, part_acc, part_max, part_sum,
@@ -390,8 +352,8 @@ def forward(x2d, wa, ba, wb, bb, wc, bc, plan: Plan, pool: bool):
     )
     if not pool:
         return None, scores, None
-    pooled = new_buffer(plan.bags.num_bags, heads, features, dtype=x2d.dtype, device=device)
-    lse = new_buffer(plan.bags.num_bags, heads, dtype=torch.float32, device=device)
+    pooled = _blocks.new_buffer(plan.bags.num_bags, heads, features, dtype=x2d.dtype, device=device)
+    lse = _blocks.new_buffer(plan.bags.num_bags, heads, dtype=torch.float32, device=device)
     grid = (plan.bags.num_bags, heads, triton.cdiv(features, COMBINE_BLOCK_L))
     _combine_kernel[grid](part_acc, part_max, part_sum, table.bag_first_block, pooled, lse, features,
                           K=heads, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L)
@@ -436,17 +398,17 @@ def backward(x2d, wa, ba, wb, bb, wc, bc, scores, lse, pooled, plan: Plan, pool,
     table, device = plan.table, x2d.device
     pool = pool and d_pooled is not None
     gated = wb is not None
-    dx = new_buffer(*x2d.shape, dtype=x2d.dtype, device=device) if pool else torch.zeros_like(x2d)
+    dx = _blocks.new_buffer(*x2d.shape, dtype=x2d.dtype, device=device) if pool else torch.zeros_like(x2d)
     delta = (d_pooled.float() * pooled.float()).sum(-1) if pool else scores
-    part_dwc = new_buffer(table.num_blocks, heads, hidden, dtype=torch.float32, device=device)
-    part_dbc = new_buffer(table.num_blocks, heads, dtype=torch.float32, device=device)
+    part_dwc = _blocks.new_buffer(table.num_blocks, heads, hidden, dtype=torch.float32, device=device)
+    part_dbc = _blocks.new_buffer(table.num_blocks, heads, dtype=torch.float32, device=device)
     gemm_dtype = _gemm_dtype(x2d.dtype)
     w_stack = (torch.cat([wa, wb]) if gated else wa).to(gemm_dtype)
     d_w = torch.zeros(w_stack.shape, dtype=torch.float32, device=device)
     d_b = torch.zeros(w_stack.shape[0], dtype=torch.float32, device=device)
     chunk_rows = _chunk_rows(features, w_stack.shape[0], x2d.dtype, gemm_dtype, plan.cfg.block_n)
     for first, stop, row0, row1 in _chunks(table, chunk_rows):
-        d_h = new_buffer(row1 - row0, w_stack.shape[0], dtype=gemm_dtype, device=device)
+        d_h = _blocks.new_buffer(row1 - row0, w_stack.shape[0], dtype=gemm_dtype, device=device)
         _backward_rows_kernel[(stop - first,)](
             x2d, *_gate_weights(wa, ba, wb, bb), wc, plan.valid_rows(x2d),
             table.start, table.end, table.bag, scores,

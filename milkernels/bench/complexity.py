@@ -1,0 +1,345 @@
+"""How latency and memory grow with the bag size N, per attention mechanism: ``milkernels-bench complexity``.
+
+Every mechanism is one attention layer on one bag ``x: (1, N, C)``: the qkv projection
+``Linear(C, 3C, bias=False)``, the attention with H heads of size C / H, and the output projection
+``Linear(C, C)``. Each point is one forward + backward (:func:`.sweep.fwd_bwd_step`), timed with
+:func:`.timing.time_step`, its peak memory from :func:`.timing.peak_memory_mib` (GPU only).
+
+A mechanism stops at the first N where it runs out of memory (``oom``), fails (``error``), or
+where one call takes longer than the budget (``over_budget``) or the whole point does (the point
+is kept, the next ones are not run); the rows after a stop are ``stopped`` with the reason. The
+repeats of a point are cut so that it stays within the budget. Then :func:`fit_exponent` fits
+``log latency`` and ``log memory`` against ``log N`` over the points with ``N >= fit_min_n``.
+
+Mechanisms (:data:`MECHANISMS`, :func:`register_mechanism`): softmax attention under each SDPA
+backend, flash-attn and xformers; Nystrom (the ``nystrom-attention`` package as Lin-MIL and TransMIL
+use it); linear attention (the milkernels reference, Lin-MIL's eager layer, the milkernels
+kernels); dilated attention (a slot, not implemented yet). One that cannot run here is
+``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._backends import BackendUnavailable, use_backend
+from .linear_attention import core as linear_core, first_output, lin_mil_module
+from .registry import Skip, first_line
+from .sweep import fwd_bwd_step
+from .timing import peak_memory_mib, summarize, time_step
+
+COLUMNS = ("mechanism", "family", "n", "dims", "dtype", "status", "reason", "median_ms", "p20_ms", "p80_ms",
+           "repeats", "peak_mem_mib", "point_s")
+FIT_COLUMNS = ("mechanism", "family", "latency_exponent", "memory_exponent", "fit_min_n", "fit_max_n",
+               "fit_points", "stop")
+OOM_TEXT = ("out of memory", "can't allocate memory")
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """An attention layer to sweep: ``make(dims, dtype, device)`` returns a callable ``x -> y``, both
+    ``(1, N, C)``, or raises :class:`Skip`, :class:`BackendUnavailable` or ``ImportError`` with the reason."""
+
+    name: str
+    family: str
+    make: Callable
+
+
+@dataclass(frozen=True)
+class ComplexityConfig:
+    """What to run: mechanism names, bag sizes (ascending), ``dims`` (``C``, ``H``), timing and stop settings."""
+
+    mechanisms: tuple
+    sizes: tuple
+    dims: dict
+    dtype: torch.dtype
+    device: torch.device
+    repeats: int
+    warmup: int
+    budget_s: float
+    fit_min_n: int
+
+
+MECHANISMS: dict[str, Mechanism] = {}
+
+
+def register_mechanism(mechanism: Mechanism) -> Mechanism:
+    """Add ``mechanism`` to :data:`MECHANISMS` (replacing one of the same name) and return it."""
+    MECHANISMS[mechanism.name] = mechanism
+    return mechanism
+
+
+# --- the layers -------------------------------------------------------------------------------
+
+class SplitHeads(nn.Module):
+    """``qkv: (B, N, 3C) -> attend(q, k, v) -> (B, N, C)``; q, k, v are ``(B, H, N, dh)`` views when
+    ``heads_first``, else ``(B, N, H, dh)`` (flash-attn's and xformers' layout)."""
+
+    def __init__(self, heads: int, attend: Callable, heads_first: bool = True):
+        super().__init__()
+        self.heads, self.attend, self.heads_first = heads, attend, heads_first
+
+    def forward(self, qkv):
+        batch, n, width = qkv.shape
+        q, k, v = qkv.view(batch, n, 3, self.heads, width // 3 // self.heads).unbind(2)
+        if self.heads_first:
+            out = self.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        else:
+            out = self.attend(q, k, v)
+        return out.reshape(batch, n, width // 3)
+
+
+class LinearCore(nn.Module):
+    """Lin-MIL's linear attention core (:func:`.linear_attention.core`) with its temperature, on ``backend``."""
+
+    def __init__(self, dims: dict, backend: str):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.full((dims["H"],), (dims["C"] // dims["H"]) ** -0.5))
+        self.backend = backend
+
+    def forward(self, qkv):
+        with use_backend(self.backend):
+            return linear_core(qkv, self.temperature)
+
+
+def projected(dims: dict, attention: nn.Module, dtype, device) -> nn.Module:
+    """The layer around ``attention``: ``Linear(C, 3C, bias=False)``, ``attention``, ``Linear(C, C)``."""
+    channels = dims["C"]
+    layer = nn.Sequential(nn.Linear(channels, 3 * channels, bias=False), attention, nn.Linear(channels, channels))
+    return layer.to(device=device, dtype=dtype)
+
+
+def sdpa(backend) -> Callable:
+    """``scaled_dot_product_attention`` with only ``backend`` allowed; :class:`Skip` when it cannot run the call."""
+
+    def attend(q, k, v):
+        with torch.nn.attention.sdpa_kernel(backend):
+            try:
+                return F.scaled_dot_product_attention(q, k, v)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                if "No viable backend" in str(exc) or "No available kernel" in str(exc):
+                    raise Skip(f"SDPA {backend.name} cannot run here: {first_line(exc)}") from exc
+                raise
+
+    return attend
+
+
+def _import(module: str, package: str):
+    """``module`` imported, or :class:`Skip` saying ``package`` is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise Skip(f"{package} is not installed ({first_line(exc)})") from exc
+
+
+def _needs_half_on_gpu(name: str, dtype, device) -> None:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        raise Skip(f"{name} needs a CUDA GPU and fp16 or bf16, got {device.type} and {dtype}")
+
+
+def make_sdpa(backend_name: str) -> Callable:
+    """A maker of the softmax layer on the SDPA backend called ``backend_name`` (FLASH_ATTENTION, ...)."""
+
+    def make(dims, dtype, device):
+        backend = getattr(torch.nn.attention.SDPBackend, backend_name)
+        return projected(dims, SplitHeads(dims["H"], sdpa(backend)), dtype, device)
+
+    return make
+
+
+def make_flash_attn(dims, dtype, device):
+    """The softmax layer on ``flash_attn.flash_attn_func``; skipped when flash-attn is not installed."""
+    flash_attn = _import("flash_attn", "flash-attn")
+    _needs_half_on_gpu("flash-attn", dtype, device)
+    return projected(dims, SplitHeads(dims["H"], flash_attn.flash_attn_func, heads_first=False), dtype, device)
+
+
+def make_xformers(dims, dtype, device):
+    """The softmax layer on ``xformers.ops.memory_efficient_attention``; skipped when xformers is not installed."""
+    xformers_ops = _import("xformers.ops", "xformers")
+    _needs_half_on_gpu("xformers", dtype, device)
+    return projected(dims, SplitHeads(dims["H"], xformers_ops.memory_efficient_attention, heads_first=False),
+                     dtype, device)
+
+
+def make_nystrom(dims, dtype, device):
+    """``nystrom_attention.NystromAttention`` as Lin-MIL and TransMIL build it (256 landmarks, 6 pinv iterations)."""
+    nystrom = _import("nystrom_attention", "nystrom-attention")
+    layer = nystrom.NystromAttention(dim=dims["C"], dim_head=dims["C"] // dims["H"], heads=dims["H"],
+                                     num_landmarks=256, pinv_iterations=6, residual=True)
+    return layer.to(device=device, dtype=dtype)
+
+
+def make_linear(backend: str) -> Callable:
+    """A maker of the linear attention layer on the milkernels op under ``backend``."""
+
+    def make(dims, dtype, device):
+        return projected(dims, LinearCore(dims, backend), dtype, device)
+
+    return make
+
+
+def make_lin_mil(dims, dtype, device):
+    """Lin-MIL's eager ``LinearAttention`` layer (its first output); skipped when lin_mil does not import."""
+    module = lin_mil_module(dims["C"], dims["H"], dtype, device)
+    return lambda x: first_output(module(x))
+
+
+def make_dilated(dims, dtype, device):
+    """A slot for dilated attention, which milkernels does not have yet."""
+    raise Skip("not implemented yet (the dilated attention issue)")
+
+
+for _mechanism in (
+    Mechanism("softmax_sdpa_flash", "softmax", make_sdpa("FLASH_ATTENTION")),
+    Mechanism("softmax_sdpa_efficient", "softmax", make_sdpa("EFFICIENT_ATTENTION")),
+    Mechanism("softmax_sdpa_math", "softmax", make_sdpa("MATH")),
+    Mechanism("softmax_flash_attn", "softmax", make_flash_attn),
+    Mechanism("softmax_xformers", "softmax", make_xformers),
+    Mechanism("nystrom", "nystrom", make_nystrom),
+    Mechanism("linear_reference", "linear", make_linear("reference")),
+    Mechanism("linear_lin_mil", "linear", make_lin_mil),
+    Mechanism("linear_milkernels", "linear", make_linear("triton")),
+    Mechanism("dilated", "dilated", make_dilated),
+):
+    register_mechanism(_mechanism)
+
+
+# --- the sweep --------------------------------------------------------------------------------
+
+def is_oom(exc: BaseException) -> bool:
+    """True for ``torch.OutOfMemoryError`` and a RuntimeError that says it ran out of memory."""
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in OOM_TEXT))
+
+
+def _outcome(exc: BaseException) -> dict:
+    """The row status of an exception: skipped, oom or error, with the reason."""
+    if isinstance(exc, (Skip, BackendUnavailable)):
+        return {"status": "skipped", "reason": str(exc)}
+    if isinstance(exc, ImportError):
+        return {"status": "skipped", "reason": f"ImportError: {first_line(exc)}"}
+    if is_oom(exc):
+        return {"status": "oom", "reason": first_line(exc)}
+    return {"status": "error", "reason": f"{type(exc).__name__}: {first_line(exc)}"}
+
+
+def measure_point(layer: Callable, n: int, cfg: ComplexityConfig) -> dict:
+    """Latency summary and peak memory of forward + backward of ``layer`` on one bag of ``n``.
+
+    One first call (untimed, the warm-up's first) says how many calls fit in the budget: when it
+    alone passes it, the point is ``over_budget``; else warm-up and repeats are cut to fit.
+    """
+    generator = torch.Generator(device=cfg.device).manual_seed(n)
+    x = torch.randn((1, n, cfg.dims["C"]), generator=generator, device=cfg.device).to(cfg.dtype).requires_grad_()
+    grad = torch.randn((1, n, cfg.dims["C"]), generator=generator, device=cfg.device).to(cfg.dtype)
+    step = fwd_bwd_step(layer, (x,), [grad])
+    start = time.perf_counter()
+    first_s = time_step(step, cfg.device, repeats=1, warmup=0)[0] / 1e3
+    if first_s > cfg.budget_s:
+        return {"status": "over_budget", "point_s": time.perf_counter() - start,
+                "reason": f"one call took {first_s:.1f} s, over the budget of {cfg.budget_s:g} s"}
+    calls_left = int((cfg.budget_s - first_s) / max(first_s, 1e-9))
+    warmup = min(cfg.warmup, calls_left // 4)
+    repeats = max(1, min(cfg.repeats, calls_left - warmup - 1))
+    samples = time_step(step, cfg.device, repeats, warmup)
+    peak = peak_memory_mib(step, cfg.device)
+    return {"status": "ok", "repeats": repeats, "peak_mem_mib": peak, "point_s": time.perf_counter() - start,
+            **summarize(samples)}
+
+
+def _stop_reason(row: dict, budget_s: float) -> str | None:
+    """Why a mechanism goes no further after ``row``, or None."""
+    if row["status"] == "over_budget" or (row["status"] == "ok" and row["point_s"] > budget_s):
+        return f"over budget at N={row['n']}"
+    if row["status"] in ("oom", "error"):
+        return f"{row['status']} at N={row['n']}"
+    return None
+
+
+def sweep_mechanism(mechanism: Mechanism, cfg: ComplexityConfig, progress: Callable = print) -> list[dict]:
+    """One row per size for ``mechanism``: built once, then measured at each N until it stops."""
+    blank = {"mechanism": mechanism.name, "family": mechanism.family, "dtype": str(cfg.dtype).removeprefix("torch."),
+             "dims": " ".join(f"{key}={value}" for key, value in cfg.dims.items())}
+    try:
+        layer = mechanism.make(cfg.dims, cfg.dtype, cfg.device)
+    except Exception as exc:  # a mechanism that cannot be built is recorded at every size
+        outcome = _outcome(exc)
+        return [{**dict.fromkeys(COLUMNS), **blank, "n": n, **outcome} for n in cfg.sizes]
+    rows, stop = [], None
+    for n in cfg.sizes:
+        row = {**dict.fromkeys(COLUMNS), **blank, "n": n}
+        if stop:
+            row.update(status="stopped", reason=stop)
+        else:
+            try:
+                row.update(measure_point(layer, n, cfg))
+            except Exception as exc:  # recorded; oom and errors stop the mechanism
+                row.update(_outcome(exc))
+            finally:
+                if cfg.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            stop = _stop_reason(row, cfg.budget_s)
+            progress(_progress_text(row))
+        rows.append(row)
+    return rows
+
+
+def run_complexity(cfg: ComplexityConfig, progress: Callable = print) -> list[dict]:
+    """The rows (dicts over :data:`COLUMNS`) of every mechanism in ``cfg`` at every size."""
+    return [row for name in cfg.mechanisms for row in sweep_mechanism(MECHANISMS[name], cfg, progress)]
+
+
+def _progress_text(row: dict) -> str:
+    detail = f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+    return f"  {row['mechanism']} N={row['n']}: {detail}"
+
+
+# --- the fit ----------------------------------------------------------------------------------
+
+def fit_exponent(ns, values, min_n: int = 1) -> dict | None:
+    """Least-squares slope of ``log value`` against ``log N`` over the points with ``N >= min_n``.
+
+    Points with a missing or non-positive value are left out. Returns ``{"exponent", "min_n",
+    "max_n", "points"}``, or None with fewer than two points of different N.
+    """
+    points = [(n, value) for n, value in zip(ns, values) if n >= min_n and value is not None and value > 0]
+    if len({n for n, _ in points}) < 2:
+        return None
+    log_n = np.log([n for n, _ in points])
+    log_v = np.log([value for _, value in points])
+    slope = float(np.polyfit(log_n, log_v, 1)[0])
+    return {"exponent": slope, "min_n": min(n for n, _ in points), "max_n": max(n for n, _ in points),
+            "points": len(points)}
+
+
+def fits(rows: list[dict], fit_min_n: int) -> list[dict]:
+    """One dict over :data:`FIT_COLUMNS` per mechanism: the latency and memory exponents and the stop."""
+    result = []
+    for name in dict.fromkeys(row["mechanism"] for row in rows):
+        mine = [row for row in rows if row["mechanism"] == name]
+        ok = [row for row in mine if row["status"] == "ok"]
+        latency = fit_exponent([r["n"] for r in ok], [r["median_ms"] for r in ok], fit_min_n)
+        memory = fit_exponent([r["n"] for r in ok], [r["peak_mem_mib"] for r in ok], fit_min_n)
+        stops = [r["reason"] for r in mine if r["status"] == "stopped"]
+        stops += [_stop_reason(r, float("inf")) for r in mine if r["status"] in ("oom", "error", "over_budget")]
+        skipped = [r["reason"] for r in mine if r["status"] == "skipped"]
+        result.append({
+            "mechanism": name, "family": mine[0]["family"],
+            "latency_exponent": latency and latency["exponent"], "memory_exponent": memory and memory["exponent"],
+            "fit_min_n": latency and latency["min_n"], "fit_max_n": latency and latency["max_n"],
+            "fit_points": latency["points"] if latency else 0,
+            "stop": stops[0] if stops else (f"skipped: {skipped[0]}" if len(skipped) == len(mine) else ""),
+        })
+    return result
+

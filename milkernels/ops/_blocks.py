@@ -1,0 +1,50 @@
+"""Launch planning shared by the Triton ops: blocks of rows that never cross a bag, output buffers, dot settings.
+
+Plain Python and torch (no Triton import), so the package imports without Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockTable:
+    """Blocks of at most BLOCK_N rows, none crossing a bag: ``start``, ``end``, ``bag`` per block
+    and ``bag_first_block: (B + 1,)``, int32 on the device; ``host_start``, ``host_end`` on the CPU."""
+
+    start: torch.Tensor
+    end: torch.Tensor
+    bag: torch.Tensor
+    bag_first_block: torch.Tensor
+    host_start: torch.Tensor
+    host_end: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.host_start.numel()
+
+
+def block_table(bounds: torch.Tensor, block_n: int, device) -> BlockTable:
+    """The blocks of packed bags with CPU boundaries ``bounds: (B + 1,)``; no device sync."""
+    lengths = bounds[1:] - bounds[:-1]
+    counts = (lengths + block_n - 1) // block_n
+    bag = torch.repeat_interleave(torch.arange(len(lengths)), counts)
+    first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    start = bounds[bag] + (torch.arange(int(first[-1])) - first[bag]) * block_n
+    end = torch.minimum(start + block_n, bounds[bag + 1])
+    on_device = (t.to(device=device, dtype=torch.int32) for t in (start, end, bag, first))
+    return BlockTable(*on_device, start, end)
+
+
+def new_buffer(*shape, dtype, device):
+    """An uninitialized output buffer. Tests replace it with a NaN-filled one to catch unwritten entries."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def dot_flags(dtype, interpreted: bool) -> dict:
+    """How the kernels run ``tl.dot``: fp32 operands for fp32 input and under the interpreter (whose bf16
+    dot is wrong), with tf32x3 on a GPU (tensor cores at about fp32 accuracy); else native fp16/bf16."""
+    return dict(DOT_FP32=dtype == torch.float32 or interpreted, FP32_PRECISION="ieee" if interpreted else "tf32x3")

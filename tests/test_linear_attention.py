@@ -1,0 +1,145 @@
+"""Linear attention: the triton kernels (interpreter on CPU) against the float64 reference."""
+
+import pytest
+import torch
+
+import milkernels
+from milkernels.ops import lin_mil_attention, linear_attention
+from milkernels.ops.linear_attention import triton as kernels
+
+import aot
+import kernel_checks
+
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
+ACTIVATIONS = ["relu", "gelu", "elu", "leaky_relu", "tanh", "softplus"]
+
+
+def make_qkv(shape, heads, dtype=torch.float32, device="cpu", scale=1.0, seed=0):
+    """Fresh random ``qkv`` of ``shape`` and a per-head temperature, both requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(*shape, generator=generator) * scale).to(dtype=dtype, device=device).requires_grad_()
+    temperature = (torch.rand(heads, generator=generator) + 0.5).to(dtype=dtype, device=device).requires_grad_()
+    return qkv, temperature
+
+
+def all_outputs(qkv, temperature, heads, **kwargs):
+    return linear_attention(qkv, heads, temperature=temperature, return_numerator=True, return_map=True, **kwargs)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 17, 1000, 4099])
+def test_lin_mil_form_matches_reference(rows, device):
+    qkv, temperature = make_qkv((1, rows, 3 * 40), 4, device=device, scale=2.0, seed=rows)
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, denominator="clamp")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation(activation, device):
+    qkv, temperature = make_qkv((2, 90, 3 * 48), 4, device=device, scale=1.5, seed=1)
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, activation=activation,
+                          denominator="clamp")
+
+
+def test_clamp_reached_on_some_rows_and_not_others(device):
+    qkv, temperature = make_qkv((1, 300, 3 * 24), 2, device=device, scale=1.0, seed=2)
+    with torch.no_grad(), milkernels.use_backend("reference"):
+        q = torch.relu(qkv[..., :24]).reshape(300, 2, 12)
+        q_dot_z = (q * torch.relu(qkv[..., 24:48]).reshape(300, 2, 12).sum(0)).sum(-1)
+    assert (q_dot_z < 100).any() and (q_dot_z > 100).any()
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=2, denominator="clamp")
+
+
+def test_standard_normalized_form_without_temperature(device):
+    qkv, _ = make_qkv((2, 70, 3 * 33), 3, device=device, seed=3)
+    kernel_checks.compare(all_outputs, [qkv, None], torch.float32, heads=3, denominator="eps", eps=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype, device):
+    qkv, temperature = make_qkv((1, 200, 3 * 64), 4, dtype=dtype, device=device, seed=4)
+    kernel_checks.compare(all_outputs, [qkv, temperature], dtype, heads=4, denominator="clamp")
+
+
+def test_key_padding_mask(device):
+    qkv, temperature = make_qkv((3, 80, 3 * 40), 4, device=device, seed=5)
+    mask = torch.rand(3, 80, generator=torch.Generator().manual_seed(5)) > 0.3
+    mask[2, 5:] = False
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, mask=mask.to(device),
+                          denominator="clamp")
+
+
+def test_packed_bags_equal_separate_calls(device):
+    qkv, temperature = make_qkv((217, 3 * 40), 4, device=device, seed=6)
+    cu_seqlens = torch.tensor([0, 1, 66, 200, 217], device=device)
+    with milkernels.use_backend("triton"):
+        packed = all_outputs(qkv, temperature, 4, cu_seqlens=cu_seqlens)
+        bounds = cu_seqlens.tolist()
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            out, numerator, attention_map = all_outputs(qkv[start:stop], temperature, 4)
+            torch.testing.assert_close(packed[0][start:stop], out, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(packed[1][start:stop], numerator.transpose(0, 1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(packed[2][start:stop], attention_map, rtol=1e-5, atol=1e-6)
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, cu_seqlens=cu_seqlens)
+
+
+def test_map_only_never_forms_the_numerator(device, monkeypatch):
+    qkv, temperature = make_qkv((1, 100, 3 * 40), 4, device=device, seed=7)
+    allocated = []
+    original = kernels._blocks.new_buffer
+    monkeypatch.setattr(kernels._blocks, "new_buffer", lambda *shape, **kw: allocated.append(shape) or original(*shape, **kw))
+    with milkernels.use_backend("triton"):
+        out, attention_map = lin_mil_attention(qkv, temperature.reshape(4, 1, 1), 4, return_map=True)
+    assert (100, 4, 10) not in allocated and attention_map.shape == (1, 100)
+    kernel_checks.compare(lambda q, t: lin_mil_attention(q, t.reshape(4, 1, 1), 4, return_map=True),
+                          [qkv, temperature], torch.float32)
+
+
+def test_lin_mil_output_shapes_follow_lin_mil(device):
+    qkv, temperature = make_qkv((2, 30, 3 * 40), 4, device=device, seed=8)
+    with milkernels.use_backend("triton"):
+        out, numerator, attention_map = all_outputs(qkv, temperature, 4)
+    assert out.shape == (2, 30, 40) and numerator.shape == (2, 4, 30, 10) and attention_map.shape == (2, 30)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_nan_in_a_real_instance_gives_nan_and_a_masked_one_is_ignored(backend, device):
+    qkv, temperature = make_qkv((2, 40, 3 * 16), 2, device=device, seed=9)
+    qkv = qkv.detach().clone()
+    qkv[0, 5, 20] = float("nan")  # a key of bag 0
+    with milkernels.use_backend(backend):
+        out = linear_attention(qkv, 2, temperature=temperature.detach())
+        assert out[0].isnan().any() and not out[1].isnan().any()
+        mask = torch.ones(2, 40, dtype=torch.bool, device=device)
+        mask[0, 5] = False
+        assert not linear_attention(qkv, 2, temperature=temperature.detach(), mask=mask).isnan().any()
+
+
+def bad_input_cases():
+    qkv = torch.randn(2, 10, 3 * 8)
+    yield "rank", (torch.randn(2, 2, 10, 24), 2), {}
+    yield "divisible by num_heads=5", (qkv, 5), {}
+    yield "float32, float16", (qkv.long(), 2), {}
+    yield "num_heads must be a positive int", (qkv, 0), {}
+    yield "activation must be one of", (qkv, 2), {"activation": "swish"}
+    yield "denominator must be", (qkv, 2), {"denominator": "none"}
+    yield "one value per head", (qkv, 2), {"temperature": torch.ones(3)}
+    yield "one dtype", (qkv, 2), {"temperature": torch.ones(2, dtype=torch.float64)}
+    yield "one device", (qkv, 2), {"temperature": torch.ones(2, device="meta")}
+    yield "empty bag", (torch.randn(2, 0, 24), 2), {}
+    yield "empty bag", (torch.randn(10, 24), 2), {"cu_seqlens": torch.tensor([0, 4, 4, 10])}
+    yield "mask must have shape", (qkv, 2), {"mask": torch.ones(2, 9)}
+
+
+@pytest.mark.parametrize("message,args,kwargs", list(bad_input_cases()))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input_raises_value_error(message, args, kwargs, backend):
+    with milkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+        linear_attention(*args, **kwargs)
+
+
+def test_cuda_backend_says_there_is_no_cuda_kernel():
+    qkv, temperature = make_qkv((1, 10, 24), 2)
+    with milkernels.use_backend("cuda"), pytest.raises(milkernels.BackendUnavailable, match="linear attention"):
+        linear_attention(qkv, 2)
+
+
+test_compiles_for_sm90 = aot.sm90_test(kernels)
