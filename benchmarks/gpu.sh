@@ -9,9 +9,12 @@
 #
 # Usage: bash benchmarks/gpu.sh [sweep options, e.g. --sizes 1k,64k,1M --no-compile]
 # Environment: PYTHON (default python3); STEPS, the steps to run (default "install tests sweep
-# complexity"; a 10-minute device call fits "install tests" and then "install sweep complexity" on
-# the warm machine); TEST_TIMEOUT, BENCH_TIMEOUT and COMPLEXITY_TIMEOUT in seconds (default 180 each;
-# 0 = none); MILKERNELS_GIT_SHA (recorded when the tree has no .git, e.g. a copy sent to a device machine).
+# complexity"; a 10-minute device call fits "install tests", then "install sweep" and then
+# "install complexity" on the warm machine); TEST_TIMEOUT and BENCH_TIMEOUT in seconds (default 180
+# each), COMPLEXITY_TIMEOUT (default 420: the complexity run's worst case at its default budget is
+# about 9 mechanisms x 8 sizes x 5 s = 6 minutes); 0 = none. A step past its limit gets SIGINT and
+# writes what it measured (the complexity run writes its tables after every point anyway);
+# MILKERNELS_GIT_SHA (recorded when the tree has no .git, e.g. a copy sent to a device machine).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 
@@ -53,6 +56,7 @@ print(f"python {platform.python_version()} | torch {torch.__version__} (CUDA {to
 }
 
 limit() {  # run "$@" under a time limit of $1 seconds (0 = none); SIGINT first, so pytest still reports
+           # and the complexity run writes what it has
     local seconds=$1; shift
     if [ "$seconds" -gt 0 ]; then timeout --signal=INT --kill-after=30 "$seconds" "$@"; else "$@"; fi
 }
@@ -108,8 +112,13 @@ sys.exit(pytest.main(["tests", "-q"]))' 2>&1 | tee "$res/tests.log"
 
     if wants complexity; then
         echo "== $PY -m milkernels.bench complexity --out $res/complexity"
-        limit "${COMPLEXITY_TIMEOUT:-180}" env PYTHONUNBUFFERED=1 "$PY" -m milkernels.bench complexity --out "$res/complexity"
+        # main() with SIGINT restored, as for the tests, so a timed-out run writes its rows and exits
+        limit "${COMPLEXITY_TIMEOUT:-420}" env PYTHONUNBUFFERED=1 "$PY" -c 'import signal, sys
+from milkernels.bench.__main__ import main
+signal.signal(signal.SIGINT, signal.default_int_handler)
+sys.exit(main(sys.argv[1:]))' complexity --out "$res/complexity"
         complexity_rc=$?
+        publish
     fi
     nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >> "$res/nvidia-smi.txt" 2>&1
 
@@ -120,7 +129,7 @@ sys.exit(pytest.main(["tests", "-q"]))' 2>&1 | tee "$res/tests.log"
     echo "install: exit $install_rc (torch $torch_before -> $torch_after)"
     echo "tests:   exit $test_rc | $(grep -sE '(passed|failed|error|no tests ran)' "$res/tests.log" | tail -n 1)"
     echo "bench:   exit $bench_rc (1 = an implementation errored, 124/130 = timed out) | $res"
-    echo "complexity: exit $complexity_rc | $res/complexity"
+    echo "complexity: exit $complexity_rc (1 = a mechanism errored, 124/130 = timed out, rows so far kept) | $res/complexity"
     [ -n "${OUT:-}" ] && echo "copied:  $OUT/$stamp-$slug/"
     for rc in "$install_rc" "$test_rc" "$bench_rc" "$complexity_rc"; do
         case $rc in 0|skipped) ;; *) return 1 ;; esac

@@ -2,8 +2,9 @@
 
 Modules are recognized by structure, whatever their class, then checked by behavior: before a
 replacement goes in, the candidate and its replacement run on a small random probe input (eval mode,
-no grad, the reference backend, a private random generator; training flags are restored) and must
-give the same outputs, so a class with the same children but another ``forward`` stays as it is.
+no grad, the reference backend, a private random generator; training flags are restored; a Lin-MIL
+model with a ``pos_enc`` gets random ``coords: (B, N, 2)`` too) and must give the same outputs, so a
+class with the same children but another ``forward`` stays as it is.
 
 - CLAM's ``Attn_Net_Gated``: children ``attention_a = Sequential(Linear(L, D), Tanh()[, Dropout(p)])``,
   ``attention_b = Sequential(Linear(L, D), Sigmoid()[, Dropout(p)])``, ``attention_c = Linear(D, K)``
@@ -64,7 +65,7 @@ CLAM_CONTRACT = "CLAM's Attn_Net_Gated: forward(x) -> (A_raw, x)"
 TORCHMIL_CONTRACT = "torchmil's AttentionPool: forward(X, mask, return_att) -> z or (z, f)"
 LINEAR_CONTRACT = "Lin-MIL's LinearAttention: forward(x) -> (out, numerator)"
 SOFTMAX_CONTRACT = "Lin-MIL's Attention: forward(x) -> (out, softmax matrix)"
-LIN_MIL_CONTRACT = "Lin-MIL's Lin_MIL: forward(x) -> (logits, attention map)"
+LIN_MIL_CONTRACT = "Lin-MIL's Lin_MIL: forward(x, coords=None) -> (logits, attention map)"
 LINEAR_CHILDREN = {"qkv", "attn_drop", "proj", "proj_drop", "qk_mul", "kv_mul", "extra_mul", "act"}
 BLOCK_CHILDREN = {"norm1", "attn", "drop_path", "norm2", "mlp"}
 FUSED_BLOCK_TYPES = ("linear", "softmax")
@@ -169,8 +170,7 @@ def _family(module: nn.Module) -> Family | None:
         return Family(_softmax_attention_problem, SoftmaxAttention.from_module, _tokens_probe_calls("to_qkv"),
                       SOFTMAX_CONTRACT)
     if type(module).__name__ == "Lin_MIL" and {"projection", "transformer", "mlp_head"} <= names:
-        return Family(_lin_mil_problem, _lin_mil_view, _tokens_probe_calls("projection"), LIN_MIL_CONTRACT,
-                      _fuse_lin_mil)
+        return Family(_lin_mil_problem, _lin_mil_view, _lin_mil_probe_calls, LIN_MIL_CONTRACT, _fuse_lin_mil)
     if BLOCK_CHILDREN <= names and _block_type(module) not in FUSED_BLOCK_TYPES:
         return Family(_block_type_problem)
     return None
@@ -338,9 +338,10 @@ def _torchmil_probe_calls(module: nn.Module) -> list:
             ((X,), dict(mask=mask)), ((X,), dict(mask=mask, return_att=True))]
 
 
-def _probe_tensor(shape: tuple, like: torch.Tensor) -> torch.Tensor:
-    """Random normal values of ``like``'s dtype and device, from a private generator (no RNG side effects)."""
-    generator = torch.Generator().manual_seed(0)
+def _probe_tensor(shape: tuple, like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Random normal values of ``like``'s dtype and device, from a private generator seeded with ``seed``
+    (no RNG side effects)."""
+    generator = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(like.device, like.dtype)
 
 
@@ -400,6 +401,16 @@ def _tokens_probe_calls(first_linear: str):
         return [((_probe_tensor(shape + (weight.shape[1],), weight),), {}) for shape in ((2, 3), (1, 1))]
 
     return calls
+
+
+def _lin_mil_probe_calls(module: nn.Module) -> list:
+    """The token probe calls of a Lin-MIL model; with a ``pos_enc``, which Lin-MIL calls as
+    ``pos_enc(x, coords)``, each call also passes random ``coords: (B, N, 2)``."""
+    calls = _tokens_probe_calls("projection")(module)
+    if getattr(module, "pos_enc", None) is None:
+        return calls
+    weight = module.projection.weight
+    return [((x, _probe_tensor(x.shape[:2] + (2,), weight, seed=1)), kwargs) for (x,), kwargs in calls]
 
 
 def _linear_attention_problem(module: nn.Module) -> str:

@@ -3,22 +3,32 @@
 import csv
 import importlib.util
 import json
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from milkernels import BackendUnavailable
-from milkernels.bench import complexity
-from milkernels.bench.__main__ import build_parser, complexity_config, main
+from milkernels.bench import complexity, timm_stub
+from milkernels.bench.__main__ import COMPLEXITY_GPU, build_parser, complexity_config, main
 from milkernels.bench.complexity import COLUMNS, FIT_COLUMNS, ComplexityConfig, Mechanism, fit_exponent, fits, is_oom
 
 TINY = {"C": 32, "H": 4}
+GPU_SH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
 
 
-def _config(mechanisms, sizes, budget_s=60.0, repeats=2):
+@pytest.fixture(autouse=True, scope="module")
+def warm_autograd():
+    """Pays the process's first backward (up to a second on a busy CPU), which the small budgets below must not."""
+    x = torch.ones(1, 2, 4, requires_grad=True)
+    complexity.fwd_bwd_step(lambda y: y * 2, (x,), [torch.ones(1, 2, 4)])()
+
+
+def _config(mechanisms, sizes, budget_s=60.0, repeats=2, device="cpu"):
     return ComplexityConfig(mechanisms=tuple(mechanisms), sizes=tuple(sizes), dims=TINY, dtype=torch.float32,
-                            device=torch.device("cpu"), repeats=repeats, warmup=0, budget_s=budget_s, fit_min_n=1)
+                            device=torch.device(device), repeats=repeats, warmup=0, budget_s=budget_s, fit_min_n=1)
 
 
 def _fake(monkeypatch, name, forward):
@@ -107,27 +117,115 @@ def test_a_runtime_error_saying_out_of_memory_is_an_oom(monkeypatch):
     assert not is_oom(RuntimeError("shape mismatch"))
 
 
-def test_a_slow_mechanism_stops_over_budget(monkeypatch):
+def test_a_point_predicted_over_budget_is_not_run(monkeypatch):
     def forward(x):
-        time.sleep(x.shape[1] * 5e-4)  # 4 ms at N = 8, 128 ms at N = 256
+        time.sleep(x.shape[1] * 5e-4)  # 4 ms at N = 8, 8 ms at N = 16, 128 ms at N = 256
         return x * 2
     calls = _fake(monkeypatch, "fake_slow", forward)
     rows = complexity.run_complexity(_config(["fake_slow"], (8, 16, 256, 512), budget_s=0.05, repeats=3),
                                      progress=lambda text: None)
     assert [r["status"] for r in rows] == ["ok", "ok", "over_budget", "stopped"]
-    assert rows[2]["reason"].startswith("one call took") and rows[3]["reason"] == "over budget at N=256"
-    assert calls.count(256) == 1 and 512 not in calls
+    assert rows[2]["reason"].startswith("one call predicted to take") and rows[3]["reason"] == "over budget at N=256"
+    assert 256 not in calls and 512 not in calls  # 8 ms x 16 (at least linear) > 50 ms
     assert rows[1]["repeats"] >= 1 and rows[1]["median_ms"] >= 8
 
 
-def test_a_point_over_budget_is_kept_and_the_next_ones_are_not_run(monkeypatch):
+def test_prediction_scales_the_last_point_by_the_local_slope_clipped_to_one_and_two():
+    def ok(n, ms):
+        return {"n": n, "median_ms": ms}
+    assert complexity.predicted_call_s([], 1024) is None
+    assert complexity.predicted_call_s([ok(1024, 10.0)], 4096) == pytest.approx(0.16)  # quadratic with one point
+    assert complexity.predicted_call_s([ok(1024, 10.0), ok(4096, 40.0)], 16384) == pytest.approx(0.16)  # linear
+    assert complexity.predicted_call_s([ok(1024, 10.0), ok(4096, 10.0)], 16384) == pytest.approx(0.04)  # a floor: at least linear
+    assert complexity.predicted_call_s([ok(1024, 1.0), ok(2048, 8.0)], 4096) == pytest.approx(0.032)  # at most quadratic
+
+
+def test_a_first_call_over_the_budget_ends_the_point_and_the_mechanism(monkeypatch):
+    def forward(x):
+        time.sleep(0.06)
+        return x * 2
+    calls = _fake(monkeypatch, "fake_slow_start", forward)
+    rows = complexity.run_complexity(_config(["fake_slow_start"], (8, 16), budget_s=0.05), progress=lambda text: None)
+    assert [r["status"] for r in rows] == ["over_budget", "stopped"]
+    assert rows[0]["reason"].startswith("one call took") and calls == [8]
+
+
+def test_a_first_call_over_a_third_of_the_budget_is_the_only_sample(monkeypatch):
     def forward(x):
         time.sleep(0.03)
         return x * 2
     calls = _fake(monkeypatch, "fake_steady", forward)
-    rows = complexity.run_complexity(_config(["fake_steady"], (8, 16), budget_s=0.04), progress=lambda text: None)
-    assert [r["status"] for r in rows] == ["ok", "stopped"]  # first call 30 ms, then one repeat: 60 ms > 40 ms
+    cfg = _config(["fake_steady"], (8,), budget_s=0.08, repeats=5)
+    row, = complexity.run_complexity(cfg, progress=lambda text: None)
+    assert calls == [8] and row["status"] == "ok" and row["repeats"] == 1
+    assert row["median_ms"] >= 30 and row["point_s"] < 0.08
+
+
+def test_the_peak_memory_is_that_of_the_first_call_and_the_repeats_fit_the_budget(monkeypatch):
+    calls = _fake(monkeypatch, "fake_fast", lambda x: x * 2)
+    peaks = []
+
+    def peak_memory_mib(step, device):  # stands in for the GPU's: measures the call it makes
+        step()
+        peaks.append(len(calls))
+        return 42.0
+    monkeypatch.setattr(complexity, "peak_memory_mib", peak_memory_mib)
+    rows = complexity.run_complexity(_config(["fake_fast"], (8, 16), repeats=3), progress=lambda text: None)
+    assert [r["peak_mem_mib"] for r in rows] == [42.0, 42.0] and [r["repeats"] for r in rows] == [3, 3]
+    assert calls == [8] * 4 + [16] * 4 and peaks == [1, 5]  # the first call of each point, then 3 repeats
+
+
+def test_a_point_that_ran_over_the_budget_is_kept_and_the_next_ones_are_not_run(monkeypatch):
+    def forward(x):  # the first call is quick, the next ones are not
+        time.sleep(0.015 if calls[1:] else 0.001)
+        return x * 2
+    calls = _fake(monkeypatch, "fake_slowing", forward)
+    rows = complexity.run_complexity(_config(["fake_slowing"], (8, 16), budget_s=0.04, repeats=3),
+                                     progress=lambda text: None)
+    assert [r["status"] for r in rows] == ["ok", "stopped"]  # 1 ms, then 3 x 15 ms > 40 ms
     assert rows[0]["point_s"] > 0.04 and rows[1]["reason"] == "over budget at N=8" and 16 not in calls
+
+
+def test_the_outputs_are_written_after_every_point(monkeypatch, tmp_path):
+    seen = []
+
+    def forward(x):  # what the files hold when each point starts
+        files = {ext: tmp_path / f"complexity.{ext}" for ext in ("csv", "json", "md", "png")}
+        json_rows = [(r["mechanism"], r["n"]) for r in json.loads(files["json"].read_text())["rows"]] \
+            if files["json"].exists() else []
+        csv_rows = files["csv"].read_text().count("\nfake_") if files["csv"].exists() else 0
+        md_rows = files["md"].read_text().count("\n| fake_") if files["md"].exists() else 0
+        seen.append((x.shape[1], json_rows, csv_rows, md_rows, files["png"].exists()))
+        return x * 2
+    for name in ("fake_a", "fake_b"):
+        _fake(monkeypatch, name, forward)
+    args = ["complexity", "--mechanisms", "fake_a,fake_b", "--sizes", "8,16", "--repeats", "1", "--warmup", "0",
+            "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 0
+    firsts = seen[::2]  # each point's first call (then one repeat)
+    assert [(n, rows) for n, rows, *_ in firsts] == [
+        (8, []), (16, [("fake_a", 8)]), (8, [("fake_a", 8), ("fake_a", 16)]),
+        (16, [("fake_a", 8), ("fake_a", 16), ("fake_b", 8)])]
+    assert [(csv_rows, md_rows) for _, _, csv_rows, md_rows, _ in firsts] == [(0, 0), (1, 1), (2, 1), (3, 2)]
+    assert [png for *_, png in firsts] == [False, False, True, True]  # the plot after each mechanism
+    assert "| fake_b |" in (tmp_path / "complexity.md").read_text()
+
+
+def test_an_interrupt_keeps_the_rows_so_far_and_fails_the_command(monkeypatch, tmp_path):
+    def forward(x):
+        if x.shape[1] == 16:
+            raise KeyboardInterrupt
+        return x * 2
+    _fake(monkeypatch, "fake_cut", forward)
+    calls = _fake(monkeypatch, "fake_after", lambda x: x * 2)
+    args = ["complexity", "--mechanisms", "fake_cut,fake_after", "--sizes", "8,16,32", "--repeats", "1",
+            "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 130
+    result = json.loads((tmp_path / "complexity.json").read_text())
+    assert [(r["mechanism"], r["n"], r["status"]) for r in result["rows"]] == [("fake_cut", 8, "ok"),
+                                                                               ("fake_cut", 16, "interrupted")]
+    assert result["fits"][0]["stop"] == "interrupted at N=16" and calls == []
+    assert (tmp_path / "complexity.png").exists() and "| fake_cut | " in (tmp_path / "complexity.md").read_text()
 
 
 def test_an_error_stops_the_mechanism_and_fails_the_command(monkeypatch, tmp_path):
@@ -145,7 +243,7 @@ def test_unavailable_mechanisms_are_skipped_with_reasons(monkeypatch):
     def unavailable(dims, dtype, device):
         raise BackendUnavailable("needs a GPU")
     monkeypatch.setitem(complexity.MECHANISMS, "fake_absent", Mechanism("fake_absent", "fake", unavailable))
-    names = ["fake_absent", "dilated", "softmax_flash_attn", "softmax_xformers", "linear_milkernels"]
+    names = ["fake_absent", "dilated", "softmax_flash_attn", "softmax_xformers"]
     rows = complexity.run_complexity(_config(names, (8, 16)), progress=lambda text: None)
     reason = {(r["mechanism"], r["n"]): (r["status"], r["reason"]) for r in rows}
     for n in (8, 16):
@@ -156,9 +254,20 @@ def test_unavailable_mechanisms_are_skipped_with_reasons(monkeypatch):
                 assert reason[name, n][0] == "skipped" and "is not installed" in reason[name, n][1]
             else:  # installed: on the CPU it still cannot run
                 assert reason[name, n][0] == "skipped" and "CUDA GPU" in reason[name, n][1]
-        status, why = reason["linear_milkernels", n]
-        assert status == "ok" or (status == "skipped" and why)
     assert {fit["mechanism"]: fit["stop"] for fit in fits(rows, 1)}["fake_absent"] == "skipped: needs a GPU"
+
+
+def test_nystrom_lin_mil_and_milkernels_run_at_tiny_sizes(device):
+    """Under the test set-up (conftest) the Triton kernels run: interpreted on the CPU, natively on a GPU."""
+    pytest.importorskip("nystrom_attention")
+    with timm_stub.installed():
+        pytest.importorskip("lin_mil", reason="lin-mil is not importable even with the timm stand-in")
+    names = ("linear_milkernels", "linear_lin_mil", "nystrom")
+    rows = complexity.run_complexity(_config(names, (64, 128), repeats=1, device=device.type),
+                                     progress=lambda text: None)
+    assert [(r["mechanism"], r["n"], r["status"], r["reason"]) for r in rows] == [
+        (name, n, "ok", None) for name in names for n in (64, 128)]
+    assert all(r["median_ms"] > 0 and r["repeats"] == 1 for r in rows)
 
 
 def test_nystrom_layer_runs_forward_and_backward():
@@ -177,6 +286,22 @@ def test_softmax_layer_matches_attention_by_hand():
     q, k, v = layer[0](x).view(1, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
     by_hand = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v
     torch.testing.assert_close(layer(x), layer[2](by_hand.transpose(1, 2).reshape(1, 10, 32)))
+
+
+def test_linear_mechanisms_run_first_by_default():
+    names = build_parser().parse_args(["complexity"]).mechanisms
+    assert names[:3] == ("linear_milkernels", "linear_reference", "linear_lin_mil")
+    assert {complexity.MECHANISMS[name].family for name in names[3:]} == {"softmax", "nystrom", "dilated"}
+
+
+def test_gpu_defaults_fit_two_points_past_the_fit_start_and_the_gpu_script_time_limit():
+    cfg = complexity_config(build_parser().parse_args(["complexity", "--device", "cuda"]))
+    assert cfg.sizes == (1024, 4096, 8192, 16384, 32768, 65536, 262144, 1048576)
+    assert len([n for n in cfg.sizes if cfg.fit_min_n <= n < 65536]) >= 2  # for softmax that runs out of memory at 64k
+    runnable = [name for name in cfg.mechanisms if name != "dilated"]
+    worst_s = len(runnable) * len(cfg.sizes) * cfg.budget_s  # each point takes about the budget at most
+    limit_s = int(re.search(r"COMPLEXITY_TIMEOUT:-(\d+)", GPU_SH.read_text()).group(1))
+    assert worst_s <= limit_s <= 8 * 60 and cfg.budget_s == COMPLEXITY_GPU["budget_s"]
 
 
 def test_cpu_defaults_and_bad_options():

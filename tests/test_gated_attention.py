@@ -1,5 +1,8 @@
 """Gated attention pooling: the triton kernels (interpreter on CPU) against the float64 reference."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -191,6 +194,21 @@ def test_autocast_casts_x_and_weights_like_linear(backend, device):
     with milkernels.use_backend("reference"):
         expected, _ = gated_attention_pool(*[t.detach().bfloat16() for t in (x, *weights)])
     torch.testing.assert_close(pooled.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+def test_graph_does_not_keep_the_input_alive(device):
+    generator = torch.Generator().manual_seed(19)
+    weights = make_weights(20, 12, 1, torch.float32, device, generator=generator)
+    source = torch.randn(2, 30, 20, generator=generator).to(device).requires_grad_()
+    view = source * 1.0
+    with milkernels.use_backend("triton"):
+        pooled, scores = gated_attention_pool(view, *weights, mask=torch.ones(2, 30, dtype=torch.bool, device=device))
+    pooled.sum().backward()  # scores still hold the op's node
+    alive = weakref.ref(view)
+    del view
+    gc.collect()
+    assert alive() is None, "the op's autograd context still holds x after backward"
+    assert scores.grad_fn is not None
 
 
 def test_backward_is_deterministic(device):

@@ -7,7 +7,6 @@ lin-mil imports timm for ``DropPath`` only; timm needs torchvision, so :mod:`tim
 import copy
 import importlib
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import milkernels.nn.linear_attention as fused_module
 from milkernels.bench import timm_stub
 from milkernels.nn import FusedLinMIL, LinearAttention, SoftmaxAttention
 from milkernels.swap import swap_report
+from test_nn import Case
 
 with timm_stub.installed():
     lin_mil = pytest.importorskip("lin_mil", reason="lin-mil is not importable even with the timm stand-in "
@@ -33,21 +33,7 @@ INPUT_DIM = 20
 ACTS = [nn.ReLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Tanh, nn.Softplus]
 
 
-@dataclass(frozen=True)
-class Case:
-    """A backend forced for the milkernels side and the dtype of both sides."""
-
-    backend: str
-    dtype: torch.dtype
-
-    def tol(self, scale: float = 1.0) -> dict:
-        """assert_close tolerances for values of magnitude about ``scale``."""
-        if self.dtype == torch.float64:
-            return dict(rtol=1e-9, atol=1e-11 * scale)
-        return dict(rtol=1e-4, atol=1e-4 * scale)
-
-
-CASES = [Case("reference", torch.float64), Case("triton", torch.float32)]
+CASES = [Case("reference", torch.float64, (1e-9, 1e-11)), Case("triton", torch.float32, (1e-4, 1e-4))]
 
 
 @pytest.fixture(params=CASES, ids=lambda c: c.backend)
@@ -59,12 +45,25 @@ def case(request):
         yield request.param
 
 
-def build(dim=48, heads=4, pooling="cls", act="ReLU", depth=2, attention="linear", dropout=0., emb_dropout=0.):
-    """A ``lin_mil.Lin_MIL`` (ablation blocks unless ``attention == "linear"``), its temperatures and
-    LayerNorms drawn at random so that no head or feature looks like another."""
+class CoordsEncoding(nn.Module):
+    """A positional encoding as Lin-MIL calls one, ``pos_enc(x, coords)``: a Linear on the coordinates, added."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.linear = nn.Linear(2, dim)
+
+    def forward(self, x, coords):
+        return x + self.linear(coords)
+
+
+def build(dim=48, heads=4, pooling="cls", act="ReLU", depth=2, attention="linear", dropout=0., emb_dropout=0.,
+          pos_enc=False):
+    """A ``lin_mil.Lin_MIL`` (ablation blocks unless ``attention == "linear"``, a :class:`CoordsEncoding` if
+    ``pos_enc``), its temperatures and LayerNorms drawn at random so that no head or feature looks like another."""
     config = lin_mil.Config(latent_dim=dim, transformer_depth=depth, dropout=dropout, emb_dropout=emb_dropout,
                             act=act, attention=attention, pooling=pooling, ablation=attention != "linear")
-    model = lin_mil.Lin_MIL(num_classes=3, input_dim=INPUT_DIM, config=config, heads=heads)
+    model = lin_mil.Lin_MIL(num_classes=3, input_dim=INPUT_DIM, config=config, heads=heads,
+                            pos_enc=CoordsEncoding(dim) if pos_enc else None)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "temperature" in name:
@@ -79,6 +78,7 @@ MODELS = {  # latent dim, heads, pooling, act: dh 12, 8, 5 and 16
     "d64_h8_mean_gelu": dict(dim=64, heads=8, pooling="mean", act="GeLU"),
     "d40_h8_cls_gelu": dict(dim=40, heads=8, pooling="cls", act="GeLU"),
     "d64_h4_mean_relu": dict(dim=64, heads=4, pooling="mean", act="ReLU"),
+    "d48_h4_cls_relu_pos_enc": dict(dim=48, heads=4, pooling="cls", act="ReLU", pos_enc=True),
 }
 
 
@@ -94,18 +94,20 @@ def model_pair(case, **options):
     return before, after
 
 
-def outputs_and_grads(model, x):
-    """``model(x)`` and the gradients of a random mix of its outputs w.r.t. ``x`` and every parameter."""
-    outputs = model(x)
+def outputs_and_grads(model, x, coords):
+    """``model(x, coords)`` and the gradients of a random mix of its outputs w.r.t. ``x`` and every parameter."""
+    outputs = model(x, coords)
     generator = torch.Generator().manual_seed(5)
     loss = sum((out * torch.randn(out.shape, generator=generator).to(out)).sum() for out in outputs)
     return outputs, torch.autograd.grad(loss, [x, *model.parameters()])
 
 
 def assert_same_run(before, after, x, case):
-    """Same logits, attention map and gradients of the input and of every parameter, none of them zero."""
-    expected_outputs, expected_grads = outputs_and_grads(before, x)
-    outputs, grads = outputs_and_grads(after, x)
+    """Same logits, attention map and gradients of the input and of every parameter, none of them zero, on
+    ``x`` and random coordinates (which only a ``pos_enc`` reads)."""
+    coords = coordinates(x)
+    expected_outputs, expected_grads = outputs_and_grads(before, x, coords)
+    outputs, grads = outputs_and_grads(after, x, coords)
     for name, out, expected in zip(("logits", "att"), outputs, expected_outputs, strict=True):
         torch.testing.assert_close(out, expected, **case.tol(expected.abs().max().item()), msg=lambda m: f"{name}: {m}")
     names = ["input", *(n for n, _ in after.named_parameters())]
@@ -120,6 +122,12 @@ def tokens(case, batch, length, dim=INPUT_DIM):
     return torch.randn(batch, length, dim, dtype=case.dtype, requires_grad=True)
 
 
+def coordinates(x):
+    """Random patch coordinates ``(B, N, 2)`` for the tokens ``x: (B, N, .)``."""
+    generator = torch.Generator().manual_seed(2)
+    return torch.rand(x.shape[:2] + (2,), generator=generator, dtype=torch.float64).to(x.dtype)
+
+
 @pytest.mark.parametrize("length", [1, 37])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_lin_mil_outputs_and_grads_unchanged(case, name, length):
@@ -128,9 +136,23 @@ def test_lin_mil_outputs_and_grads_unchanged(case, name, length):
 
 
 def test_lin_mil_long_bag(case):
-    """N = 3000: q.z passes Lin-MIL's clamp at 100 (short bags are clamped), so both branches are checked."""
-    before, after = model_pair(case, **MODELS["d48_h4_cls_relu"])
+    """N = 3000 (small and cheap otherwise): q.z is above Lin-MIL's clamp at 100 for some rows and below it for
+    others in every block (short bags are all clamped), so both branches are checked."""
+    before, after = model_pair(case, dim=8, heads=2)
+    denominators = []
+    for block in before.transformer:
+        block.attn.qk_mul.register_forward_hook(lambda module, args, qz: denominators.append(qz.detach()))
     assert_same_run(before, after, tokens(case, 1, 3000), case)
+    assert len(denominators) == 2
+    for qz in denominators:
+        assert (qz < 100).any() and (qz > 100).any()
+
+
+def test_lin_mil_bfloat16_under_reference():
+    case = Case("reference", torch.bfloat16, (2e-2, 2e-2))
+    before, after = model_pair(case, **MODELS["d48_h4_cls_relu"])
+    with milkernels.use_backend(case.backend):
+        assert_same_run(before, after, tokens(case, 2, 37), case)
 
 
 def test_lin_mil_training_mode_without_dropout(case):
@@ -172,13 +194,16 @@ def _refuse_numerator(*args):
     raise AssertionError("the (B, H, N, dh) numerator was formed")
 
 
-def test_swapped_lin_mil_never_forms_the_numerator(case, monkeypatch):
-    _, after = model_pair(case, **MODELS["d48_h4_cls_relu"])
+@pytest.mark.parametrize("pos_enc", [False, True], ids=["no_pos_enc", "pos_enc"])
+def test_swapped_lin_mil_never_forms_the_numerator(case, monkeypatch, pos_enc):
+    """Also with a ``pos_enc`` taking coordinates, which the probe passes, so such a model is fused too."""
+    _, after = model_pair(case, **MODELS["d48_h4_cls_relu"], pos_enc=pos_enc)
     calls, kernel_calls = [], []
     _spy(monkeypatch, fused_module, "lin_mil_attention", calls)
-    _spy(monkeypatch, op_module._LinearAttentionFn, "apply", kernel_calls, lambda args, kwargs: args[3:5])
+    _spy(monkeypatch, op_module._LinearAttentionFn, "apply", kernel_calls, lambda args, kwargs: args[-2:])
     monkeypatch.setattr(op_module, "_numerator_to_caller", _refuse_numerator)
-    logits, att = after(tokens(case, 2, 5))
+    x = tokens(case, 2, 5)
+    logits, att = after(x, coordinates(x))
     (logits.sum() + att.sum()).backward()
     assert [(c.get("return_numerator", False), c.get("return_map", False)) for c in calls] == [(False, False),
                                                                                                (False, True)]
@@ -207,7 +232,8 @@ def test_linear_attention_module_matches_lin_mil(case, act):
     out, numerator = mine(x)
     tol = case.tol(expected_numerator.abs().max().item())
     torch.testing.assert_close(out, expected_out, **tol)
-    torch.testing.assert_close(numerator, expected_numerator, **tol)
+    assert numerator.is_contiguous() and expected_numerator.is_contiguous()  # Lin-MIL's attn1: view() works
+    torch.testing.assert_close(numerator.view(3, 8, -1), expected_numerator.view(3, 8, -1), **tol)
     out_map, attention_map = mine.forward_with_map(x)
     torch.testing.assert_close(out_map, expected_out, **tol)
     torch.testing.assert_close(attention_map, expected_numerator.mean(dim=1).mean(dim=-1), **tol)
@@ -238,6 +264,7 @@ def test_padded_and_packed_bags_match_each_bag_alone(case):
     mask = torch.arange(7)[None, :] < torch.tensor(lengths)[:, None]
     outs, numerators = _manual_per_bag(theirs, x, lengths)
     out, numerator = mine(x, mask=mask)
+    assert numerator.is_contiguous()  # as Lin-MIL's attn1
     _, attention_map = mine.forward_with_map(x, mask=mask)
     tol = case.tol(max(m.abs().max().item() for m in numerators))
     for b, n in enumerate(lengths):

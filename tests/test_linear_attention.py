@@ -1,5 +1,8 @@
 """Linear attention: the triton kernels (interpreter on CPU) against the float64 reference."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -91,6 +94,34 @@ def test_map_only_never_forms_the_numerator(device, monkeypatch):
     assert (100, 4, 10) not in allocated and attention_map.shape == (1, 100)
     kernel_checks.compare(lambda q, t: lin_mil_attention(q, t.reshape(4, 1, 1), 4, return_map=True),
                           [qkv, temperature], torch.float32)
+
+
+def test_non_contiguous_qkv_and_gradient_on_one_input_only(device):
+    wide, temperature = make_qkv((2, 50, 3 * 40 + 7), 4, device=device, seed=10)
+    qkv = wide[..., 3:3 + 3 * 40]
+    assert not qkv.is_contiguous()
+    kernel_checks.compare(all_outputs, [qkv, temperature.detach()], torch.float32, heads=4, denominator="clamp")
+    kernel_checks.compare(all_outputs, [qkv.detach(), temperature], torch.float32, heads=4, denominator="clamp")
+
+
+@pytest.mark.parametrize("heads,head_dim", [(1, 24), (6, 1)])
+def test_one_head_and_head_size_one(heads, head_dim, device):
+    qkv, temperature = make_qkv((1, 70, 3 * heads * head_dim), heads, device=device, seed=11)
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=heads, denominator="eps")
+
+
+def test_graph_does_not_keep_the_input_alive(device):
+    qkv, temperature = make_qkv((1, 40, 3 * 16), 2, device=device, seed=12)
+    source = qkv.detach().clone().requires_grad_()
+    view = source * 1.0
+    with milkernels.use_backend("triton"):
+        out, attention_map = linear_attention(view, 2, temperature=temperature, return_map=True)
+    out.sum().backward()  # the map still holds the op's node, as Lin-MIL's returned attention map does
+    alive = weakref.ref(view)
+    del view
+    gc.collect()
+    assert alive() is None, "the op's autograd context still holds qkv after backward"
+    assert attention_map.grad_fn is not None
 
 
 def test_lin_mil_output_shapes_follow_lin_mil(device):

@@ -87,18 +87,22 @@ class ClamMB(ClamSB):
         return logits, A_raw
 
 
+TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5)}  # (rtol, atol at scale 1)
+
+
 @dataclass(frozen=True)
 class Case:
-    """A backend forced for the milkernels side and the dtype of the comparison."""
+    """A backend forced for the milkernels side, the dtype of the comparison and its ``(rtol, atol)``
+    for values of magnitude 1 (default: ``TOLERANCES`` of the dtype)."""
 
     backend: str
     dtype: torch.dtype
+    tolerance: tuple[float, float] | None = None
 
     def tol(self, scale: float = 1.0) -> dict:
         """assert_close tolerances for values of magnitude about ``scale``."""
-        if self.dtype == torch.float64:
-            return dict(rtol=1e-10, atol=1e-12 * scale)
-        return dict(rtol=1e-4, atol=1e-5 * scale)
+        rtol, atol = self.tolerance or TOLERANCES[self.dtype]
+        return dict(rtol=rtol, atol=atol * scale)
 
 
 CASES = [Case("reference", torch.float64), Case("reference", torch.float32), Case("triton", torch.float32)]

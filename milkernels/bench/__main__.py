@@ -28,8 +28,10 @@ GPU_SIZES = (1024, 4096, 16384, 65536, 100000, 262144, 1048576)
 CPU_SIZES = (1024, 4096, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUBCOMMANDS = ("sweep", "complexity")
-COMPLEXITY_GPU = {"sizes": (1024, 4096, 16384, 65536, 262144, 1048576), "dims": {"C": 512, "H": 8}, "repeats": 10,
-                  "warmup": 3, "budget_s": 30.0, "fit_min_n": 16384}
+# GPU budget: a point takes about the budget at most, so a run takes at most about 9 mechanisms that can run
+# (dilated is a slot) x 8 sizes x 5 s = 6 minutes; benchmarks/gpu.sh gives it 7 (COMPLEXITY_TIMEOUT)
+COMPLEXITY_GPU = {"sizes": (1024, 4096, 8192, 16384, 32768, 65536, 262144, 1048576), "dims": {"C": 512, "H": 8},
+                  "repeats": 10, "warmup": 3, "budget_s": 5.0, "fit_min_n": 16384}
 COMPLEXITY_CPU = {"sizes": (256, 512, 1024, 2048, 4096), "dims": {"C": 256, "H": 8}, "repeats": 3, "warmup": 1,
                   "budget_s": 8.0, "fit_min_n": 1024}
 
@@ -114,7 +116,7 @@ def _add_complexity(commands) -> None:
     parser.add_argument("--mechanisms", type=_comma_list(_choices(names)), default=names,
                         help=f"comma-separated mechanisms (default: all: {','.join(names)})")
     parser.add_argument("--sizes", type=_comma_list(parse_size),
-                        help="comma-separated ascending bag sizes N (default: 1k,4k,16k,64k,256k,1M on a GPU, "
+                        help="comma-separated ascending bag sizes N (default: 1k,4k,8k,16k,32k,64k,256k,1M on a GPU, "
                              "256,512,1k,2k,4k on a CPU)")
     parser.add_argument("--dims", type=_comma_list(_dim), default=(),
                         help=f"C (channels) and H (heads), e.g. C=512,H=8 (default: {dims_text(gpu['dims'])} on a "
@@ -126,7 +128,8 @@ def _add_complexity(commands) -> None:
     parser.add_argument("--warmup", type=_at_least(0), help=f"untimed calls after the first (default: "
                         f"{gpu['warmup']} on a GPU, {cpu['warmup']} on a CPU)")
     parser.add_argument("--budget-s", type=float, help=f"seconds one point may take; a mechanism stops after "
-                        f"the first point over it (default: {gpu['budget_s']:g} on a GPU, {cpu['budget_s']:g} on a CPU)")
+                        f"the first point over it or predicted over it (default: {gpu['budget_s']:g} on a GPU, "
+                        f"{cpu['budget_s']:g} on a CPU)")
     parser.add_argument("--fit-min-n", type=parse_size, help="fit the exponents over points with N >= this, above "
                         f"launch-overhead floors (default: {report.size_text(gpu['fit_min_n'])} on a GPU, "
                         f"{report.size_text(cpu['fit_min_n'])} on a CPU)")
@@ -198,7 +201,10 @@ def complexity_config(args: argparse.Namespace) -> complexity.ComplexityConfig:
 
 
 def complexity_command(args: argparse.Namespace, command: str) -> int:
-    """Run the complexity sweep, fit the exponents, write the outputs and print the table; 1 on an error."""
+    """Run the complexity sweep, writing the outputs after every point, and print the table with the fits.
+
+    Returns 130 when the run was interrupted (its outputs hold what it measured), else 1 on an error.
+    """
     cfg = complexity_config(args)
     dims_note = dims_text(cfg.dims) + ("" if cfg.dims == COMPLEXITY_GPU["dims"]
                                        else f" (not the GPU default {dims_text(COMPLEXITY_GPU['dims'])})")
@@ -206,12 +212,15 @@ def complexity_command(args: argparse.Namespace, command: str) -> int:
             "sizes": list(cfg.sizes), "dims": dims_note, "repeats": cfg.repeats, "warmup": cfg.warmup,
             "budget_s": cfg.budget_s, "fit_min_n": cfg.fit_min_n}
     out = args.out or default_out(meta, cfg.device, "complexity")
-    rows = complexity.run_complexity(cfg, progress=lambda text: print(text, file=sys.stderr, flush=True))
-    fit_rows = complexity.fits(rows, cfg.fit_min_n)
-    meta["fit"] = complexity_report.fit_text(fit_rows, cfg.fit_min_n)
-    paths = complexity_report.write_outputs(out, meta, rows, fit_rows)
+    rows = complexity.run_complexity(
+        cfg, progress=lambda text: print(text, file=sys.stderr, flush=True),
+        checkpoint=lambda rows_so_far, with_plot: complexity_report.write_outputs(out, meta, rows_so_far,
+                                                                                  cfg.fit_min_n, with_plot))
+    fit_rows, meta = complexity_report.fitted(rows, meta, cfg.fit_min_n)
     print(complexity_report.format_table(rows, fit_rows, meta))
-    print("\nwrote " + ", ".join(str(path) for path in paths))
+    print("\nwrote " + ", ".join(str(out / f"complexity.{ext}") for ext in complexity_report.EXTENSIONS))
+    if any(row["status"] == "interrupted" for row in rows):
+        return 130
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
 

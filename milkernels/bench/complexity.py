@@ -2,20 +2,28 @@
 
 Every mechanism is one attention layer on one bag ``x: (1, N, C)``: the qkv projection
 ``Linear(C, 3C, bias=False)``, the attention with H heads of size C / H, and the output projection
-``Linear(C, C)``. Each point is one forward + backward (:func:`.sweep.fwd_bwd_step`), timed with
-:func:`.timing.time_step`, its peak memory from :func:`.timing.peak_memory_mib` (GPU only).
+``Linear(C, C)``. Each point is one forward + backward (:func:`.sweep.fwd_bwd_step`): a first call,
+timed by the wall clock, with its peak memory (:func:`.timing.peak_memory_mib`, GPU only), then the
+warm-up and timed repeats of :func:`.timing.time_step`, as many as fit in the budget.
 
-A mechanism stops at the first N where it runs out of memory (``oom``), fails (``error``), or
-where one call takes longer than the budget (``over_budget``) or the whole point does (the point
-is kept, the next ones are not run); the rows after a stop are ``stopped`` with the reason. The
-repeats of a point are cut so that it stays within the budget. Then :func:`fit_exponent` fits
-``log latency`` and ``log memory`` against ``log N`` over the points with ``N >= fit_min_n``.
+One point stays within about the budget: a point whose one call is predicted (from the earlier
+points) to take longer is not run (``over_budget``); a first call over the budget ends the point
+(``over_budget``); a first call over a third of it is the point's single sample (``repeats`` 1);
+else the warm-up and repeats are cut to the calls that fit in the rest of the budget. A mechanism
+stops at the first N where it runs out of memory (``oom``), fails (``error``) or goes over the
+budget (a whole point over it is kept); the rows after a stop are ``stopped`` with the reason.
+Then :func:`fit_exponent` fits ``log latency`` and ``log memory`` against ``log N`` over the
+points with ``N >= fit_min_n``.
 
-Mechanisms (:data:`MECHANISMS`, :func:`register_mechanism`): softmax attention under each SDPA
-backend, flash-attn and xformers; Nystrom (the ``nystrom-attention`` package as Lin-MIL and TransMIL
-use it); linear attention (the milkernels reference, Lin-MIL's eager layer, the milkernels
-kernels); dilated attention (a slot, not implemented yet). One that cannot run here is
-``skipped`` with the reason.
+:func:`run_complexity` hands the rows so far to a checkpoint after every point, so a run cut short
+keeps what it measured; a KeyboardInterrupt (Ctrl-C, ``timeout --signal=INT``) ends the run with an
+``interrupted`` row where it stopped.
+
+Mechanisms (:data:`MECHANISMS`, :func:`register_mechanism`, run in this order by default): linear
+attention (the milkernels kernels, the milkernels reference, Lin-MIL's eager layer) first, so a run
+cut short still has them; softmax attention under each SDPA backend, flash-attn and xformers;
+Nystrom (the ``nystrom-attention`` package as Lin-MIL and TransMIL use it); dilated attention (a
+slot, not implemented yet). One that cannot run here is ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -201,15 +209,15 @@ def make_dilated(dims, dtype, device):
 
 
 for _mechanism in (
+    Mechanism("linear_milkernels", "linear", make_linear("triton")),
+    Mechanism("linear_reference", "linear", make_linear("reference")),
+    Mechanism("linear_lin_mil", "linear", make_lin_mil),
     Mechanism("softmax_sdpa_flash", "softmax", make_sdpa("FLASH_ATTENTION")),
     Mechanism("softmax_sdpa_efficient", "softmax", make_sdpa("EFFICIENT_ATTENTION")),
     Mechanism("softmax_sdpa_math", "softmax", make_sdpa("MATH")),
     Mechanism("softmax_flash_attn", "softmax", make_flash_attn),
     Mechanism("softmax_xformers", "softmax", make_xformers),
     Mechanism("nystrom", "nystrom", make_nystrom),
-    Mechanism("linear_reference", "linear", make_linear("reference")),
-    Mechanism("linear_lin_mil", "linear", make_lin_mil),
-    Mechanism("linear_milkernels", "linear", make_linear("triton")),
     Mechanism("dilated", "dilated", make_dilated),
 ):
     register_mechanism(_mechanism)
@@ -234,53 +242,93 @@ def _outcome(exc: BaseException) -> dict:
     return {"status": "error", "reason": f"{type(exc).__name__}: {first_line(exc)}"}
 
 
+def first_call(step: Callable[[], None], device: torch.device) -> tuple[float, float | None]:
+    """Seconds of one call of ``step`` by the wall clock, and its peak memory in MiB (None on a CPU).
+
+    On a GPU the call is the one :func:`.timing.peak_memory_mib` measures (it synchronizes before
+    and after); on a CPU, where that measures nothing and does not call ``step``, it is called here.
+    """
+    start = time.perf_counter()
+    peak = peak_memory_mib(step, device)
+    if peak is None:
+        step()
+    return time.perf_counter() - start, peak
+
+
 def measure_point(layer: Callable, n: int, cfg: ComplexityConfig) -> dict:
     """Latency summary and peak memory of forward + backward of ``layer`` on one bag of ``n``.
 
-    One first call (untimed, the warm-up's first) says how many calls fit in the budget: when it
-    alone passes it, the point is ``over_budget``; else warm-up and repeats are cut to fit.
+    The first call gives the peak memory and says how many calls fit in the budget: when it alone
+    passes the budget, the point is ``over_budget``; when it passes a third of it, it is the
+    point's only sample; else warm-up and repeats are cut to the calls that fit in the rest.
     """
     generator = torch.Generator(device=cfg.device).manual_seed(n)
     x = torch.randn((1, n, cfg.dims["C"]), generator=generator, device=cfg.device).to(cfg.dtype).requires_grad_()
     grad = torch.randn((1, n, cfg.dims["C"]), generator=generator, device=cfg.device).to(cfg.dtype)
     step = fwd_bwd_step(layer, (x,), [grad])
     start = time.perf_counter()
-    first_s = time_step(step, cfg.device, repeats=1, warmup=0)[0] / 1e3
+    first_s, peak = first_call(step, cfg.device)
     if first_s > cfg.budget_s:
         return {"status": "over_budget", "point_s": time.perf_counter() - start,
                 "reason": f"one call took {first_s:.1f} s, over the budget of {cfg.budget_s:g} s"}
-    calls_left = int((cfg.budget_s - first_s) / max(first_s, 1e-9))
-    warmup = min(cfg.warmup, calls_left // 4)
-    repeats = max(1, min(cfg.repeats, calls_left - warmup - 1))
-    samples = time_step(step, cfg.device, repeats, warmup)
-    peak = peak_memory_mib(step, cfg.device)
-    return {"status": "ok", "repeats": repeats, "peak_mem_mib": peak, "point_s": time.perf_counter() - start,
+    if first_s > cfg.budget_s / 3:
+        samples = [first_s * 1e3]
+    else:
+        calls_left = int((cfg.budget_s - first_s) / max(first_s, 1e-9))  # at least 2
+        warmup = min(cfg.warmup, calls_left // 4)
+        samples = time_step(step, cfg.device, min(cfg.repeats, calls_left - warmup), warmup)
+    return {"status": "ok", "repeats": len(samples), "peak_mem_mib": peak, "point_s": time.perf_counter() - start,
             **summarize(samples)}
+
+
+def predicted_call_s(ok_rows: list[dict], n: int) -> float | None:
+    """Seconds one call is expected to take at ``n`` after the ``ok`` rows (ascending N); None with none.
+
+    The last row's median scaled by ``(n / its N) ** a``, ``a`` the log-log slope of the last two
+    rows clipped to [1, 2] (2, softmax's, with one row).
+    """
+    if not ok_rows:
+        return None
+    last = ok_rows[-1]
+    slope = fit_exponent([row["n"] for row in ok_rows[-2:]], [row["median_ms"] for row in ok_rows[-2:]])
+    exponent = min(2.0, max(1.0, slope["exponent"])) if slope else 2.0
+    return last["median_ms"] / 1e3 * (n / last["n"]) ** exponent
 
 
 def _stop_reason(row: dict, budget_s: float) -> str | None:
     """Why a mechanism goes no further after ``row``, or None."""
     if row["status"] == "over_budget" or (row["status"] == "ok" and row["point_s"] > budget_s):
         return f"over budget at N={row['n']}"
-    if row["status"] in ("oom", "error"):
+    if row["status"] in ("oom", "error", "interrupted"):
         return f"{row['status']} at N={row['n']}"
     return None
 
 
-def sweep_mechanism(mechanism: Mechanism, cfg: ComplexityConfig, progress: Callable = print) -> list[dict]:
-    """One row per size for ``mechanism``: built once, then measured at each N until it stops."""
-    blank = {"mechanism": mechanism.name, "family": mechanism.family, "dtype": str(cfg.dtype).removeprefix("torch."),
-             "dims": " ".join(f"{key}={value}" for key, value in cfg.dims.items())}
+def _blank_row(mechanism: Mechanism, cfg: ComplexityConfig, n: int) -> dict:
+    """A row of ``mechanism`` at ``n`` with its names filled in, the measurements None."""
+    return {**dict.fromkeys(COLUMNS), "mechanism": mechanism.name, "family": mechanism.family, "n": n,
+            "dims": " ".join(f"{key}={value}" for key, value in cfg.dims.items()),
+            "dtype": str(cfg.dtype).removeprefix("torch.")}
+
+
+def sweep_mechanism(mechanism: Mechanism, cfg: ComplexityConfig, progress: Callable = print):
+    """Yield one row per size for ``mechanism``: built once, then measured at each N until it stops."""
     try:
         layer = mechanism.make(cfg.dims, cfg.dtype, cfg.device)
     except Exception as exc:  # a mechanism that cannot be built is recorded at every size
-        outcome = _outcome(exc)
-        return [{**dict.fromkeys(COLUMNS), **blank, "n": n, **outcome} for n in cfg.sizes]
-    rows, stop = [], None
+        for n in cfg.sizes:
+            yield {**_blank_row(mechanism, cfg, n), **_outcome(exc)}
+        return
+    ok, stop = [], None
     for n in cfg.sizes:
-        row = {**dict.fromkeys(COLUMNS), **blank, "n": n}
+        row = _blank_row(mechanism, cfg, n)
         if stop:
-            row.update(status="stopped", reason=stop)
+            yield {**row, "status": "stopped", "reason": stop}
+            continue
+        predicted = predicted_call_s(ok, n)
+        if predicted is not None and predicted > cfg.budget_s:
+            row.update(status="over_budget", reason=f"one call predicted to take {predicted:.1f} s from N="
+                       f"{ok[-1]['n']}, over the budget of {cfg.budget_s:g} s")
         else:
             try:
                 row.update(measure_point(layer, n, cfg))
@@ -289,15 +337,38 @@ def sweep_mechanism(mechanism: Mechanism, cfg: ComplexityConfig, progress: Calla
             finally:
                 if cfg.device.type == "cuda":
                     torch.cuda.empty_cache()
-            stop = _stop_reason(row, cfg.budget_s)
-            progress(_progress_text(row))
-        rows.append(row)
+        if row["status"] == "ok":
+            ok.append(row)
+        stop = _stop_reason(row, cfg.budget_s)
+        progress(_progress_text(row))
+        yield row
+
+
+def run_complexity(cfg: ComplexityConfig, progress: Callable = print,
+                   checkpoint: Callable[[list[dict], bool], None] | None = None) -> list[dict]:
+    """The rows (dicts over :data:`COLUMNS`) of every mechanism in ``cfg``, in its order, at every size.
+
+    ``checkpoint(rows, mechanism_done)``, when given, gets the rows so far after every point (to
+    save them, so a run cut short keeps what it measured); ``mechanism_done`` is True after a
+    mechanism's last size and at the end. A KeyboardInterrupt ends the run: the point it cut gets a
+    row with status ``interrupted``, and the rows so far are checkpointed and returned.
+    """
+    rows = []
+    save = checkpoint or (lambda rows_so_far, mechanism_done: None)
+    try:
+        for name in cfg.mechanisms:
+            for row in sweep_mechanism(MECHANISMS[name], cfg, progress):
+                rows.append(row)
+                save(rows, row["n"] == cfg.sizes[-1])
+    except KeyboardInterrupt:
+        done = {(row["mechanism"], row["n"]) for row in rows}
+        cut = [(name, n) for name in cfg.mechanisms for n in cfg.sizes if (name, n) not in done]
+        if cut:
+            rows.append({**_blank_row(MECHANISMS[cut[0][0]], cfg, cut[0][1]), "status": "interrupted",
+                         "reason": "the run was interrupted here (KeyboardInterrupt)"})
+            progress(_progress_text(rows[-1]))
+        save(rows, True)
     return rows
-
-
-def run_complexity(cfg: ComplexityConfig, progress: Callable = print) -> list[dict]:
-    """The rows (dicts over :data:`COLUMNS`) of every mechanism in ``cfg`` at every size."""
-    return [row for name in cfg.mechanisms for row in sweep_mechanism(MECHANISMS[name], cfg, progress)]
 
 
 def _progress_text(row: dict) -> str:
@@ -332,7 +403,8 @@ def fits(rows: list[dict], fit_min_n: int) -> list[dict]:
         latency = fit_exponent([r["n"] for r in ok], [r["median_ms"] for r in ok], fit_min_n)
         memory = fit_exponent([r["n"] for r in ok], [r["peak_mem_mib"] for r in ok], fit_min_n)
         stops = [r["reason"] for r in mine if r["status"] == "stopped"]
-        stops += [_stop_reason(r, float("inf")) for r in mine if r["status"] in ("oom", "error", "over_budget")]
+        stops += [_stop_reason(r, float("inf")) for r in mine if r["status"] in ("oom", "error", "over_budget",
+                                                                                   "interrupted")]
         skipped = [r["reason"] for r in mine if r["status"] == "skipped"]
         result.append({
             "mechanism": name, "family": mine[0]["family"],

@@ -3,7 +3,8 @@
 ``complexity.csv`` and ``complexity.json`` are written as the sweep's results are
 (:func:`.report.write_table`); the JSON also holds the fits. ``complexity.md`` holds the same
 tables in markdown, for the README; ``complexity.png`` plots latency and peak memory against N,
-log-log, one line per mechanism.
+log-log, one line per mechanism. :func:`write_outputs` is the sweep's checkpoint: the tables after
+every point, the plot after every mechanism.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import report
-from .complexity import COLUMNS
+from .complexity import COLUMNS, fits
 
-CELLS = {"oom": "oom", "over_budget": "budget", "stopped": "-", "skipped": "skip", "error": "error"}
+CELLS = {"oom": "oom", "over_budget": "budget", "stopped": "-", "skipped": "skip", "error": "error",
+         "interrupted": "int"}
+EXTENSIONS = ("csv", "json", "md", "png")
 
 
 def _cell(row: dict, key: str) -> str:
@@ -84,7 +87,7 @@ def markdown(rows: list[dict], fit_rows: list[dict], meta: dict) -> str:
     parts = [f"Measured on {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
              f"git {meta['git_sha'][:12]}: {caption(meta)}. `time exp` and `mem exp` are the fitted exponents "
              "a in latency ~ N^a and memory ~ N^a; `oom`: out of memory, `budget`: over the time budget, "
-             "`-`: not run after a stop, `skip`: cannot run here."]
+             "`-`: not run after a stop, `skip`: cannot run here, `int`: the run was interrupted here."]
     for title, header, cells in _tables(rows, fit_rows):
         parts += ["", f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         parts += ["| " + " | ".join(line) + " |" for line in cells]
@@ -132,9 +135,17 @@ def plot(rows: list[dict], fit_rows: list[dict], meta: dict, path: Path) -> None
     plt.close(figure)
 
 
-def write_outputs(out_dir: Path, meta: dict, rows: list[dict], fit_rows: list[dict]) -> list[Path]:
-    """Write ``complexity.csv``, ``.json`` (with the fits), ``.md`` and ``.png`` into ``out_dir``; their paths."""
+def fitted(rows: list[dict], meta: dict, fit_min_n: int) -> tuple[list[dict], dict]:
+    """The fits of ``rows`` (:func:`.complexity.fits`) and ``meta`` with ``"fit"`` (:func:`fit_text`) added."""
+    fit_rows = fits(rows, fit_min_n)
+    return fit_rows, {**meta, "fit": fit_text(fit_rows, fit_min_n)}
+
+
+def write_outputs(out_dir: Path, meta: dict, rows: list[dict], fit_min_n: int, with_plot: bool = True) -> None:
+    """Write (or overwrite) ``complexity.csv``, ``.json`` (with the fits), ``.md`` and, when ``with_plot``,
+    ``.png`` of ``rows`` into ``out_dir``, created if need be."""
+    fit_rows, meta = fitted(rows, meta, fit_min_n)
     report.write_table(out_dir, "complexity", meta, COLUMNS, rows, fits=fit_rows)
     (out_dir / "complexity.md").write_text(markdown(rows, fit_rows, meta))
-    plot(rows, fit_rows, meta, out_dir / "complexity.png")
-    return [out_dir / f"complexity.{ext}" for ext in ("csv", "json", "md", "png")]
+    if with_plot:
+        plot(rows, fit_rows, meta, out_dir / "complexity.png")

@@ -46,10 +46,23 @@ class DropPath(nn.Module):
         return f"drop_prob={round(self.drop_prob, 3):0.3f}"
 
 
+def _real_timm_imports() -> bool:
+    """True when an installed timm imports (one built against another torchvision fails on import)."""
+    if importlib.util.find_spec("timm") is None:
+        return False
+    try:
+        importlib.import_module("timm.models.layers")
+    except Exception:  # a broken timm, whatever it raises, is replaced by the stand-in
+        for name in [m for m in sys.modules if m == "timm" or m.startswith("timm.")]:
+            del sys.modules[name]
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def installed():
-    """Inside the block, ``import timm.models.layers`` gives :class:`DropPath` (unless timm is installed)."""
-    if importlib.util.find_spec("timm") is not None:
+    """Inside the block, ``import timm.models.layers`` gives :class:`DropPath`, unless a working timm imports."""
+    if _real_timm_imports():
         yield
         return
     stubs = {name: types.ModuleType(name) for name in MODULES}

@@ -111,7 +111,8 @@ class LinearAttention(nn.Module):
 
         Also one bag ``(N, C)`` (numerator ``(H, N, dh)``), padded bags with ``mask: (B, N)`` (padded rows
         are not keys; their ``out`` is ``proj(0)`` and their numerator 0) or packed bags ``(T, C)`` with
-        ``cu_seqlens`` (numerator ``(T, H, dh)``).
+        ``cu_seqlens`` (numerator ``(T, H, dh)``). The ``(B, H, N, dh)`` numerator is contiguous, as Lin-MIL's
+        ``attn1`` is (``numerator.view(B, H, -1)`` works).
         """
         out, numerator = self._attend(x, mask, cu_seqlens, return_numerator=True)
         return self._project(out), numerator

@@ -80,12 +80,11 @@ class _GatedAttentionFn(torch.autograd.Function):
     """Fused forward and backward on the triton kernels."""
 
     @staticmethod
-    def forward(ctx, x2d, wa, ba, wb, bb, wc, bc, bags, dropout_p, seed, pool):
+    def forward(ctx, x2d, wa, ba, wb, bb, wc, bc, row_valid, plan, pool):
         from . import triton as kernels
 
-        plan = kernels.Plan.make(bags, wa.shape[0], dropout_p, seed)
-        pooled, scores, lse = kernels.forward(x2d, wa, ba, wb, bb, wc, bc, plan, pool)
-        ctx.save_for_backward(x2d, wa, ba, wb, bb, wc, bc, scores, lse, pooled)
+        pooled, scores, lse = kernels.forward(x2d, wa, ba, wb, bb, wc, bc, row_valid, plan, pool)
+        ctx.save_for_backward(x2d, wa, ba, wb, bb, wc, bc, row_valid, scores, lse, pooled)
         ctx.config = (plan, pool)
         return pooled, scores.to(x2d.dtype)
 
@@ -96,7 +95,7 @@ class _GatedAttentionFn(torch.autograd.Function):
         plan, pool = ctx.config
         wanted = ctx.needs_input_grad[:7]
         grads = kernels.backward(*ctx.saved_tensors, plan, pool, d_pooled, d_scores, wanted)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):
@@ -115,8 +114,11 @@ def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):
         from . import cuda
 
         return cuda.forward(bags, *weights, pool)
+    from . import triton as kernels
+
+    plan = kernels.Plan.make(bags, wa.shape[0], active_p, _dropout_seed(active_p, True))
     contiguous = [t.contiguous() if t is not None else None for t in (bags.x2d, *weights)]
-    return _GatedAttentionFn.apply(*contiguous, bags, active_p, _dropout_seed(active_p, True), pool)
+    return _GatedAttentionFn.apply(*contiguous, bags.row_valid, plan, pool)
 
 
 def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlens=None,

@@ -295,18 +295,23 @@ def _dropout_mask_kernel(keep_ptr, seed, T, D, p_drop, BLOCK_N: tl.constexpr, BL
 
 @dataclass(frozen=True)
 class Plan:
-    """What one call launches: the packed bags, the tile configuration, the block table and the dropout."""
+    """What one call launches: the tile configuration, the block table, the bag count and the dropout.
 
-    bags: Bags
+    It holds no input tensor, so keeping it on an autograd context keeps no activation alive.
+    """
+
     cfg: Config
     table: BlockTable
+    num_bags: int
+    has_mask: bool
     dropout_p: float
     seed: int
 
     @staticmethod
     def make(bags: Bags, hidden: int, dropout_p: float, seed: int) -> "Plan":
         cfg = config_for(bags.x2d.shape[1], hidden)
-        return Plan(bags, cfg, block_table(bags.bounds, cfg.block_n, bags.x2d.device), dropout_p, seed)
+        table = block_table(bags.bounds, cfg.block_n, bags.x2d.device)
+        return Plan(cfg, table, bags.num_bags, bags.row_valid is not None, dropout_p, seed)
 
     def launch_args(self, x2d, hidden, gated, heads):
         """Keyword arguments shared by the row kernels."""
@@ -314,12 +319,14 @@ class Plan:
             L=x2d.shape[1], D=hidden, seed=self.seed, p_drop=float(self.dropout_p),
             drop_scale=1.0 / (1.0 - self.dropout_p), K=heads, K_PAD=triton.next_power_of_2(heads),
             BLOCK_N=self.cfg.block_n, BLOCK_D=self.cfg.block_d, BLOCK_L=self.cfg.block_l,
-            GATED=gated, DROPOUT=self.dropout_p > 0, HAS_MASK=self.bags.row_valid is not None,
+            GATED=gated, DROPOUT=self.dropout_p > 0, HAS_MASK=self.has_mask,
             **dot_flags(x2d.dtype, triton_interpreted()), num_warps=self.cfg.num_warps,
         )
 
-    def valid_rows(self, x2d):
-        return self.bags.row_valid if self.bags.row_valid is not None else x2d
+
+def _or(tensor, placeholder):
+    """``tensor``, or a placeholder pointer for a kernel argument that a constexpr flag leaves unread."""
+    return tensor if tensor is not None else placeholder
 
 
 def _bias(bias, weight):
@@ -331,8 +338,8 @@ def _gate_weights(wa, ba, wb, bb):
     return wa, _bias(ba, wa), wb if wb is not None else wa, _bias(bb, wa)
 
 
-def forward(x2d, wa, ba, wb, bb, wc, bc, plan: Plan, pool: bool):
-    """Fused forward over packed rows ``x2d: (T, L)``.
+def forward(x2d, wa, ba, wb, bb, wc, bc, row_valid, plan: Plan, pool: bool):
+    """Fused forward over packed rows ``x2d: (T, L)``; ``row_valid: (T,)`` bool, or None without a mask.
 
     Returns ``(pooled: (B, K, L) or None, scores: (T, K) fp32, lse: (B, K) fp32 or None)``; backward
     takes the fp32 scores and ``lse`` back, so the attention weights are recomputed exactly.
@@ -346,15 +353,15 @@ def forward(x2d, wa, ba, wb, bb, wc, bc, plan: Plan, pool: bool):
     part_max = _blocks.new_buffer(blocks, heads, dtype=torch.float32, device=device)
     part_sum = _blocks.new_buffer(blocks, heads, dtype=torch.float32, device=device)
     _forward_kernel[(table.num_blocks,)](
-        x2d, *_gate_weights(wa, ba, wb, bb), wc, _bias(bc, wc), plan.valid_rows(x2d),
+        x2d, *_gate_weights(wa, ba, wb, bb), wc, _bias(bc, wc), _or(row_valid, x2d),
         table.start, table.end, scores, part_acc, part_max, part_sum,
         POOL=pool, **plan.launch_args(x2d, wa.shape[0], wb is not None, heads),
     )
     if not pool:
         return None, scores, None
-    pooled = _blocks.new_buffer(plan.bags.num_bags, heads, features, dtype=x2d.dtype, device=device)
-    lse = _blocks.new_buffer(plan.bags.num_bags, heads, dtype=torch.float32, device=device)
-    grid = (plan.bags.num_bags, heads, triton.cdiv(features, COMBINE_BLOCK_L))
+    pooled = _blocks.new_buffer(plan.num_bags, heads, features, dtype=x2d.dtype, device=device)
+    lse = _blocks.new_buffer(plan.num_bags, heads, dtype=torch.float32, device=device)
+    grid = (plan.num_bags, heads, triton.cdiv(features, COMBINE_BLOCK_L))
     _combine_kernel[grid](part_acc, part_max, part_sum, table.bag_first_block, pooled, lse, features,
                           K=heads, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L)
     return pooled, scores, lse
@@ -386,7 +393,8 @@ def _chunk_rows(features, dh_width, x_dtype, gemm_dtype, block_n):
     return max(block_n, BACKWARD_SCRATCH_BYTES // row_bytes)
 
 
-def backward(x2d, wa, ba, wb, bb, wc, bc, scores, lse, pooled, plan: Plan, pool, d_pooled, d_scores, wanted):
+def backward(x2d, wa, ba, wb, bb, wc, bc, row_valid, scores, lse, pooled, plan: Plan, pool, d_pooled, d_scores,
+             wanted):
     """Gradients ``(dx, dwa, dba, dwb, dbb, dwc, dbc)`` of the fused op; None where an input is absent or
     ``wanted`` (``ctx.needs_input_grad``) says no gradient is needed.
 
@@ -410,7 +418,7 @@ def backward(x2d, wa, ba, wb, bb, wc, bc, scores, lse, pooled, plan: Plan, pool,
     for first, stop, row0, row1 in _chunks(table, chunk_rows):
         d_h = _blocks.new_buffer(row1 - row0, w_stack.shape[0], dtype=gemm_dtype, device=device)
         _backward_rows_kernel[(stop - first,)](
-            x2d, *_gate_weights(wa, ba, wb, bb), wc, plan.valid_rows(x2d),
+            x2d, *_gate_weights(wa, ba, wb, bb), wc, _or(row_valid, x2d),
             table.start, table.end, table.bag, scores,
             d_scores.contiguous() if d_scores is not None else scores, lse if pool else scores, delta,
             d_pooled.contiguous() if pool else scores, dx, d_h, part_dwc, part_dbc, row0, first,
@@ -461,7 +469,7 @@ def shipped_specializations():
                 for pool in (True, False):
                     yield _forward_kernel, _forward_signature(ptr, valid), dict(tiles, POOL=pool), cfg.num_warps
                     yield (_backward_rows_kernel, _backward_signature(ptr, valid, _POINTER_TYPES[_gemm_dtype(dtype)]),
-                           dict(tiles, POOL=pool, HAS_DSCORES=not pool), cfg.num_warps)
+                           dict(tiles, POOL=pool, HAS_DSCORES=True), cfg.num_warps)  # autograd materializes dS
         for heads in (1, 3):
             yield (_combine_kernel, _combine_signature(ptr),
                    dict(K=heads, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L), 4)

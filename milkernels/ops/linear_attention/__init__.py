@@ -23,11 +23,12 @@ class _LinearAttentionFn(torch.autograd.Function):
     """Fused forward and backward on the triton kernels."""
 
     @staticmethod
-    def forward(ctx, qkv2d, temperature, plan, want_numerator, want_map):
+    def forward(ctx, qkv2d, temperature, row_valid, plan, want_numerator, want_map):
         from . import triton as kernels
 
-        out, numerator, attention_map, state = kernels.forward(qkv2d, temperature, plan, want_numerator, want_map)
-        ctx.save_for_backward(qkv2d, temperature, *state)
+        out, numerator, attention_map, (state,) = kernels.forward(qkv2d, temperature, row_valid, plan,
+                                                                  want_numerator, want_map)
+        ctx.save_for_backward(qkv2d, temperature, row_valid, state)
         ctx.plan = plan
         return out, numerator, attention_map
 
@@ -35,9 +36,10 @@ class _LinearAttentionFn(torch.autograd.Function):
     def backward(ctx, d_out, d_numerator, d_map):
         from . import triton as kernels
 
-        qkv2d, temperature, *state = ctx.saved_tensors
-        d_qkv, d_temperature = kernels.backward(qkv2d, temperature, state, ctx.plan, d_out, d_numerator, d_map)
-        return d_qkv, d_temperature if ctx.needs_input_grad[1] else None, None, None, None
+        qkv2d, temperature, row_valid, state = ctx.saved_tensors
+        d_qkv, d_temperature = kernels.backward(qkv2d, temperature, row_valid, (state,), ctx.plan, d_out, d_numerator,
+                                                d_map)
+        return d_qkv, d_temperature if ctx.needs_input_grad[1] else None, None, None, None, None
 
 
 def _check(qkv, num_heads, activation, temperature, denominator):
@@ -95,7 +97,8 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
 
         plan = kernels.Plan.make(bags, **options)
         out, numerator, attention_map = _LinearAttentionFn.apply(
-            bags.x2d.contiguous(), tau.contiguous() if tau is not None else None, plan, return_numerator, return_map)
+            bags.x2d.contiguous(), tau.contiguous() if tau is not None else None, bags.row_valid, plan,
+            return_numerator, return_map)
     results = [bags.rows_to_caller(out)]
     if return_numerator:
         results.append(_numerator_to_caller(bags, numerator))
@@ -105,19 +108,19 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
 
 
 def _numerator_to_caller(bags, numerator):
-    """``(T, H, dh)`` rows in Lin-MIL's head-major order (views): ``(B, H, N, dh)`` for padded bags,
-    ``(H, N, dh)`` for one bag; packed bags keep ``(T, H, dh)``."""
+    """``(T, H, dh)`` rows in Lin-MIL's head-major order, contiguous as Lin-MIL's: ``(B, H, N, dh)`` for
+    padded bags, ``(H, N, dh)`` for one bag; packed bags keep ``(T, H, dh)``."""
     if bags.layout == "padded":
-        return bags.rows_to_caller(numerator).permute(0, 2, 1, 3)
+        return bags.rows_to_caller(numerator).permute(0, 2, 1, 3).contiguous()
     if bags.layout == "single":
-        return numerator.permute(1, 0, 2)
+        return numerator.permute(1, 0, 2).contiguous()
     return numerator
 
 
 def lin_mil_attention(qkv, temperature, num_heads, *, activation="relu", mask=None, cu_seqlens=None,
                       return_numerator=False, return_map=False):
     """Lin-MIL's ``LinearAttention`` core: :func:`linear_attention` with its temperature ``(H, 1, 1)``
-    and the denominator clamped at 100, bit-for-bit the reference's math."""
+    and the denominator clamped at 100: the reference's math, equal to it up to floating-point rounding."""
     return linear_attention(qkv, num_heads, activation=activation, temperature=temperature, denominator="clamp",
                             clamp_min=100.0, mask=mask, cu_seqlens=cu_seqlens,
                             return_numerator=return_numerator, return_map=return_map)

@@ -5,7 +5,7 @@ Forward, per head (program axis 1) and block of BLOCK_N rows of one bag (axis 0)
 ``(blocks, H, dh + 1, dh)`` (row dh holds z); ``_combine_kernel`` sums a bag's partials in a fixed
 order; ``_apply_kernel`` computes ``numerator = phi(q) (tau S)``, the denominator, ``out`` (written
 into ``(T, C)`` at the head's columns: no permute copies), and, when asked, the numerator and the
-per-head mean of the numerator for the attention map.
+per-head attention map ``q . mean_d(tau S)`` (the mean over dh of the numerator).
 
 Backward: ``_query_grad_kernel`` writes the q part of ``d_qkv`` and partials of ``dS'`` and ``dz``
 (combined by ``_combine_kernel``); ``_key_grad_kernel`` writes the k and v parts. Deterministic.
@@ -186,8 +186,8 @@ def _apply_kernel(qkv_ptr, valid_ptr, block_start_ptr, block_end_ptr, block_bag_
     block, rows64, row_ok, valid = _rows(block_start_ptr, block_end_ptr, valid_ptr, HAS_MASK, BLOCK_N)
     head = tl.program_id(1)
     cols = tl.arange(0, DH)
-    _, _, _, _, numerator, q_dot_z = _numerator(qkv_ptr, state_ptr, tau_ptr, block_bag_ptr, block, rows64, valid,
-                                                head, C, H, dh, ACT, DH, DOT_FP32, FP32_PRECISION)
+    _, q, state, _, numerator, q_dot_z = _numerator(qkv_ptr, state_ptr, tau_ptr, block_bag_ptr, block, rows64,
+                                                    valid, head, C, H, dh, ACT, DH, DOT_FP32, FP32_PRECISION)
     out = numerator / _denominator(q_dot_z, clamp_min, eps, CLAMP)[:, None]
     store = row_ok[:, None] & (cols[None, :] < dh)
     tl.store(out_ptr + rows64[:, None] * C + head * dh + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=store)
@@ -195,7 +195,8 @@ def _apply_kernel(qkv_ptr, valid_ptr, block_start_ptr, block_end_ptr, block_bag_
         tl.store(numerator_ptr + rows64[:, None] * C + head * dh + cols[None, :],
                  numerator.to(numerator_ptr.dtype.element_ty), mask=store)
     if STORE_MAP:
-        tl.store(map_ptr + rows64 * H + head, tl.sum(numerator, axis=1) / dh, mask=row_ok)
+        row_means = tl.sum(state, axis=1) / dh  # mean_d(tau S): the map is q . mean_d(tau S)
+        tl.store(map_ptr + rows64 * H + head, tl.sum(q * row_means[None, :], axis=1), mask=row_ok)
 
 
 @triton.jit
@@ -256,11 +257,16 @@ def _key_grad_kernel(qkv_ptr, valid_ptr, block_start_ptr, block_end_ptr, block_b
 
 @dataclass(frozen=True)
 class Plan:
-    """What one call launches: the packed bags, their block table and the op's options."""
+    """What one call launches: the block table, the sizes and the op's options.
 
-    bags: Bags
+    It holds no input tensor, so keeping it on an autograd context keeps no activation alive.
+    """
+
     table: BlockTable
+    num_bags: int
+    has_mask: bool
     num_heads: int
+    head_dim: int
     activation: str
     denominator: str
     clamp_min: float
@@ -269,33 +275,33 @@ class Plan:
     @staticmethod
     def make(bags: Bags, num_heads, activation, denominator, clamp_min, eps) -> "Plan":
         table = block_table(bags.bounds, BLOCK_N, bags.x2d.device)
-        return Plan(bags, table, num_heads, activation, denominator, clamp_min, eps)
+        head_dim = bags.x2d.shape[1] // 3 // num_heads
+        return Plan(table, bags.num_bags, bags.row_valid is not None, num_heads, head_dim, activation, denominator,
+                    clamp_min, eps)
 
     @property
-    def head_dim(self) -> int:
-        return self.bags.x2d.shape[1] // 3 // self.num_heads
+    def block_dh(self) -> int:
+        return max(16, triton.next_power_of_2(self.head_dim))
 
     def flags(self, qkv2d) -> dict:
         """Constexprs shared by the row kernels."""
-        return dict(ACT=ACTIVATION_CODES[self.activation], HAS_MASK=self.bags.row_valid is not None,
-                    BLOCK_N=BLOCK_N, DH=max(16, triton.next_power_of_2(self.head_dim)),
+        return dict(ACT=ACTIVATION_CODES[self.activation], HAS_MASK=self.has_mask, BLOCK_N=BLOCK_N, DH=self.block_dh,
                     **dot_flags(qkv2d.dtype, triton_interpreted()))
 
-    def rows_args(self, qkv2d):
+    def rows_args(self, qkv2d, row_valid):
         """The leading arguments of every row kernel: qkv, the row mask and the block table."""
-        valid = self.bags.row_valid if self.bags.row_valid is not None else qkv2d
-        return qkv2d, valid, self.table.start, self.table.end
+        return qkv2d, row_valid if row_valid is not None else qkv2d, self.table.start, self.table.end
 
     def grid(self):
         return (self.table.num_blocks, self.num_heads)
 
     def reduce(self, partials, rows):
         """Sum ``partials: (blocks, H, dh + 1, dh)`` over each bag's blocks: ``(B, H, dh + 1, dh)`` fp32."""
-        out = _blocks.new_buffer(self.bags.num_bags, self.num_heads, rows, self.head_dim,
+        out = _blocks.new_buffer(self.num_bags, self.num_heads, rows, self.head_dim,
                                  dtype=torch.float32, device=partials.device)
-        grid = (self.bags.num_bags, self.num_heads, rows)
+        grid = (self.num_bags, self.num_heads, rows)
         _combine_kernel[grid](partials, self.table.bag_first_block, out, self.num_heads, self.head_dim,
-                              BLOCK_B=COMBINE_BLOCK_B, DH=self.flags(partials)["DH"])
+                              BLOCK_B=COMBINE_BLOCK_B, DH=self.block_dh)
         return out
 
 
@@ -304,50 +310,53 @@ def _partials(plan: Plan, device):
                               dtype=torch.float32, device=device)
 
 
-def _tau(temperature, plan, device):
-    return temperature if temperature is not None else torch.ones(plan.num_heads, dtype=plan.bags.x2d.dtype, device=device)
+def _tau(temperature, plan, like):
+    return temperature if temperature is not None else torch.ones(plan.num_heads, dtype=like.dtype, device=like.device)
 
 
-def forward(qkv2d, temperature, plan: Plan, want_numerator: bool, want_map: bool):
+def forward(qkv2d, temperature, row_valid, plan: Plan, want_numerator: bool, want_map: bool):
     """``(out: (T, C), numerator: (T, H, dh) or None, map: (T,) or None, saved: (state,))``.
 
+    ``row_valid: (T,)`` bool, or None without a mask.
     ``state: (B, H, dh + 1, dh)`` fp32 holds S (before the temperature) and z per bag and head.
     """
     total, channels = qkv2d.shape[0], qkv2d.shape[1] // 3
     heads, dh, device = plan.num_heads, plan.head_dim, qkv2d.device
     flags = plan.flags(qkv2d)
     partials = _partials(plan, device)
-    _state_kernel[plan.grid()](*plan.rows_args(qkv2d), partials, channels, heads, dh, **flags)
+    _state_kernel[plan.grid()](*plan.rows_args(qkv2d, row_valid), partials, channels, heads, dh, **flags)
     state = plan.reduce(partials, dh + 1)
     out = _blocks.new_buffer(total, channels, dtype=qkv2d.dtype, device=device)
     numerator = _blocks.new_buffer(total, heads, dh, dtype=qkv2d.dtype, device=device) if want_numerator else out
     head_maps = _blocks.new_buffer(total, heads, dtype=torch.float32, device=device) if want_map else out
     _apply_kernel[plan.grid()](
-        *plan.rows_args(qkv2d), plan.table.bag, state, _tau(temperature, plan, device), out, numerator, head_maps,
+        *plan.rows_args(qkv2d, row_valid), plan.table.bag, state, _tau(temperature, plan, qkv2d), out, numerator,
+        head_maps,
         channels, heads, dh, plan.clamp_min, plan.eps, CLAMP=plan.denominator == "clamp",
         STORE_NUMERATOR=want_numerator, STORE_MAP=want_map, **flags)
     attention_map = head_maps.mean(dim=1).to(qkv2d.dtype) if want_map else None
     return out, numerator if want_numerator else None, attention_map, (state,)
 
 
-def backward(qkv2d, temperature, saved, plan: Plan, d_out, d_numerator, d_map):
+def backward(qkv2d, temperature, row_valid, saved, plan: Plan, d_out, d_numerator, d_map):
     """``(d_qkv: (T, 3C), d_temperature: (H,) or None)`` from the upstream gradients (any may be None)."""
     (state,) = saved
     channels = qkv2d.shape[1] // 3
     heads, dh, device = plan.num_heads, plan.head_dim, qkv2d.device
     flags = plan.flags(qkv2d)
-    tau = _tau(temperature, plan, device)
+    tau = _tau(temperature, plan, qkv2d)
     d_qkv = _blocks.new_buffer(*qkv2d.shape, dtype=qkv2d.dtype, device=device)
     partials = _partials(plan, device)
     present = [t.contiguous() if t is not None else qkv2d for t in (d_out, d_numerator, d_map)]
     _query_grad_kernel[plan.grid()](
-        *plan.rows_args(qkv2d), plan.table.bag, state, tau, *present, d_qkv, partials,
+        *plan.rows_args(qkv2d, row_valid), plan.table.bag, state, tau, *present, d_qkv, partials,
         channels, heads, dh, plan.clamp_min, plan.eps, 1.0 / (heads * dh), CLAMP=plan.denominator == "clamp",
         HAS_DOUT=d_out is not None, HAS_DNUMERATOR=d_numerator is not None, HAS_DMAP=d_map is not None, **flags)
     d_scaled = plan.reduce(partials, dh + 1)  # dS' (w.r.t. tau S) and dz
     d_state = d_scaled.clone()
     d_state[:, :, :dh] *= tau.float().reshape(1, heads, 1, 1)
-    _key_grad_kernel[plan.grid()](*plan.rows_args(qkv2d), plan.table.bag, d_state, d_qkv, channels, heads, dh, **flags)
+    _key_grad_kernel[plan.grid()](*plan.rows_args(qkv2d, row_valid), plan.table.bag, d_state, d_qkv, channels, heads, dh,
+                                  **flags)
     d_temperature = None
     if temperature is not None:
         d_temperature = (d_scaled[:, :, :dh] * state[:, :, :dh]).sum(dim=(0, 2, 3)).to(temperature.dtype)
@@ -361,15 +370,18 @@ def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
     Yields ``(kernel, signature, constexprs, num_warps)`` as the launches build them: the three dtypes,
-    head sizes 64 and 20 (padded to 32), every activation, with and without a mask, both denominators.
+    head sizes padded to 16, 32 and 64, with and without a mask, both denominators, every activation,
+    and each pair of optional outputs (numerator, map) with its matching backward.
     """
+    configs = ((64, "relu", True, True), (20, "gelu", False, False), (16, "relu", False, True), (8, "tanh", True, False))
     for dtype, ptr in _POINTER_TYPES.items():
-        for head_dim, (activation, has_mask, clamp) in zip((64, 20), (("relu", True, True), ("gelu", False, False))):
+        for head_dim, activation, has_mask, clamp in configs:
             yield from _specializations_for(ptr, dtype, head_dim, activation, has_mask, clamp)
-    for activation in ("elu", "leaky_relu", "tanh", "softplus"):
+    for activation in ("elu", "leaky_relu", "softplus"):
         yield from _specializations_for("*bf16", torch.bfloat16, 64, activation, False, True)
-    yield (_combine_kernel, dict(part_ptr="*fp32", bag_first_block_ptr="*i32", out_ptr="*fp32", H="i32", dh="i32"),
-           dict(BLOCK_B=COMBINE_BLOCK_B, DH=64), 4)
+    for block_dh in (16, 32, 64):
+        yield (_combine_kernel, dict(part_ptr="*fp32", bag_first_block_ptr="*i32", out_ptr="*fp32", H="i32", dh="i32"),
+               dict(BLOCK_B=COMBINE_BLOCK_B, DH=block_dh), 4)
 
 
 def _specializations_for(ptr, dtype, head_dim, activation, has_mask, clamp):
@@ -379,11 +391,11 @@ def _specializations_for(ptr, dtype, head_dim, activation, has_mask, clamp):
     sizes = dict(C="i32", H="i32", dh="i32")
     yield _state_kernel, dict(rows, part_ptr="*fp32", **sizes), flags, 4
     common = dict(rows, block_bag_ptr="*i32", state_ptr="*fp32", tau_ptr=ptr)
-    for stored in (True, False):
-        yield (_apply_kernel, dict(common, out_ptr=ptr, numerator_ptr=ptr, map_ptr="*fp32" if stored else ptr, **sizes,
-                                   clamp_min="fp32", eps="fp32"),
-               dict(flags, CLAMP=clamp, STORE_NUMERATOR=stored, STORE_MAP=stored), 4)
+    for numerator, attention_map in ((False, False), (True, False), (False, True), (True, True)):
+        yield (_apply_kernel, dict(common, out_ptr=ptr, numerator_ptr=ptr, map_ptr="*fp32" if attention_map else ptr,
+                                   **sizes, clamp_min="fp32", eps="fp32"),
+               dict(flags, CLAMP=clamp, STORE_NUMERATOR=numerator, STORE_MAP=attention_map), 4)
         yield (_query_grad_kernel, dict(common, d_out_ptr=ptr, d_numerator_ptr=ptr, d_map_ptr=ptr, d_qkv_ptr=ptr,
                                         part_ptr="*fp32", **sizes, clamp_min="fp32", eps="fp32", map_scale="fp32"),
-               dict(flags, CLAMP=clamp, HAS_DOUT=True, HAS_DNUMERATOR=stored, HAS_DMAP=stored), 4)
+               dict(flags, CLAMP=clamp, HAS_DOUT=True, HAS_DNUMERATOR=numerator, HAS_DMAP=attention_map), 4)
     yield (_key_grad_kernel, dict(rows, block_bag_ptr="*i32", d_state_ptr="*fp32", d_qkv_ptr=ptr, **sizes), flags, 4)
