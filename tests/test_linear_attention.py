@@ -124,6 +124,20 @@ def test_graph_does_not_keep_the_input_alive(device):
     assert attention_map.grad_fn is not None
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_casts_qkv_and_temperature(backend, device):
+    qkv, temperature = make_qkv((1, 60, 3 * 40), 4, device=device, seed=13)
+    with milkernels.use_backend(backend), torch.autocast(device.type, dtype=torch.bfloat16):
+        out = linear_attention(qkv, 4, temperature=temperature, denominator="clamp")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert qkv.grad.dtype == torch.float32 and temperature.grad.dtype == torch.float32
+    with milkernels.use_backend("reference"):
+        expected = linear_attention(qkv.detach().bfloat16(), 4, temperature=temperature.detach().bfloat16(),
+                                    denominator="clamp")
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
 def test_lin_mil_output_shapes_follow_lin_mil(device):
     qkv, temperature = make_qkv((2, 30, 3 * 40), 4, device=device, seed=8)
     with milkernels.use_backend("triton"):

@@ -55,6 +55,18 @@ class Bags:
         return per_bag[0] if self.layout == "single" else per_bag
 
 
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast`` the float tensors cast to its dtype, as ``F.linear`` would; else as given.
+
+    The device is the first argument's; anything that is not a tensor passes through unchanged.
+    """
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def check_tensor(name: str, tensor) -> None:
     """Raise ValueError unless ``tensor`` is a torch.Tensor."""
     if not isinstance(tensor, torch.Tensor):

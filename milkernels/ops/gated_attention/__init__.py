@@ -10,18 +10,10 @@ from __future__ import annotations
 import torch
 
 from ... import _backends
-from .._bags import Bags, check_float, check_same_device, pack_bags
+from .._bags import Bags, autocast_inputs, check_float, check_same_device, pack_bags
 from . import reference
 
 OP_NAME = "gated_attention"
-
-
-def _autocast(x, *weights):
-    """Under ``torch.autocast`` cast x and the weights to its dtype, as ``F.linear`` would; else as given."""
-    if not isinstance(x, torch.Tensor) or not torch.is_autocast_enabled(x.device.type):
-        return (x, *weights)
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (x, *weights))
 
 
 def _check_weights(x, wa, ba, wb, bb, wc, bc):
@@ -141,7 +133,7 @@ def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlen
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    x, wa, ba, wb, bb, wc, bc = _autocast(x, wa, ba, wb, bb, wc, bc)
+    x, wa, ba, wb, bb, wc, bc = autocast_inputs(x, wa, ba, wb, bb, wc, bc)
     features, _, _ = _check_weights(x, wa, ba, wb, bb, wc, bc)
     bags = pack_bags(x, features, mask, cu_seqlens)
     pooled, scores = _run(x, wa, ba, wb, bb, wc, bc, bags, dropout_p, training, pool=True)
@@ -152,7 +144,7 @@ def gated_attention_scores(x, wa, ba, wb, bb, wc, bc=None, *, dropout_p: float =
     """Raw gated attention scores ``(..., K)`` of instances ``x: (..., L)`` (no softmax, no pooling)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    x, wa, ba, wb, bb, wc, bc = _autocast(x, wa, ba, wb, bb, wc, bc)
+    x, wa, ba, wb, bb, wc, bc = autocast_inputs(x, wa, ba, wb, bb, wc, bc)
     features, _, _ = _check_weights(x, wa, ba, wb, bb, wc, bc)
     if x.dim() < 1 or x.shape[-1] != features:
         raise ValueError(f"x must end in the feature size L={features}, got shape {tuple(x.shape)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ... import _backends
-from .._bags import check_float, check_same_device, check_tensor, pack_bags
+from .._bags import autocast_inputs, check_float, check_same_device, check_tensor, pack_bags
 from . import reference
 
 OP_NAME = "linear_attention"
@@ -77,12 +77,15 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
         temperature: ``(H,)`` (any shape with H values) scaling S per head, or None.
         denominator: ``"eps"``: q.z + eps (the standard form); ``"clamp"``: max(q.z, clamp_min) (Lin-MIL).
 
+    qkv and the temperature share one dtype; under ``torch.autocast`` both are cast to its dtype first.
+
     Returns:
         ``out``: ``(N, C)``, ``(B, N, C)`` or ``(T, C)``, the heads concatenated (before the output
         projection); then, if asked, ``numerator``: ``(H, N, dh)``, ``(B, H, N, dh)`` (Lin-MIL's second
         output) or ``(T, H, dh)``; and ``attention_map``: ``(N,)``, ``(B, N)`` or ``(T,)``, the mean over heads and dh of the numerator,
         computed as q . mean_d(S) without forming the numerator. Masked rows give 0.
     """
+    qkv, temperature = autocast_inputs(qkv, temperature)
     _check(qkv, num_heads, activation, temperature, denominator)
     bags = pack_bags(qkv, qkv.shape[-1], mask, cu_seqlens)
     tau = temperature.reshape(num_heads) if temperature is not None else None
