@@ -10,6 +10,7 @@
 // (hi * hi + hi * lo + lo * hi), which keeps float32 accuracy. Accumulation is float32 throughout.
 
 #include "gated_attention.h"
+#include "common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -35,19 +36,6 @@ constexpr int kFrags = kHidden / 16;  // 16 x 16 accumulator tiles per warp and 
 constexpr int kMaxGridY = 65535;
 
 static_assert(kRows == 16 * kWarps, "each warp owns one 16-row strip");
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename E>
-__device__ E from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Tensor-core tiles for 16-bit elements: A (16 x kStep) row-major, B (kStep x 16) column-major.
 template <typename E>

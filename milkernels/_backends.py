@@ -132,3 +132,18 @@ def kernel_reasons(backend: str, tensor: torch.Tensor) -> list[str]:
     if tensor.dtype not in KERNEL_DTYPES:
         reasons.append(f"the {backend} kernels take float32, float16 or bfloat16, not {tensor.dtype}")
     return reasons
+
+
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def capability_reasons(tensor: torch.Tensor, what: str) -> list[str]:
+    """Why ``what`` (the csrc kernels of an op) cannot run on ``tensor``'s GPU: one older than compute
+    capability 8.0 (they need bfloat16 and tf32 tensor cores). Empty for a CPU tensor."""
+    if not tensor.is_cuda:
+        return []
+    capability = torch.cuda.get_device_capability(tensor.device)
+    if capability >= MIN_CUDA_CAPABILITY:
+        return []
+    name = torch.cuda.get_device_name(tensor.device)
+    return [f"{what} need compute capability 8.0 or newer; {name} has {capability[0]}.{capability[1]}"]

@@ -1,4 +1,5 @@
-"""Model surgery: :func:`swap` puts the fused kernels into existing CLAM, torchmil and Lin-MIL models, in place.
+"""Model surgery: :func:`swap` puts the fused kernels into existing CLAM, torchmil, Lin-MIL, LiteMIL and ASMIL
+models, in place.
 
 Modules are recognized by structure, whatever their class, then checked by behavior: before a
 replacement goes in, the candidate and its replacement run on a small random probe input (eval mode,
@@ -26,16 +27,29 @@ class with the same children but another ``forward`` stays as it is.
   attention output from the other blocks, so no ``(B, H, N, dh)`` numerator and no softmax matrix
   but the last block's (which the model returns) is formed. It pickles and deep-copies as such.
   Lin-MIL's ``nystrom`` and ``dilated`` ablation blocks (and models holding them) stay as they are.
+- ``torch.nn.MultiheadAttention`` (or a subclass of it, LiteMIL's learned-query pooling among them): it
+  becomes a :class:`milkernels.nn.MultiheadAttention` (a subclass sharing its Parameters and
+  ``out_proj``), whose forward is fused for a few queries attending to a bag and PyTorch's otherwise.
+  Probed with 2 queries on 2 bags of 3 (``key is value``), without and with a ``key_padding_mask``
+  (head-averaged and per-head weights).
+- ASMIL's multi-head attention: children exactly ``q_proj``, ``k_proj``, ``v_proj = Linear(E, I)``,
+  ``out_proj = Linear(I, E)``, ``layer_norm = LayerNorm``, ``dropout = Dropout``, an int ``num_heads``
+  dividing I, a bool ``softmax`` (missing: True; False is NSF), ``forward(q, k, v) -> (out, logits)``
+  for one bag; it becomes a :class:`milkernels.nn.QueryAttention`. Probed with ``q: (1, 3, E)``, ``k = v:
+  (1, 5, E)``.
 
-A replacement holds the very same child modules, so the parameters (and the optimizer state on
-them), the ``state_dict`` keys and checkpoints stay as they were, and so do outputs and gradients.
-Recognized modules that cannot be swapped stay as they are: torchmil with ``act='relu'`` or
-``'gelu'`` or an uninitialized LazyLinear; a module with parameters of its own; a module any of whose
-submodules has forward or backward hooks (the fused op would not call them); a pruned, weight-normed
-or parametrized Linear (the fused op reads the raw parameters); a ``forward`` that differs on the
-probe; CLAM's ungated ``Attn_Net``; a Lin-MIL ``act`` with non-default arguments (``LeakyReLU(0.2)``,
-``ELU(alpha=0.5)``, ``GELU('tanh')``...) or of another class; a ``Lin_MIL`` with a hooked submodule
-(its blocks' attention is still swapped), another ``pool`` or a ``nystrom``/``dilated`` block. :func:`swap_report` lists what is fused and why the others stay.
+A replacement holds the very same child modules (and a MultiheadAttention's very Parameters), so the
+parameters (and the optimizer state on them), the ``state_dict`` keys and checkpoints stay as they
+were, and so do outputs and gradients. Recognized modules that cannot be swapped stay as they are:
+torchmil with ``act='relu'`` or ``'gelu'`` or an uninitialized LazyLinear; a module with parameters
+of its own (beyond MultiheadAttention's projections); a module any of whose submodules has forward or
+backward hooks (the fused op would not call them); a pruned, weight-normed or parametrized Linear or
+MultiheadAttention (the fused op reads the raw parameters); a ``forward`` that differs on the probe;
+CLAM's ungated ``Attn_Net``; a MultiheadAttention with ``add_bias_kv``, ``add_zero_attn`` or ``kdim !=
+vdim`` (its fused path would never run); a Lin-MIL ``act`` with non-default arguments
+(``LeakyReLU(0.2)``, ``ELU(alpha=0.5)``, ``GELU('tanh')``...) or of another class; a ``Lin_MIL`` with a
+hooked submodule (its blocks' attention is still swapped), another ``pool`` or a
+``nystrom``/``dilated`` block. :func:`swap_report` lists what is fused and why the others stay.
 Hooks or parametrizations added after the swap are not seen by the fused op either.
 
     model = milkernels.swap(model, verbose=True)   # prints the report
@@ -56,8 +70,10 @@ from ._backends import use_backend
 from .nn.gated_attention import GatedAttention, GatedAttentionPool, TorchmilAttentionPool, branch_dropout_p
 from .nn.linear_attention import (FusedLinMIL, LinearAttention, SoftmaxAttention, activation_problem,
                                   fused_lin_mil_class)
+from .nn.query_attention import MultiheadAttention, QueryAttention
 
-FUSED = (GatedAttention, GatedAttentionPool, TorchmilAttentionPool, LinearAttention, SoftmaxAttention, FusedLinMIL)
+FUSED = (GatedAttention, GatedAttentionPool, TorchmilAttentionPool, LinearAttention, SoftmaxAttention, FusedLinMIL,
+         MultiheadAttention, QueryAttention)
 CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                     "_load_state_dict_post_hooks")
@@ -66,6 +82,10 @@ TORCHMIL_CONTRACT = "torchmil's AttentionPool: forward(X, mask, return_att) -> z
 LINEAR_CONTRACT = "Lin-MIL's LinearAttention: forward(x) -> (out, numerator)"
 SOFTMAX_CONTRACT = "Lin-MIL's Attention: forward(x) -> (out, softmax matrix)"
 LIN_MIL_CONTRACT = "Lin-MIL's Lin_MIL: forward(x, coords=None) -> (logits, attention map)"
+MHA_CONTRACT = "torch.nn.MultiheadAttention: forward(query, key, value, ...) -> (attn_output, attn_weights)"
+ASMIL_CONTRACT = "ASMIL's attention: forward(q, k, v) -> (out, pre-normalization logits) for one bag"
+ASMIL_CHILDREN = {"q_proj", "k_proj", "v_proj", "out_proj", "layer_norm", "dropout"}
+MHA_OUT_PROJ_TYPES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 LINEAR_CHILDREN = {"qkv", "attn_drop", "proj", "proj_drop", "qk_mul", "kv_mul", "extra_mul", "act"}
 BLOCK_CHILDREN = {"norm1", "attn", "drop_path", "norm2", "mlp"}
 FUSED_BLOCK_TYPES = ("linear", "softmax")
@@ -156,7 +176,11 @@ def _family(module: nn.Module) -> Family | None:
     """The :class:`Family` of the kind of attention module ``module`` is, else None."""
     if isinstance(module, FUSED):
         return None
+    if isinstance(module, nn.MultiheadAttention):
+        return Family(_mha_problem, MultiheadAttention.from_module, _mha_probe_calls, MHA_CONTRACT)
     names = _child_names(module)
+    if names == ASMIL_CHILDREN:
+        return Family(_asmil_problem, QueryAttention.from_module, _asmil_probe_calls, ASMIL_CONTRACT)
     if names == {"attention_a", "attention_b", "attention_c"}:
         return Family(_clam_gated_problem, _gated_attention_from, _clam_probe_calls, CLAM_CONTRACT)
     if type(module).__name__ == "AttentionPool" and {"fc1", "fc2", "act_layer"} <= names:
@@ -247,11 +271,11 @@ def _plain_parameters_problem(module: nn.Module, where: str) -> str:
     return ""
 
 
-def _linear_problem(layer: nn.Module, name: str) -> str:
-    """Why ``layer`` is not a plain ``nn.Linear`` (a parametrized one computes its weight), or ``""``."""
+def _linear_problem(layer: nn.Module, name: str, types: tuple = (nn.Linear,)) -> str:
+    """Why ``layer`` is not a plain Linear of one of ``types`` (a parametrized one computes its weight), or ``""``."""
     if is_parametrized(layer):
         return f"{name} is parametrized (torch.nn.utils.parametrize); the fused op reads raw parameters"
-    if type(layer) is not nn.Linear:
+    if type(layer) not in types:
         return f"{name} is a {type(layer).__name__}, not a Linear"
     return ""
 
@@ -492,3 +516,61 @@ def _fuse_lin_mil(module: nn.Module) -> nn.Module:
     ``state_dict`` and identity unchanged)."""
     module.__class__ = fused_lin_mil_class(type(module))
     return module
+
+
+def _mha_problem(module: nn.MultiheadAttention) -> str:
+    """Why an ``nn.MultiheadAttention`` cannot take :class:`MultiheadAttention`'s fused path, or ``""``."""
+    if module.bias_k is not None or module.bias_v is not None:
+        return "add_bias_kv=True: the fused op has no bias_k/bias_v key and value rows"
+    if module.add_zero_attn:
+        return "add_zero_attn=True: the fused op has no zero key and value row"
+    if module.kdim != module.vdim:
+        return f"kdim={module.kdim} != vdim={module.vdim}: key is never value, so the fused path would never run"
+    if is_parametrized(module):
+        return "it is parametrized (torch.nn.utils.parametrize); the fused op reads raw parameters"
+    problem = _linear_problem(module.out_proj, "out_proj", MHA_OUT_PROJ_TYPES)
+    if problem:
+        return problem
+    weights = ("in_proj_weight",) if module._qkv_same_embed_dim else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return _own_problem(module, weights + (("in_proj_bias",) if module.in_proj_bias is not None else ()))
+
+
+def _mha_probe_calls(module: nn.MultiheadAttention) -> list:
+    """2 queries on 2 bags of 3 instances (``key is value``), in the module's layout: plain, with a
+    ``key_padding_mask: (2, 3)`` (True = padding) and with per-head weights."""
+    weight = module.out_proj.weight
+    query = _probe_tensor((2, 2, module.embed_dim), weight)
+    x = _probe_tensor((2, 3, module.kdim), weight, seed=1)
+    if not module.batch_first:
+        query, x = query.transpose(0, 1), x.transpose(0, 1)
+    padding = torch.tensor([[False, False, False], [False, False, True]], device=weight.device)
+    return [((query, x, x), {}), ((query, x, x), dict(key_padding_mask=padding)),
+            ((query, x, x), dict(key_padding_mask=padding, average_attn_weights=False))]
+
+
+def _asmil_problem(module: nn.Module) -> str:
+    """Why a module with ASMIL's attention children cannot become a :class:`QueryAttention`, or ``""``."""
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+    for name in projections:
+        problem = _linear_problem(getattr(module, name), name)
+        if problem:
+            return problem
+    if type(module.layer_norm) is not nn.LayerNorm or type(module.dropout) is not nn.Dropout:
+        return "layer_norm and dropout are not a LayerNorm and a Dropout"
+    shapes = {name: tuple(getattr(module, name).weight.shape) for name in projections}
+    width = shapes["q_proj"][0]
+    if not shapes["q_proj"] == shapes["k_proj"] == shapes["v_proj"] or shapes["out_proj"][1] != width:
+        return f"the projections are not Linear(E, I) x 3 and Linear(I, E): {shapes}"
+    heads = getattr(module, "num_heads", None)
+    if type(heads) is not int or heads <= 0 or width % heads:
+        return f"num_heads={heads!r} is not an int dividing the projection width {width}"
+    if type(getattr(module, "softmax", True)) is not bool:
+        return f"softmax={module.softmax!r} is not a bool (True: softmax, False: NSF)"
+    return _own_problem(module)
+
+
+def _asmil_probe_calls(module: nn.Module) -> list:
+    """One bag: ``q: (1, 3, E)`` and ``k = v: (1, 5, E)``."""
+    weight = module.k_proj.weight
+    x = _probe_tensor((1, 5, weight.shape[1]), weight, seed=1)
+    return [((_probe_tensor((1, 3, module.q_proj.in_features), weight), x, x), {})]

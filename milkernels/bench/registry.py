@@ -21,7 +21,8 @@ import torch
 
 from .._backends import use_backend
 
-_BUILTIN = ("milkernels.bench.gated_attention", "milkernels.bench.linear_attention")
+_BUILTIN = ("milkernels.bench.gated_attention", "milkernels.bench.linear_attention",
+            "milkernels.bench.query_attention")
 _OPS: dict[str, "Op"] = {}
 
 

@@ -12,6 +12,8 @@ boundaries ``cu_seqlens: (B + 1,)`` int32 and an optional ``row_valid: (T,)`` bo
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,25 @@ def autocast_inputs(*tensors):
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
+def fp32_under_autocast(*tensors):
+    """Under ``torch.autocast`` the float16/bfloat16 tensors cast to float32, as autocast runs softmax and
+    log_softmax; else as given. The device is the first argument's; non-tensors pass through."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+                 for t in tensors)
+
+
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float; ValueError unless it is a finite real number > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise ValueError(f"temperature must be a real number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return float(temperature)
+
+
 def check_tensor(name: str, tensor) -> None:
     """Raise ValueError unless ``tensor`` is a torch.Tensor."""
     if not isinstance(tensor, torch.Tensor):
@@ -88,6 +109,19 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
         listing = ", ".join(f"{name} on {t.device}" for name, t in present.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
     return devices.pop()
+
+
+def check_like(x: torch.Tensor, what: str, **tensors: torch.Tensor | None) -> dict:
+    """Raise ValueError unless ``x`` and every given tensor (None ignored) are float tensors of x's dtype on
+    x's device; ``what`` names the others in the message. Returns the given tensors by name, None left out."""
+    check_float("x", x)
+    present = {name: t for name, t in tensors.items() if t is not None}
+    for name, tensor in present.items():
+        check_float(name, tensor)
+        if tensor.dtype != x.dtype:
+            raise ValueError(f"{name} is {tensor.dtype} but x is {x.dtype}: give x and {what} one dtype")
+    check_same_device(x=x, **present)
+    return present
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ... import _backends
-from .._bags import Bags, autocast_inputs, check_float, check_same_device, pack_bags
+from .._bags import Bags, autocast_inputs, check_float, check_like, pack_bags
 from . import reference
 
 OP_NAME = "gated_attention"
@@ -18,16 +18,9 @@ OP_NAME = "gated_attention"
 
 def _check_weights(x, wa, ba, wb, bb, wc, bc):
     """Raise ValueError unless the weights have consistent shapes, x's dtype and device; return (L, D, K)."""
-    check_float("x", x)
-    tensors = dict(wa=wa, ba=ba, wb=wb, bb=bb, wc=wc, bc=bc)
-    for name in ("wa", "wc"):
-        check_float(name, tensors[name])
-    present = {name: t for name, t in tensors.items() if t is not None}
-    for name, tensor in present.items():
+    for name, tensor in dict(wa=wa, wc=wc).items():
         check_float(name, tensor)
-        if tensor.dtype != x.dtype:
-            raise ValueError(f"{name} is {tensor.dtype} but x is {x.dtype}: give x and the weights one dtype")
-    check_same_device(x=x, **present)
+    present = check_like(x, "the weights", wa=wa, ba=ba, wb=wb, bb=bb, wc=wc, bc=bc)
     if wa.dim() != 2 or wc.dim() != 2:
         raise ValueError(f"wa must be (D, L) and wc (K, D), got {tuple(wa.shape)} and {tuple(wc.shape)}")
     hidden, features = wa.shape

@@ -11,11 +11,11 @@ import importlib
 
 import torch
 
+from ..._backends import capability_reasons
 from .._bags import Bags
 from . import reference
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-MIN_CAPABILITY = (8, 0)
 
 
 def not_supported_reasons(x2d, wa, ba, wb, bb, wc, bc) -> list[str]:
@@ -29,11 +29,7 @@ def not_supported_reasons(x2d, wa, ba, wb, bb, wc, bc) -> list[str]:
     reasons = []
     if x2d.shape[1] == 0:
         reasons.append("the cuda kernel needs at least one feature, got L = 0")
-    capability = torch.cuda.get_device_capability(x2d.device) if x2d.is_cuda else MIN_CAPABILITY
-    if capability < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name(x2d.device)
-        reasons.append(f"the cuda kernel needs compute capability 8.0 or newer; {name} has {capability[0]}.{capability[1]}")
-    return reasons
+    return reasons + capability_reasons(x2d, "the cuda kernels")
 
 
 def _address(tensor: torch.Tensor | None) -> int:

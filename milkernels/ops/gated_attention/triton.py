@@ -3,7 +3,7 @@
 Forward (``_forward_kernel``), one program per block of BLOCK_N rows of one bag: both projections
 on the tensor cores (L in BLOCK_L steps, D in BLOCK_D steps), tanh/sigmoid gating, dropout from a
 Philox seed, the K scores, and a block-local softmax (max, sum of exp) with the weighted sum of x
-into fp32 partials ``(blocks, K, L)``. Nothing of size N x D is written. ``_combine_kernel``
+into fp32 partials ``(blocks, K, L)``. Nothing of size N x D is written. :func:`milkernels.ops._combine.combine`
 merges the partials of each bag into ``pooled`` and the per-bag log-sum-exp.
 
 Backward (``_backward_rows_kernel``), per block again: the softmax gradient from the saved scores
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..._backends import triton_interpreted
-from .. import _blocks
+from .. import _blocks, _combine
 from .._bags import Bags
 from .._blocks import BlockTable, block_table, dot_flags
 
@@ -46,7 +46,6 @@ def config_for(features: int, hidden: int) -> Config:
     return Config(block_n=64, block_d=block_d, block_l=block_l, num_warps=8 if block_d == 128 else 4)
 
 
-COMBINE_BLOCK_B = 64
 COMBINE_BLOCK_L = 64
 
 
@@ -168,42 +167,6 @@ def _forward_kernel(
                 weight_k = tl.sum(tl.where(heads[None, :] == k, weights, 0.0), axis=1)
                 partial = tl.sum(weight_k[:, None] * x_tile, axis=0)
                 tl.store(part_acc_ptr + (block * K + k).to(tl.int64) * L + cols_l, partial, mask=l_ok)
-
-
-@triton.jit
-def _combine_kernel(
-    part_acc_ptr, part_max_ptr, part_sum_ptr, bag_first_block_ptr, pooled_ptr, lse_ptr, L,
-    K: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """pooled[bag, k, cols] and lse[bag, k] from the partials of the bag's blocks."""
-    bag = tl.program_id(0)
-    k = tl.program_id(1)
-    cols_l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    l_ok = cols_l < L
-    first = tl.load(bag_first_block_ptr + bag)
-    last = tl.load(bag_first_block_ptr + bag + 1)
-    offs_b = tl.arange(0, BLOCK_B)
-    running = tl.full((BLOCK_B,), float("-inf"), tl.float32)
-    for b0 in range(first, last, BLOCK_B):
-        blocks = b0 + offs_b
-        running = tl.maximum(running, tl.load(part_max_ptr + blocks * K + k, mask=blocks < last, other=float("-inf")))
-    bag_max = tl.max(running, axis=0)
-    safe_max = tl.where(bag_max == float("-inf"), 0.0, bag_max)
-    total = tl.zeros((BLOCK_B,), tl.float32)
-    acc = tl.zeros((BLOCK_L,), tl.float32)
-    for b0 in range(first, last, BLOCK_B):
-        blocks = b0 + offs_b
-        in_bag = blocks < last
-        scale = tl.exp(tl.load(part_max_ptr + blocks * K + k, mask=in_bag, other=float("-inf")) - safe_max)
-        total += scale * tl.load(part_sum_ptr + blocks * K + k, mask=in_bag, other=0.0)
-        rows = (blocks * K + k).to(tl.int64)[:, None] * L + cols_l[None, :]
-        partial = tl.load(part_acc_ptr + rows, mask=in_bag[:, None] & l_ok[None, :], other=0.0)
-        acc += tl.sum(scale[:, None] * partial, axis=0)
-    bag_sum = tl.sum(total, axis=0)
-    out = (bag * K + k).to(tl.int64) * L + cols_l
-    tl.store(pooled_ptr + out, (acc / bag_sum).to(pooled_ptr.dtype.element_ty), mask=l_ok)
-    if tl.program_id(2) == 0:
-        tl.store(lse_ptr + bag * K + k, safe_max + tl.log(bag_sum))
 
 
 @triton.jit
@@ -359,11 +322,8 @@ def forward(x2d, wa, ba, wb, bb, wc, bc, row_valid, plan: Plan, pool: bool):
     )
     if not pool:
         return None, scores, None
-    pooled = _blocks.new_buffer(plan.num_bags, heads, features, dtype=x2d.dtype, device=device)
-    lse = _blocks.new_buffer(plan.num_bags, heads, dtype=torch.float32, device=device)
-    grid = (plan.num_bags, heads, triton.cdiv(features, COMBINE_BLOCK_L))
-    _combine_kernel[grid](part_acc, part_max, part_sum, table.bag_first_block, pooled, lse, features,
-                          K=heads, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L)
+    pooled, _, lse = _combine.combine(part_acc, part_max, part_sum, part_sum, table.bag_first_block, plan.num_bags,
+                                      x2d.dtype, heads, 0.0, COMBINE_BLOCK_L)
     return pooled, scores, lse
 
 
@@ -470,9 +430,7 @@ def shipped_specializations():
                     yield _forward_kernel, _forward_signature(ptr, valid), dict(tiles, POOL=pool), cfg.num_warps
                     yield (_backward_rows_kernel, _backward_signature(ptr, valid, _POINTER_TYPES[_gemm_dtype(dtype)]),
                            dict(tiles, POOL=pool, HAS_DSCORES=True), cfg.num_warps)  # autograd materializes dS
-        for heads in (1, 3):
-            yield (_combine_kernel, _combine_signature(ptr),
-                   dict(K=heads, BLOCK_B=COMBINE_BLOCK_B, BLOCK_L=COMBINE_BLOCK_L), 4)
+        yield _combine.specialization(ptr, COMBINE_BLOCK_L)
     yield _dropout_mask_kernel, dict(keep_ptr="*i8", seed="i32", T="i32", D="i32", p_drop="fp32"), dict(BLOCK_N=64, BLOCK_D=64), 4
 
 
@@ -494,8 +452,3 @@ def _backward_signature(ptr, valid, dh):
                    dx_ptr=ptr, dh_ptr=dh, part_dwc_ptr="*fp32", part_dbc_ptr="*fp32",
                    chunk_row0="i32", chunk_block0="i32")
     return dict(tensors, **_scalars())
-
-
-def _combine_signature(ptr):
-    return dict(part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32", bag_first_block_ptr="*i32",
-                pooled_ptr=ptr, lse_ptr="*fp32", L="i32")

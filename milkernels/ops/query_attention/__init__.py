@@ -1,0 +1,202 @@
+"""Learnable-query attention (LiteMIL, ASMIL): public functions, autograd Function, dispatch.
+
+:func:`query_attention` attends from a few projected queries to every instance of a bag with softmax
+or NSF weights, in the folded form of :mod:`.reference`: one pass over the bag, no key or value
+tensor. :func:`folded_attention` is the core on folded queries, for callers that stack several
+attention layers' queries into one pass (``milkernels.nn.AnchoredQueryAttention``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ... import _backends
+from .._bags import Bags, autocast_inputs, check_float, check_like, check_temperature, pack_bags
+from . import reference
+from .reference import fold_queries, unfold_values
+
+OP_NAME = "query_attention"
+NORMALIZATIONS = ("softmax", "nsf")
+
+
+class QueryAttentionOutput(NamedTuple):
+    """What :func:`query_attention` returns.
+
+    ``out``: ``(Q, E)`` for one bag, else ``(B, Q, E)``: the heads' pooled values, concatenated
+    (before any output projection). ``weights``: the attention weights after dropout, and ``logits``:
+    ``q . k / sqrt(dh)`` (masked instances: -inf), each ``(H, Q, N)`` for one bag, ``(B, H, Q, N)`` for
+    padded bags, ``(H, Q, T)`` for packed bags; None unless asked for.
+    """
+
+    out: torch.Tensor
+    weights: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+class Folded(NamedTuple):
+    """What :func:`folded_attention` returns: ``pooled: (B, P, Ein)``, ``mass: (B, P)`` (x's dtype),
+    ``z: (T, J)`` float32 and ``weights: (T, P)`` (after dropout; None unless asked for)."""
+
+    pooled: torch.Tensor
+    mass: torch.Tensor
+    z: torch.Tensor
+    weights: torch.Tensor | None
+
+
+class _FoldedAttentionFn(torch.autograd.Function):
+    """Fused forward and backward on the triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x2d, u, c, row_valid, plan):
+        from . import triton as kernels
+
+        pooled, mass, z, lse = kernels.forward(x2d, u, c, row_valid, plan)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x2d, u, row_valid, z, lse, pooled, mass)
+        ctx.plan = plan
+        return pooled, mass, z
+
+    @staticmethod
+    def backward(ctx, d_pooled, d_mass, d_z):
+        from . import triton as kernels
+
+        grads = kernels.backward(*ctx.saved_tensors, ctx.plan, d_pooled, d_mass, d_z, ctx.needs_input_grad[:3])
+        return (*grads, None, None)
+
+
+def _dropout_seed(dropout_p: float, training: bool) -> int:
+    """A Philox seed from torch's default generator, so ``torch.manual_seed`` fixes the dropout."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 and training else 0
+
+
+def _check_folded(bags: Bags, u, c, nsf_from, num_pooled, dropout_p):
+    for name, tensor in dict(u=u, c=c).items():
+        check_float(name, tensor)
+    check_like(bags.x2d, "the folded queries", u=u, c=c)
+    if u.dim() != 3 or u.shape[0] not in (1, bags.num_bags) or u.shape[2] != bags.x2d.shape[1]:
+        raise ValueError(f"u must be (1 or B={bags.num_bags}, J, Ein={bags.x2d.shape[1]}), got {tuple(u.shape)}")
+    if tuple(c.shape) != tuple(u.shape[:2]):
+        raise ValueError(f"c must have shape {tuple(u.shape[:2])} to match u, got {tuple(c.shape)}")
+    columns = u.shape[1]
+    if columns == 0 or not 0 <= nsf_from <= columns or not 0 < num_pooled <= columns:
+        raise ValueError(f"need J > 0, 0 <= nsf_from <= J and 0 < num_pooled <= J; got J={columns}, "
+                         f"nsf_from={nsf_from}, num_pooled={num_pooled}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropout_p: float = 0.0,
+                     training: bool = True, need_weights: bool = False) -> Folded:
+    """Attention pooling of packed ``bags`` (from :func:`milkernels.ops._bags.pack_bags`) with folded queries.
+
+    ``u: (Bu, J, Ein)`` and ``c: (Bu, J)``, Bu = 1 (all bags) or B, give the scores
+    ``z = x u^T + c`` of J columns. Columns from ``nsf_from`` on are normalized with NSF, the others
+    with softmax, over the rows of each bag; the first ``num_pooled`` columns are pooled (with dropout
+    ``dropout_p`` on their weights when ``training``), the rest give scores only. See :class:`Folded`.
+    """
+    _check_folded(bags, u, c, nsf_from, num_pooled, dropout_p)
+    active_p = dropout_p if training else 0.0
+    backend = _backends.choose(OP_NAME, bags.x2d.device, lambda name: _reasons(name, bags))
+    if backend == "reference":
+        return Folded(*reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p, training))
+    from . import triton as kernels
+
+    plan = kernels.Plan.make(bags, u, nsf_from, num_pooled, active_p, _dropout_seed(active_p, training))
+    pooled, mass, z = _FoldedAttentionFn.apply(bags.x2d.contiguous(), u.contiguous(), c.contiguous(),
+                                               bags.row_valid, plan)
+    weights = None
+    if need_weights:
+        keep = kernels.dropout_keep(plan, z.shape[0], z.device) if active_p > 0 else None
+        probabilities = reference.normalize(z[:, :num_pooled], bags, nsf_from)
+        weights = reference.apply_dropout(probabilities, active_p, True, keep).to(bags.x2d.dtype)
+    return Folded(pooled, mass, z, weights)
+
+
+def _reasons(backend: str, bags: Bags) -> list[str]:
+    if backend == "reference":
+        return []
+    reasons = _backends.kernel_reasons(backend, bags.x2d)
+    if backend == "cuda":
+        reasons.append("query attention has no cuda kernel; use the triton backend")
+    return reasons
+
+
+def _check(x, query, wk, bk, wv, bv, num_heads, normalization, temperature):
+    """Raise ValueError unless the arguments are consistent; return ``(Ein, E)``."""
+    for name, tensor in dict(query=query, wk=wk, wv=wv).items():
+        check_float(name, tensor)
+    present = check_like(x, "the query and the weights", query=query, wk=wk, bk=bk, wv=wv, bv=bv)
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    check_temperature(temperature)
+    if wk.dim() != 2 or wv.shape != wk.shape:
+        raise ValueError(f"wk and wv must both be (E, Ein), got {tuple(wk.shape)} and {tuple(wv.shape)}")
+    width, features = wk.shape
+    if width == 0 or width % num_heads:
+        raise ValueError(f"E = {width} must be a positive multiple of num_heads = {num_heads}")
+    for name in ("bk", "bv"):
+        if name in present and tuple(present[name].shape) != (width,):
+            raise ValueError(f"{name} must have shape ({width},), got {tuple(present[name].shape)}")
+    if query.dim() not in (2, 3) or query.shape[-1] != width or query.shape[-2] == 0:
+        raise ValueError(f"query must be (Q, E) or (B, Q, E) with E = {width} and Q >= 1, got {tuple(query.shape)}")
+    return features, width
+
+
+def _queries(query, bags: Bags):
+    """``query`` as ``(Bq, Q, E)``, Bq = 1 or B; a batch-expanded query (stride 0) is taken once."""
+    if query.dim() == 2:
+        return query[None]
+    if query.shape[0] == 1 or (query.shape[0] == bags.num_bags and query.stride(0) == 0):
+        return query[:1]
+    if query.shape[0] != bags.num_bags or bags.layout == "single":
+        raise ValueError(f"query has {query.shape[0]} sets of queries for {bags.num_bags} bag(s); give (Q, E), "
+                         "(1, Q, E) or one set per bag")
+    return query
+
+
+def columns_to_caller(columns, bags: Bags, num_heads: int, fill=None):
+    """Per-row values ``(T, H * Q)`` (column ``h * Q + q``) in the caller's layout: ``(H, Q, N)`` for one
+    bag, ``(B, H, Q, N)`` for padded bags, ``(H, Q, T)`` for packed bags; masked rows set to ``fill``."""
+    if fill is not None and bags.row_valid is not None:
+        columns = columns.masked_fill(~bags.row_valid[:, None], fill)
+    rows, width = columns.shape
+    if bags.layout == "padded":
+        return columns.reshape(bags.shape[0], bags.shape[1], num_heads, width // num_heads).permute(0, 2, 3, 1)
+    return columns.reshape(rows, num_heads, width // num_heads).permute(1, 2, 0)
+
+
+def query_attention(x, query, wk, bk, wv, bv, num_heads: int, *, normalization: str = "softmax",
+                    temperature: float = 1.0, mask=None, cu_seqlens=None, dropout_p: float = 0.0,
+                    training: bool = True, need_weights: bool = False, need_logits: bool = False):
+    """Multi-head attention from learned queries to the instances of a bag, in one fused pass.
+
+    Args:
+        x: one bag ``(N, Ein)``; padded bags ``(B, N, Ein)`` with ``mask: (B, N)`` (nonzero = real
+            instance); or packed bags ``(T, Ein)`` with ``cu_seqlens: (B + 1,)``.
+        query: projected queries ``(Q, E)`` for every bag, or ``(B, Q, E)`` one set per bag (a
+            batch-expanded ``(Q, E)`` parameter is recognized by its stride and read once).
+        wk, wv: ``(E, Ein)``; ``bk, bv: (E,)`` or None. ``E = num_heads * dh``.
+        normalization: ``"softmax"`` or ``"nsf"`` (normalized sigmoid), of ``logits / temperature``.
+        dropout_p: dropout on the attention weights, active when ``training`` (as nn.MultiheadAttention).
+
+    x, query and the weights share one dtype (float32, float16, bfloat16; float64 on the reference);
+    under ``torch.autocast`` they are cast to its dtype. Returns a :class:`QueryAttentionOutput`.
+    """
+    x, query, wk, bk, wv, bv = autocast_inputs(x, query, wk, bk, wv, bv)
+    features, _ = _check(x, query, wk, bk, wv, bv, num_heads, normalization, temperature)
+    bags = pack_bags(x, features, mask, cu_seqlens)
+    u, c = fold_queries(_queries(query, bags), wk, bk, num_heads, float(temperature))
+    columns = u.shape[1]
+    nsf_from = 0 if normalization == "nsf" else columns
+    folded = folded_attention(bags, u, c, nsf_from=nsf_from, num_pooled=columns, dropout_p=dropout_p,
+                              training=training, need_weights=need_weights)
+    out = bags.bags_to_caller(unfold_values(folded.pooled, folded.mass, wv, bv, num_heads))
+    weights = columns_to_caller(folded.weights, bags, num_heads) if need_weights else None
+    logits = None
+    if need_logits:
+        logits = columns_to_caller((folded.z * temperature).to(x.dtype), bags, num_heads, fill=float("-inf"))
+    return QueryAttentionOutput(out, weights, logits)

@@ -1,0 +1,467 @@
+"""Learnable-query attention in Triton, folded form: a split-N forward, a combine and a three-kernel backward.
+
+Forward (``_forward_kernel``, flash-decoding style), one program per (split of a bag's rows, tile of
+BLOCK_J columns, tile of BLOCK_E features): for each block of BLOCK_N rows of its split, the scores
+``z = x u^T + c`` on the tensor cores (over all Ein in BLOCK_K steps), the running max and sum of the
+weights (softmax; NSF columns have no max), dropout from a Philox seed, and ``acc += p^T x`` for its
+feature tile. It writes fp32 partials per split; :func:`milkernels.ops._combine.combine` merges each bag's splits into
+``pooled``, ``mass`` (the sum of the weights) and the per-column log-normalizer ``lse``. Score-only
+columns (from ``num_pooled`` on) are written by the feature-tile-0 program and never pooled.
+
+Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
+``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
+dropped weights ``pk``; ``_dx_kernel`` (per block of rows and feature tile) writes
+``dx = pk dP + ds u``; ``_weight_grad_kernel`` (per split) writes partials of ``du = ds^T x`` and
+``dc``, summed per bag in a fixed order. Everything is deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backends import triton_interpreted
+from .. import _blocks, _combine
+from .._bags import Bags
+from .._blocks import BlockTable, block_table, dot_flags
+from ..gated_attention.triton import _dropout_keep, _dropout_mask_kernel, _row_valid
+from .reference import NSF_EPS
+
+BLOCK_N = 64
+TARGET_PROGRAMS = 1024  # forward and weight-gradient programs per call, about 8 per SM on an H100
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes: columns per program, the Ein step of the score product and the feature tile pooled."""
+
+    block_j: int
+    block_k: int
+    block_e: int
+    num_warps: int
+
+
+def config_for(columns: int, features: int) -> Config:
+    """The shipped configuration for J = ``columns`` and Ein = ``features``."""
+    block_j = min(64, max(16, triton.next_power_of_2(columns)))
+    block_k = min(64, max(16, triton.next_power_of_2(features)))
+    block_e = min(128, max(16, triton.next_power_of_2(features)))
+    return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 64 * 128 else 4)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, dtype: tl.constexpr):
+    """acc + a @ b: fp32 operands (tf32x3 on a GPU) for fp32 input, else ``dtype`` on the tensor cores."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
+    return tl.dot(a.to(dtype), b.to(dtype), acc)
+
+
+@triton.jit
+def _scores(x_ptr, u_ptr, rows64, row_ok, cols_j, j_ok, E, acc,
+            BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """acc (BLOCK_N, BLOCK_J) + x[rows] @ u[cols_j]^T, Ein in BLOCK_K steps (rows not ok read as 0)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, E, BLOCK_K):
+        cols_k = k0 + offs_k
+        k_ok = cols_k < E
+        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        u_tile = tl.load(u_ptr + cols_j.to(tl.int64)[None, :] * E + cols_k[:, None], mask=j_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = _dot(x_tile, u_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
+    return acc
+
+
+@triton.jit
+def _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT: tl.constexpr):
+    """(BLOCK_N, BLOCK_J) dropout factor of weight (row, column): 0 or 1/(1-p); 1 without dropout."""
+    if DROPOUT:
+        return tl.where(_dropout_keep(seed, rows64, cols_j, J, p_drop), drop_scale, 0.0)
+    return tl.full((rows64.shape[0], cols_j.shape[0]), 1.0, tl.float32)
+
+
+@triton.jit
+def _split(split_start_ptr, split_end_ptr, split_bag_ptr):
+    split = tl.program_id(0)
+    return split, tl.load(split_start_ptr + split), tl.load(split_end_ptr + split), tl.load(split_bag_ptr + split)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
+    z_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr,
+    E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    j0 = tl.program_id(1) * BLOCK_J
+    e_tile = tl.program_id(2)
+    pooled_tile = j0 < num_pooled
+    if pooled_tile or e_tile == 0:
+        split, start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr)
+        cols_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = cols_j < J
+        is_nsf = cols_j >= nsf_from
+        cols_e = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
+        e_ok = cols_e < E
+        u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
+        c = tl.load(c_ptr + bag * c_bag_stride + cols_j, mask=j_ok, other=0.0).to(tl.float32)
+        run_max = tl.where(is_nsf, 0.0, float("-inf"))
+        run_sum = tl.zeros((BLOCK_J,), tl.float32)
+        run_mass = tl.zeros((BLOCK_J,), tl.float32)
+        acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
+        for r0 in range(start, end, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < end
+            rows64 = rows.to(tl.int64)
+            valid = _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
+            z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, tl.zeros((BLOCK_N, BLOCK_J), tl.float32),
+                        BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
+            if e_tile == 0:
+                tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
+            if pooled_tile:
+                block_max = tl.max(tl.where(valid[:, None], z, float("-inf")), axis=0)
+                new_max = tl.where(is_nsf, 0.0, tl.maximum(run_max, block_max))
+                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+                alpha = tl.where(is_nsf, 1.0, tl.exp(run_max - safe_max))
+                weights = tl.where(is_nsf[None, :], tl.sigmoid(z), tl.exp(z - safe_max[None, :]))
+                weights = tl.where(valid[:, None], weights, 0.0)
+                run_sum = run_sum * alpha + tl.sum(weights, axis=0)
+                weights *= _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
+                run_mass = run_mass * alpha + tl.sum(weights, axis=0)
+                x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
+                acc = _dot(tl.trans(weights), x_tile, acc * alpha[:, None], DOT_FP32, FP32_PRECISION,
+                           x_ptr.dtype.element_ty)
+                run_max = new_max
+        if pooled_tile:
+            pool_ok = cols_j < num_pooled
+            part = (split * num_pooled + cols_j).to(tl.int64)
+            tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
+            if e_tile == 0:
+                tl.store(part_max_ptr + part, run_max, mask=pool_ok)
+                tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
+                tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
+
+
+@triton.jit
+def _block(block_start_ptr, block_end_ptr, block_bag_ptr, valid_ptr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's block of rows: ``(rows64, row_ok, valid, bag)``."""
+    block = tl.program_id(0)
+    start = tl.load(block_start_ptr + block)
+    rows = start + tl.arange(0, BLOCK_N)
+    row_ok = rows < tl.load(block_end_ptr + block)
+    rows64 = rows.to(tl.int64)
+    return rows64, row_ok, _row_valid(valid_ptr, rows64, row_ok, HAS_MASK), tl.load(block_bag_ptr + block)
+
+
+@triton.jit
+def _score_grad_kernel(
+    x_ptr, valid_ptr, block_start_ptr, block_end_ptr, block_bag_ptr,
+    z_ptr, lse_ptr, delta_ptr, d_pooled_ptr, d_mass_ptr, d_z_ptr, ds_ptr, pk_ptr,
+    E, J, num_pooled, nsf_from, seed, p_drop, drop_scale,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, HAS_DZ: tl.constexpr, STORE_PK: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """ds (T, J): the score gradients of a block of rows and a column tile; pk (T, P): the dropped weights."""
+    rows64, row_ok, valid, bag = _block(block_start_ptr, block_end_ptr, block_bag_ptr, valid_ptr, HAS_MASK, BLOCK_N)
+    j0 = tl.program_id(1) * BLOCK_J
+    cols_j = j0 + tl.arange(0, BLOCK_J)
+    j_ok = cols_j < J
+    tile = valid[:, None] & j_ok[None, :]
+    d_s = tl.zeros((BLOCK_N, BLOCK_J), tl.float32)
+    if HAS_DZ:
+        d_s += tl.load(d_z_ptr + rows64[:, None] * J + cols_j[None, :], mask=tile, other=0.0).to(tl.float32)
+    if j0 < num_pooled:
+        pool_ok = cols_j < num_pooled
+        per_bag = bag * num_pooled + cols_j
+        z = tl.load(z_ptr + rows64[:, None] * J + cols_j[None, :], mask=tile, other=0.0)
+        lse = tl.load(lse_ptr + per_bag, mask=pool_ok, other=0.0)
+        sig = tl.sigmoid(z)
+        is_nsf = (cols_j >= nsf_from)[None, :]
+        weights = tl.where(is_nsf, sig * tl.exp(-lse[None, :]), tl.exp(z - lse[None, :]))
+        weights = tl.where(tile & pool_ok[None, :], weights, 0.0)
+        d_p = _scores(x_ptr, d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, rows64, valid, cols_j, pool_ok, E,
+                      tl.zeros((BLOCK_N, BLOCK_J), tl.float32), BLOCK_K, DOT_FP32, FP32_PRECISION)
+        d_p += tl.load(d_mass_ptr + per_bag, mask=pool_ok, other=0.0).to(tl.float32)[None, :]
+        keep = _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
+        delta = tl.load(delta_ptr + per_bag, mask=pool_ok, other=0.0)
+        grad = weights * (keep * d_p - delta[None, :])
+        # delta is NaN for a softmax bag with no valid row; its rows have weight 0 and no gradient
+        d_s += tl.where(tile & pool_ok[None, :], tl.where(is_nsf, grad * (1.0 - sig), grad), 0.0)
+        if STORE_PK:
+            tl.store(pk_ptr + rows64[:, None] * num_pooled + cols_j[None, :], weights * keep,
+                     mask=row_ok[:, None] & pool_ok[None, :])
+    tl.store(ds_ptr + rows64[:, None] * J + cols_j[None, :], d_s, mask=row_ok[:, None] & j_ok[None, :])
+
+
+@triton.jit
+def _dx_kernel(
+    valid_ptr, block_start_ptr, block_end_ptr, block_bag_ptr, u_ptr, d_pooled_ptr, ds_ptr, pk_ptr, dx_ptr,
+    E, J, num_pooled, u_bag_stride,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """dx[rows, cols_e] = pk dP[bag] + ds u[bag], over every column tile in order."""
+    rows64, row_ok, valid, bag = _block(block_start_ptr, block_end_ptr, block_bag_ptr, valid_ptr, HAS_MASK, BLOCK_N)
+    cols_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = cols_e < E
+    u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
+    d_pooled_bag = d_pooled_ptr + bag.to(tl.int64) * num_pooled * E
+    acc = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
+    for j0 in range(0, J, BLOCK_J):
+        cols_j = j0 + tl.arange(0, BLOCK_J)
+        j_ok = cols_j < J
+        d_s = tl.load(ds_ptr + rows64[:, None] * J + cols_j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        u_tile = tl.load(u_bag + cols_j.to(tl.int64)[:, None] * E + cols_e[None, :], mask=j_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = _dot(d_s, u_tile, acc, DOT_FP32, FP32_PRECISION, dx_ptr.dtype.element_ty)
+        if j0 < num_pooled:
+            pool_ok = cols_j < num_pooled
+            pk = tl.load(pk_ptr + rows64[:, None] * num_pooled + cols_j[None, :], mask=row_ok[:, None] & pool_ok[None, :], other=0.0)
+            d_pooled = tl.load(d_pooled_bag + cols_j.to(tl.int64)[:, None] * E + cols_e[None, :],
+                               mask=pool_ok[:, None] & e_ok[None, :], other=0.0)
+            acc = _dot(pk, d_pooled, acc, DOT_FP32, FP32_PRECISION, dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + rows64[:, None] * E + cols_e[None, :], tl.where(valid[:, None], acc, 0.0).to(dx_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _weight_grad_kernel(
+    x_ptr, valid_ptr, split_start_ptr, split_end_ptr, split_bag_ptr, ds_ptr, part_du_ptr, part_dc_ptr, E, J,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """Partials over one split: du[cols_j, cols_e] = ds^T x and dc[cols_j] = sum of ds."""
+    split, start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr)
+    cols_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_ok = cols_j < J
+    e_tile = tl.program_id(2)
+    cols_e = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = cols_e < E
+    acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
+    d_c = tl.zeros((BLOCK_J,), tl.float32)
+    for r0 in range(start, end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        valid = _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
+        d_s = tl.load(ds_ptr + rows64[:, None] * J + cols_j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
+        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
+        acc = _dot(tl.trans(d_s), x_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
+        d_c += tl.sum(d_s, axis=0)
+    part = (split * J + cols_j).to(tl.int64)
+    tl.store(part_du_ptr + part[:, None] * E + cols_e[None, :], acc, mask=j_ok[:, None] & e_ok[None, :])
+    if e_tile == 0:
+        tl.store(part_dc_ptr + part, d_c, mask=j_ok)
+
+
+@triton.jit
+def _bag_sum_kernel(part_ptr, bag_first_split_ptr, out_ptr, width, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr):
+    """out[bag, cols] = the sum over the bag's splits of part[split, cols], in order (part: (S, width))."""
+    bag = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    first = tl.load(bag_first_split_ptr + bag)
+    last = tl.load(bag_first_split_ptr + bag + 1)
+    offs_s = tl.arange(0, BLOCK_S)
+    acc = tl.zeros((BLOCK_W,), tl.float32)
+    for s0 in range(first, last, BLOCK_S):
+        splits = s0 + offs_s
+        index = splits.to(tl.int64)[:, None] * width + cols[None, :]
+        acc += tl.sum(tl.load(part_ptr + index, mask=(splits < last)[:, None] & (cols < width)[None, :], other=0.0), axis=0)
+    tl.store(out_ptr + bag.to(tl.int64) * width + cols, acc, mask=cols < width)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call launches: tiles, the split and block tables, the columns' roles and the dropout.
+
+    It holds no input tensor, so keeping it on an autograd context keeps no activation alive.
+    """
+
+    cfg: Config
+    splits: BlockTable
+    blocks: BlockTable
+    num_bags: int
+    has_mask: bool
+    shared_queries: bool
+    columns: int
+    nsf_from: int
+    num_pooled: int
+    dropout_p: float
+    seed: int
+
+    @staticmethod
+    def make(bags: Bags, u, nsf_from: int, num_pooled: int, dropout_p: float, seed: int) -> "Plan":
+        columns, features = u.shape[1], u.shape[2]
+        cfg = config_for(columns, features)
+        programs_per_split = triton.cdiv(columns, cfg.block_j) * triton.cdiv(features, cfg.block_e)
+        device = bags.x2d.device
+        return Plan(cfg, block_table(bags.bounds, _split_rows(bags, programs_per_split), device),
+                    block_table(bags.bounds, BLOCK_N, device), bags.num_bags, bags.row_valid is not None,
+                    u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
+
+    def flags(self, x2d) -> dict:
+        """Constexprs and launch options shared by the kernels."""
+        return dict(BLOCK_N=BLOCK_N, BLOCK_J=self.cfg.block_j, HAS_MASK=self.has_mask,
+                    **dot_flags(x2d.dtype, triton_interpreted()), num_warps=self.cfg.num_warps)
+
+    def dropout_args(self) -> dict:
+        return dict(seed=self.seed, p_drop=float(self.dropout_p), drop_scale=1.0 / (1.0 - self.dropout_p))
+
+    def tiles(self, features: int) -> tuple[int, int]:
+        return triton.cdiv(self.columns, self.cfg.block_j), triton.cdiv(features, self.cfg.block_e)
+
+
+def _split_rows(bags: Bags, programs_per_split: int) -> int:
+    """Rows per split: a multiple of BLOCK_N that gives about TARGET_PROGRAMS programs in all."""
+    blocks = triton.cdiv(bags.x2d.shape[0], BLOCK_N)
+    wanted_splits = max(1, TARGET_PROGRAMS // programs_per_split)
+    return BLOCK_N * max(1, triton.cdiv(blocks, wanted_splits))
+
+
+def _or(tensor, placeholder):
+    """``tensor``, or a placeholder pointer for an argument a constexpr flag leaves unread."""
+    return tensor if tensor is not None else placeholder
+
+
+def forward(x2d, u, c, row_valid, plan: Plan):
+    """Fused forward over packed rows ``x2d: (T, Ein)`` with ``u: (Bu, J, Ein)``, ``c: (Bu, J)``.
+
+    Returns ``(pooled: (B, P, Ein) x's dtype, mass: (B, P) x's dtype, z: (T, J) fp32, lse: (B, P) fp32)``.
+    """
+    rows, features = x2d.shape
+    device, pooled_cols, splits = x2d.device, plan.num_pooled, plan.splits.num_blocks
+    z = _blocks.new_buffer(rows, plan.columns, dtype=torch.float32, device=device)
+    part_acc = _blocks.new_buffer(splits, pooled_cols, features, dtype=torch.float32, device=device)
+    part_stats = [_blocks.new_buffer(splits, pooled_cols, dtype=torch.float32, device=device) for _ in range(3)]
+    table = plan.splits
+    _forward_kernel[(splits, *plan.tiles(features))](
+        x2d, _or(row_valid, x2d), u, c, table.start, table.end, table.bag, z, part_acc, *part_stats,
+        features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
+        0 if plan.shared_queries else c.stride(0), **plan.dropout_args(),
+        BLOCK_K=plan.cfg.block_k, BLOCK_E=plan.cfg.block_e, DROPOUT=plan.dropout_p > 0, **plan.flags(x2d),
+    )
+    pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
+                                         x2d.dtype, plan.nsf_from, NSF_EPS, plan.cfg.block_e)
+    return pooled, mass, z, lse
+
+
+def _per_bag_sum(partials, plan: Plan):
+    """``partials: (S, ...)`` fp32 summed over each bag's splits in order: ``(B, ...)``, or ``(1, ...)`` when
+    the queries are shared by every bag."""
+    if plan.shared_queries:
+        return partials.sum(0, keepdim=True)
+    width = partials[0].numel()
+    out = _blocks.new_buffer(plan.num_bags, *partials.shape[1:], dtype=torch.float32, device=partials.device)
+    _bag_sum_kernel[(plan.num_bags, triton.cdiv(width, 128))](partials, plan.splits.bag_first_block, out, width,
+                                                              BLOCK_S=_combine.BLOCK_S, BLOCK_W=128)
+    return out
+
+
+def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_mass, d_z, wanted):
+    """Gradients ``(dx, du, dc)``; None where ``wanted`` (``needs_input_grad`` of x, u, c) says no.
+
+    ``d_pooled: (B, P, Ein)``, ``d_mass: (B, P)`` and ``d_z: (T, J)`` may each be None (no gradient).
+    """
+    rows, features = x2d.shape
+    device, pooled_cols = x2d.device, plan.num_pooled
+    d_pooled = torch.zeros_like(pooled) if d_pooled is None else d_pooled.contiguous()
+    d_mass = torch.zeros_like(mass) if d_mass is None else d_mass.contiguous()
+    d_z = d_z.contiguous() if d_z is not None else None
+    delta = (pooled.float() * d_pooled.float()).sum(-1) + mass.float() * d_mass.float()
+    d_s = _blocks.new_buffer(rows, plan.columns, dtype=torch.float32, device=device)
+    pk = _blocks.new_buffer(rows, pooled_cols, dtype=torch.float32, device=device) if wanted[0] else None
+    column_tiles, feature_tiles = plan.tiles(features)
+    blocks = plan.blocks
+    _score_grad_kernel[(blocks.num_blocks, column_tiles)](
+        x2d, _or(row_valid, x2d), blocks.start, blocks.end, blocks.bag, z, lse, delta, d_pooled, d_mass,
+        _or(d_z, z), d_s, _or(pk, d_s), features, plan.columns, pooled_cols, plan.nsf_from, **plan.dropout_args(),
+        BLOCK_K=plan.cfg.block_k, DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, STORE_PK=pk is not None,
+        **plan.flags(x2d),
+    )
+    dx = du = dc = None
+    if wanted[0]:
+        dx = _blocks.new_buffer(rows, features, dtype=x2d.dtype, device=device)
+        _dx_kernel[(blocks.num_blocks, feature_tiles)](
+            _or(row_valid, x2d), blocks.start, blocks.end, blocks.bag, u, d_pooled, d_s, pk, dx, features,
+            plan.columns, pooled_cols, 0 if plan.shared_queries else u.stride(0),
+            BLOCK_E=plan.cfg.block_e, **plan.flags(x2d))
+    if wanted[1] or wanted[2]:
+        splits = plan.splits
+        part_du = _blocks.new_buffer(splits.num_blocks, plan.columns, features, dtype=torch.float32, device=device)
+        part_dc = _blocks.new_buffer(splits.num_blocks, plan.columns, dtype=torch.float32, device=device)
+        _weight_grad_kernel[(splits.num_blocks, column_tiles, feature_tiles)](
+            x2d, _or(row_valid, x2d), splits.start, splits.end, splits.bag, d_s, part_du, part_dc, features,
+            plan.columns, BLOCK_E=plan.cfg.block_e, **plan.flags(x2d))
+        du = _per_bag_sum(part_du, plan).to(u.dtype) if wanted[1] else None
+        dc = _per_bag_sum(part_dc, plan).to(u.dtype) if wanted[2] else None
+    return dx, du, dc
+
+
+def dropout_keep(plan: Plan, rows: int, device) -> torch.Tensor:
+    """The boolean keep mask ``(rows, P)`` of the pooled columns' weights that the kernels draw."""
+    keep = torch.empty(rows, plan.columns, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(rows, 64), triton.cdiv(plan.columns, 64))
+    _dropout_mask_kernel[grid](keep, plan.seed, rows, plan.columns, float(plan.dropout_p), BLOCK_N=64, BLOCK_D=64)
+    return keep[:, :plan.num_pooled].bool()
+
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+_SHAPES = ((4, 20), (64, 512), (128, 1024))  # (J, Ein): LiteMIL-like, ASMIL online, ASMIL online + anchor
+
+
+def shipped_specializations():
+    """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
+
+    Yields ``(kernel, signature, constexprs, num_warps)`` as the launches build them: the three dtypes,
+    the configurations of ``config_for`` for small and large J and Ein, with and without a mask, dropout,
+    a gradient of the scores and a gradient of x.
+    """
+    for dtype, ptr in _POINTER_TYPES.items():
+        for columns, features in _SHAPES:
+            cfg = config_for(columns, features)
+            base = dict(BLOCK_N=BLOCK_N, BLOCK_J=cfg.block_j, **dot_flags(dtype, interpreted=False))
+            for has_mask, dropout in ((False, False), (True, True)):
+                valid = "*i1" if has_mask else ptr
+                flags = dict(base, HAS_MASK=has_mask)
+                yield (_forward_kernel, _forward_signature(ptr, valid),
+                       dict(flags, BLOCK_K=cfg.block_k, BLOCK_E=cfg.block_e, DROPOUT=dropout), cfg.num_warps)
+                for has_dz, store_pk in ((True, True), (False, False)):
+                    yield (_score_grad_kernel, _score_grad_signature(ptr, valid),
+                           dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout, HAS_DZ=has_dz, STORE_PK=store_pk),
+                           cfg.num_warps)
+                yield _dx_kernel, _dx_signature(ptr, valid), dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps
+                yield (_weight_grad_kernel, _weight_grad_signature(ptr, valid), dict(flags, BLOCK_E=cfg.block_e),
+                       cfg.num_warps)
+            yield _combine.specialization(ptr, cfg.block_e)
+    yield (_bag_sum_kernel, dict(part_ptr="*fp32", bag_first_split_ptr="*i32", out_ptr="*fp32", width="i32"),
+           dict(BLOCK_S=_combine.BLOCK_S, BLOCK_W=128), 4)
+
+
+def _table(prefix):
+    return {f"{prefix}_{name}_ptr": "*i32" for name in ("start", "end", "bag")}
+
+
+def _forward_signature(ptr, valid):
+    return dict(x_ptr=ptr, valid_ptr=valid, u_ptr=ptr, c_ptr=ptr, **_table("split"), z_ptr="*fp32",
+                part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32", part_mass_ptr="*fp32",
+                E="i32", J="i32", num_pooled="i32", nsf_from="i32", u_bag_stride="i32", c_bag_stride="i32",
+                seed="i32", p_drop="fp32", drop_scale="fp32")
+
+
+def _score_grad_signature(ptr, valid):
+    return dict(x_ptr=ptr, valid_ptr=valid, **_table("block"), z_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
+                d_pooled_ptr=ptr, d_mass_ptr=ptr, d_z_ptr="*fp32", ds_ptr="*fp32", pk_ptr="*fp32", E="i32",
+                J="i32", num_pooled="i32", nsf_from="i32", seed="i32", p_drop="fp32", drop_scale="fp32")
+
+
+def _dx_signature(ptr, valid):
+    return dict(valid_ptr=valid, **_table("block"), u_ptr=ptr, d_pooled_ptr=ptr, ds_ptr="*fp32", pk_ptr="*fp32",
+                dx_ptr=ptr, E="i32", J="i32", num_pooled="i32", u_bag_stride="i32")
+
+
+def _weight_grad_signature(ptr, valid):
+    return dict(x_ptr=ptr, valid_ptr=valid, **_table("split"), ds_ptr="*fp32", part_du_ptr="*fp32",
+                part_dc_ptr="*fp32", E="i32", J="i32")

@@ -1,0 +1,268 @@
+"""Learnable-query attention: the triton kernels (interpreter on CPU) against the float64 reference."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import milkernels
+from milkernels.ops._bags import pack_bags
+from milkernels.ops.query_attention import folded_attention, query_attention, reference
+from milkernels.ops.query_attention import triton as kernels
+
+import aot
+import kernel_checks
+
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
+NORMALIZATIONS = ["softmax", "nsf"]
+
+
+def make_inputs(rows, features, width, count, dtype=torch.float32, device="cpu", seed=0, batch=None):
+    """Fresh random ``[x, query, wk, bk, wv, bv]`` requiring grad; x is ``(rows, features)`` or, with
+    ``batch``, ``(batch, rows, features)``."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype=dtype, device=device).requires_grad_()
+
+    x_shape = (rows, features) if batch is None else (batch, rows, features)
+    return [rand(*x_shape), rand(count, width), rand(width, features, scale=features ** -0.5 * 2),
+            rand(width, scale=0.5), rand(width, features, scale=features ** -0.5), rand(width, scale=0.5)]
+
+
+def all_outputs(x, query, wk, bk, wv, bv, heads, **kwargs):
+    """``(out, weights, logits)`` of :func:`query_attention`; logits with -inf replaced, so cotangents stay finite."""
+    result = query_attention(x, query, wk, bk, wv, bv, heads, need_weights=True, need_logits=True, **kwargs)
+    return result.out, result.weights, result.logits.masked_fill(result.logits == float("-inf"), 0.0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 17, 4099])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_one_bag_matches_reference(rows, normalization, device):
+    inputs = make_inputs(rows, 12, 8, 2, device=device, seed=rows)
+    kernel_checks.compare(all_outputs, inputs, torch.float32, heads=2, normalization=normalization, temperature=0.7)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_many_queries_wide_features(normalization, device):
+    """Q = 64 queries x 2 heads: two column tiles; Ein = 150: two feature tiles and three score steps."""
+    inputs = make_inputs(90, 150, 32, 64, device=device, seed=1)
+    kernel_checks.compare(all_outputs, inputs, torch.float32, heads=2, normalization=normalization)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_half_precision(dtype, normalization, device):
+    inputs = make_inputs(300, 40, 32, 4, dtype=dtype, device=device, seed=2)
+    kernel_checks.compare(all_outputs, inputs, dtype, heads=4, normalization=normalization)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_padded_bags_with_mask_and_per_bag_queries(normalization, device):
+    inputs = make_inputs(70, 20, 12, 3, device=device, seed=3, batch=3)
+    generator = torch.Generator().manual_seed(3)
+    inputs[1] = torch.randn(3, 3, 12, generator=generator).to(device).requires_grad_()
+    mask = torch.rand(3, 70, generator=generator) > 0.4
+    mask[1, 3:] = False
+    kernel_checks.compare(all_outputs, inputs, torch.float32, heads=3, normalization=normalization,
+                          mask=mask.to(device))
+
+
+def test_masked_rows_are_never_read(device):
+    inputs = make_inputs(50, 16, 8, 2, device=device, seed=4, batch=2)
+    mask = torch.ones(2, 50, dtype=torch.bool, device=device)
+    mask[0, 30:] = False
+    with torch.no_grad():
+        poisoned = inputs[0].detach().clone()
+        poisoned[0, 30:] = float("nan")
+    poisoned.requires_grad_()
+    with milkernels.use_backend("triton"):
+        outs, grads = kernel_checks.outputs_and_grads(all_outputs, [poisoned, *inputs[1:]], heads=2, mask=mask)
+        clean_outs, clean_grads = kernel_checks.outputs_and_grads(all_outputs, inputs, heads=2, mask=mask)
+    for got, want in zip(outs + grads[1:], clean_outs + clean_grads[1:]):
+        torch.testing.assert_close(got, want)
+    assert not grads[0][:, :30].isnan().any() and (grads[0][0, 30:] == 0).all()
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_bag_with_no_valid_instance(normalization, device):
+    """As nn.MultiheadAttention: softmax gives NaN for a bag whose instances are all masked; NSF gives 0."""
+    inputs = make_inputs(20, 8, 8, 1, device=device, seed=5, batch=2)
+    mask = torch.ones(2, 20, dtype=torch.bool, device=device)
+    mask[1] = False
+    for backend in ("triton", "reference"):
+        with milkernels.use_backend(backend), torch.no_grad():
+            result = query_attention(*inputs, 2, normalization=normalization, mask=mask, need_weights=True)
+        assert not result.out[0].isnan().any()
+        if normalization == "softmax":
+            assert result.out[1].isnan().all()
+        else:
+            assert (result.out[1] == 0).all() and (result.weights[1] == 0).all()
+
+
+def test_packed_bags_equal_separate_calls(device):
+    inputs = make_inputs(217, 24, 16, 2, device=device, seed=6)
+    cu_seqlens = torch.tensor([0, 1, 66, 200, 217], device=device)
+    with milkernels.use_backend("triton"):
+        packed = all_outputs(*inputs, 4, cu_seqlens=cu_seqlens)
+        bounds = cu_seqlens.tolist()
+        for bag, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            out, weights, logits = all_outputs(inputs[0][start:stop], *inputs[1:], 4)
+            torch.testing.assert_close(packed[0][bag], out)
+            torch.testing.assert_close(packed[1][..., start:stop], weights)
+            torch.testing.assert_close(packed[2][..., start:stop], logits)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_splits_of_several_blocks_and_bags_of_several_splits(normalization, device, monkeypatch):
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 3)
+    inputs = make_inputs(400, 20, 8, 2, device=device, seed=7, batch=2)
+    mask = torch.rand(2, 400, generator=torch.Generator().manual_seed(7)) > 0.2
+    inputs[1] = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(8)).to(device).requires_grad_()
+    kernel_checks.compare(all_outputs, inputs, torch.float32, heads=2, normalization=normalization,
+                          mask=mask.to(device))
+
+
+def test_mixed_columns_pooled_and_score_only(device):
+    """The anchored layout: softmax columns pooled, then NSF columns that give scores only."""
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(150, 30, generator=generator).to(device).requires_grad_()
+    u = (torch.randn(1, 20, 30, generator=generator) * 0.3).to(device).requires_grad_()
+    c = torch.randn(1, 20, generator=generator).to(device).requires_grad_()
+
+    def fn(x, u, c):
+        folded = folded_attention(pack_bags(x, 30), u, c, nsf_from=8, num_pooled=12, need_weights=True)
+        return folded.pooled, folded.mass, folded.z, folded.weights
+
+    kernel_checks.compare(fn, [x, u, c], torch.float32)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_dropout_matches_reference_with_the_same_mask(normalization, device):
+    inputs = make_inputs(200, 16, 8, 2, device=device, seed=10)
+    torch.manual_seed(0)
+    with milkernels.use_backend("triton"):
+        outs, grads = kernel_checks.outputs_and_grads(all_outputs, inputs, heads=2, normalization=normalization,
+                                                      dropout_p=0.3)
+    keep = (outs[1] != 0).permute(2, 0, 1).reshape(200, 4)
+    assert 0.5 < keep.float().mean() < 0.9
+
+    def unfolded(x, query, wk, bk, wv, bv):
+        bags = pack_bags(x, 16)
+        out, logits, weights = reference.query_attention_unfolded(
+            x, query[None], wk, bk, wv, bv, 2, bags, normalization, dropout_p=0.3, keep=keep.to(x.device))
+        return out[0], weights.reshape(200, 2, 2).permute(1, 2, 0), logits.reshape(200, 2, 2).permute(1, 2, 0)
+
+    want_outs, want_grads = kernel_checks.outputs_and_grads(unfolded, kernel_checks.as_float64(inputs))
+    for got, want in zip(outs + grads, want_outs + want_grads):
+        assert (got.double() - want).abs().max() < 2e-4 * want.abs().max().clamp_min(1)
+
+
+def test_dropout_is_seeded_by_torch_and_off_in_eval(device):
+    inputs = make_inputs(100, 16, 8, 1, device=device, seed=11)
+    with milkernels.use_backend("triton"), torch.no_grad():
+        torch.manual_seed(3)
+        first = query_attention(*inputs, 2, dropout_p=0.5).out
+        torch.manual_seed(3)
+        again = query_attention(*inputs, 2, dropout_p=0.5).out
+        evaluated = query_attention(*inputs, 2, dropout_p=0.5, training=False).out
+        plain = query_attention(*inputs, 2).out
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(evaluated, plain, rtol=0, atol=0)
+    assert not torch.allclose(first, plain)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("per_bag", [False, True])
+def test_folded_form_equals_unfolded_definition(normalization, per_bag):
+    """The reference's folded form against the definition with k and v formed, float64, gradients included."""
+    inputs = kernel_checks.as_float64(make_inputs(40, 10, 12, 3, seed=12, batch=2))
+    if per_bag:
+        inputs[1] = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 40, generator=torch.Generator().manual_seed(12)) > 0.3
+
+    def folded(*tensors):
+        return all_outputs(*tensors, 3, normalization=normalization, temperature=0.6, mask=mask)
+
+    def unfolded(x, query, wk, bk, wv, bv):
+        bags = pack_bags(x, 10, mask)
+        queries = query if query.dim() == 3 else query[None]
+        out, logits, weights = reference.query_attention_unfolded(bags.x2d, queries, wk, bk, wv, bv, 3, bags,
+                                                                  normalization, 0.6)
+        logits = logits.masked_fill(~bags.row_valid[:, None], 0.0)
+        return (out, weights.reshape(2, 40, 3, 3).permute(0, 2, 3, 1), logits.reshape(2, 40, 3, 3).permute(0, 2, 3, 1))
+
+    with milkernels.use_backend("reference"):
+        got = kernel_checks.outputs_and_grads(folded, inputs)
+    want = kernel_checks.outputs_and_grads(unfolded, inputs)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_matches_torch_multihead_attention(device):
+    """The op, with nn.MultiheadAttention's projections, gives its outputs and head-averaged weights."""
+    torch.manual_seed(13)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=True).to(device)
+    x = torch.randn(2, 60, 32, device=device)
+    query = torch.randn(1, 3, 32, device=device)
+    padding = torch.zeros(2, 60, dtype=torch.bool, device=device)
+    padding[1, 40:] = True
+    want, want_weights = mha(query.expand(2, -1, -1), x, x, key_padding_mask=padding)
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    with milkernels.use_backend("triton"):
+        result = query_attention(x, F.linear(query[0], wq, bq), wk, bk, wv, bv, 4, mask=~padding, need_weights=True)
+    torch.testing.assert_close(F.linear(result.out, mha.out_proj.weight, mha.out_proj.bias), want,
+                               rtol=2e-4, atol=2e-5)
+    torch.testing.assert_close(result.weights.mean(1), want_weights, rtol=2e-4, atol=2e-6)
+
+
+def test_graph_does_not_keep_the_plan_holding_inputs(device):
+    inputs = make_inputs(30, 8, 8, 1, device=device, seed=14)
+    x = inputs[0]
+    with milkernels.use_backend("triton"):
+        out = query_attention(*inputs, 2).out
+    probe = weakref.ref(x)
+    del inputs, x
+    gc.collect()
+    assert probe() is not None  # saved for backward, as it must be
+    out.sum().backward()
+    del out
+    gc.collect()
+    assert probe() is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(normalization="sparsemax"), "normalization"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+    (dict(num_heads=3), "multiple of num_heads"),
+    (dict(num_heads=0), "num_heads"),
+    (dict(query=torch.randn(2, 7)), "query"),
+    (dict(query=torch.randn(3, 2, 8), x=torch.randn(2, 5, 6)), "sets of queries"),
+    (dict(wv=torch.randn(8, 5)), "wk and wv"),
+    (dict(bk=torch.randn(7)), "bk"),
+    (dict(x=torch.randn(5, 7)), "feature size"),
+    (dict(x=torch.randn(5, 6, dtype=torch.float64)), "one dtype"),
+    (dict(x="not a tensor"), "torch.Tensor"),
+    (dict(dropout_p=1.0), "dropout_p"),
+    (dict(mask=torch.ones(5, dtype=torch.bool)), "mask"),
+])
+def test_bad_input_raises_value_error(kwargs, message):
+    args = dict(x=torch.randn(5, 6), query=torch.randn(2, 8), wk=torch.randn(8, 6), bk=None, wv=torch.randn(8, 6),
+                bv=None, num_heads=2)
+    args.update(kwargs)
+    positional = [args.pop(name) for name in ("x", "query", "wk", "bk", "wv", "bv", "num_heads")]
+    with pytest.raises(ValueError, match=message):
+        query_attention(*positional, **args)
+
+
+def test_forcing_cuda_says_why():
+    inputs = make_inputs(5, 6, 8, 1)
+    with milkernels.use_backend("cuda"), pytest.raises(milkernels.BackendUnavailable, match="query_attention"):
+        query_attention(*inputs, 2)
+
+
+test_compiles_for_sm90 = aot.sm90_test(kernels)
