@@ -260,7 +260,7 @@ def test_ema_momentum_zero_copies_and_one_freezes(momentum):
 
 
 def test_ema_rejects_bad_momentum_and_other_structures():
-    for momentum in (-0.5, 1.01, "0.9"):
+    for momentum in (-0.5, 1.01, "0.9", True):
         with pytest.raises(ValueError, match="momentum"):
             EMAAnchor(nn.Linear(2, 2), momentum=momentum)
     with pytest.raises(ValueError, match="parameters and buffers"):
@@ -298,3 +298,13 @@ def test_training_loop_with_an_optimizer():
         torch.testing.assert_close(parameter, expected[name])
         assert parameter.grad is None
     assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_autocast_runs_the_fused_pass_in_the_autocast_dtype():
+    module = AnchoredQueryAttention(32, 4, 3)
+    x = torch.randn(10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.tokens.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert module.tokens[0].k_proj.weight.grad is not None

@@ -266,3 +266,20 @@ def test_forcing_cuda_says_why():
 
 
 test_compiles_for_sm90 = aot.sm90_test(kernels)
+
+
+def test_masked_rows_scores_carry_no_gradient_on_either_backend(device):
+    """Masked rows' z is c on both backends and passes no gradient back, even if a loss reads it."""
+    generator = torch.Generator().manual_seed(15)
+    x = torch.randn(2, 30, 12, generator=generator).to(device)
+    u = torch.randn(1, 4, 12, generator=generator).to(device).requires_grad_()
+    c = torch.randn(1, 4, generator=generator).to(device).requires_grad_()
+    mask = torch.ones(2, 30, dtype=torch.bool, device=device)
+    mask[1, 10:] = False
+    grads = []
+    for backend in ("triton", "reference"):
+        with milkernels.use_backend(backend):
+            folded = folded_attention(pack_bags(x, 12, mask), u, c, nsf_from=4, num_pooled=4)
+        grads.append(torch.autograd.grad(folded.z.sum() + folded.pooled.sum(), [u, c]))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._bags import Bags, pack_bags
+from ..ops._bags import Bags, autocast_inputs, pack_bags
 from ..ops.anchor_kl import anchor_kl
 from ..ops.query_attention import columns_to_caller, fold_queries, folded_attention, unfold_values
 
@@ -32,7 +32,7 @@ QUERY_INIT_STD = 1e-6
 
 
 def _check_momentum(momentum: float) -> float:
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+    if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     return float(momentum)
 
@@ -185,6 +185,7 @@ class AnchoredQueryAttention(nn.Module):
         Returns:
             An :class:`AnchoredOutput`.
         """
+        (x,) = autocast_inputs(x)
         bags = pack_bags(x, self.query.shape[1], mask)
         online = self._fold(self.tokens, 1.0)
         columns = online[0].shape[1]

@@ -104,10 +104,13 @@ def folded_attention(x, u, c, bags, nsf_from: int, num_pooled: int, dropout_p=0.
 
     ``x: (T, Ein)`` rows of ``bags``; ``u: (Bu, J, Ein)``, ``c: (Bu, J)`` with Bu = 1 (shared) or B;
     P = ``num_pooled``; dropout acts on the pooled columns' weights; ``keep: (T, P)`` replaces its draw.
-    Masked rows are read as zeros (their z is c), so nothing of theirs reaches a result or a gradient.
+    Masked rows are read as zeros: their z is c, with no gradient, so nothing of theirs reaches a result or a
+    gradient.
     """
     x = mask_rows(x, bags)
     z = torch.cat([x[start:end] @ u[b % u.shape[0]].t() + c[b % u.shape[0]] for b, start, end in bag_rows(bags)])
+    if bags.row_valid is not None:
+        z = torch.where(bags.row_valid[:, None], z, z.detach())
     weights = apply_dropout(normalize(z[:, :num_pooled], bags, nsf_from), dropout_p, training, keep)
     pooled = torch.stack([weights[start:end].t() @ x[start:end] for _, start, end in bag_rows(bags)])
     mass = torch.stack([weights[start:end].sum(0) for _, start, end in bag_rows(bags)])

@@ -1,7 +1,7 @@
 """Learnable-query attention in Triton, folded form: a split-N forward, a combine and a three-kernel backward.
 
-Forward (``_forward_kernel``, flash-decoding style), one program per (split of a bag's rows, tile of
-BLOCK_J columns, tile of BLOCK_E features): for each block of BLOCK_N rows of its split, the scores
+Forward (``_forward_kernel``, flash-decoding style), one program per (tile of BLOCK_E features, tile
+of BLOCK_J columns, split of a bag's rows): for each block of BLOCK_N rows of its split, the scores
 ``z = x u^T + c`` on the tensor cores (over all Ein in BLOCK_K steps), the running max and sum of the
 weights (softmax; NSF columns have no max), dropout from a Philox seed, and ``acc += p^T x`` for its
 feature tile. It writes fp32 partials per split; :func:`milkernels.ops._combine.combine` merges each bag's splits into
@@ -83,9 +83,9 @@ def _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT: tl.conste
 
 
 @triton.jit
-def _split(split_start_ptr, split_end_ptr, split_bag_ptr):
-    split = tl.program_id(0)
-    return split, tl.load(split_start_ptr + split), tl.load(split_end_ptr + split), tl.load(split_bag_ptr + split)
+def _split(split_start_ptr, split_end_ptr, split_bag_ptr, split):
+    """Split ``split``'s first row, end row and bag."""
+    return tl.load(split_start_ptr + split), tl.load(split_end_ptr + split), tl.load(split_bag_ptr + split)
 
 
 @triton.jit
@@ -96,11 +96,12 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
+    e_tile = tl.program_id(0)  # fastest: the feature tiles of a split run together and share its rows in L2
     j0 = tl.program_id(1) * BLOCK_J
-    e_tile = tl.program_id(2)
+    split = tl.program_id(2)
     pooled_tile = j0 < num_pooled
     if pooled_tile or e_tile == 0:
-        split, start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr)
+        start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
         cols_j = j0 + tl.arange(0, BLOCK_J)
         j_ok = cols_j < J
         is_nsf = cols_j >= nsf_from
@@ -234,7 +235,8 @@ def _weight_grad_kernel(
     DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """Partials over one split: du[cols_j, cols_e] = ds^T x and dc[cols_j] = sum of ds."""
-    split, start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr)
+    split = tl.program_id(0)
+    start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = cols_j < J
     e_tile = tl.program_id(2)
@@ -260,8 +262,8 @@ def _weight_grad_kernel(
 @triton.jit
 def _bag_sum_kernel(part_ptr, bag_first_split_ptr, out_ptr, width, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr):
     """out[bag, cols] = the sum over the bag's splits of part[split, cols], in order (part: (S, width))."""
-    bag = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
+    bag = tl.program_id(1)
     first = tl.load(bag_first_split_ptr + bag)
     last = tl.load(bag_first_split_ptr + bag + 1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -337,7 +339,8 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     part_acc = _blocks.new_buffer(splits, pooled_cols, features, dtype=torch.float32, device=device)
     part_stats = [_blocks.new_buffer(splits, pooled_cols, dtype=torch.float32, device=device) for _ in range(3)]
     table = plan.splits
-    _forward_kernel[(splits, *plan.tiles(features))](
+    column_tiles, feature_tiles = plan.tiles(features)
+    _forward_kernel[(feature_tiles, column_tiles, splits)](
         x2d, _or(row_valid, x2d), u, c, table.start, table.end, table.bag, z, part_acc, *part_stats,
         features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
         0 if plan.shared_queries else c.stride(0), **plan.dropout_args(),
@@ -355,7 +358,7 @@ def _per_bag_sum(partials, plan: Plan):
         return partials.sum(0, keepdim=True)
     width = partials[0].numel()
     out = _blocks.new_buffer(plan.num_bags, *partials.shape[1:], dtype=torch.float32, device=partials.device)
-    _bag_sum_kernel[(plan.num_bags, triton.cdiv(width, 128))](partials, plan.splits.bag_first_block, out, width,
+    _bag_sum_kernel[(triton.cdiv(width, 128), plan.num_bags)](partials, plan.splits.bag_first_block, out, width,
                                                               BLOCK_S=_combine.BLOCK_S, BLOCK_W=128)
     return out
 
