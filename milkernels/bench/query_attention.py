@@ -51,7 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from ..nn.anchor import LAYER_NORM_EPS, AnchoredQueryAttention
+from ..nn.anchor import AnchoredQueryAttention
+from ..nn.query_attention import LAYER_NORM_EPS
 from ..ops.query_attention.reference import NSF_EPS
 from .registry import Op, register
 

@@ -16,18 +16,17 @@ Shapes: N instances per bag, B bags, E = ``embedding_dim``, H heads of ``dh = E 
 from __future__ import annotations
 
 import copy
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._bags import Bags, autocast_inputs, pack_bags
+from ..ops._bags import Bags, autocast_inputs, check_temperature, pack_bags
 from ..ops.anchor_kl import anchor_kl
 from ..ops.query_attention import columns_to_caller, fold_queries, folded_attention, unfold_values
+from .query_attention import QueryAttention
 
-LAYER_NORM_EPS = 1e-6
 QUERY_INIT_STD = 1e-6
 
 
@@ -90,35 +89,6 @@ class EMAAnchor(nn.Module):
         return f"momentum={self.momentum}"
 
 
-class _TokenAttention(nn.Module):
-    """ASMIL's per-token multi-head cross-attention (ACMIL's ``MutiHeadAttention``), in plain PyTorch.
-
-    :class:`AnchoredQueryAttention` reads only its children; ``forward`` is the unfused definition.
-    """
-
-    def __init__(self, embedding_dim: int, num_heads: int, dropout: float = 0.1):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(embedding_dim, embedding_dim)
-        self.k_proj = nn.Linear(embedding_dim, embedding_dim)
-        self.v_proj = nn.Linear(embedding_dim, embedding_dim)
-        self.out_proj = nn.Linear(embedding_dim, embedding_dim)
-        self.layer_norm = nn.LayerNorm(embedding_dim, eps=LAYER_NORM_EPS)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``q: (1, 1, E)``, ``k = v = x: (1, N, E)`` -> ``(out: (1, E), logits: (H, 1, N))``, the logits
-        ``q_proj(q) . k_proj(k) / sqrt(dh)`` per head before the softmax."""
-        heads = [self._heads(proj(t)) for proj, t in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v))]
-        logits = heads[0] @ heads[1].transpose(-1, -2) / math.sqrt(heads[0].shape[-1])
-        out = (logits.softmax(-1) @ heads[2]).transpose(1, 2).flatten(2)
-        return self.layer_norm(self.dropout(self.out_proj(out)))[0], logits[0]
-
-    def _heads(self, t: torch.Tensor) -> torch.Tensor:
-        """``(1, L, E)`` -> ``(1, H, L, dh)``."""
-        return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-
 class AnchoredOutput(NamedTuple):
     """What :class:`AnchoredQueryAttention` returns (one bag; padded bags put B in front of each shape).
 
@@ -164,7 +134,7 @@ class AnchoredQueryAttention(nn.Module):
         self.n_drop = n_drop
         self.temperature = float(temperature)
         self.query = nn.Parameter(torch.empty(num_tokens, embedding_dim).normal_(std=QUERY_INIT_STD))
-        self.tokens = nn.ModuleList(_TokenAttention(embedding_dim, num_heads, dropout) for _ in range(num_tokens))
+        self.tokens = nn.ModuleList(QueryAttention(embedding_dim, num_heads, dropout=dropout) for _ in range(num_tokens))
         self.anchor = EMAAnchor(self.tokens, momentum)
 
     @property
@@ -250,5 +220,4 @@ def _check_sizes(embedding_dim, num_heads, num_tokens, n_drop, temperature) -> N
         raise ValueError(f"embedding_dim = {embedding_dim} must be divisible by num_heads = {num_heads}")
     if not (isinstance(n_drop, int) and 0 <= n_drop < num_tokens):
         raise ValueError(f"n_drop must be an int in [0, num_tokens = {num_tokens}), got {n_drop!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)

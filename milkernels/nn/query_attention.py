@@ -22,9 +22,10 @@ from torch import nn
 
 from ..ops._bags import FLOAT_DTYPES
 from ..ops.query_attention import query_attention
-from ..ops.query_attention.reference import NSF_EPS
+from ..ops.nsf import reference as nsf_reference
 
 MAX_FUSED_QUERIES = 64
+LAYER_NORM_EPS = 1e-6  # ASMIL's
 
 
 def share_state(cls: type, module: nn.Module) -> nn.Module:
@@ -150,12 +151,6 @@ class MultiheadAttention(nn.MultiheadAttention):
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
 
-def nsf(logits: torch.Tensor) -> torch.Tensor:
-    """The normalized sigmoid over the last dim: ``sigmoid(s) / (sum sigmoid(s) + 1e-8)``."""
-    weights = torch.sigmoid(logits)
-    return weights / (weights.sum(dim=-1, keepdim=True) + NSF_EPS)
-
-
 class QueryAttention(nn.Module):
     """ASMIL's multi-head attention module: a few queries attend to one bag, softmax or NSF weights.
 
@@ -181,7 +176,7 @@ class QueryAttention(nn.Module):
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
-        self.layer_norm = nn.LayerNorm(embedding_dim, eps=1e-6)
+        self.layer_norm = nn.LayerNorm(embedding_dim, eps=LAYER_NORM_EPS)
         self.dropout = nn.Dropout(dropout)
         self.softmax = softmax
 
@@ -215,7 +210,7 @@ class QueryAttention(nn.Module):
         """The plain PyTorch composition on ``(B, ., E)`` inputs; batch index 0 of ``(out, logits)``."""
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                           # (B, H, Q, N)
-        weights = torch.softmax(logits, dim=-1) if self.softmax else nsf(logits)
+        weights = torch.softmax(logits, dim=-1) if self.softmax else nsf_reference.nsf(logits, 1.0, None)
         out = (weights @ v).transpose(1, 2).flatten(2)                                      # (B, Q, internal)
         return self._finish(out)[0], logits[0]
 

@@ -7,8 +7,6 @@ is in :mod:`.reference`, the kernels in :mod:`.triton` and :mod:`.cuda`.
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 
 import torch
 
