@@ -5,21 +5,25 @@ The backends are ``reference`` (plain PyTorch, the oracle and the CPU path), ``t
 :func:`use_backend` context manager or the ``MILKERNELS_BACKEND`` environment variable; otherwise
 ``auto`` runs a GPU kernel for CUDA tensors and the reference for CPU tensors. Under
 ``TRITON_INTERPRET=1`` the ``triton`` backend also runs on CPU tensors (that is how CI tests it).
+
+The choice is plain Python that ``torch.compile`` traces without a graph break: the forced backend is a
+thread-local attribute (Dynamo guards on it, so changing it recompiles), and what the machine can run is
+assumed constant for the process. ``MILKERNELS_BACKEND`` is read when a call is traced.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import os
+import threading
 
 import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 _CHOICES = ("auto",) + BACKENDS
-_forced = contextvars.ContextVar("milkernels_backend", default=None)
+_forced = threading.local()  # .name: the innermost use_backend of this thread, or absent
 
 
 class BackendUnavailable(RuntimeError):
@@ -35,16 +39,17 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend (``auto``, ``reference``, ``triton`` or ``cuda``) inside a ``with`` block."""
-    token = _forced.set(_check_name(name))
+    outer = getattr(_forced, "name", None)
+    _forced.name = _check_name(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.name = outer
 
 
 def requested_backend() -> str:
     """The backend asked for: the innermost :func:`use_backend`, else ``MILKERNELS_BACKEND``, else ``auto``."""
-    forced = _forced.get()
+    forced = getattr(_forced, "name", None)
     if forced is not None:
         return forced
     return _check_name(os.environ.get("MILKERNELS_BACKEND", "auto").strip().lower() or "auto")
@@ -64,6 +69,7 @@ def _import_problem(module: str) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def triton_problem() -> str | None:
     """Why the triton backend cannot run on this machine, or None when it can."""
     problem = _import_problem("triton")
@@ -74,6 +80,7 @@ def triton_problem() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def cuda_problem() -> str | None:
     """Why the cuda backend cannot run on this machine, or None when it can."""
     problem = _import_problem("milkernels._C")

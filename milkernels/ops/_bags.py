@@ -25,14 +25,14 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 class Bags:
     """Packed bags: rows ``x2d: (T, L)``, ``cu_seqlens: (B + 1,)`` int32 and ``row_valid: (T,)`` bool or None.
 
-    ``bounds`` is ``cu_seqlens`` as an int64 CPU tensor, so kernels can plan their launches without
-    a device sync. ``layout`` is ``"single"``, ``"padded"`` or ``"packed"`` and ``shape`` the
+    ``bounds`` is ``cu_seqlens`` as a tuple of Python ints, so kernels plan their launches without a
+    device sync, and ``torch.compile`` traces one bag or padded bags with no data-dependent step. ``layout`` is ``"single"``, ``"padded"`` or ``"packed"`` and ``shape`` the
     caller's ``x.shape``, so results can be put back in the caller's layout.
     """
 
     x2d: torch.Tensor
     cu_seqlens: torch.Tensor
-    bounds: torch.Tensor
+    bounds: tuple
     row_valid: torch.Tensor | None
     layout: str
     shape: tuple
@@ -44,7 +44,8 @@ class Bags:
     def bag_index(self) -> torch.Tensor:
         """``(T,)`` int64: the bag of each row."""
         lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        return torch.repeat_interleave(torch.arange(self.num_bags, device=lengths.device), lengths)
+        return torch.repeat_interleave(torch.arange(self.num_bags, device=lengths.device), lengths,
+                                       output_size=self.x2d.shape[0])
 
     def rows_to_caller(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-row results ``(T, ...)`` in the caller's layout: ``(N, ...)``, ``(B, N, ...)`` or ``(T, ...)``."""
@@ -124,8 +125,8 @@ def check_like(x: torch.Tensor, what: str, **tensors: torch.Tensor | None) -> di
     return present
 
 
-def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> torch.Tensor:
-    """Raise ValueError unless ``cu_seqlens`` bounds non-empty bags of ``total_rows`` rows; its CPU copy."""
+def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> tuple:
+    """Raise ValueError unless ``cu_seqlens`` bounds non-empty bags of ``total_rows`` rows; its values."""
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must have shape (B + 1,) with B >= 1, got {tuple(cu_seqlens.shape)}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -136,7 +137,7 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> torch.Tensor
         raise ValueError(f"cu_seqlens must start at 0 and end at the row count {total_rows}, got {host.tolist()}")
     if bool((lengths <= 0).any()):
         raise ValueError(f"every bag needs at least one instance; cu_seqlens {host.tolist()} has an empty bag")
-    return host.long()
+    return tuple(host.tolist())
 
 
 def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = None,
@@ -166,7 +167,7 @@ def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = Non
     if x.dim() == 2:
         if mask is not None:
             raise ValueError("a mask needs padded bags x: (B, N, L); one bag (N, L) takes no mask")
-        return _bags(x, torch.tensor([0, x.shape[0]]), None, "single", tuple(x.shape))
+        return _bags(x, (0, x.shape[0]), None, "single", tuple(x.shape))
     batch, length, _ = x.shape
     row_valid = None
     if mask is not None:
@@ -176,10 +177,16 @@ def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = Non
             row_valid = (mask != 0).reshape(-1).contiguous()
         else:
             row_valid = mask.reshape(-1).bool().contiguous()
-    bounds = torch.arange(batch + 1) * length
+    bounds = tuple(bag * length for bag in range(batch + 1))
     return _bags(x.reshape(batch * length, -1), bounds, row_valid, "padded", tuple(x.shape))
 
 
 def _bags(x2d, bounds, row_valid, layout, shape) -> Bags:
-    cu_seqlens = bounds.to(device=x2d.device, dtype=torch.int32)
-    return Bags(x2d, cu_seqlens, bounds, row_valid, layout, shape)
+    cu_seqlens = torch.tensor(bounds, device=x2d.device, dtype=torch.int32)
+    return Bags(x2d, cu_seqlens, tuple(bounds), row_valid, layout, shape)
+
+
+def bags_in_op(x2d: torch.Tensor, bounds, row_valid: torch.Tensor | None) -> Bags:
+    """The packed bags that a custom op's arguments describe (rows ``x2d: (T, L)``, ``bounds`` as a list of
+    B + 1 ints, ``row_valid: (T,)`` or None), rebuilt inside the op, where launches are planned."""
+    return _bags(x2d, bounds, row_valid, "packed", tuple(x2d.shape))

@@ -27,8 +27,9 @@ class BlockTable:
         return self.host_start.numel()
 
 
-def block_table(bounds: torch.Tensor, block_n: int, device) -> BlockTable:
-    """The blocks of packed bags with CPU boundaries ``bounds: (B + 1,)``; no device sync."""
+def block_table(bounds, block_n: int, device) -> BlockTable:
+    """The blocks of packed bags with boundaries ``bounds`` (B + 1 ints); no device sync."""
+    bounds = torch.tensor(bounds, dtype=torch.long)
     lengths = bounds[1:] - bounds[:-1]
     counts = (lengths + block_n - 1) // block_n
     bag = torch.repeat_interleave(torch.arange(len(lengths)), counts)

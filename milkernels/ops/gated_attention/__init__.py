@@ -7,10 +7,14 @@ The math is in :mod:`.reference`.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from ... import _backends
-from .._bags import Bags, autocast_inputs, check_float, check_like, pack_bags
+from .. import _library
+from .._bags import Bags, autocast_inputs, bags_in_op, check_float, check_like, pack_bags
 from . import reference
 
 OP_NAME = "gated_attention"
@@ -29,8 +33,6 @@ def _check_weights(x, wa, ba, wb, bb, wc, bc):
     for name, shape in expected.items():
         if name in present and tuple(present[name].shape) != shape:
             raise ValueError(f"{name} must have shape {shape} to match wa {tuple(wa.shape)}, got {tuple(present[name].shape)}")
-    if bb is not None and wb is None:
-        raise ValueError("bb given without wb")
     if hidden == 0 or heads == 0:
         raise ValueError(f"D and K must be positive, got D={hidden}, K={heads}")
     return features, hidden, heads
@@ -54,33 +56,98 @@ def _cuda_reasons(bags, weights, dropout_p, pool, needs_grad):
     return reasons
 
 
-def _dropout_seed(dropout_p: float, training: bool) -> int:
-    """A Philox seed drawn from torch's default generator, so ``torch.manual_seed`` fixes dropout."""
-    if dropout_p > 0 and training:
-        return int(torch.randint(0, 2**31 - 1, (1,)).item())
-    return 0
+def _plan(x2d, wa, bounds, row_valid, dropout_p, seed):
+    from . import triton as kernels
+
+    return kernels.Plan.make(bags_in_op(x2d, bounds, row_valid), wa.shape[0], dropout_p, _library.seed_value(seed))
 
 
-class _GatedAttentionFn(torch.autograd.Function):
-    """Fused forward and backward on the triton kernels."""
+@_library.custom_op("gated_attention_forward")
+def _forward_op(x2d: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Optional[Tensor], bb: Optional[Tensor],
+                wc: Tensor, bc: Optional[Tensor], bounds: list[int], row_valid: Optional[Tensor], dropout_p: float,
+                seed: Optional[Tensor], pool: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The triton forward on packed rows ``x2d: (T, L)`` with bag ``bounds`` (B + 1 ints).
 
-    @staticmethod
-    def forward(ctx, x2d, wa, ba, wb, bb, wc, bc, row_valid, plan, pool):
-        from . import triton as kernels
+    Returns ``pooled: (B, K, L)`` in x's dtype, the raw ``scores: (T, K)`` and their log-sum-exp
+    ``lse: (B, K)``, both float32; pooled and lse are empty when ``pool`` is False.
+    """
+    from . import triton as kernels
 
-        pooled, scores, lse = kernels.forward(x2d, wa, ba, wb, bb, wc, bc, row_valid, plan, pool)
-        ctx.save_for_backward(x2d, wa, ba, wb, bb, wc, bc, row_valid, scores, lse, pooled)
-        ctx.config = (plan, pool)
-        return pooled, scores.to(x2d.dtype)
+    plan = _plan(x2d, wa, bounds, row_valid, dropout_p, seed)
+    pooled, scores, lse = kernels.forward(x2d, wa, ba, wb, bb, wc, bc, row_valid, plan, pool)
+    return (pooled, scores, lse) if pool else (_library.absent(x2d), scores, _library.absent(scores))
 
-    @staticmethod
-    def backward(ctx, d_pooled, d_scores):
-        from . import triton as kernels
 
-        plan, pool = ctx.config
-        wanted = ctx.needs_input_grad[:7]
-        grads = kernels.backward(*ctx.saved_tensors, plan, pool, d_pooled, d_scores, wanted)
-        return (*grads, None, None, None)
+@_forward_op.register_fake
+def _(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, pool):
+    (rows, features), heads, num_bags = x2d.shape, wc.shape[0], len(bounds) - 1
+    scores = x2d.new_empty(rows, heads, dtype=torch.float32)
+    if not pool:
+        return _library.absent(x2d), scores, _library.absent(scores)
+    return x2d.new_empty(num_bags, heads, features), scores, scores.new_empty(num_bags, heads)
+
+
+@_library.custom_op("gated_attention_backward")
+def _backward_op(x2d: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Optional[Tensor], bb: Optional[Tensor],
+                 wc: Tensor, bc: Optional[Tensor], bounds: list[int], row_valid: Optional[Tensor], dropout_p: float,
+                 seed: Optional[Tensor], pool: bool, scores: Tensor, lse: Tensor, pooled: Tensor,
+                 d_pooled: Optional[Tensor], d_scores: Optional[Tensor], wanted: list[bool]) -> list[Tensor]:
+    """Gradients of ``(x2d, wa, ba, wb, bb, wc, bc)``, each empty where ``wanted`` is False.
+
+    ``scores: (T, K)`` float32 and ``lse: (B, K)`` are the forward's; ``d_pooled: (B, K, L)`` and
+    ``d_scores: (T, K)`` may be None.
+    """
+    from . import triton as kernels
+
+    plan = _plan(x2d, wa, bounds, row_valid, dropout_p, seed)
+    grads = kernels.backward(x2d, wa, ba, wb, bb, wc, bc, row_valid, scores, lse, pooled, plan, pool, d_pooled,
+                             d_scores, wanted)
+    return _library.owned(grads, x2d)
+
+
+@_backward_op.register_fake
+def _(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, pool, scores, lse, pooled, d_pooled,
+      d_scores, wanted):
+    inputs = (x2d, wa, ba, wb, bb, wc, bc)
+    return [torch.empty_like(t) if want else _library.absent(x2d) for t, want in zip(inputs, wanted)]
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, pool = inputs
+    pooled, scores, lse = output
+    ctx.save_for_backward(x2d, wa, ba, wb, bb, wc, bc, row_valid, seed, scores, lse, pooled)
+    ctx.options = (bounds, dropout_p, pool)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, d_pooled, d_scores, d_lse):
+    x2d, wa, ba, wb, bb, wc, bc, row_valid, seed, scores, lse, pooled = ctx.saved_tensors
+    bounds, dropout_p, pool = ctx.options
+    inputs = (x2d, wa, ba, wb, bb, wc, bc)
+    wanted = [bool(need) and t is not None for need, t in zip(ctx.needs_input_grad, inputs)]
+    d_scores = d_scores.to(x2d.dtype) if d_scores is not None else None  # the kernels read it in x's dtype
+    grads = _backward_op(*inputs, bounds, row_valid, dropout_p, seed, pool, scores, lse, pooled, d_pooled, d_scores,
+                         wanted)
+    return (*(g if want else None for g, want in zip(grads, wanted)), None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_library.forbid_double_backward(_backward_op, "gated_attention_pool")
+
+
+@_library.custom_op("gated_attention_cuda_scores")
+def _cuda_scores_op(x2d: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Optional[Tensor], bb: Optional[Tensor],
+                    wc: Tensor, bc: Optional[Tensor]) -> Tensor:
+    """Raw scores ``(T, K)`` float32 from the cuda backend's fused scoring kernel (forward only)."""
+    from . import cuda
+
+    return cuda.scores(x2d, wa, ba, wb, bb, wc, bc)
+
+
+@_cuda_scores_op.register_fake
+def _(x2d, wa, ba, wb, bb, wc, bc):
+    return x2d.new_empty(x2d.shape[0], wc.shape[0], dtype=torch.float32)
 
 
 def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):
@@ -98,12 +165,12 @@ def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):
     if backend == "cuda":
         from . import cuda
 
-        return cuda.forward(bags, *weights, pool)
-    from . import triton as kernels
-
-    plan = kernels.Plan.make(bags, wa.shape[0], active_p, _dropout_seed(active_p, True))
+        raw = _cuda_scores_op(bags.x2d, *weights)
+        return (cuda.pool(bags, raw) if pool else None), raw.to(bags.x2d.dtype)
     contiguous = [t.contiguous() if t is not None else None for t in (bags.x2d, *weights)]
-    return _GatedAttentionFn.apply(*contiguous, bags.row_valid, plan, pool)
+    pooled, scores, _ = _forward_op(*contiguous, list(bags.bounds), bags.row_valid, active_p,
+                                    _library.dropout_seed(active_p > 0), pool)
+    return (pooled if pool else None), scores.to(bags.x2d.dtype)
 
 
 def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlens=None,

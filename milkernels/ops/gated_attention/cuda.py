@@ -54,7 +54,7 @@ def scores(x2d, wa, ba, wb, bb, wc, bc) -> torch.Tensor:
     return out
 
 
-def _pool(bags: Bags, raw: torch.Tensor) -> torch.Tensor:
+def pool(bags: Bags, raw: torch.Tensor) -> torch.Tensor:
     """``(B, K, L)``: bag softmax of the float32 scores ``raw: (T, K)``, pooled over ``bags.x2d``."""
     x2d = bags.x2d
     if bags.num_bags == 1 and bags.row_valid is None:
@@ -63,14 +63,3 @@ def _pool(bags: Bags, raw: torch.Tensor) -> torch.Tensor:
     bag_index = bags.bag_index()
     weights = reference.segment_softmax(raw, bag_index, bags.num_bags, bags.row_valid).to(x2d.dtype)
     return reference.pool(x2d, weights, bag_index, bags.num_bags, bags.row_valid)
-
-
-def forward(bags: Bags, wa, ba, wb, bb, wc, bc, pool: bool):
-    """``(pooled (B, K, L) or None, scores (T, K))`` in the dtype of ``bags.x2d: (T, L)``.
-
-    Weights as in :func:`scores`. The bag softmax runs on the kernel's float32 scores; the pooling
-    is :func:`.reference.pool` (one unmasked bag: a matmul), as in the reference.
-    """
-    raw = scores(bags.x2d, wa, ba, wb, bb, wc, bc)
-    pooled = _pool(bags, raw) if pool else None
-    return pooled, raw.to(bags.x2d.dtype)

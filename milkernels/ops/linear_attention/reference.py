@@ -43,7 +43,7 @@ def linear_attention(qkv, bags, num_heads, activation="relu", temperature=None, 
         k = torch.where(bags.row_valid[:, None], k, 0.0)
         v = torch.where(bags.row_valid[:, None], v, 0.0)
     tau = temperature.reshape(num_heads, 1, 1) if temperature is not None else 1.0
-    bounds = bags.bounds.tolist()
+    bounds = bags.bounds
     numerators, denominators = [], []
     for start, stop in zip(bounds[:-1], bounds[1:]):
         q_bag, k_bag, v_bag = q[:, start:stop], k[:, start:stop], v[:, start:stop]

@@ -95,7 +95,7 @@ def apply_dropout(weights, dropout_p: float, training: bool, keep=None):
 
 def bag_rows(bags):
     """``(bag, first row, end row)`` of each bag, from the CPU boundaries."""
-    bounds = bags.bounds.tolist()
+    bounds = bags.bounds
     return [(b, start, end) for b, (start, end) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
 
