@@ -1,5 +1,5 @@
 """Model surgery: :func:`swap` puts the fused kernels into existing CLAM, torchmil, Lin-MIL, LiteMIL and ASMIL
-models, in place.
+models, in place (a replaceable layer passed by itself is not changed: its replacement is returned).
 
 Modules are recognized by structure, whatever their class, then checked by behavior: before a
 replacement goes in, the candidate and its replacement run on a small random probe input (eval mode,
@@ -49,11 +49,13 @@ CLAM's ungated ``Attn_Net``; a MultiheadAttention with ``add_bias_kv``, ``add_ze
 vdim`` (its fused path would never run); a Lin-MIL ``act`` with non-default arguments
 (``LeakyReLU(0.2)``, ``ELU(alpha=0.5)``, ``GELU('tanh')``...) or of another class; a ``Lin_MIL`` with a
 hooked submodule (its blocks' attention is still swapped), another ``pool`` or a
-``nystrom``/``dilated`` block. :func:`swap_report` lists what is fused and why the others stay.
-Hooks or parametrizations added after the swap are not seen by the fused op either.
+``nystrom``/``dilated`` block. :func:`swap_report` lists what is fused, what is replaced but fused on
+some calls only (and when), and why the others stay. Hooks or parametrizations added after the swap are
+not seen by the fused op either.
 
-    model = milkernels.swap(model, verbose=True)   # prints the report
-    report = swap_report(model)                    # from milkernels.swap import swap_report
+    model = milkernels.swap(model, verbose=True)   # prints the report, once
+    report = swap_report(model)                    # returns it (print(report) for the text); prints nothing
+    layer = milkernels.swap(layer)                 # a bare layer: use the returned replacement
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from ._backends import use_backend
 from .nn.gated_attention import GatedAttention, GatedAttentionPool, TorchmilAttentionPool, branch_dropout_p
 from .nn.linear_attention import (FusedLinMIL, LinearAttention, SoftmaxAttention, activation_problem,
                                   fused_lin_mil_class)
-from .nn.query_attention import MultiheadAttention, QueryAttention
+from .nn.query_attention import MultiheadAttention, QueryAttention, fused_path_problem
 
 FUSED = (GatedAttention, GatedAttentionPool, TorchmilAttentionPool, LinearAttention, SoftmaxAttention, FusedLinMIL,
          MultiheadAttention, QueryAttention)
@@ -94,21 +96,24 @@ PROBE_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2
 
 @dataclass
 class SwapReport:
-    """Module path (``""`` for the model itself) -> a line about it, in three groups.
+    """Module path (``""`` for the model itself) -> a line about it, in four groups.
 
-    ``fused``: modules running on milkernels (``"<old class> -> <new class>"`` when :func:`swap` made
-    them); ``swappable``: modules :func:`swap` would replace; ``skipped``: recognized modules it leaves
-    as they are, with the reason.
+    ``fused``: milkernels modules whose every call runs the fused path (``"<old class> -> <new class>"``
+    when :func:`swap` made them); ``replaced``: milkernels modules that run the fused path on some calls
+    only, the line saying on which (or, if on none, why); ``swappable``: modules :func:`swap` would
+    replace; ``skipped``: recognized modules it leaves as they are, with the reason. ``str(report)`` is
+    the text :func:`swap` prints with ``verbose=True``.
     """
 
     fused: dict[str, str] = field(default_factory=dict)
+    replaced: dict[str, str] = field(default_factory=dict)
     swappable: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"milkernels.swap: {len(self.fused)} fused, {len(self.swappable)} swappable, "
-                 f"{len(self.skipped)} skipped"]
-        for group in ("fused", "swappable", "skipped"):
+                 f"{len(self.skipped)} skipped, {len(self.replaced)} replaced but fused on some calls only"]
+        for group in ("fused", "replaced", "swappable", "skipped"):
             lines += [f"  {group:<9} {name or '(model)'}: {text}" for name, text in getattr(self, group).items()]
         return "\n".join(lines)
 
@@ -116,8 +121,12 @@ class SwapReport:
 def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
     """Replace the recognized attention modules of ``model`` by milkernels modules, in place.
 
-    Returns ``model``, or the replacement when ``model`` itself is such a module. Swapping again is
-    a no-op. ``verbose=True`` prints :func:`swap_report` of the result.
+    Returns ``model``. When ``model`` is itself a replaceable layer (an ``Attn_Net_Gated``, an
+    ``nn.MultiheadAttention``...), nothing can replace it in the caller's hands: the replacement is
+    returned and ``model`` is left as it was, so use the result, ``layer = milkernels.swap(layer)``.
+    (A ``Lin_MIL`` model is the exception: it changes class in place and is returned.) Swapping again
+    is a no-op. ``verbose=True`` prints :func:`swap_report` of the result, once; calling
+    :func:`swap_report` as well and printing it prints the report a second time.
     """
     replacements = {}
     for name, module, problem, build in _recognized(model):
@@ -131,12 +140,15 @@ def swap(model: nn.Module, verbose: bool = False) -> nn.Module:
 
 
 def swap_report(model: nn.Module) -> SwapReport:
-    """What in ``model`` runs on milkernels, what :func:`swap` would replace and what it leaves, and why."""
+    """What in ``model`` runs on milkernels, what :func:`swap` would replace and what it leaves, and why.
+
+    Returns the :class:`SwapReport` (``print`` it for the text); prints nothing.
+    """
     report = SwapReport()
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, FUSED):
-            origin = getattr(module, "swapped_from", None)
-            report.fused[name] = f"{origin} -> {_fused_name(module)}" if origin else _fused_name(module)
+            group, line = _fused_entry(module)
+            getattr(report, group)[name] = line
     for name, module, problem, _ in _recognized(model):
         if problem:
             report.skipped[name] = f"{_class_name(module)}: {problem}"
@@ -229,6 +241,20 @@ def _fused_name(module: nn.Module) -> str:
     """``milkernels.nn.<class>``, the first milkernels class ``module`` is an instance of."""
     fused = next(cls for cls in type(module).__mro__ if cls in FUSED)
     return f"milkernels.nn.{fused.__qualname__}"
+
+
+def _fused_entry(module: nn.Module) -> tuple[str, str]:
+    """The report group of milkernels module ``module`` and its line: ``"fused"`` when its fused path runs
+    on every call; ``"replaced"`` when only on some (its ``fused_when`` says which) or on none (its
+    ``fused_path_possible`` is False: a MultiheadAttention built with ``add_bias_kv``...)."""
+    origin = getattr(module, "swapped_from", None)
+    line = f"{origin} -> {_fused_name(module)}" if origin else _fused_name(module)
+    if isinstance(module, MultiheadAttention) and not module.fused_path_possible:
+        return "replaced", f"{line}; never fused: {fused_path_problem(module)}"
+    when = getattr(type(module), "fused_when", "")
+    if when:
+        return "replaced", f"{line}; fused only when {when}, PyTorch's path otherwise"
+    return "fused", line
 
 
 def _own_problem(module: nn.Module, allowed: tuple = ()) -> str:
@@ -520,12 +546,9 @@ def _fuse_lin_mil(module: nn.Module) -> nn.Module:
 
 def _mha_problem(module: nn.MultiheadAttention) -> str:
     """Why an ``nn.MultiheadAttention`` cannot take :class:`MultiheadAttention`'s fused path, or ``""``."""
-    if module.bias_k is not None or module.bias_v is not None:
-        return "add_bias_kv=True: the fused op has no bias_k/bias_v key and value rows"
-    if module.add_zero_attn:
-        return "add_zero_attn=True: the fused op has no zero key and value row"
-    if module.kdim != module.vdim:
-        return f"kdim={module.kdim} != vdim={module.vdim}: key is never value, so the fused path would never run"
+    problem = fused_path_problem(module)
+    if problem:
+        return f"{problem}, so the fused path would never run"
     if is_parametrized(module):
         return "it is parametrized (torch.nn.utils.parametrize); the fused op reads raw parameters"
     problem = _linear_problem(module.out_proj, "out_proj", MHA_OUT_PROJ_TYPES)

@@ -29,3 +29,8 @@ def poisoned_buffers(monkeypatch):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(_blocks, "new_buffer", poisoned)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "aot: ahead-of-time sm_90 compiles of the shipped Triton specializations "
+                                       "(tests/aot.py; about 30 min on 2 cores; deselect with -m 'not aot')")

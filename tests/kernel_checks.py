@@ -1,5 +1,7 @@
-"""Checks shared by the op tests: backprop fixed cotangents, compare a backend with the float64 reference."""
+"""Checks shared by the op tests: backprop fixed cotangents, compare a backend with the float64 reference,
+compile without graph breaks, refuse double backward."""
 
+import pytest
 import torch
 
 import milkernels
@@ -41,3 +43,32 @@ def compare(fn, inputs, dtype, backend="triton", **kwargs):
         scale = want.abs().max().clamp_min(1.0)
         err = (got.double() - want).abs().max() / scale
         assert err < TOLERANCE[dtype], f"{name} error {err:.2e}"
+
+
+def assert_compiles_without_graph_break(fn, inputs, backend, **kwargs):
+    """On ``backend``, ``torch.compile(fn, fullgraph=True)`` gives eager's outputs and gradients (the same
+    ``torch.manual_seed`` before each, for dropout) and ``torch._dynamo.explain`` counts no graph break."""
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    results = []
+    with milkernels.use_backend(backend):
+        for run in (fn, compiled):
+            torch.manual_seed(0)
+            results.append(outputs_and_grads(run, inputs, **kwargs))
+        explained = torch._dynamo.explain(fn)(*inputs, **kwargs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    (eager_out, eager_grad), (compiled_out, compiled_grad) = results
+    for got, want in zip(compiled_out + compiled_grad, eager_out + eager_grad):
+        torch.testing.assert_close(got, want)
+
+
+def assert_double_backward_raises(fn, inputs, public_name, **kwargs):
+    """A gradient penalty through ``fn(*inputs, **kwargs)`` on the triton backend raises the custom op's
+    error naming ``milkernels.<public_name>``, instead of a silently wrong second derivative."""
+    with milkernels.use_backend("triton"):
+        outs = fn(*inputs, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum(o.float().square().sum() for o in outs if o is not None)
+    grads = torch.autograd.grad(loss, leaves(inputs), create_graph=True)
+    penalty = sum(g.square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match=rf"milkernels\.{public_name}: double backward .* is not supported"):
+        penalty.backward()

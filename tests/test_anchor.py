@@ -24,7 +24,7 @@ def head_logits(module, query, x, heads):
 def attend(module, query, x, heads):
     """ASMIL's per-token module from its children, unfused, ``k = v = x``: ``(out: (E,), logits: (H, N))``."""
     logits = head_logits(module, query, x, heads)
-    v = module.v_proj(x).reshape(x.shape[0], heads, -1)
+    v = module.v_proj(x).reshape(x.shape[0], heads, x.shape[1] // heads)  # not -1: N may be 0
     out = torch.einsum("hn,nhd->hd", logits.softmax(-1), v).reshape(-1)
     return module.layer_norm(module.dropout(module.out_proj(out))), logits
 
@@ -209,7 +209,7 @@ def test_constructor_errors(kwargs, match):
         AnchoredQueryAttention(**args)
 
 
-@pytest.mark.parametrize("shape", [(10, EMBED + 1), (EMBED,), (1, 2, 10, EMBED), (0, EMBED)])
+@pytest.mark.parametrize("shape", [(10, EMBED + 1), (EMBED,), (1, 2, 10, EMBED), (0, EMBED + 1), (1, 2, 0, EMBED)])
 def test_wrong_x_shape_raises(shape):
     with pytest.raises(ValueError):
         make_model()(torch.randn(shape, dtype=torch.float64))

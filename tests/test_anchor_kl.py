@@ -164,3 +164,34 @@ def test_forced_cuda_without_the_extension_says_why(monkeypatch):
 
 
 test_compiles_for_sm90 = aot.sm90_test(kernels)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck(masked):
+    online, anchor = make_pair((3, 20), torch.float32, "cpu", seed=11)
+    valid = make_mask((3, 20), "cpu", seed=11) if masked else None
+    torch.library.opcheck(torch.ops.milkernels.anchor_kl_forward, (online, anchor, valid, 1.5, "triton"))
+    with torch.no_grad():
+        _, *stats = torch.ops.milkernels.anchor_kl_forward(online, anchor, valid, 1.5, "triton")
+    for wanted in ([True, True], [True, False]):
+        torch.library.opcheck(torch.ops.milkernels.anchor_kl_backward,
+                              (online.detach(), anchor.detach(), valid, *stats, torch.tensor(0.5), 1.5, "triton", wanted))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    online, anchor = make_pair((2, 3, 20), torch.float32, "cpu", seed=12)
+    kernel_checks.assert_compiles_without_graph_break(anchor_kl, [online, anchor, 0.7], backend,
+                                                      mask=make_mask((3, 20), "cpu", seed=12))
+
+
+def test_double_backward_raises_on_triton():
+    online, anchor = make_pair((2, 20), torch.float32, "cpu", seed=13)
+    kernel_checks.assert_double_backward_raises(anchor_kl, [online, anchor, 0.7], "anchor_kl")
+
+
+def test_double_backward_on_the_reference():
+    online, anchor = (t.detach().double().requires_grad_() for t in make_pair((2, 6), torch.float32, "cpu", seed=14))
+    mask = make_mask((2, 6), "cpu", seed=14)
+    with milkernels.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda a, b: anchor_kl(a, b, 0.7, mask=mask), [online, anchor])

@@ -252,6 +252,7 @@ def bad_input_cases():
     yield "wa is torch.float32 but x is torch.float16", (x.half(), *weights), {}
     yield "x must be a torch.Tensor", (x.tolist(), *weights), {}
     yield "cu_seqlens must be a torch.Tensor", (x, *weights), {"cu_seqlens": [0, 10]}
+    yield "bb given without wb", (x, *weights[:2], None, *weights[3:]), {}
 
 
 @pytest.mark.parametrize("message,args,kwargs", list(bad_input_cases()))
@@ -268,3 +269,68 @@ def test_triton_rejects_float64_with_a_reason():
 
 
 test_compiles_for_sm90 = aot.sm90_test(kernels)
+
+
+def test_ungated_call_takes_wb_and_bb_none(device):
+    generator = torch.Generator().manual_seed(31)
+    wa, ba, _, _, wc, bc = make_weights(20, 12, 2, torch.float32, device, gated=False, generator=generator)
+    x = torch.randn(3, 40, 20, generator=generator).to(device).requires_grad_()
+    compare(gated_attention_pool, x, [wa, ba, None, None, wc, bc], torch.float32)
+
+
+def op_inputs(pool: bool, masked: bool, dropout_p: float):
+    """Arguments of ``milkernels::gated_attention_forward``: two bags of 9 and 14 rows, L = 20, D = 12, K = 2."""
+    generator = torch.Generator().manual_seed(32)
+    x2d = torch.randn(23, 20, generator=generator).requires_grad_()
+    row_valid = torch.rand(23, generator=generator) > 0.3 if masked else None
+    seed = torch.tensor([123]) if dropout_p > 0 else None
+    weights = make_weights(20, 12, 2, torch.float32, "cpu", generator=generator)
+    return [x2d, *weights, [0, 9, 23], row_valid, dropout_p, seed, pool]
+
+
+@pytest.mark.parametrize("pool, masked, dropout_p", [(True, True, 0.0), (True, False, 0.3), (False, False, 0.0)])
+def test_opcheck(pool, masked, dropout_p):
+    forward_args = op_inputs(pool, masked, dropout_p)
+    torch.library.opcheck(torch.ops.milkernels.gated_attention_forward, forward_args)
+    with torch.no_grad():
+        pooled, scores, lse = torch.ops.milkernels.gated_attention_forward(*forward_args)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args]
+    d_pooled = torch.randn_like(pooled) if pool else None
+    for wanted in ([True] * 7, [False, True, False, False, False, True, False]):
+        torch.library.opcheck(torch.ops.milkernels.gated_attention_backward,
+                              [*detached, scores, lse, pooled, d_pooled, torch.randn_like(scores), wanted])
+
+
+def pool_and_scores(x, wa, ba, wb, bb, wc, bc, mask):
+    """A scalar of pooling (padded bags, mask, dropout) and of the scores alone."""
+    pooled, scores = gated_attention_pool(x, wa, ba, wb, bb, wc, bc, mask=mask, dropout_p=0.25)
+    alone = gated_attention_scores(x[0], wa, ba, wb, bb, wc, bc)
+    return pooled.square().sum() + scores.masked_fill(~mask[..., None], 0).sum() + alone.sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    generator = torch.Generator().manual_seed(33)
+    x = torch.randn(2, 30, 20, generator=generator).requires_grad_()
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 21:] = False
+    weights = make_weights(20, 12, 2, torch.float32, "cpu", generator=generator)
+    kernel_checks.assert_compiles_without_graph_break(pool_and_scores, [x, *weights, mask], backend)
+
+
+def test_double_backward_raises_on_triton():
+    generator = torch.Generator().manual_seed(34)
+    x = torch.randn(25, 20, generator=generator).requires_grad_()
+    weights = make_weights(20, 12, 2, torch.float32, "cpu", generator=generator)
+    name = "gated_attention_pool and gated_attention_scores"
+    kernel_checks.assert_double_backward_raises(gated_attention_pool, [x, *weights], name)
+    kernel_checks.assert_double_backward_raises(gated_attention_scores, [x, *weights], name)
+
+
+def test_double_backward_on_the_reference():
+    generator = torch.Generator().manual_seed(35)
+    x = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64).requires_grad_()
+    weights = kernel_checks.as_float64(make_weights(4, 3, 2, torch.float32, "cpu", generator=generator))
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    with milkernels.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda *t: gated_attention_pool(*t, mask=mask), [x, *weights])

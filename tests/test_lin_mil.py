@@ -200,7 +200,7 @@ def test_swapped_lin_mil_never_forms_the_numerator(case, monkeypatch, pos_enc):
     _, after = model_pair(case, **MODELS["d48_h4_cls_relu"], pos_enc=pos_enc)
     calls, kernel_calls = [], []
     _spy(monkeypatch, fused_module, "lin_mil_attention", calls)
-    _spy(monkeypatch, op_module._LinearAttentionFn, "apply", kernel_calls, lambda args, kwargs: args[-2:])
+    _spy(monkeypatch, op_module, "_forward_op", kernel_calls, lambda args, kwargs: args[-2:])
     monkeypatch.setattr(op_module, "_numerator_to_caller", _refuse_numerator)
     x = tokens(case, 2, 5)
     logits, att = after(x, coordinates(x))

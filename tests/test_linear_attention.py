@@ -166,7 +166,7 @@ def bad_input_cases():
     yield "num_heads must be a positive int", (qkv, 0), {}
     yield "activation must be one of", (qkv, 2), {"activation": "swish"}
     yield "denominator must be", (qkv, 2), {"denominator": "none"}
-    yield "one value per head", (qkv, 2), {"temperature": torch.ones(3)}
+    yield r"one value or one per head \(2\)", (qkv, 2), {"temperature": torch.ones(3)}
     yield "one dtype", (qkv, 2), {"temperature": torch.ones(2, dtype=torch.float64)}
     yield "one device", (qkv, 2), {"temperature": torch.ones(2, device="meta")}
     yield "empty bag", (torch.randn(2, 0, 24), 2), {}
@@ -188,3 +188,78 @@ def test_cuda_backend_says_there_is_no_cuda_kernel():
 
 
 test_compiles_for_sm90 = aot.sm90_test(kernels)
+
+
+TEMPERATURE_FORMS = {"float": lambda h: 0.8, "0-d": lambda h: torch.tensor(0.8), "one value": lambda h: torch.tensor([0.8]),
+                     "(H,)": lambda h: h, "(H, 1, 1)": lambda h: h.reshape(-1, 1, 1)}
+
+
+@pytest.mark.parametrize("form", TEMPERATURE_FORMS)
+def test_temperature_forms(form):
+    """A number, a 0-d tensor, one value, (H,) and Lin-MIL's (H, 1, 1) mean what they say; each tensor form
+    gets its gradient in its own shape."""
+    qkv, per_head = make_qkv((2, 30, 3 * 16), 4, seed=13)
+    temperature = TEMPERATURE_FORMS[form](per_head.detach())
+    full = per_head.detach() if form.startswith("(H") else torch.full((4,), 0.8)
+    with milkernels.use_backend("reference"):
+        expected = linear_attention(qkv.detach(), 4, temperature=full)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.clone().requires_grad_()
+    for backend in ("reference", "triton"):
+        with milkernels.use_backend(backend):
+            out = linear_attention(qkv, 4, temperature=temperature)
+        torch.testing.assert_close(out, expected)
+        if isinstance(temperature, torch.Tensor):
+            grad, = torch.autograd.grad(out.sum(), temperature)
+            assert grad.shape == temperature.shape
+
+
+def test_temperature_bool_is_refused():
+    qkv, _ = make_qkv((1, 10, 24), 2)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_attention(qkv, 2, temperature=True)
+
+
+def op_inputs(masked: bool, with_temperature: bool):
+    """Arguments of ``milkernels::linear_attention_forward``: two bags of 9 and 14 rows, C = 32, H = 2."""
+    generator = torch.Generator().manual_seed(14)
+    qkv2d = torch.randn(23, 96, generator=generator).requires_grad_()
+    temperature = (torch.rand(2, generator=generator) + 0.5).requires_grad_() if with_temperature else None
+    row_valid = torch.rand(23, generator=generator) > 0.3 if masked else None
+    return [qkv2d, temperature, [0, 9, 23], row_valid, 2, "gelu", "clamp", 100.0, 1e-6, True, True]
+
+
+@pytest.mark.parametrize("masked, with_temperature", [(True, True), (False, False)])
+def test_opcheck(masked, with_temperature):
+    forward_args = op_inputs(masked, with_temperature)
+    torch.library.opcheck(torch.ops.milkernels.linear_attention_forward, forward_args)
+    with torch.no_grad():
+        out, numerator, attention_map, state = torch.ops.milkernels.linear_attention_forward(*forward_args)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args[:9]]
+    for cotangents in ([out, numerator, attention_map], [out, None, None]):
+        grads = [torch.randn_like(t) if t is not None else None for t in cotangents]
+        torch.library.opcheck(torch.ops.milkernels.linear_attention_backward, [*detached, state, *grads])
+
+
+def lin_mil_loss(qkv, temperature, mask):
+    out, attention_map = lin_mil_attention(qkv, temperature.reshape(2, 1, 1), 2, mask=mask, return_map=True)
+    return out.square().sum() + attention_map.sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    qkv, temperature = make_qkv((2, 30, 3 * 16), 2, seed=15)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 19:] = False
+    kernel_checks.assert_compiles_without_graph_break(lin_mil_loss, [qkv, temperature, mask], backend)
+
+
+def test_double_backward_raises_on_triton():
+    qkv, temperature = make_qkv((1, 20, 3 * 16), 2, seed=16)
+    kernel_checks.assert_double_backward_raises(all_outputs, [qkv, temperature, 2], "linear_attention")
+
+
+def test_double_backward_on_the_reference():
+    qkv, temperature = kernel_checks.as_float64(make_qkv((1, 6, 3 * 4), 2, seed=17))
+    with milkernels.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda q, t: all_outputs(q, t, 2, activation="gelu"), [qkv, temperature])

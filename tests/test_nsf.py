@@ -153,3 +153,37 @@ def test_an_extension_built_before_these_ops_is_a_reason(monkeypatch):
 
 
 test_compiles_for_sm90 = aot.sm90_test(kernels)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck(masked):
+    rows = make_scores((3, 20), torch.float32, "cpu", seed=7)
+    valid = make_mask((3, 20), "cpu", seed=7) if masked else None
+    torch.library.opcheck(torch.ops.milkernels.nsf_forward, (rows, valid, 1.5, "triton"))
+    with torch.no_grad():
+        _, row_sum = torch.ops.milkernels.nsf_forward(rows, valid, 1.5, "triton")
+    grad = torch.randn(3, 20)
+    torch.library.opcheck(torch.ops.milkernels.nsf_backward, (rows.detach(), valid, row_sum, grad, 1.5, "triton"))
+
+
+def weighted_nsf(scores, mask):
+    return (nsf(scores, 0.7, mask=mask) * torch.arange(scores.shape[-1], dtype=scores.dtype)).sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    scores = make_scores((2, 3, 20), torch.float32, "cpu", seed=8)
+    kernel_checks.assert_compiles_without_graph_break(weighted_nsf, [scores, make_mask((3, 20), "cpu", seed=8)],
+                                                      backend)
+
+
+def test_double_backward_raises_on_triton():
+    kernel_checks.assert_double_backward_raises(weighted_nsf, [make_scores((2, 20), torch.float32, "cpu", seed=9),
+                                                               None], "nsf")
+
+
+def test_double_backward_on_the_reference():
+    scores = make_scores((2, 6), torch.float64, "cpu", seed=10, scale=1.0)
+    mask = make_mask((2, 6), "cpu", seed=10)
+    with milkernels.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda s: nsf(s, 0.7, mask=mask), [scores])

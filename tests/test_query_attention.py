@@ -283,3 +283,63 @@ def test_masked_rows_scores_carry_no_gradient_on_either_backend(device):
         grads.append(torch.autograd.grad(folded.z.sum() + folded.pooled.sum(), [u, c]))
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+def op_inputs(masked: bool, dropout_p: float):
+    """Arguments of ``milkernels::folded_attention_forward`` for two bags of 9 and 14 rows, J = 6 columns
+    (NSF from column 2 on, 4 pooled); x, u and c require grad."""
+    generator = torch.Generator().manual_seed(16)
+    x2d, u, c = (torch.randn(*shape, generator=generator).requires_grad_() for shape in ((23, 5), (2, 6, 5), (2, 6)))
+    row_valid = torch.rand(23, generator=generator) > 0.3 if masked else None
+    seed = torch.tensor([123]) if dropout_p > 0 else None
+    return [x2d, u, c, [0, 9, 23], row_valid, 2, 4, dropout_p, seed]
+
+
+@pytest.mark.parametrize("masked, dropout_p", [(True, 0.0), (False, 0.3)])
+def test_opcheck(masked, dropout_p):
+    forward_args = op_inputs(masked, dropout_p)
+    torch.library.opcheck(torch.ops.milkernels.folded_attention_forward, forward_args)
+    x2d, u, c, bounds, row_valid, nsf_from, num_pooled, _, seed = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args)
+    with torch.no_grad():
+        pooled, mass, z, lse = torch.ops.milkernels.folded_attention_forward(*forward_args)
+    cotangents = [torch.randn_like(t) for t in (pooled, mass, z)]
+    for wanted in ([True, True, True], [False, True, False]):
+        torch.library.opcheck(torch.ops.milkernels.folded_attention_backward,
+                              [x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass,
+                               *cotangents, wanted])
+    if seed is not None:
+        torch.library.opcheck(torch.ops.milkernels.folded_attention_dropout_keep, [z, num_pooled, dropout_p, seed])
+
+
+def pooled_loss(x, query, wk, bk, wv, bv, mask):
+    """A scalar of every output of :func:`query_attention` on padded bags (NSF, dropout)."""
+    result = query_attention(x, query, wk, bk, wv, bv, 2, normalization="nsf", mask=mask, dropout_p=0.2,
+                             need_weights=True, need_logits=True)
+    return result.out.sum() + result.weights.square().sum() + result.logits.masked_fill(~mask[:, None, None], 0).sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    kernel_checks.assert_compiles_without_graph_break(pooled_loss, [*make_inputs(11, 6, 8, 2, seed=17, batch=2), mask],
+                                                      backend)
+
+
+def test_double_backward_raises_on_triton():
+    inputs = make_inputs(10, 6, 8, 2, seed=18)
+    kernel_checks.assert_double_backward_raises(lambda *t: query_attention(*t, 2).out, inputs, "query_attention")
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_double_backward_on_the_reference(normalization):
+    inputs = kernel_checks.as_float64(make_inputs(5, 3, 4, 2, seed=19, batch=2))
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+
+    def fn(*tensors):
+        with milkernels.use_backend("reference"):
+            result = query_attention(*tensors, 2, normalization=normalization, mask=mask, need_weights=True)
+        return result.out, result.weights
+
+    assert torch.autograd.gradgradcheck(fn, inputs)

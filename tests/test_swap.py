@@ -185,6 +185,33 @@ def test_swap_the_module_itself_and_shared_modules():
     assert type(model[0]) is GatedAttention and model[1][0] is model[0]
 
 
+def test_swap_on_a_bare_layer_returns_the_replacement_and_leaves_the_layer():
+    """Nothing can rebind the caller's name: ``layer = milkernels.swap(layer)`` is the way (the README says so)."""
+    layer = AttnNetGated(L, D).eval()
+    children, attributes = dict(layer.named_children()), set(vars(layer))
+    state = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    replacement = milkernels.swap(layer)
+    assert type(replacement) is GatedAttention and replacement is not layer
+    assert type(layer) is AttnNetGated and not layer.training and set(vars(layer)) == attributes
+    assert all(child is children[name] for name, child in layer.named_children())
+    assert all(torch.equal(tensor, state[name]) for name, tensor in layer.state_dict().items())
+    assert swap_report(layer).swappable == {"": "test_nn.AttnNetGated"}
+    assert swap_report(replacement).fused == {"": "test_nn.AttnNetGated -> milkernels.nn.GatedAttention"}
+
+
+def test_verbose_prints_the_report_once_and_swap_report_prints_nothing(capsys):
+    model = nn.ModuleDict(dict(sb=ClamSB(), relu=TorchmilModel(act="relu")))
+    swap_report(model)
+    assert capsys.readouterr().out == ""
+    milkernels.swap(model, verbose=True)
+    printed = capsys.readouterr().out
+    report = swap_report(model)
+    assert capsys.readouterr().out == ""
+    assert printed == f"{report}\n" and printed.count("milkernels.swap:") == 1
+    milkernels.swap(model)
+    assert capsys.readouterr().out == ""
+
+
 def test_eval_mode_kept():
     model = milkernels.swap(ClamSB().eval())
     assert type(model.attention_net[3]) is GatedAttention and not model.attention_net[3].training

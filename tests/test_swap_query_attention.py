@@ -77,12 +77,43 @@ def test_report_lists_modules_and_swap_is_idempotent():
     report = swap_report(model)
     milkernels.swap(model)
     assert dict(model.named_modules()) == modules and swap_report(model) == report
-    assert report.swappable == {} and set(report.skipped) == {"bias_kv"}
-    assert report.fused["lite.attention"] == ("torch.nn.modules.activation.MultiheadAttention -> "
-                                              "milkernels.nn.MultiheadAttention")
-    assert report.fused["asmil.attentions.0"] == ("test_query_attention_nn.ASMILAttention -> "
-                                                  "milkernels.nn.QueryAttention")
-    assert len(report.fused) == 1 + ASMIL_TOKENS
+    assert report.swappable == {} and set(report.skipped) == {"bias_kv"} and report.fused == {}
+    assert report.replaced["lite.attention"].startswith("torch.nn.modules.activation.MultiheadAttention -> "
+                                                        "milkernels.nn.MultiheadAttention; fused only when key is value")
+    assert report.replaced["asmil.attentions.0"].startswith("test_query_attention_nn.ASMILAttention -> "
+                                                            "milkernels.nn.QueryAttention; fused only when k is v")
+    assert len(report.replaced) == 1 + ASMIL_TOKENS
+
+
+class SelfAttentionMIL(nn.Module):
+    """A transformer-style MIL layer: self-attention over the instances (query is key is value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(HID, HEADS, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x)[0]
+
+
+def test_report_says_fused_only_where_the_fused_path_runs(capsys):
+    """Self-attention, a long query or another call can take PyTorch's path: such a module is 'replaced',
+    with the conditions of its fused path, never 'fused'; one whose fused path can never run says why."""
+    model = nn.ModuleDict(dict(self_attention=SelfAttentionMIL(), lite=LiteMIL(4)))
+    milkernels.swap(model, verbose=True)
+    printed = capsys.readouterr().out
+    report = swap_report(model)
+    assert report.fused == {} and set(report.replaced) == {"self_attention.attention", "lite.attention"}
+    line = report.replaced["self_attention.attention"]
+    assert "fused only when key is value" in line and "the query has 1 to 64 rows" in line
+    assert "0 fused, 0 swappable, 0 skipped, 2 replaced but fused on some calls only" in printed
+    assert "  replaced  self_attention.attention: " in printed and "  fused " not in printed
+    built = nn.Sequential(MultiheadAttention(HID, HEADS, add_bias_kv=True), MultiheadAttention(HID, HEADS))
+    assert not built[0].fused_path_possible and built[1].fused_path_possible
+    report = swap_report(built)
+    assert report.replaced["0"] == ("milkernels.nn.MultiheadAttention; never fused: add_bias_kv=True: the fused op "
+                                    "has no bias_k/bias_v key and value rows")
+    assert report.replaced["1"].startswith("milkernels.nn.MultiheadAttention; fused only when key is value")
 
 
 def test_swap_the_module_itself_keeps_flags():

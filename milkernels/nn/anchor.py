@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._bags import Bags, autocast_inputs, check_temperature, pack_bags
+from ..ops._bags import Bags, autocast_inputs, check_bag_shape, check_temperature, pack_bags
 from ..ops.anchor_kl import anchor_kl
+from ..ops.nsf import reference as nsf_reference
 from ..ops.query_attention import columns_to_caller, fold_queries, folded_attention, unfold_values
+from ._empty import no_instances
 from .query_attention import QueryAttention
 
 QUERY_INIT_STD = 1e-6
@@ -153,9 +155,13 @@ class AnchoredQueryAttention(nn.Module):
                 (nonzero = real instance; all bags drop the same tokens).
 
         Returns:
-            An :class:`AnchoredOutput`.
+            An :class:`AnchoredOutput`. For N = 0 ASMIL's: every token ``layer_norm(dropout(out_proj(0)))``,
+            empty logits and a NaN loss (a mean over no instance).
         """
         (x,) = autocast_inputs(x)
+        if no_instances(x):
+            check_bag_shape(x, self.query.shape[1])
+            return self._without_instances(x)
         bags = pack_bags(x, self.query.shape[1], mask)
         online = self._fold(self.tokens, 1.0)
         columns = online[0].shape[1]
@@ -173,6 +179,28 @@ class AnchoredQueryAttention(nn.Module):
             return AnchoredOutput(tokens, tokens, logits, None)
         loss = self._loss(scores, folded.z[:, columns:].detach(), bags)
         return AnchoredOutput(tokens, self._keep(tokens), logits, loss)
+
+    def _without_instances(self, x: torch.Tensor) -> AnchoredOutput:
+        """The forward on ``x: (0, E)`` or ``(B, 0, E)``, which the fused op refuses: ASMIL's composition in
+        plain torch (:meth:`_composed`), ``L_kd = -mean(NSF(s_anchor / T) * log_softmax(s))`` in training."""
+        bags = x if x.dim() == 3 else x[None]
+        tokens, logits = self._composed(self.tokens, bags)
+        loss = None
+        if self.training:
+            with torch.no_grad():
+                _, anchor_logits = self._composed(self.anchor.module, bags)
+            weights = nsf_reference.nsf(anchor_logits, self.temperature, None)
+            loss = -(weights * logits.log_softmax(-1)).mean().to(torch.promote_types(x.dtype, torch.float32))
+        if x.dim() == 2:
+            tokens, logits = tokens[0], logits[0]
+        return AnchoredOutput(tokens, self._keep(tokens) if self.training else tokens, logits, loss)
+
+    def _composed(self, modules: nn.ModuleList, bags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's module (:meth:`QueryAttention._composed`) on its query over ``bags: (B, N, E)``, in plain
+        torch: ``(tokens: (B, Tk, E), logits: (B, Tk, H, N))``."""
+        query = self.query[None].expand(bags.shape[0], -1, -1)                                  # (B, Tk, E)
+        outs, logits = zip(*(module._composed(query[:, t:t + 1], bags, bags) for t, module in enumerate(modules)))
+        return torch.cat(outs, dim=1), torch.cat(logits, dim=2).transpose(1, 2)
 
     def _fold(self, modules: nn.ModuleList, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token's folded queries stacked: ``u: (1, Tk * H, E)``, ``c: (1, Tk * H)``, column ``t * H + h``."""

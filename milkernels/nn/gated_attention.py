@@ -8,7 +8,8 @@
 - :class:`TorchmilAttentionPool` is torchmil's ``AttentionPool`` (``act='tanh'``) built around that
   module's own children; :func:`milkernels.swap` makes it.
 
-Shapes: L features per instance, D hidden units, K = ``n_classes`` attention heads.
+Shapes: L features per instance, D hidden units, K = ``n_classes`` attention heads. A bag without
+instances (N = 0), which the fused ops refuse, gets the replaced layer's result from plain torch ops.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops import gated_attention_pool, gated_attention_scores
+from ._empty import no_instances, softmax_pool
 
 CLAM_DROPOUT_P = 0.25
 
@@ -82,6 +84,10 @@ class _GatedAttentionBase(nn.Module):
         a, b, c = self.attention_a[0], self.attention_b[0], self.attention_c
         return a.weight, a.bias, b.weight, b.bias, c.weight, c.bias
 
+    def _composed_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """CLAM's forward in plain torch, ``x: (..., L)`` -> ``A_raw: (..., K)``: for inputs without instances."""
+        return self.attention_c(self.attention_a(x) * self.attention_b(x))
+
 
 class GatedAttention(_GatedAttentionBase):
     """CLAM's ``Attn_Net_Gated`` on the fused kernels: raw gated attention scores, no softmax.
@@ -98,6 +104,8 @@ class GatedAttention(_GatedAttentionBase):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x: (N, L)`` (or any ``(..., L)``) -> ``(A_raw: (N, K), x)``; dropout only in training mode."""
+        if no_instances(x):
+            return self._composed_scores(x), x
         scores = gated_attention_scores(x, *self._op_args(), dropout_p=self.dropout_p, training=self.training)
         return scores, x
 
@@ -116,7 +124,12 @@ class GatedAttentionPool(_GatedAttentionBase):
         Returns:
             ``pooled``: ``(K, L)`` for one bag, else ``(B, K, L)``.
             ``A_raw``: the scores before softmax, ``(N, K)``, ``(B, N, K)`` or ``(T, K)``.
+
+        Bags without instances (``(0, L)``, ``(B, 0, L)``) pool to zeros; packed bags need one instance each.
         """
+        if cu_seqlens is None and no_instances(x):
+            scores = self._composed_scores(x)
+            return softmax_pool(scores, x), scores
         return gated_attention_pool(x, *self._op_args(), mask=mask, cu_seqlens=cu_seqlens,
                                     dropout_p=self.dropout_p, training=self.training)
 
@@ -146,12 +159,25 @@ class TorchmilAttentionPool(nn.Module):
 
     def forward(self, X: torch.Tensor, mask: torch.Tensor | None = None, return_att: bool = False):
         """``X: (B, N, in_dim)``, ``mask: (B, N)`` (0 = padded) -> ``z: (B, in_dim)``, and with
-        ``return_att`` also ``f: (B, N)``, the attention values before softmax."""
+        ``return_att`` also ``f: (B, N)``, the attention values before softmax. For N = 0, torchmil's
+        result: ``z`` zeros, ``f`` empty."""
         if X.dim() != 3:
             raise ValueError(f"X must be (batch_size, bag_size, in_dim), got shape {tuple(X.shape)}")
-        pooled, scores = gated_attention_pool(X, *self._op_args(), mask=mask)
+        if no_instances(X):
+            scores = self._composed_scores(X)
+            pooled = softmax_pool(scores, X)
+        else:
+            pooled, scores = gated_attention_pool(X, *self._op_args(), mask=mask)
         z = pooled[:, 0]
         return (z, scores[..., 0]) if return_att else z
+
+    def _composed_scores(self, X: torch.Tensor) -> torch.Tensor:
+        """torchmil's attention values in plain torch, ``X: (B, N, in_dim)`` -> ``f: (B, N, 1)``: for
+        inputs without instances."""
+        H = self.act_layer(self.fc1(X))
+        if self.gated:
+            H = H * self.act_gated(self.fc_gated(X))
+        return self.fc2(H)
 
     def _op_args(self) -> tuple:
         fc1 = self.fc1.module

@@ -13,7 +13,8 @@
   instance's class to :func:`fused_lin_mil_class` of its own: the last block's attention map comes from
   the map mode and the earlier blocks return no attention, so the ``(B, H, N, dh)`` numerator is never formed.
 
-Shapes: B bags, N instances (tokens), C = ``dim`` features, H heads of dh = C / H features.
+Shapes: B bags, N instances (tokens), C = ``dim`` features, H heads of dh = C / H features. Bags without
+instances (N = 0), which the op refuses, get Lin-MIL's result from plain torch ops.
 """
 
 from __future__ import annotations
@@ -25,10 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import lin_mil_attention
+from ._empty import no_instances
 
 ACTIVATIONS = {nn.ReLU: "relu", nn.GELU: "gelu", nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh",
                nn.Softplus: "softplus"}
 IGNORED_SETTINGS = ("training", "inplace")  # inplace changes no value
+LIN_MIL_CLAMP_MIN = 100.0  # Lin-MIL's denominator: max(q . sum_n k_n, 100), as lin_mil_attention has it
 
 
 def _settings(act: nn.Module) -> dict:
@@ -137,8 +140,22 @@ class LinearAttention(nn.Module):
     def _attend(self, x, mask, cu_seqlens, **outputs):
         """The op on ``qkv(x)``: the heads' outputs ``(..., C)`` before ``proj``, then what ``outputs`` asks."""
         qkv = self.qkv(x)
+        if cu_seqlens is None and no_instances(x):
+            return self._composed(qkv, **outputs)
         return lin_mil_attention(qkv, self.temperature.to(qkv.dtype), self.num_heads, activation=self.activation,
                                  mask=mask, cu_seqlens=cu_seqlens, **outputs)
+
+    def _composed(self, qkv: torch.Tensor, return_numerator: bool = False, return_map: bool = False):
+        """Lin-MIL's math in plain torch on ``qkv: (..., N, 3C)``, for inputs without instances: the op's
+        outputs ``out: (..., N, C)``, then if asked ``numerator: (..., H, N, dh)`` and ``map: (..., N)``."""
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).movedim(-4, -2).unbind(-4)    # (..., H, N, dh)
+        q, k = self.act(q), self.act(k)
+        numerator = q @ (k.transpose(-2, -1) @ v * self.temperature.to(qkv.dtype))
+        denominator = torch.clamp(q @ k.transpose(-2, -1).sum(dim=-1, keepdim=True), min=LIN_MIL_CLAMP_MIN)
+        results = [(numerator / denominator).movedim(-3, -2).flatten(-2)]
+        results += [numerator] if return_numerator else []
+        results += [numerator.mean(dim=(-3, -1))] if return_map else []
+        return results[0] if len(results) == 1 else tuple(results)
 
     def _project(self, out: torch.Tensor) -> torch.Tensor:
         return self.proj_drop(self.proj(out))
@@ -189,8 +206,7 @@ class SoftmaxAttention(nn.Module):
 
     def _heads(self, x):
         """``q, k, v``: each ``(B, H, N, dim_head)``."""
-        batch, length = x.shape[:2]
-        qkv = self.to_qkv(x).reshape(batch, length, 3, self.heads, -1)
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.heads, -1))   # unlike reshape, takes N = 0
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
     def _merge(self, out):

@@ -46,6 +46,18 @@ def share_state(cls: type, module: nn.Module) -> nn.Module:
     return new
 
 
+def fused_path_problem(mha: nn.MultiheadAttention) -> str:
+    """Why :class:`MultiheadAttention`'s fused path can never run for ``mha``, whatever the call (its
+    construction: ``add_bias_kv``, ``add_zero_attn``, ``kdim != vdim``), or ``""``."""
+    if mha.bias_k is not None or mha.bias_v is not None:
+        return "add_bias_kv=True: the fused op has no bias_k/bias_v key and value rows"
+    if mha.add_zero_attn:
+        return "add_zero_attn=True: the fused op has no zero key and value row"
+    if mha.kdim != mha.vdim:
+        return f"kdim={mha.kdim} != vdim={mha.vdim}: key is never value"
+    return ""
+
+
 def fusable_tensors(*tensors: torch.Tensor) -> bool:
     """Whether the fused op takes ``tensors`` as they are: strided (not nested), one device, one float dtype."""
     first = tensors[0]
@@ -69,6 +81,15 @@ class MultiheadAttention(nn.MultiheadAttention):
     from torch's generator on the triton backend, ``F.dropout`` in another layout on the reference), so
     it has PyTorch's distribution but not PyTorch's exact draw for a given seed.
     """
+
+    fused_when = (f"key is value (with at least one row), attn_mask is None, is_causal is False and the query "
+                  f"has 1 to {MAX_FUSED_QUERIES} rows")
+
+    @property
+    def fused_path_possible(self) -> bool:
+        """Whether the fused path can run on some call: no ``bias_k``/``bias_v``, no ``add_zero_attn``,
+        ``kdim == vdim`` (:func:`fused_path_problem`)."""
+        return not fused_path_problem(self)
 
     @classmethod
     def from_module(cls, mha: nn.MultiheadAttention) -> "MultiheadAttention":
@@ -99,8 +120,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _takes_fused_path(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> bool:
         """Whether this call takes the fused path (the conditions in the class docstring)."""
-        return (key is value and attn_mask is None and not is_causal and self.bias_k is None and self.bias_v is None
-                and not self.add_zero_attn and self.kdim == self.vdim
+        return (key is value and attn_mask is None and not is_causal and self.fused_path_possible
                 and self._fusable_inputs(query, key, key_padding_mask))
 
     def _fusable_inputs(self, query, key, key_padding_mask) -> bool:
@@ -163,6 +183,8 @@ class QueryAttention(nn.Module):
     Linear(internal_dim, E)``, ``layer_norm = LayerNorm(E, eps=1e-6)``, ``dropout = Dropout(p)``.
     """
 
+    fused_when = "k is v and q, k are one bag (1, ., E) with at least one query and one instance"
+
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1, dropout: float = 0.1,
                  softmax: bool = True):
         super().__init__()
@@ -189,15 +211,16 @@ class QueryAttention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q: (1, Q, E)``, ``k, v: (1, N, E)`` -> ``(out: (Q, E), logits: (H, Q, N))`` for one bag, the
-        logits ``q_h . k_h / sqrt(dh)`` before normalization; fused when ``k is v``."""
+        logits ``q_h . k_h / sqrt(dh)`` before normalization; fused when ``k is v`` (:attr:`fused_when`)."""
         if self._takes_fused_path(q, k, v):
             return self._fused(q[0], k[0])
-        return self._composed(q, k, v)
+        out, logits = self._composed(q, k, v)
+        return out[0], logits[0]
 
     def _takes_fused_path(self, q, k, v) -> bool:
-        """``k is v``, both ``q`` and ``k`` one bag ``(1, ., E)`` (k non-empty), one float dtype and device."""
-        return (k is v and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == 1 and k.shape[1] > 0
-                and fusable_tensors(q, k, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        """``k is v``, both ``q`` and ``k`` one bag ``(1, ., E)`` (neither empty), one float dtype and device."""
+        return (k is v and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == 1 and q.shape[1] > 0
+                and k.shape[1] > 0 and fusable_tensors(q, k, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
 
     def _fused(self, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q: (Q, E)``, ``x: (N, E)`` through :func:`query_attention`."""
@@ -207,12 +230,13 @@ class QueryAttention(nn.Module):
         return self._finish(result.out), result.logits
 
     def _composed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The plain PyTorch composition on ``(B, ., E)`` inputs; batch index 0 of ``(out, logits)``."""
+        """The plain PyTorch composition on ``q: (B, Q, E)``, ``k, v: (B, N, E)``: ``(out: (B, Q, E), logits:
+        (B, H, Q, N))``; also for N = 0 (``out``: ``layer_norm(dropout(out_proj(0)))``)."""
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
         logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])                           # (B, H, Q, N)
         weights = torch.softmax(logits, dim=-1) if self.softmax else nsf_reference.nsf(logits, 1.0, None)
         out = (weights @ v).transpose(1, 2).flatten(2)                                      # (B, Q, internal)
-        return self._finish(out)[0], logits[0]
+        return self._finish(out), logits
 
     def _heads(self, tensor: torch.Tensor) -> torch.Tensor:
         """``(B, n, H * dh)`` -> ``(B, H, n, dh)``."""

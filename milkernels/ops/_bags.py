@@ -140,6 +140,14 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total_rows: int) -> tuple:
     return tuple(host.tolist())
 
 
+def check_bag_shape(x: torch.Tensor, feature_dim: int) -> None:
+    """Raise ValueError unless ``x`` is ``(N, L)`` or ``(B, N, L)`` with L = ``feature_dim`` (N may be 0 here)."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be (N, L), (B, N, L) or packed (T, L), got rank {x.dim()} shape {tuple(x.shape)}")
+    if x.shape[-1] != feature_dim:
+        raise ValueError(f"x has feature size L={x.shape[-1]} but the weights expect L={feature_dim}")
+
+
 def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = None,
               cu_seqlens: torch.Tensor | None = None) -> Bags:
     """Check ``x`` (one bag, padded bags or packed bags, see the module doc) and pack it.
@@ -151,10 +159,7 @@ def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = Non
         if tensor is not None:
             check_tensor(name, tensor)
     check_same_device(x=x, mask=mask, cu_seqlens=cu_seqlens)
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x must be (N, L), (B, N, L) or packed (T, L), got rank {x.dim()} shape {tuple(x.shape)}")
-    if x.shape[-1] != feature_dim:
-        raise ValueError(f"x has feature size L={x.shape[-1]} but the weights expect L={feature_dim}")
+    check_bag_shape(x, feature_dim)
     if x.shape[-2] == 0 or (x.dim() == 3 and x.shape[0] == 0):
         raise ValueError(f"empty bag: x has shape {tuple(x.shape)}")
     if mask is not None and cu_seqlens is not None:

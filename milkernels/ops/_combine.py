@@ -76,9 +76,11 @@ def combine(part_acc, part_max, part_sum, part_mass, bag_first_split, num_bags: 
     return pooled, mass, lse
 
 
-def specialization(ptr: str, block_e: int):
-    """``(kernel, signature, constexprs, num_warps)`` of :func:`combine` for output pointer type ``ptr``."""
+def specialization(ptr: str, block_e: int, features: int | None = None):
+    """``(kernel, signature, constexprs, num_warps, aligned)`` of :func:`combine` for output pointer type ``ptr``
+    and E = ``features``: ``aligned`` names E when it is a multiple of 16 (a launch specializes on that)."""
     signature = dict(part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32", part_mass_ptr="*fp32",
                      bag_first_split_ptr="*i32", pooled_ptr=ptr, mass_ptr=ptr, lse_ptr="*fp32", E="i32",
                      num_pooled="i32", nsf_from="i32", nsf_eps="fp32")
-    return combine_kernel, signature, dict(BLOCK_S=BLOCK_S, BLOCK_E=block_e), 4
+    aligned = ("E",) if features is not None and features % 16 == 0 else ()
+    return combine_kernel, signature, dict(BLOCK_S=BLOCK_S, BLOCK_E=block_e), 4, aligned

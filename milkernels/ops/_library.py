@@ -43,9 +43,20 @@ def absent(like: torch.Tensor) -> torch.Tensor:
 
 
 def owned(tensors, like: torch.Tensor) -> list[torch.Tensor]:
-    """``tensors`` as a custom op may return them: None as :func:`absent`, and views (of a buffer or of each
-    other) as copies, since an op's outputs may not alias its inputs or each other."""
-    return [absent(like) if t is None else t.clone() if t._base is not None else t for t in tensors]
+    """``tensors`` as a custom op may return them: None as :func:`absent`, and views or tensors sharing a
+    storage with an earlier one as copies, since an op's outputs may not alias its inputs or each other.
+
+    The storage check matters where ``_base`` is not set, as under ``torch.library.opcheck``'s schema check.
+    """
+    result, storages = [], set()
+    for t in tensors:
+        if t is None:
+            t = absent(like)
+        elif t._base is not None or t.untyped_storage().data_ptr() in storages:
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        result.append(t)
+    return result
 
 
 def dropout_seed(active: bool) -> torch.Tensor | None:

@@ -7,36 +7,76 @@ layer is :mod:`..nsf`'s.
 
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
+import torch
+from torch import Tensor
+
+from .. import _library
 from .._bags import check_float, check_same_device
 from .._bags import check_temperature, fp32_under_autocast
-from ..nsf import as_rows, kernels_for
+from ..nsf import as_rows, backend_for, kernel_module
 from . import reference
 
 OP_NAME = "anchor_kl"
 
 
-class _AnchorKLFn(torch.autograd.Function):
-    """Fused forward and backward on the kernels of ``kernels`` (the triton or cuda module).
+def _count(online: Tensor, valid: Optional[Tensor]):
+    """M: the number of valid entries (at least 1), or all of ``online``'s without a mask."""
+    return online.numel() if valid is None else valid.sum().clamp_min(1)
 
-    ``count`` is M: a python int, or a 0-dim tensor (the mask's count, at least 1).
-    """
 
-    @staticmethod
-    def forward(ctx, online, anchor, valid, count, inv_t, kernels):
-        total, stats = kernels.forward(online, anchor, valid, inv_t)
-        ctx.save_for_backward(online, anchor, valid, *stats)
-        ctx.config = (count, inv_t, kernels)
-        return (-total[0] / count).to(online.dtype)
+@_library.custom_op("anchor_kl_forward")
+def _forward_op(online: Tensor, anchor: Tensor, valid: Optional[Tensor], inv_t: float,
+                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The loss of contiguous rows ``online, anchor: (R, N)`` (``valid: (R, N)`` bool or None) on ``backend``'s
+    kernels: a 0-dim tensor in online's dtype, then the statistics ``lse, row_anchor, row_loss: (R,)`` float32
+    that the backward takes back."""
+    total, stats = kernel_module(__name__, backend).forward(online, anchor, valid, inv_t)
+    loss = (-total[0] / _count(online, valid)).to(online.dtype)
+    return loss, *_library.owned(stats, online)
 
-    @staticmethod
-    def backward(ctx, grad):
-        online, anchor, valid, *stats = ctx.saved_tensors
-        count, inv_t, kernels = ctx.config
-        coef = (grad.float() / count).reshape(1)
-        d_online, d_anchor = kernels.backward(online, anchor, valid, stats, coef, inv_t, *ctx.needs_input_grad[:2])
-        return d_online, d_anchor, None, None, None, None
+
+@_forward_op.register_fake
+def _(online, anchor, valid, inv_t, backend):
+    stats = [online.new_empty(online.shape[0], dtype=torch.float32) for _ in range(3)]
+    return online.new_empty(()), *stats
+
+
+@_library.custom_op("anchor_kl_backward")
+def _backward_op(online: Tensor, anchor: Tensor, valid: Optional[Tensor], lse: Tensor, row_anchor: Tensor,
+                 row_loss: Tensor, grad: Tensor, inv_t: float, backend: str, wanted: list[bool]) -> list[Tensor]:
+    """``(d_online, d_anchor)``, each ``(R, N)`` in online's dtype, empty where ``wanted`` is False; ``grad`` is
+    the loss's 0-dim gradient."""
+    coef = (grad.float() / _count(online, valid)).reshape(1)
+    grads = kernel_module(__name__, backend).backward(online, anchor, valid, (lse, row_anchor, row_loss), coef,
+                                                          inv_t, *wanted)
+    return _library.owned(grads, online)
+
+
+@_backward_op.register_fake
+def _(online, anchor, valid, lse, row_anchor, row_loss, grad, inv_t, backend, wanted):
+    return [online.new_empty(online.shape) if want else _library.absent(online) for want in wanted]
+
+
+def _setup_context(ctx, inputs, output):
+    online, anchor, valid, inv_t, backend = inputs
+    _, *stats = output
+    ctx.save_for_backward(online, anchor, valid, *stats)
+    ctx.options = (inv_t, backend)
+    ctx.mark_non_differentiable(*stats)
+
+
+def _backward(ctx, grad, *d_stats):
+    online, anchor, valid, *stats = ctx.saved_tensors
+    inv_t, backend = ctx.options
+    wanted = [bool(need) for need in ctx.needs_input_grad[:2]]
+    grads = _backward_op(online, anchor, valid, *stats, grad, inv_t, backend, wanted)
+    return (*(g if want else None for g, want in zip(grads, wanted)), None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_library.forbid_double_backward(_backward_op, OP_NAME)
 
 
 def _check(online, anchor):
@@ -72,8 +112,8 @@ def anchor_kl(online_scores, anchor_scores, temperature=1.0, *, mask=None):
     online, valid = as_rows("online_scores", online_scores, mask)
     anchor = anchor_scores.reshape(online.shape).contiguous()
     temperature = check_temperature(temperature)
-    kernels = kernels_for(__name__, online, OP_NAME)
-    if kernels is None:
+    backend = backend_for(online, OP_NAME)
+    if backend == "reference":
         return reference.anchor_kl(online, anchor, temperature, valid)
-    count = online.numel() if valid is None else valid.sum().clamp_min(1)
-    return _AnchorKLFn.apply(online, anchor, valid, count, 1.0 / temperature, kernels)
+    loss, *_ = _forward_op(online, anchor, valid, 1.0 / temperature, backend)
+    return loss

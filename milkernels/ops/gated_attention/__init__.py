@@ -33,6 +33,9 @@ def _check_weights(x, wa, ba, wb, bb, wc, bc):
     for name, shape in expected.items():
         if name in present and tuple(present[name].shape) != shape:
             raise ValueError(f"{name} must have shape {shape} to match wa {tuple(wa.shape)}, got {tuple(present[name].shape)}")
+    if bb is not None and wb is None:
+        raise ValueError("bb given without wb: the ungated form takes wb=None and bb=None (the gate has no bias "
+                         "without its weight)")
     if hidden == 0 or heads == 0:
         raise ValueError(f"D and K must be positive, got D={hidden}, K={heads}")
     return features, hidden, heads
@@ -133,7 +136,7 @@ def _backward(ctx, d_pooled, d_scores, d_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
-_library.forbid_double_backward(_backward_op, "gated_attention_pool")
+_library.forbid_double_backward(_backward_op, "gated_attention_pool and gated_attention_scores")
 
 
 @_library.custom_op("gated_attention_cuda_scores")

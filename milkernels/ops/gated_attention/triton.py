@@ -41,9 +41,12 @@ class Config:
 
 def config_for(features: int, hidden: int) -> Config:
     """The shipped configuration for L = ``features`` and D = ``hidden`` (see ``SHIPPED_CONFIGS``)."""
-    block_d = min(128, max(16, triton.next_power_of_2(hidden)))
+    # D tiles stop at 64, with 8 warps: at BLOCK_D = 128 (8 warps, or even 16) the fp16/bf16 backward with
+    # gating and dropout spills on sm_90 (255 registers and about 300 B of spill stores), and so does
+    # BLOCK_D = 64 at 4 warps; BLOCK_D = 64 at 8 warps takes about 175 registers and spills nothing.
+    block_d = min(64, max(16, triton.next_power_of_2(hidden)))
     block_l = min(64, max(16, triton.next_power_of_2(features)))
-    return Config(block_n=64, block_d=block_d, block_l=block_l, num_warps=8 if block_d == 128 else 4)
+    return Config(block_n=64, block_d=block_d, block_l=block_l, num_warps=8 if block_d == 64 else 4)
 
 
 COMBINE_BLOCK_L = 64
@@ -414,23 +417,28 @@ _FLAG_SETS = ((1, True, True, True), (3, False, False, False), (2, True, False, 
 def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
-    Yields ``(kernel, signature, constexprs, num_warps)`` built as the launches build them: the three
-    dtypes, the tile configurations of ``config_for`` for small and large L and D, K in {1, 2, 3},
-    with and without gating, dropout, a mask and pooling.
+    Yields ``(kernel, signature, constexprs, num_warps, aligned)`` built as the launches build them: the
+    three dtypes, the tile configurations of ``config_for`` for small and large L and D, K in {1, 2, 3},
+    with and without gating, dropout, a mask and pooling. ``aligned`` names the integer arguments that are
+    multiples of 16 in such a launch (a launch specializes on those): L and D where the example sizes are,
+    and the backward's chunk offsets, 0 in the one-chunk call.
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for features, hidden in ((20, 10), (1024, 256), (384, 48)):
             cfg = config_for(features, hidden)
+            aligned = tuple(name for name, size in (("L", features), ("D", hidden)) if size % 16 == 0)
             for heads, gated, dropout, has_mask in _FLAG_SETS:
                 tiles = dict(K=heads, K_PAD=triton.next_power_of_2(heads), BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                              BLOCK_L=cfg.block_l, GATED=gated, DROPOUT=dropout, HAS_MASK=has_mask,
                              **dot_flags(dtype, interpreted=False))
                 valid = "*i1" if has_mask else ptr
                 for pool in (True, False):
-                    yield _forward_kernel, _forward_signature(ptr, valid), dict(tiles, POOL=pool), cfg.num_warps
+                    yield (_forward_kernel, _forward_signature(ptr, valid), dict(tiles, POOL=pool), cfg.num_warps,
+                           aligned)
                     yield (_backward_rows_kernel, _backward_signature(ptr, valid, _POINTER_TYPES[_gemm_dtype(dtype)]),
-                           dict(tiles, POOL=pool, HAS_DSCORES=True), cfg.num_warps)  # autograd materializes dS
-        yield _combine.specialization(ptr, COMBINE_BLOCK_L)
+                           dict(tiles, POOL=pool, HAS_DSCORES=True), cfg.num_warps,  # autograd materializes dS
+                           aligned + ("chunk_row0", "chunk_block0"))
+        yield _combine.specialization(ptr, COMBINE_BLOCK_L, features=1024)
     yield _dropout_mask_kernel, dict(keep_ptr="*i8", seed="i32", T="i32", D="i32", p_drop="fp32"), dict(BLOCK_N=64, BLOCK_D=64), 4
 
 

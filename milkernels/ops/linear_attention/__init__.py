@@ -8,10 +8,15 @@ denominator clamped at 100). The math is in :mod:`.reference`.
 
 from __future__ import annotations
 
+import numbers
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 from ... import _backends
-from .._bags import autocast_inputs, check_float, check_same_device, check_tensor, pack_bags
+from .. import _library
+from .._bags import autocast_inputs, bags_in_op, check_float, check_same_device, check_tensor, pack_bags
 from . import reference
 
 OP_NAME = "linear_attention"
@@ -19,27 +24,77 @@ ACTIVATIONS = tuple(reference.ACTIVATIONS)
 DENOMINATORS = ("clamp", "eps")
 
 
-class _LinearAttentionFn(torch.autograd.Function):
-    """Fused forward and backward on the triton kernels."""
+def _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps):
+    from . import triton as kernels
 
-    @staticmethod
-    def forward(ctx, qkv2d, temperature, row_valid, plan, want_numerator, want_map):
-        from . import triton as kernels
+    return kernels.Plan.make(bags_in_op(qkv2d, bounds, row_valid), num_heads, activation, denominator, clamp_min, eps)
 
-        out, numerator, attention_map, (state,) = kernels.forward(qkv2d, temperature, row_valid, plan,
-                                                                  want_numerator, want_map)
-        ctx.save_for_backward(qkv2d, temperature, row_valid, state)
-        ctx.plan = plan
-        return out, numerator, attention_map
 
-    @staticmethod
-    def backward(ctx, d_out, d_numerator, d_map):
-        from . import triton as kernels
+@_library.custom_op("linear_attention_forward")
+def _forward_op(qkv2d: Tensor, temperature: Optional[Tensor], bounds: list[int], row_valid: Optional[Tensor],
+                num_heads: int, activation: str, denominator: str, clamp_min: float, eps: float, want_numerator: bool,
+                want_map: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The triton forward on packed rows ``qkv2d: (T, 3C)`` with bag ``bounds`` (B + 1 ints).
 
-        qkv2d, temperature, row_valid, state = ctx.saved_tensors
-        d_qkv, d_temperature = kernels.backward(qkv2d, temperature, row_valid, (state,), ctx.plan, d_out, d_numerator,
-                                                d_map)
-        return d_qkv, d_temperature if ctx.needs_input_grad[1] else None, None, None, None, None
+    Returns ``out: (T, C)``, ``numerator: (T, H, dh)`` and ``map: (T,)`` in qkv's dtype (the last two
+    empty unless asked for), and ``state: (B, H, dh + 1, dh)`` float32 (S and z per bag and head).
+    """
+    from . import triton as kernels
+
+    plan = _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps)
+    out, numerator, attention_map, (state,) = kernels.forward(qkv2d, temperature, row_valid, plan, want_numerator,
+                                                              want_map)
+    return tuple(_library.owned([out, numerator, attention_map, state], qkv2d))
+
+
+@_forward_op.register_fake
+def _(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps, want_numerator,
+      want_map):
+    rows, channels = qkv2d.shape[0], qkv2d.shape[1] // 3
+    head_dim = channels // num_heads
+    numerator = qkv2d.new_empty(rows, num_heads, head_dim) if want_numerator else _library.absent(qkv2d)
+    attention_map = qkv2d.new_empty(rows) if want_map else _library.absent(qkv2d)
+    state = qkv2d.new_empty(len(bounds) - 1, num_heads, head_dim + 1, head_dim, dtype=torch.float32)
+    return qkv2d.new_empty(rows, channels), numerator, attention_map, state
+
+
+@_library.custom_op("linear_attention_backward")
+def _backward_op(qkv2d: Tensor, temperature: Optional[Tensor], bounds: list[int], row_valid: Optional[Tensor],
+                 num_heads: int, activation: str, denominator: str, clamp_min: float, eps: float, state: Tensor,
+                 d_out: Optional[Tensor], d_numerator: Optional[Tensor], d_map: Optional[Tensor]) -> list[Tensor]:
+    """``[d_qkv: (T, 3C), d_temperature: (H,)]`` (the latter empty without a temperature) from the upstream
+    gradients of out, numerator and map (any may be None); ``state`` is the forward's."""
+    from . import triton as kernels
+
+    plan = _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps)
+    grads = kernels.backward(qkv2d, temperature, row_valid, (state,), plan, d_out, d_numerator, d_map)
+    return _library.owned(grads, qkv2d)
+
+
+@_backward_op.register_fake
+def _(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps, state, d_out,
+      d_numerator, d_map):
+    return [torch.empty_like(qkv2d), torch.empty_like(temperature) if temperature is not None else _library.absent(qkv2d)]
+
+
+def _setup_context(ctx, inputs, output):
+    qkv2d, temperature, bounds, row_valid, *options, _, _ = inputs
+    ctx.save_for_backward(qkv2d, temperature, row_valid, output[3])
+    ctx.options = (bounds, *options)
+    ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, d_out, d_numerator, d_map, d_state):
+    qkv2d, temperature, row_valid, state = ctx.saved_tensors
+    bounds, *options = ctx.options
+    d_qkv, d_temperature = _backward_op(qkv2d, temperature, bounds, row_valid, *options, state, d_out, d_numerator,
+                                        d_map)
+    return (d_qkv, d_temperature if ctx.needs_input_grad[1] else None, *[None] * 9)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_library.forbid_double_backward(_backward_op, OP_NAME)
 
 
 def _check(qkv, num_heads, activation, temperature, denominator):
@@ -54,13 +109,26 @@ def _check(qkv, num_heads, activation, temperature, denominator):
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if denominator not in DENOMINATORS:
         raise ValueError(f"denominator must be 'clamp' or 'eps', got {denominator!r}")
-    if temperature is not None:
+    if temperature is not None and not isinstance(temperature, numbers.Real):
         check_tensor("temperature", temperature)
         check_same_device(qkv=qkv, temperature=temperature)
-        if temperature.numel() != num_heads:
-            raise ValueError(f"temperature must hold one value per head ({num_heads}), got shape {tuple(temperature.shape)}")
+        if temperature.numel() not in (1, num_heads):
+            raise ValueError(f"temperature must be a number, or a tensor of one value or one per head ({num_heads}) "
+                             f"such as (H,) or (H, 1, 1), got shape {tuple(temperature.shape)}")
         if temperature.dtype != qkv.dtype:
             raise ValueError(f"temperature is {temperature.dtype} but qkv is {qkv.dtype}: give them one dtype")
+    if isinstance(temperature, bool):
+        raise ValueError("temperature must be a number or a tensor, got a bool")
+
+
+def _per_head(temperature, num_heads: int, like: torch.Tensor):
+    """The temperature as ``(H,)`` in ``like``'s dtype and device: a number is filled in, one value is
+    expanded (its gradient summed back), H values are reshaped; None stays None."""
+    if temperature is None:
+        return None
+    if isinstance(temperature, numbers.Real):
+        return torch.full((num_heads,), float(temperature), dtype=like.dtype, device=like.device)
+    return temperature.reshape(-1).expand(num_heads) if temperature.numel() == 1 else temperature.reshape(num_heads)
 
 
 def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, denominator="eps",
@@ -74,7 +142,8 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
             The heads are contiguous in each of q, k and v.
         num_heads: H; the head size is dh = C / H.
         activation: the feature map phi on q and k: relu, gelu, elu, leaky_relu, tanh or softplus.
-        temperature: ``(H,)`` (any shape with H values) scaling S per head, or None.
+        temperature: scales S per head: a number, a tensor of one value (0-d) or of H values (``(H,)``,
+            Lin-MIL's ``(H, 1, 1)``, any shape), or None (no scaling).
         denominator: ``"eps"``: q.z + eps (the standard form); ``"clamp"``: max(q.z, clamp_min) (Lin-MIL).
 
     qkv and the temperature share one dtype; under ``torch.autocast`` both are cast to its dtype first.
@@ -88,7 +157,7 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     qkv, temperature = autocast_inputs(qkv, temperature)
     _check(qkv, num_heads, activation, temperature, denominator)
     bags = pack_bags(qkv, qkv.shape[-1], mask, cu_seqlens)
-    tau = temperature.reshape(num_heads) if temperature is not None else None
+    tau = _per_head(temperature, num_heads, qkv)
     options = dict(num_heads=num_heads, activation=activation, denominator=denominator,
                    clamp_min=float(clamp_min), eps=float(eps))
     backend = _backends.choose(OP_NAME, qkv.device, lambda name: [] if name == "reference" else (
@@ -96,12 +165,9 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     if backend == "reference":
         out, numerator, attention_map = reference.linear_attention(bags.x2d, bags, temperature=tau, **options)
     else:
-        from . import triton as kernels
-
-        plan = kernels.Plan.make(bags, **options)
-        out, numerator, attention_map = _LinearAttentionFn.apply(
-            bags.x2d.contiguous(), tau.contiguous() if tau is not None else None, bags.row_valid, plan,
-            return_numerator, return_map)
+        out, numerator, attention_map, _ = _forward_op(
+            bags.x2d.contiguous(), tau.contiguous() if tau is not None else None, list(bags.bounds), bags.row_valid,
+            *options.values(), return_numerator, return_map)
     results = [bags.rows_to_caller(out)]
     if return_numerator:
         results.append(_numerator_to_caller(bags, numerator))
@@ -122,8 +188,9 @@ def _numerator_to_caller(bags, numerator):
 
 def lin_mil_attention(qkv, temperature, num_heads, *, activation="relu", mask=None, cu_seqlens=None,
                       return_numerator=False, return_map=False):
-    """Lin-MIL's ``LinearAttention`` core: :func:`linear_attention` with its temperature ``(H, 1, 1)``
-    and the denominator clamped at 100: the reference's math, equal to it up to floating-point rounding."""
+    """Lin-MIL's ``LinearAttention`` core: :func:`linear_attention` with a temperature (Lin-MIL's ``(H, 1, 1)``
+    parameter, a number, a 0-d tensor or ``(H,)``) and the denominator clamped at 100: the reference's math,
+    equal to it up to floating-point rounding."""
     return linear_attention(qkv, num_heads, activation=activation, temperature=temperature, denominator="clamp",
                             clamp_min=100.0, mask=mask, cu_seqlens=cu_seqlens,
                             return_numerator=return_numerator, return_map=return_map)

@@ -29,6 +29,12 @@ BLOCK_N = 64
 COMBINE_BLOCK_B = 32
 
 
+def row_num_warps(block_dh: int) -> int:
+    """Warps of the row kernels: 8 from DH = 32 on (at 4 the fp16/bf16 query gradient of gelu at DH = 32 and of
+    softplus at DH = 64 spills on sm_90), else 4."""
+    return 8 if block_dh >= 32 else 4
+
+
 @triton.jit
 def _phi(x, ACT: tl.constexpr):
     """The feature map, as torch's defaults: relu, gelu (erf), elu (alpha 1), leaky_relu (0.01), tanh, softplus.
@@ -284,9 +290,9 @@ class Plan:
         return max(16, triton.next_power_of_2(self.head_dim))
 
     def flags(self, qkv2d) -> dict:
-        """Constexprs shared by the row kernels."""
+        """Constexprs and the launch's warps, shared by the row kernels."""
         return dict(ACT=ACTIVATION_CODES[self.activation], HAS_MASK=self.has_mask, BLOCK_N=BLOCK_N, DH=self.block_dh,
-                    **dot_flags(qkv2d.dtype, triton_interpreted()))
+                    **dot_flags(qkv2d.dtype, triton_interpreted()), num_warps=row_num_warps(self.block_dh))
 
     def rows_args(self, qkv2d, row_valid):
         """The leading arguments of every row kernel: qkv, the row mask and the block table."""
@@ -369,9 +375,11 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16
 def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
-    Yields ``(kernel, signature, constexprs, num_warps)`` as the launches build them: the three dtypes,
+    Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three dtypes,
     head sizes padded to 16, 32 and 64, with and without a mask, both denominators, every activation,
-    and each pair of optional outputs (numerator, map) with its matching backward.
+    and each pair of optional outputs (numerator, map) with its matching backward. ``aligned``: the size
+    arguments that are multiples of 16 at ``_AOT_HEADS`` heads of the example head size (a launch
+    specializes on those).
     """
     configs = ((64, "relu", True, True), (20, "gelu", False, False), (16, "relu", False, True), (8, "tanh", True, False))
     for dtype, ptr in _POINTER_TYPES.items():
@@ -379,9 +387,19 @@ def shipped_specializations():
             yield from _specializations_for(ptr, dtype, head_dim, activation, has_mask, clamp)
     for activation in ("elu", "leaky_relu", "softplus"):
         yield from _specializations_for("*bf16", torch.bfloat16, 64, activation, False, True)
-    for block_dh in (16, 32, 64):
+    for block_dh, head_dim in ((16, 16), (32, 20), (64, 64)):
         yield (_combine_kernel, dict(part_ptr="*fp32", bag_first_block_ptr="*i32", out_ptr="*fp32", H="i32", dh="i32"),
-               dict(BLOCK_B=COMBINE_BLOCK_B, DH=block_dh), 4)
+               dict(BLOCK_B=COMBINE_BLOCK_B, DH=block_dh), 4,
+               tuple(name for name in _aot_aligned(head_dim) if name != "C"))
+
+
+_AOT_HEADS = 8  # the head count of the AOT examples: C = 8 * dh (TransMIL-like: 8 heads of 64 at C = 512)
+
+
+def _aot_aligned(head_dim):
+    """Which of the sizes ``C, H, dh`` are multiples of 16 at ``_AOT_HEADS`` heads of ``head_dim``."""
+    sizes = dict(C=_AOT_HEADS * head_dim, H=_AOT_HEADS, dh=head_dim)
+    return tuple(name for name, value in sizes.items() if value % 16 == 0)
 
 
 def _specializations_for(ptr, dtype, head_dim, activation, has_mask, clamp):
@@ -389,13 +407,17 @@ def _specializations_for(ptr, dtype, head_dim, activation, has_mask, clamp):
                  DH=max(16, triton.next_power_of_2(head_dim)), **dot_flags(dtype, interpreted=False))
     rows = dict(qkv_ptr=ptr, valid_ptr="*i1" if has_mask else ptr, block_start_ptr="*i32", block_end_ptr="*i32")
     sizes = dict(C="i32", H="i32", dh="i32")
-    yield _state_kernel, dict(rows, part_ptr="*fp32", **sizes), flags, 4
+    aligned = _aot_aligned(head_dim)
+    warps = row_num_warps(flags["DH"])
+    yield _state_kernel, dict(rows, part_ptr="*fp32", **sizes), flags, warps, aligned
     common = dict(rows, block_bag_ptr="*i32", state_ptr="*fp32", tau_ptr=ptr)
     for numerator, attention_map in ((False, False), (True, False), (False, True), (True, True)):
         yield (_apply_kernel, dict(common, out_ptr=ptr, numerator_ptr=ptr, map_ptr="*fp32" if attention_map else ptr,
                                    **sizes, clamp_min="fp32", eps="fp32"),
-               dict(flags, CLAMP=clamp, STORE_NUMERATOR=numerator, STORE_MAP=attention_map), 4)
+               dict(flags, CLAMP=clamp, STORE_NUMERATOR=numerator, STORE_MAP=attention_map), warps, aligned)
         yield (_query_grad_kernel, dict(common, d_out_ptr=ptr, d_numerator_ptr=ptr, d_map_ptr=ptr, d_qkv_ptr=ptr,
                                         part_ptr="*fp32", **sizes, clamp_min="fp32", eps="fp32", map_scale="fp32"),
-               dict(flags, CLAMP=clamp, HAS_DOUT=True, HAS_DNUMERATOR=numerator, HAS_DMAP=attention_map), 4)
-    yield (_key_grad_kernel, dict(rows, block_bag_ptr="*i32", d_state_ptr="*fp32", d_qkv_ptr=ptr, **sizes), flags, 4)
+               dict(flags, CLAMP=clamp, HAS_DOUT=True, HAS_DNUMERATOR=numerator, HAS_DMAP=attention_map), warps,
+               aligned)
+    yield (_key_grad_kernel, dict(rows, block_bag_ptr="*i32", d_state_ptr="*fp32", d_qkv_ptr=ptr, **sizes), flags,
+           warps, aligned)

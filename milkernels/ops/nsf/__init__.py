@@ -7,10 +7,13 @@ is in :mod:`.reference`, the kernels in :mod:`.triton` and :mod:`.cuda`.
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from ... import _backends
+from .. import _library
 from .._bags import check_float, check_same_device, check_temperature, check_tensor, fp32_under_autocast
 from . import reference
 
@@ -40,13 +43,17 @@ def as_rows(name: str, scores, mask) -> tuple[torch.Tensor, torch.Tensor | None]
     return rows, (mask != 0).expand(scores.shape).reshape(rows.shape).contiguous()
 
 
-def kernels_for(package: str, rows: torch.Tensor, op_name: str):
-    """The kernel module (``package``'s ``triton`` or ``cuda``) that runs on ``rows``, or None for the reference.
+def backend_for(rows: torch.Tensor, op_name: str) -> str:
+    """The backend (``"reference"``, ``"triton"`` or ``"cuda"``) that runs ``op_name`` on ``rows``.
 
     Follows :func:`milkernels.use_backend`; a forced backend that cannot run raises BackendUnavailable.
     """
-    backend = _backends.choose(op_name, rows.device, lambda name: _reasons(name, rows))
-    return None if backend == "reference" else importlib.import_module(f"{package}.{backend}")
+    return _backends.choose(op_name, rows.device, lambda name: _reasons(name, rows))
+
+
+def kernel_module(package: str, backend: str):
+    """``package``'s kernel module for ``backend`` (``"triton"`` or ``"cuda"``), imported inside the ops."""
+    return importlib.import_module(f"{package}.{backend}")
 
 
 def _reasons(backend: str, rows: torch.Tensor) -> list[str]:
@@ -60,21 +67,48 @@ def _reasons(backend: str, rows: torch.Tensor) -> list[str]:
     return reasons
 
 
-class _NSFFn(torch.autograd.Function):
-    """Fused forward and backward on the kernels of ``kernels`` (the triton or cuda module)."""
+@_library.custom_op("nsf_forward")
+def _forward_op(rows: Tensor, valid: Optional[Tensor], inv_t: float, backend: str) -> tuple[Tensor, Tensor]:
+    """NSF of contiguous ``rows: (R, N)`` on ``backend``'s kernels (``valid: (R, N)`` bool or None).
 
-    @staticmethod
-    def forward(ctx, rows, valid, inv_t, kernels):
-        out, row_sum = kernels.forward(rows, valid, inv_t)
-        ctx.save_for_backward(rows, valid, row_sum)
-        ctx.config = (inv_t, kernels)
-        return out
+    Returns ``p: (R, N)`` in rows' dtype and the row sums of the sigmoids ``row_sum: (R,)`` float32.
+    """
+    return kernel_module(__name__, backend).forward(rows, valid, inv_t)
 
-    @staticmethod
-    def backward(ctx, grad):
-        rows, valid, row_sum = ctx.saved_tensors
-        inv_t, kernels = ctx.config
-        return kernels.backward(rows, valid, row_sum, grad.contiguous(), inv_t), None, None, None
+
+@_forward_op.register_fake
+def _(rows, valid, inv_t, backend):
+    return rows.new_empty(rows.shape), rows.new_empty(rows.shape[0], dtype=torch.float32)
+
+
+@_library.custom_op("nsf_backward")
+def _backward_op(rows: Tensor, valid: Optional[Tensor], row_sum: Tensor, grad: Tensor, inv_t: float,
+                 backend: str) -> Tensor:
+    """``d_rows: (R, N)`` in rows' dtype from the output gradient ``grad: (R, N)``."""
+    return kernel_module(__name__, backend).backward(rows, valid, row_sum, grad.contiguous(), inv_t)
+
+
+@_backward_op.register_fake
+def _(rows, valid, row_sum, grad, inv_t, backend):
+    return rows.new_empty(rows.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    rows, valid, inv_t, backend = inputs
+    _, row_sum = output
+    ctx.save_for_backward(rows, valid, row_sum)
+    ctx.options = (inv_t, backend)
+    ctx.mark_non_differentiable(row_sum)
+
+
+def _backward(ctx, grad, d_row_sum):
+    rows, valid, row_sum = ctx.saved_tensors
+    inv_t, backend = ctx.options
+    return _backward_op(rows, valid, row_sum, grad, inv_t, backend), None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_library.forbid_double_backward(_backward_op, OP_NAME)
 
 
 def nsf(scores, temperature=1.0, *, mask=None):
@@ -94,9 +128,9 @@ def nsf(scores, temperature=1.0, *, mask=None):
     (scores,) = fp32_under_autocast(scores)
     rows, valid = as_rows("scores", scores, mask)
     temperature = check_temperature(temperature)
-    kernels = kernels_for(__name__, rows, OP_NAME)
-    if kernels is None:
+    backend = backend_for(rows, OP_NAME)
+    if backend == "reference":
         out = reference.nsf(rows, temperature, valid)
     else:
-        out = _NSFFn.apply(rows, valid, 1.0 / temperature, kernels)
+        out, _ = _forward_op(rows, valid, 1.0 / temperature, backend)
     return out.reshape(scores.shape)

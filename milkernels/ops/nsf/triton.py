@@ -212,7 +212,8 @@ def row_specializations(kernel, pointer_names, fp32_names=(), **flags):
     """``(kernel, signature, constexprs, num_warps)`` of a row kernel for every dtype, tile and mask flag.
 
     ``pointer_names`` take the input dtype, ``fp32_names`` are fp32 buffers, ``valid_ptr`` is the mask;
-    ``flags`` are extra constexprs.
+    ``flags`` are extra constexprs. No integer argument is marked a multiple of 16 (the AOT compile's
+    ``aligned``): R, N and the chunk counts follow the bags, so a launch in general has none.
     """
     for dtype, ptr in POINTER_TYPES.items():
         for block_r, block_n in TILES:

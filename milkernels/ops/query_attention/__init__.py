@@ -1,4 +1,4 @@
-"""Learnable-query attention (LiteMIL, ASMIL): public functions, autograd Function, dispatch.
+"""Learnable-query attention (LiteMIL, ASMIL): public functions, custom ops, dispatch.
 
 :func:`query_attention` attends from a few projected queries to every instance of a bag with softmax
 or NSF weights, in the folded form of :mod:`.reference`: one pass over the bag, no key or value
@@ -8,12 +8,14 @@ attention layers' queries into one pass (``milkernels.nn.AnchoredQueryAttention`
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
 from ... import _backends
-from .._bags import Bags, autocast_inputs, check_float, check_like, check_temperature, pack_bags
+from .. import _library
+from .._bags import Bags, autocast_inputs, bags_in_op, check_float, check_like, check_temperature, pack_bags
 from . import reference
 from .reference import fold_queries, unfold_values
 
@@ -45,30 +47,93 @@ class Folded(NamedTuple):
     weights: torch.Tensor | None
 
 
-class _FoldedAttentionFn(torch.autograd.Function):
-    """Fused forward and backward on the triton kernels."""
+def _plan(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed):
+    from . import triton as kernels
 
-    @staticmethod
-    def forward(ctx, x2d, u, c, row_valid, plan):
-        from . import triton as kernels
-
-        pooled, mass, z, lse = kernels.forward(x2d, u, c, row_valid, plan)
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x2d, u, row_valid, z, lse, pooled, mass)
-        ctx.plan = plan
-        return pooled, mass, z
-
-    @staticmethod
-    def backward(ctx, d_pooled, d_mass, d_z):
-        from . import triton as kernels
-
-        grads = kernels.backward(*ctx.saved_tensors, ctx.plan, d_pooled, d_mass, d_z, ctx.needs_input_grad[:3])
-        return (*grads, None, None)
+    bags = bags_in_op(x2d, bounds, row_valid)
+    return kernels.Plan.make(bags, u, nsf_from, num_pooled, dropout_p, _library.seed_value(seed))
 
 
-def _dropout_seed(dropout_p: float, training: bool) -> int:
-    """A Philox seed from torch's default generator, so ``torch.manual_seed`` fixes the dropout."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_p > 0 and training else 0
+@_library.custom_op("folded_attention_forward")
+def _forward_op(x2d: Tensor, u: Tensor, c: Tensor, bounds: list[int], row_valid: Optional[Tensor], nsf_from: int,
+                num_pooled: int, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The triton forward on packed rows ``x2d: (T, Ein)`` with bag ``bounds`` (B + 1 ints).
+
+    Returns ``pooled: (B, P, Ein)`` and ``mass: (B, P)`` in x's dtype, the scores ``z: (T, J)`` and the
+    pooled columns' log-sum-exp ``lse: (B, P)``, both float32.
+    """
+    from . import triton as kernels
+
+    plan = _plan(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
+    return kernels.forward(x2d, u, c, row_valid, plan)
+
+
+@_forward_op.register_fake
+def _(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed):
+    (rows, features), num_bags = x2d.shape, len(bounds) - 1
+    lse = x2d.new_empty(num_bags, num_pooled, dtype=torch.float32)
+    z = x2d.new_empty(rows, u.shape[1], dtype=torch.float32)
+    return x2d.new_empty(num_bags, num_pooled, features), x2d.new_empty(num_bags, num_pooled), z, lse
+
+
+@_library.custom_op("folded_attention_backward")
+def _backward_op(x2d: Tensor, u: Tensor, bounds: list[int], row_valid: Optional[Tensor], nsf_from: int,
+                 num_pooled: int, dropout_p: float, seed: Optional[Tensor], z: Tensor, lse: Tensor, pooled: Tensor,
+                 mass: Tensor, d_pooled: Optional[Tensor], d_mass: Optional[Tensor], d_z: Optional[Tensor],
+                 wanted: list[bool]) -> list[Tensor]:
+    """Gradients ``(dx: (T, Ein), du: (Bu, J, Ein), dc: (Bu, J))``, each empty where ``wanted`` is False.
+
+    ``z, lse, pooled, mass`` are the forward's; ``d_pooled: (B, P, Ein)``, ``d_mass: (B, P)`` and
+    ``d_z: (T, J)`` may each be None.
+    """
+    from . import triton as kernels
+
+    plan = _plan(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
+    grads = kernels.backward(x2d, u, row_valid, z, lse, pooled, mass, plan, d_pooled, d_mass, d_z, wanted)
+    return _library.owned(grads, x2d)
+
+
+@_backward_op.register_fake
+def _(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass, d_pooled, d_mass,
+      d_z, wanted):
+    shapes = (x2d.shape, u.shape, u.shape[:2])
+    return [x2d.new_empty(shape, dtype=like.dtype) if want else _library.absent(x2d)
+            for shape, like, want in zip(shapes, (x2d, u, u), wanted)]
+
+
+def _setup_context(ctx, inputs, output):
+    x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed = inputs
+    pooled, mass, z, lse = output
+    ctx.save_for_backward(x2d, u, row_valid, seed, z, lse, pooled, mass)
+    ctx.options = (bounds, nsf_from, num_pooled, dropout_p)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, d_pooled, d_mass, d_z, d_lse):
+    x2d, u, row_valid, seed, z, lse, pooled, mass = ctx.saved_tensors
+    bounds, nsf_from, num_pooled, dropout_p = ctx.options
+    wanted = [bool(need) for need in ctx.needs_input_grad[:3]]
+    grads = _backward_op(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass,
+                         d_pooled, d_mass, d_z, wanted)
+    return (*(g if want else None for g, want in zip(grads, wanted)), None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_library.forbid_double_backward(_backward_op, OP_NAME)
+
+
+@_library.custom_op("folded_attention_dropout_keep")
+def _dropout_keep_op(z: Tensor, num_pooled: int, dropout_p: float, seed: Tensor) -> Tensor:
+    """The boolean keep mask ``(T, P)`` that the kernels draw for the pooled columns of ``z: (T, J)``."""
+    from . import triton as kernels
+
+    return kernels.dropout_keep(_library.seed_value(seed), *z.shape, num_pooled, dropout_p, z.device)
+
+
+@_dropout_keep_op.register_fake
+def _(z, num_pooled, dropout_p, seed):
+    return z.new_empty(z.shape[0], num_pooled, dtype=torch.bool)
 
 
 def _check_folded(bags: Bags, u, c, nsf_from, num_pooled, dropout_p):
@@ -101,14 +166,12 @@ def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropou
     backend = _backends.choose(OP_NAME, bags.x2d.device, lambda name: _reasons(name, bags))
     if backend == "reference":
         return Folded(*reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p, training))
-    from . import triton as kernels
-
-    plan = kernels.Plan.make(bags, u, nsf_from, num_pooled, active_p, _dropout_seed(active_p, training))
-    pooled, mass, z = _FoldedAttentionFn.apply(bags.x2d.contiguous(), u.contiguous(), c.contiguous(),
-                                               bags.row_valid, plan)
+    seed = _library.dropout_seed(active_p > 0)
+    pooled, mass, z, _ = _forward_op(bags.x2d.contiguous(), u.contiguous(), c.contiguous(), list(bags.bounds),
+                                     bags.row_valid, nsf_from, num_pooled, active_p, seed)
     weights = None
     if need_weights:
-        keep = kernels.dropout_keep(plan, z.shape[0], z.device) if active_p > 0 else None
+        keep = _dropout_keep_op(z.detach(), num_pooled, active_p, seed) if seed is not None else None
         probabilities = reference.normalize(z[:, :num_pooled], bags, nsf_from)
         weights = reference.apply_dropout(probabilities, active_p, True, keep).to(bags.x2d.dtype)
     return Folded(pooled, mass, z, weights)

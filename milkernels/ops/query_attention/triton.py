@@ -403,12 +403,13 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
     return dx, du, dc
 
 
-def dropout_keep(plan: Plan, rows: int, device) -> torch.Tensor:
-    """The boolean keep mask ``(rows, P)`` of the pooled columns' weights that the kernels draw."""
-    keep = torch.empty(rows, plan.columns, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(rows, 64), triton.cdiv(plan.columns, 64))
-    _dropout_mask_kernel[grid](keep, plan.seed, rows, plan.columns, float(plan.dropout_p), BLOCK_N=64, BLOCK_D=64)
-    return keep[:, :plan.num_pooled].bool()
+def dropout_keep(seed: int, rows: int, columns: int, num_pooled: int, dropout_p: float, device) -> torch.Tensor:
+    """The boolean keep mask ``(rows, P)`` of the pooled columns' weights that the kernels draw with ``seed``
+    for scores of ``columns`` (J) columns (a :class:`Plan`'s seed, columns, num_pooled and dropout_p)."""
+    keep = torch.empty(rows, columns, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(rows, 64), triton.cdiv(columns, 64))
+    _dropout_mask_kernel[grid](keep, seed, rows, columns, float(dropout_p), BLOCK_N=64, BLOCK_D=64)
+    return keep[:, :num_pooled].bool()
 
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -418,27 +419,36 @@ _SHAPES = ((4, 20), (64, 512), (128, 1024))  # (J, Ein): LiteMIL-like, ASMIL onl
 def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
-    Yields ``(kernel, signature, constexprs, num_warps)`` as the launches build them: the three dtypes,
-    the configurations of ``config_for`` for small and large J and Ein, with and without a mask, dropout,
-    a gradient of the scores and a gradient of x.
+    Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
+    dtypes, the configurations of ``config_for`` for small and large J and Ein, with and without a mask,
+    dropout, a gradient of the scores and a gradient of x. ``aligned`` names the sizes (E, J and the
+    per-bag strides J * E and J) that are multiples of 16 at the example shape (a launch specializes on those).
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for columns, features in _SHAPES:
             cfg = config_for(columns, features)
+            sizes = dict(E=features, J=columns, u_bag_stride=columns * features, c_bag_stride=columns)
+            aligned = {name for name, size in sizes.items() if size % 16 == 0}  # each kernel takes some of them
             base = dict(BLOCK_N=BLOCK_N, BLOCK_J=cfg.block_j, **dot_flags(dtype, interpreted=False))
             for has_mask, dropout in ((False, False), (True, True)):
                 valid = "*i1" if has_mask else ptr
                 flags = dict(base, HAS_MASK=has_mask)
-                yield (_forward_kernel, _forward_signature(ptr, valid),
-                       dict(flags, BLOCK_K=cfg.block_k, BLOCK_E=cfg.block_e, DROPOUT=dropout), cfg.num_warps)
+                forward = _forward_signature(ptr, valid)
+                yield (_forward_kernel, forward,
+                       dict(flags, BLOCK_K=cfg.block_k, BLOCK_E=cfg.block_e, DROPOUT=dropout), cfg.num_warps,
+                       tuple(sorted(aligned & forward.keys())))
+                score_grad = _score_grad_signature(ptr, valid)
                 for has_dz, store_pk in ((True, True), (False, False)):
-                    yield (_score_grad_kernel, _score_grad_signature(ptr, valid),
+                    yield (_score_grad_kernel, score_grad,
                            dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout, HAS_DZ=has_dz, STORE_PK=store_pk),
-                           cfg.num_warps)
-                yield _dx_kernel, _dx_signature(ptr, valid), dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps
-                yield (_weight_grad_kernel, _weight_grad_signature(ptr, valid), dict(flags, BLOCK_E=cfg.block_e),
-                       cfg.num_warps)
-            yield _combine.specialization(ptr, cfg.block_e)
+                           cfg.num_warps, tuple(sorted(aligned & score_grad.keys())))
+                dx = _dx_signature(ptr, valid)
+                yield (_dx_kernel, dx, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
+                       tuple(sorted(aligned & dx.keys())))
+                weight_grad = _weight_grad_signature(ptr, valid)
+                yield (_weight_grad_kernel, weight_grad, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
+                       tuple(sorted(aligned & weight_grad.keys())))
+            yield _combine.specialization(ptr, cfg.block_e, features)
     yield (_bag_sum_kernel, dict(part_ptr="*fp32", bag_first_split_ptr="*i32", out_ptr="*fp32", width="i32"),
            dict(BLOCK_S=_combine.BLOCK_S, BLOCK_W=128), 4)
 
