@@ -5,10 +5,11 @@ with ``from milkernels.ops.nsf import reference``.
 """
 
 from .anchor_kl import anchor_kl
+from .dilated_attention import dilated_attention
 from .gated_attention import gated_attention_pool, gated_attention_scores
 from .linear_attention import lin_mil_attention, linear_attention
 from .nsf import nsf
 from .query_attention import folded_attention, query_attention
 
-__all__ = ["anchor_kl", "folded_attention", "gated_attention_pool", "gated_attention_scores", "lin_mil_attention",
+__all__ = ["anchor_kl", "dilated_attention", "folded_attention", "gated_attention_pool", "gated_attention_scores", "lin_mil_attention",
            "linear_attention", "nsf", "query_attention"]

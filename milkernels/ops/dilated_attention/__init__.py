@@ -1,0 +1,107 @@
+"""Dilated attention (LongNet: Prov-GigaPath's slide encoder, Lin-MIL's ablation): public function, checks,
+custom ops, dispatch.
+
+The semantics are in :mod:`.reference`; the fused kernels in :mod:`.triton`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ... import _backends
+from .._bags import autocast_inputs, check_float, check_same_device, pack_bags
+from . import reference
+
+OP_NAME = "dilated_attention"
+MODES = ("torchscale", "exact")
+MAX_HEAD_DIM = 256
+
+
+def check_branches(segment_lengths, dilation_rates, mode: str) -> tuple[tuple, tuple]:
+    """The branches as two tuples of ints; ValueError unless they are non-empty, of one length, every ``w``
+    and ``r`` an int >= 1, and in exact mode each ``r`` divides its ``w``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    lists = {}
+    for name, values in dict(segment_lengths=segment_lengths, dilation_rates=dilation_rates).items():
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"{name} must be a non-empty list or tuple of ints, got {values!r}")
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in values):
+            raise ValueError(f"every entry of {name} must be an int >= 1, got {list(values)}")
+        lists[name] = tuple(int(v) for v in values)
+    segments, rates = lists["segment_lengths"], lists["dilation_rates"]
+    if len(segments) != len(rates):
+        raise ValueError(f"segment_lengths and dilation_rates must have one length, got {len(segments)} and "
+                         f"{len(rates)}")
+    for w, r in zip(segments, rates):
+        if mode == "exact" and w % r:
+            raise ValueError(f"exact mode needs each dilation rate to divide its segment length, got r={r} for "
+                             f"w={w}")
+    return segments, rates
+
+
+def _check_inputs(q, k, v, mask, cu_seqlens, mode, softmax_scale):
+    """Raise ValueError unless q, k, v are one float dtype, device and shape ``(B, N, H, dh)`` or ``(N | T, H,
+    dh)`` with ``dh <= 256``, the mask fits the mode and the scale is a positive number."""
+    for name, t in dict(q=q, k=k, v=v).items():
+        check_float(name, t)
+    check_same_device(q=q, k=k, v=v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k and v must have one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q must be (B, N, H, dh), or (N, H, dh) / packed (T, H, dh), got shape {tuple(q.shape)}")
+    heads, head_dim = q.shape[-2:]
+    if heads < 1 or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"need H >= 1 and 1 <= dh <= {MAX_HEAD_DIM}, got H={heads}, dh={head_dim}")
+    if mask is not None and mode != "exact":
+        raise ValueError("a key padding mask needs mode='exact': torchscale's DilatedAttention ignores it, so the "
+                         "compatible mode cannot take one")
+    if mask is not None and q.dim() != 4:
+        raise ValueError(f"a mask needs padded bags q: (B, N, H, dh), got shape {tuple(q.shape)}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)
+                                      or not math.isfinite(softmax_scale) or softmax_scale <= 0):
+        raise ValueError(f"softmax_scale must be a finite number > 0 or None, got {softmax_scale!r}")
+
+
+def _reasons(backend: str, q: torch.Tensor) -> list[str]:
+    if backend == "reference":
+        return []
+    return _backends.kernel_reasons(backend, q) + [f"no {backend} kernel for dilated attention yet"]
+
+
+def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "torchscale", softmax_scale=None,
+                      mask=None, cu_seqlens=None, return_lse: bool = False):
+    """LongNet dilated attention of ``q, k, v`` over the branches ``zip(segment_lengths, dilation_rates)``.
+
+    Args:
+        q, k, v: padded bags ``(B, N, H, dh)`` (with an optional key padding ``mask: (B, N)``, nonzero =
+            real, exact mode only), one bag ``(N, H, dh)``, or packed bags ``(T, H, dh)`` with
+            ``cu_seqlens: (B + 1,)`` (each bag its own sequence). ``dh`` up to 256, any value.
+        segment_lengths, dilation_rates: the branches ``(w_i, r_i)``, ints >= 1, one list each.
+        mode: ``"torchscale"``: torchscale's ``DilatedAttention`` exactly (padding not masked, branches
+            merged with weights that take no gradient; :mod:`.reference`); ``"exact"``: softmax attention
+            over the union of the branches' key sets, padding and mask left out, full gradient (each ``r_i``
+            must divide its ``w_i``).
+        softmax_scale: the score scale, ``dh ** -0.5`` by default.
+        return_lse: also return the merged log-sum-exp ``(..., H)`` float32.
+
+    Returns:
+        ``out`` in q's shape and dtype; with ``return_lse`` also ``lse: (B, N, H)``, ``(N, H)`` or
+        ``(T, H)``, float32 (``-inf`` where no key is reached; ``out`` is 0 there).
+    """
+    segments, rates = check_branches(segment_lengths, dilation_rates, mode)
+    _check_inputs(q, k, v, mask, cu_seqlens, mode, softmax_scale)
+    q, k, v = autocast_inputs(q, k, v)
+    heads, head_dim = q.shape[-2:]
+    scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    bags = pack_bags(q.flatten(-2), heads * head_dim, mask, cu_seqlens)
+    q2, k2, v2 = (t.reshape(-1, heads, head_dim) for t in (q, k, v))
+    _backends.choose(OP_NAME, q.device, lambda name: _reasons(name, q))
+    out, lse = reference.dilated_attention(q2, k2, v2, bags.bounds, segments, rates, scale, mode, bags.row_valid)
+    out = bags.rows_to_caller(out).reshape(q.shape)
+    return (out, bags.rows_to_caller(lse.float())) if return_lse else out
