@@ -1,17 +1,21 @@
 """Dilated attention (LongNet: Prov-GigaPath's slide encoder, Lin-MIL's ablation): public function, checks,
 custom ops, dispatch.
 
-The semantics are in :mod:`.reference`; the fused kernels in :mod:`.triton`.
+The semantics are in :mod:`.reference`; the fused kernels in :mod:`.triton`, behind the custom ops
+``milkernels::dilated_attention_forward`` and ``..._backward``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Optional
 
 import torch
+from torch import Tensor
 
 from ... import _backends
+from .. import _library
 from .._bags import autocast_inputs, check_float, check_same_device, pack_bags
 from . import reference
 
@@ -68,10 +72,71 @@ def _check_inputs(q, k, v, mask, cu_seqlens, mode, softmax_scale):
         raise ValueError(f"softmax_scale must be a finite number > 0 or None, got {softmax_scale!r}")
 
 
-def _reasons(backend: str, q: torch.Tensor) -> list[str]:
+def _reasons(backend: str, q: torch.Tensor, bounds, segments, rates, mode) -> list[str]:
     if backend == "reference":
         return []
-    return _backends.kernel_reasons(backend, q) + [f"no {backend} kernel for dilated attention yet"]
+    reasons = _backends.kernel_reasons(backend, q)
+    if backend == "cuda":
+        return reasons + ["no cuda kernel for dilated attention (the triton one runs on CUDA tensors)"]
+    from .triton import unsupported_branches
+
+    return reasons + unsupported_branches(bounds, segments, rates, mode)
+
+
+def _plan(q, bounds, segments, rates, mode, row_valid):
+    from . import triton as kernels
+
+    return kernels.Plan(q, bounds, segments, rates, mode, row_valid)
+
+
+@_library.custom_op("dilated_attention_forward")
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], segments: list[int], rates: list[int],
+                row_valid: Optional[Tensor], scale: float, mode: str) -> tuple[Tensor, Tensor]:
+    """The triton forward on contiguous packed rows ``q, k, v: (T, H, dh)`` with bag ``bounds`` (B + 1 ints):
+    ``out: (T, H, dh)`` in q's dtype and ``lse: (T, H)`` float32."""
+    from . import triton as kernels
+
+    return kernels.forward(q, k, v, _plan(q, bounds, segments, rates, mode, row_valid), scale)
+
+
+@_forward_op.register_fake
+def _(q, k, v, bounds, segments, rates, row_valid, scale, mode):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@_library.custom_op("dilated_attention_backward")
+def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, bounds: list[int],
+                 segments: list[int], rates: list[int], row_valid: Optional[Tensor], scale: float,
+                 mode: str) -> list[Tensor]:
+    """``[dq, dk, dv]``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out``, ``lse`` and ``d_out``."""
+    from . import triton as kernels
+
+    plan = _plan(q, bounds, segments, rates, mode, row_valid)
+    return list(kernels.backward(q, k, v, out, lse, d_out.contiguous(), plan, scale))
+
+
+@_backward_op.register_fake
+def _(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid, scale, mode):
+    return [torch.empty_like(q) for _ in range(3)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bounds, segments, rates, row_valid, scale, mode = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, row_valid)
+    ctx.options = (bounds, segments, rates, scale, mode)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse, row_valid = ctx.saved_tensors
+    bounds, segments, rates, scale, mode = ctx.options
+    d_q, d_k, d_v = _backward_op(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid, scale, mode)
+    return d_q, d_k, d_v, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_library.forbid_double_backward(_backward_op, OP_NAME)
 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "torchscale", softmax_scale=None,
@@ -101,7 +166,11 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
     bags = pack_bags(q.flatten(-2), heads * head_dim, mask, cu_seqlens)
     q2, k2, v2 = (t.reshape(-1, heads, head_dim) for t in (q, k, v))
-    _backends.choose(OP_NAME, q.device, lambda name: _reasons(name, q))
-    out, lse = reference.dilated_attention(q2, k2, v2, bags.bounds, segments, rates, scale, mode, bags.row_valid)
+    backend = _backends.choose(OP_NAME, q.device, lambda name: _reasons(name, q, bags.bounds, segments, rates, mode))
+    if backend == "reference":
+        out, lse = reference.dilated_attention(q2, k2, v2, bags.bounds, segments, rates, scale, mode, bags.row_valid)
+    else:
+        out, lse = _forward_op(q2.contiguous(), k2.contiguous(), v2.contiguous(), list(bags.bounds), list(segments),
+                               list(rates), bags.row_valid, scale, mode)
     out = bags.rows_to_caller(out).reshape(q.shape)
     return (out, bags.rows_to_caller(lse.float())) if return_lse else out

@@ -1,0 +1,377 @@
+"""Dilated attention in Triton: a fused forward over every branch and a FlashAttention-2 style backward.
+
+Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
+``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j``. Because every ``r_i``
+divides R, a branch either covers all of a program's rows for its head (``c % r_i == g_i(h)``) or none
+of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % Lsp) * r + g`` with
+``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads, nothing gathered or copied.
+
+- Forward, one program per (row block, head): for each covering branch, the key tiles of the segments
+  its rows fall in, one online softmax over all of them. In ``torchscale`` mode that single softmax is
+  exactly upstream's merge (``sum_i softmax_i(lse_i) out_i`` is one softmax over the branches' key
+  sets, shared keys counted twice); the zero-padded keys of a bag's last segment add ``exp(0 - m)``
+  each, counted without being read. In ``exact`` mode a key an earlier covering branch already gave
+  the row is skipped, padding is never a key and the mask applies. Writes ``out`` and its fp32 ``lse``.
+- Backward: a query kernel writes ``dq`` and the per-row ``D`` (``exact``: ``dout . out``;
+  ``torchscale``: ``D_i = dout . out_i`` per branch, from sums over the branch's keys in the same pass,
+  since upstream's merge weights take no gradient: ``dS = P (dP - D_i)`` with ``P = exp(s - lse)``);
+  a key kernel, one program per key block, walks the queries of each branch it belongs to and writes
+  ``dk`` and ``dv``. No atomics: deterministic.
+
+Supported: every branch with ``r`` dividing ``sl = min(w, N)`` or a single segment (``w >= N``);
+otherwise torchscale shifts the rows of later segments, which only the reference reproduces
+(:func:`unsupported_branches`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backends import triton_interpreted
+from .._blocks import dot_flags, new_buffer
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def block_size(head_dim: int) -> int:
+    """Rows (and keys) per program: 64 up to dh = 64, else 32 (the tiles hold dh-wide rows)."""
+    return 64 if padded_head_dim(head_dim) <= 64 else 32
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim as a tile width: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def unsupported_branches(bounds, segments, rates, mode: str) -> list[str]:
+    """Why the kernels cannot run these branches on bags ``bounds``: in torchscale mode, a branch whose
+    rate does not divide its segment length on a bag longer than the segment."""
+    if mode != "torchscale":
+        return []
+    longest = max(stop - start for start, stop in zip(bounds[:-1], bounds[1:]))
+    return [f"branch (w={w}, r={r}): r does not divide w and a bag of {longest} > w rows has several segments, "
+            "whose rows torchscale shifts (only the reference reproduces that)"
+            for w, r in zip(segments, rates) if w % r and longest > w]
+
+
+@triton.jit
+def _mm(a, b, like_ptr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """a @ b: fp32 operands (tf32x3 on a GPU) for fp32 input and under the interpreter, else the input dtype."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=FP32_PRECISION)
+    return tl.dot(a.to(like_ptr.dtype.element_ty), b.to(like_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK: tl.constexpr):
+    """This program's bag (start row, length N), residue c, its positions ``c + R * j`` and which exist."""
+    blk = tl.program_id(0)
+    start = tl.load(start_ptr + blk)
+    length = tl.load(length_ptr + blk)
+    residue = tl.load(residue_ptr + blk)
+    first = tl.load(first_ptr + blk)
+    positions = residue + R * (first + tl.arange(0, BLOCK))
+    return start, length, residue, positions, positions < length
+
+
+@triton.jit
+def _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT: tl.constexpr):
+    """Branch ``i`` on a bag of ``length`` rows for ``head``: segment span ``sl``, rate ``r``, the head's
+    group ``g``, kept rows per segment ``lsp`` and the kept-row index where the real rows end."""
+    w = tl.load(segment_ptr + i)
+    r = tl.load(rate_ptr + i)
+    sl = w if EXACT else tl.minimum(w, length)
+    g = head // tl.cdiv(H, r)
+    lsp = tl.cdiv(sl, r)
+    last = tl.cdiv(length, sl) - 1
+    real_end = last * lsp + tl.minimum(tl.maximum(tl.cdiv(length - last * sl - g, r), 0), lsp)
+    return sl, r, g, lsp, real_end
+
+
+@triton.jit
+def _kept_rows(t, sl, r, g, lsp):
+    """Segment and bag position of kept-row index ``t`` of a branch."""
+    segment = t // lsp
+    return segment, segment * sl + (t - segment * lsp) * r + g
+
+
+@triton.jit
+def _zero_keys(positions, length, sl, r, g, lsp):
+    """Per row: the zero-padded keys of its segment (torchscale counts them, score 0 and value 0)."""
+    segment = positions // sl
+    last = tl.cdiv(length, sl) - 1
+    real = tl.minimum(tl.maximum(tl.cdiv(length - segment * sl - g, r), 0), lsp)
+    return tl.where(segment == last, lsp - real, 0).to(tl.float32)
+
+
+@triton.jit
+def _counted_before(i, query_pos, key_pos, segment_ptr, rate_ptr, head, H):
+    """``[M, N]`` bool: the key already reaches the query through an earlier branch ``j < i`` (exact mode)."""
+    seen = (query_pos < 0) | (key_pos < 0)  # all False, in the broadcast shape
+    for j in range(0, i):
+        w = tl.load(segment_ptr + j)
+        r = tl.load(rate_ptr + j)
+        g = head // tl.cdiv(H, r)
+        seen |= (query_pos % r == g) & (key_pos % r == g) & (query_pos // w == key_pos // w)
+    return seen
+
+
+@triton.jit
+def _load_rows(ptr, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr):
+    """Rows ``start + rows`` of head ``head`` from ``(T, H, dh)``: ``(len(rows), BLOCK_DH)``; 0 where not ok."""
+    d = tl.arange(0, BLOCK_DH)
+    offsets = ((start + rows).to(tl.int64) * H + head) * dh
+    return tl.load(ptr + offsets[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < dh), other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, value, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr):
+    d = tl.arange(0, BLOCK_DH)
+    offsets = ((start + rows).to(tl.int64) * H + head) * dh
+    tl.store(ptr + offsets[:, None] + d[None, :], value.to(ptr.dtype.element_ty),
+             mask=ok[:, None] & (d[None, :] < dh))
+
+
+@triton.jit
+def _row_valid(valid_ptr, rows, ok, start, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        return ok & (tl.load(valid_ptr + start + rows, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr, length_ptr, residue_ptr, first_ptr,
+                    segment_ptr, rate_ptr, H, dh, R, num_branches, scale,
+                    EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
+                    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    head = tl.program_id(1)
+    start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
+    q = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH)
+    m = tl.full([BLOCK], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
+    for i in range(0, num_branches):
+        sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
+        if residue % r == g:
+            row_segment = rows // sl
+            if not EXACT:
+                zeros = tl.where(row_ok, _zero_keys(rows, length, sl, r, g, lsp), 0.0)
+                m_new = tl.where(zeros > 0, tl.maximum(m, 0.0), m)
+                alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
+                l = l * alpha + zeros * tl.exp(-tl.where(zeros > 0, m_new, 0.0))
+                acc = acc * alpha[:, None]
+                m = m_new
+            t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
+            for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
+                t = t0 + tl.arange(0, BLOCK)
+                key_segment, keys = _kept_rows(t, sl, r, g, lsp)
+                key_ok = _row_valid(valid_ptr, keys, t < t_end, start, HAS_MASK)
+                k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+                v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+                scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+                allowed = (row_segment[:, None] == key_segment[None, :]) & key_ok[None, :] & row_ok[:, None]
+                if EXACT:
+                    allowed &= ~_counted_before(i, rows[:, None], keys[None, :], segment_ptr, rate_ptr, head, H)
+                scores = tl.where(allowed, scores, float("-inf"))
+                m_new = tl.maximum(m, tl.max(scores, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(scores - m_safe[:, None])
+                alpha = tl.exp(m - m_safe)
+                l = l * alpha + tl.sum(p, axis=1)
+                acc = acc * alpha[:, None] + _mm(p, v, q_ptr, DOT_FP32, FP32_PRECISION)
+                m = m_new
+    has_keys = _row_valid(valid_ptr, rows, row_ok, start, HAS_MASK) & (l > 0)
+    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l, 1.0)[:, None], 0.0)
+    _store_rows(out_ptr, out, rows, row_ok, start, head, H, dh, BLOCK_DH)
+    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
+    tl.store(lse_ptr + (start + rows).to(tl.int64) * H + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_ptr, d_q_ptr, delta_ptr,
+                       start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
+                       T, H, dh, R, num_branches, scale,
+                       EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
+                       DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    head = tl.program_id(1)
+    start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
+    live = _row_valid(valid_ptr, rows, row_ok, start, HAS_MASK)
+    q = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH)
+    d_out = _load_rows(d_out_ptr, rows, live, start, head, H, dh, BLOCK_DH).to(tl.float32)
+    lse = tl.load(lse_ptr + (start + rows).to(tl.int64) * H + head, mask=row_ok, other=float("-inf"))
+    live &= lse > float("-inf")
+    lse = tl.where(live, lse, 0.0)
+    delta_rows = (start + rows).to(tl.int64) * H + head
+    if EXACT:
+        out = _load_rows(out_ptr, rows, live, start, head, H, dh, BLOCK_DH).to(tl.float32)
+        delta = tl.sum(d_out * out, axis=1)
+        tl.store(delta_ptr + delta_rows, delta, mask=row_ok)
+    d_q = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
+    for i in range(0, num_branches):
+        sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
+        if residue % r == g:
+            row_segment = rows // sl
+            if not EXACT:
+                mass = tl.where(live, _zero_keys(rows, length, sl, r, g, lsp) * tl.exp(-lse), 0.0)
+                weighted = tl.zeros([BLOCK], tl.float32)
+                a = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+                b = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+            t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
+            for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
+                t = t0 + tl.arange(0, BLOCK)
+                key_segment, keys = _kept_rows(t, sl, r, g, lsp)
+                key_ok = _row_valid(valid_ptr, keys, t < t_end, start, HAS_MASK)
+                k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+                v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+                scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+                allowed = (row_segment[:, None] == key_segment[None, :]) & key_ok[None, :] & live[:, None]
+                if EXACT:
+                    allowed &= ~_counted_before(i, rows[:, None], keys[None, :], segment_ptr, rate_ptr, head, H)
+                p = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
+                d_p = _mm(d_out, tl.trans(v), q_ptr, DOT_FP32, FP32_PRECISION)
+                if EXACT:
+                    d_q += _mm(p * (d_p - delta[:, None]), k, q_ptr, DOT_FP32, FP32_PRECISION)
+                else:
+                    mass += tl.sum(p, axis=1)
+                    weighted += tl.sum(p * d_p, axis=1)
+                    a += _mm(p * d_p, k, q_ptr, DOT_FP32, FP32_PRECISION)
+                    b += _mm(p, k, q_ptr, DOT_FP32, FP32_PRECISION)
+            if not EXACT:
+                branch_delta = tl.where(mass > 0, weighted / tl.where(mass > 0, mass, 1.0), 0.0)
+                d_q += a - branch_delta[:, None] * b
+                tl.store(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + delta_rows, branch_delta, mask=row_ok)
+    _store_rows(d_q_ptr, d_q * scale, rows, row_ok, start, head, H, dh, BLOCK_DH)
+
+
+@triton.jit
+def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_ptr, d_k_ptr, d_v_ptr,
+                     start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
+                     T, H, dh, R, num_branches, scale,
+                     EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
+                     DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    head = tl.program_id(1)
+    start, length, residue, keys, key_exists = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
+    key_ok = _row_valid(valid_ptr, keys, key_exists, start, HAS_MASK)
+    k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+    v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+    d_k = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    d_v = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    last_key = tl.max(tl.where(key_exists, keys, 0), axis=0)
+    for i in range(0, num_branches):
+        sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
+        if residue % r == g:
+            key_segment = keys // sl
+            t_end = tl.minimum((last_key // sl + 1) * lsp, real_end)
+            for t0 in range(tl.min(keys // sl, axis=0) * lsp, t_end, BLOCK):
+                t = t0 + tl.arange(0, BLOCK)
+                query_segment, queries = _kept_rows(t, sl, r, g, lsp)
+                query_ok = _row_valid(valid_ptr, queries, t < t_end, start, HAS_MASK)
+                q = _load_rows(q_ptr, queries, query_ok, start, head, H, dh, BLOCK_DH)
+                d_out = _load_rows(d_out_ptr, queries, query_ok, start, head, H, dh, BLOCK_DH)
+                query_rows = (start + queries).to(tl.int64) * H + head
+                lse = tl.load(lse_ptr + query_rows, mask=query_ok, other=float("-inf"))
+                query_ok &= lse > float("-inf")
+                if EXACT:
+                    delta = tl.load(delta_ptr + query_rows, mask=query_ok, other=0.0)
+                else:
+                    delta = tl.load(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + query_rows, mask=query_ok, other=0.0)
+                scores_t = _mm(k, tl.trans(q), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+                allowed = (key_segment[:, None] == query_segment[None, :]) & key_ok[:, None] & query_ok[None, :]
+                if EXACT:
+                    allowed &= ~_counted_before(i, queries[None, :], keys[:, None], segment_ptr, rate_ptr, head, H)
+                p_t = tl.where(allowed, tl.exp(scores_t - tl.where(query_ok, lse, 0.0)[None, :]), 0.0)
+                d_v += _mm(p_t, d_out, q_ptr, DOT_FP32, FP32_PRECISION)
+                d_p_t = _mm(v, tl.trans(d_out), q_ptr, DOT_FP32, FP32_PRECISION)
+                d_k += _mm(p_t * (d_p_t - delta[None, :]), q, q_ptr, DOT_FP32, FP32_PRECISION)
+    _store_rows(d_k_ptr, d_k * scale, keys, key_exists, start, head, H, dh, BLOCK_DH)
+    _store_rows(d_v_ptr, d_v, keys, key_exists, start, head, H, dh, BLOCK_DH)
+
+
+def residue_blocks(bounds, period: int, block: int, device) -> list[torch.Tensor]:
+    """The programs' blocks: per block the bag's start row and length, the residue ``c`` modulo ``period``
+    and the first ``j`` of its positions ``c + period * j``; four ``(num_blocks,)`` int32 tensors."""
+    entries = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        length = stop - start
+        for residue in range(min(period, length)):
+            rows = -(-(length - residue) // period)
+            entries += [(start, length, residue, first) for first in range(0, rows, block)]
+    return list(torch.tensor(entries, dtype=torch.int32).t().contiguous().to(device))
+
+
+class Plan:
+    """What every launch of one call shares: the blocks, the branches on the device and the constexprs."""
+
+    def __init__(self, q, bounds, segments, rates, mode: str, row_valid):
+        self.rows, self.heads, self.head_dim = q.shape
+        self.period = math.lcm(*rates)
+        self.block = block_size(self.head_dim)
+        self.blocks = residue_blocks(bounds, self.period, self.block, q.device)
+        self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device) for values in (segments, rates)]
+        self.row_valid = row_valid
+        self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block,
+                          BLOCK_DH=padded_head_dim(self.head_dim), **dot_flags(q.dtype, triton_interpreted()))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.blocks[0].numel(), self.heads
+
+    def sizes(self) -> tuple:
+        return self.heads, self.head_dim, self.period, self.branches[0].numel()
+
+    def valid(self, like):
+        return self.row_valid if self.row_valid is not None else like
+
+
+def forward(q, k, v, plan: Plan, scale: float):
+    """``out: (T, H, dh)`` in q's dtype and ``lse: (T, H)`` float32 of contiguous ``q, k, v: (T, H, dh)``."""
+    out = new_buffer(*q.shape, dtype=q.dtype, device=q.device)
+    lse = new_buffer(plan.rows, plan.heads, dtype=torch.float32, device=q.device)
+    _forward_kernel[plan.grid](q, k, v, plan.valid(q), out, lse, *plan.blocks, *plan.branches, *plan.sizes(), scale,
+                               **plan.flags)
+    return out, lse
+
+
+def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
+    """``(dq, dk, dv)``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out`` and ``lse`` and ``d_out``."""
+    d_q, d_k, d_v = (new_buffer(*q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    branches = 1 if plan.flags["EXACT"] else plan.branches[0].numel()
+    delta = new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
+    common = (*plan.blocks, *plan.branches, plan.rows, *plan.sizes(), scale)
+    _query_grad_kernel[plan.grid](q, k, v, plan.valid(q), out, lse, d_out, d_q, delta, *common, **plan.flags)
+    _key_grad_kernel[plan.grid](q, k, v, plan.valid(q), lse, d_out, delta, d_k, d_v, *common, **plan.flags)
+    return d_q, d_k, d_v
+
+
+_AOT_SHAPES = ((16, 48), (8, 32), (8, 128), (4, 256))  # (H, dh): GigaPath's, and head dims padded to 32, 128, 256
+_AOT_MODES = ((False, False), (True, False), (True, True))  # (EXACT, HAS_MASK): torchscale takes no mask
+
+
+def shipped_specializations():
+    """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
+
+    Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
+    dtypes, head dims padded to 32, 64, 128 and 256, torchscale mode and exact mode with and without a
+    mask; ``aligned`` names H and dh where the example shape has them as multiples of 16.
+    """
+    for dtype, ptr in _POINTER_TYPES.items():
+        for heads, head_dim in _AOT_SHAPES:
+            aligned = tuple(name for name, size in (("H", heads), ("dh", head_dim)) if size % 16 == 0)
+            for exact, has_mask in _AOT_MODES:
+                flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block_size(head_dim),
+                             BLOCK_DH=padded_head_dim(head_dim), **dot_flags(dtype, interpreted=False))
+                blocks = dict(start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
+                              segment_ptr="*i32", rate_ptr="*i32")
+                sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
+                rows = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, valid_ptr="*i1" if has_mask else ptr)
+                yield (_forward_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", **blocks, **sizes), flags, 4, aligned)
+                yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
+                                                delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, 4, aligned)
+                yield (_key_grad_kernel, dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_k_ptr=ptr,
+                                              d_v_ptr=ptr, **blocks, T="i32", **sizes), flags, 4, aligned)
