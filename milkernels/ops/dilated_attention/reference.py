@@ -77,13 +77,14 @@ def _branch(q, k, v, segment: int, rate: int, scale: float, compute_dtype):
         scores = torch.einsum("slhd,smhd->shlm", qs, ks) * scale                      # (S, Hg, Lsp, Lsp)
         lse = torch.logsumexp(scores, dim=-1)                                           # (S, Hg, Lsp)
         out = torch.einsum("shlm,smhd->slhd", torch.exp(scores - lse[..., None]), vs)  # (S, Lsp, Hg, dh)
-        kept = target < length  # upstream also places padded rows when r does not divide sl
-        position = target[kept]
-        hg = head_slice.stop - head_slice.start
-        out_full = out.new_zeros(length, hg, head_dim).index_put((position,), out[kept])
-        lse_full = lse.new_full((length, hg), -math.inf).index_put((position,), lse.transpose(1, 2)[kept])
-        outs.append(out_full)
-        lses.append(lse_full)
+        # every (segment, row) has its own target; those from ``length`` on are dropped by the slice (upstream
+        # also places padded rows when r does not divide sl)
+        span, hg = target.numel() * rate, head_slice.stop - head_slice.start
+        placed = out.new_zeros(span, hg, head_dim).index_put((target.flatten(),), out.flatten(0, 1))
+        placed_lse = lse.new_full((span, hg), -math.inf).index_put((target.flatten(),),
+                                                                   lse.transpose(1, 2).flatten(0, 1))
+        outs.append(placed[:length])
+        lses.append(placed_lse[:length])
     return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
 
 

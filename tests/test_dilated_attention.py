@@ -1,0 +1,250 @@
+"""Dilated attention: the reference against lin-mil's real torchscale ``DilatedAttention``, the triton kernels
+(interpreter on CPU) against the float64 reference, both modes, checks, custom ops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import milkernels
+from milkernels.bench import timm_stub
+from milkernels.ops import dilated_attention
+from milkernels.ops.dilated_attention import reference
+from milkernels.ops.dilated_attention import triton as kernels
+
+import aot
+import kernel_checks
+
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
+
+SMALL = ([8, 16, 32], [1, 2, 4])
+LIN_MIL = ([128, 64, 32], [2, 4, 8])
+
+
+def make_qkv(shape, dtype=torch.float32, seed=0, scale=1.0):
+    """Fresh random ``q, k, v`` of ``shape``, requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def with_lse(segments, rates, **kwargs):
+    return lambda q, k, v: dilated_attention(q, k, v, segments, rates, return_lse=True, **kwargs)
+
+
+def flash_standin(q, k, v, dropout=0.0, bias=None, softmax_scale=None, is_causal=False):
+    """flash-attn's ``(out (b, l, h, d), lse (b, h, l))`` in plain PyTorch, for lin-mil on CPU."""
+    scores = torch.einsum("blhd,bmhd->bhlm", q, k) * (softmax_scale or q.shape[-1] ** -0.5)
+    return torch.einsum("bhlm,bmhd->blhd", scores.softmax(-1), v), scores.logsumexp(-1)
+
+
+@pytest.fixture
+def upstream(monkeypatch):
+    """lin-mil's ``lin_mil.attention.dilated_attention`` module with the flash-attn stand-in."""
+    with timm_stub.installed():
+        module = pytest.importorskip("lin_mil.attention.dilated_attention")
+    monkeypatch.setattr(module, "flash_attn_func", flash_standin)
+    return module
+
+
+@pytest.mark.parametrize("length, heads, branches", [
+    (37, 4, SMALL), (100, 3, SMALL), (300, 5, LIN_MIL), (20, 4, ([64, 32], [2, 4])),
+    (70, 6, ([12, 20], [3, 8])),  # r does not divide w: torchscale's shifted rows
+    (33, 2, ([8], [4])),  # positions no branch reaches
+])
+def test_reference_is_lin_mils_dilated_attention(upstream, length, heads, branches):
+    args = upstream.Dilated_Args()
+    args.segment_length, args.dilated_ratio = branches
+    layer = upstream.DilatedAttention(args, heads * 8, heads, self_attention=True).double()
+    x = torch.randn(2, length, heads * 8, dtype=torch.float64, requires_grad=True)
+    expected, _ = layer(x)
+    qkv = x.unflatten(-1, (heads, 8))
+    with milkernels.use_backend("reference"):
+        got = dilated_attention(qkv, qkv, qkv, *branches).flatten(-2)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    cotangent = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, cotangent)[0], torch.autograd.grad(expected, x, cotangent)[0])
+
+
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+@pytest.mark.parametrize("shape, branches", [
+    ((1, 1, 2, 16), SMALL), ((2, 37, 4, 8), SMALL), ((1, 170, 3, 20), SMALL), ((1, 300, 5, 16), LIN_MIL),
+    ((2, 20, 4, 48), ([64, 32], [2, 4])),  # w > N; GigaPath's dh
+])
+def test_matches_reference(mode, shape, branches):
+    """H not divisible by r, N not a multiple of any w, w > N, dh not a power of two: out, lse and grads."""
+    q, k, v = make_qkv(shape, seed=sum(shape))
+    kernel_checks.compare(with_lse(*branches, mode=mode), [q, k, v], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+def test_half_precision(mode, dtype):
+    q, k, v = make_qkv((1, 90, 4, 24), dtype=dtype, seed=3)
+    kernel_checks.compare(lambda *t: dilated_attention(*t, *SMALL, mode=mode), [q, k, v], dtype)
+
+
+def test_exact_padded_bags_with_mask():
+    q, k, v = make_qkv((3, 50, 4, 16), seed=4)
+    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask[1, 31:] = False
+    mask[2, ::7] = False
+    kernel_checks.compare(with_lse(*SMALL, mode="exact", mask=mask), [q, k, v], torch.float32)
+    out = dilated_attention(q, k, v, *SMALL, mode="exact", mask=mask)
+    assert not out[~mask].any(), "a masked position's output is 0"
+
+
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_packed_bags_equal_separate_calls(mode, backend):
+    q, k, v = make_qkv((117, 3, 16), seed=5)
+    lengths = [40, 1, 76]
+    cu_seqlens = torch.tensor([0, 40, 41, 117])
+    with milkernels.use_backend(backend):
+        packed = dilated_attention(q, k, v, *SMALL, mode=mode, cu_seqlens=cu_seqlens)
+        separate = [dilated_attention(*(t[None, s:s + n] for t in (q, k, v)), *SMALL, mode=mode)[0]
+                    for s, n in zip([0, 40, 41], lengths)]
+    torch.testing.assert_close(packed, torch.cat(separate))
+    kernel_checks.compare(with_lse(*SMALL, mode=mode, cu_seqlens=cu_seqlens), [q, k, v], torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_positions_no_branch_reaches_are_zero_with_lse_minus_inf(mode, backend):
+    """One branch of rate 4 and two heads: positions 2 and 3 of every 4 are reached by no head group."""
+    q, k, v = make_qkv((1, 33, 2, 16), seed=6)
+    with milkernels.use_backend(backend):
+        out, lse = dilated_attention(q, k, v, [8], [4], mode=mode, return_lse=True)
+        grads = torch.autograd.grad(out.square().sum(), [q, k, v])
+    reached = torch.arange(33)[:, None] % 4 == torch.arange(2)  # head h is in group h: positions h mod 4
+    assert not out[0][~reached].any() and lse[0][~reached].eq(-math.inf).all()
+    assert lse[0][reached].isfinite().all() and all(g.isfinite().all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_exact_with_one_dense_branch_is_softmax_attention(backend):
+    q, k, v = make_qkv((2, 45, 3, 16), seed=7)
+    with milkernels.use_backend(backend):
+        out = dilated_attention(q, k, v, [64], [1], mode="exact")
+    expected = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_modes_agree_without_padding_or_shared_keys(backend):
+    """One branch whose segments tile the bag: no padding, no key counted twice, so both modes are one."""
+    q, k, v = make_qkv((1, 64, 4, 16), seed=8)
+    with milkernels.use_backend(backend):
+        results = [dilated_attention(q, k, v, [16], [2], mode=mode) for mode in ("torchscale", "exact")]
+        grads = [torch.autograd.grad(out.square().sum(), [q, k, v]) for out in results]
+    torch.testing.assert_close(*results)
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_modes_differ_where_branches_share_keys():
+    """Two overlapping branches: shared keys count twice in torchscale and once in exact mode (each mode's
+    gradient against its reference is in test_matches_reference)."""
+    q, k, v = make_qkv((1, 32, 2, 16), seed=9)
+    outs = [dilated_attention(q, k, v, [16, 32], [1, 2], mode=mode) for mode in ("torchscale", "exact")]
+    assert (outs[0] - outs[1]).abs().max() > 1e-3
+
+
+def bad_input_cases():
+    q = torch.randn(2, 10, 2, 8)
+    yield "exact mode needs each dilation rate to divide", (q, q, q, [8], [3]), {"mode": "exact"}
+    yield "one length", (q, q, q, [8, 16], [1]), {}
+    yield "non-empty list", (q, q, q, [], []), {}
+    yield "int >= 1", (q, q, q, [0], [1]), {}
+    yield "int >= 1", (q, q, q, [8], [0]), {}
+    yield "int >= 1", (q, q, q, [8], [True]), {}
+    yield "mode must be one of", (q, q, q, [8], [1]), {"mode": "dense"}
+    yield "needs mode='exact'", (q, q, q, [8], [1]), {"mask": torch.ones(2, 10)}
+    yield "one shape", (q, q[:, :5], q, [8], [1]), {}
+    yield "one dtype", (q, q.double(), q, [8], [1]), {}
+    yield "dh <= 256", (torch.randn(1, 4, 1, 260),) * 3 + ([8], [1]), {}
+    yield "q must be", (torch.randn(4, 8),) * 3 + ([8], [1]), {}
+    yield "empty bag", (torch.randn(2, 0, 2, 8),) * 3 + ([8], [1]), {}
+    yield "softmax_scale", (q, q, q, [8], [1]), {"softmax_scale": 0.0}
+    yield "cu_seqlens must start", (torch.randn(10, 2, 8),) * 3 + ([8], [1]), {"cu_seqlens": torch.tensor([0, 4, 9])}
+
+
+@pytest.mark.parametrize("message, args, kwargs", list(bad_input_cases()))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input_raises_value_error(message, args, kwargs, backend):
+    with milkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+        dilated_attention(*args, **kwargs)
+
+
+def test_forced_triton_on_shifted_segments_says_why_and_auto_uses_the_reference():
+    q, k, v = make_qkv((1, 70, 6, 8), seed=10)
+    with milkernels.use_backend("triton"), pytest.raises(milkernels.BackendUnavailable, match="torchscale shifts"):
+        dilated_attention(q, k, v, [12, 20], [3, 8])
+    with milkernels.use_backend("cuda"), pytest.raises(milkernels.BackendUnavailable, match="no cuda kernel"):
+        dilated_attention(q, k, v, *SMALL)
+
+
+def saved_bytes(fn, inputs) -> int:
+    """Bytes that autograd saves for backward beyond the inputs: unique storages."""
+    inputs_storage = {t.untyped_storage().data_ptr() for t in inputs}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in inputs_storage:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(storages.values())
+
+
+def test_kernels_save_only_the_output_and_its_lse():
+    """The fused op keeps q, k, v (inputs), out and the fp32 lse; the reference keeps every branch's scores."""
+    q, k, v = make_qkv((1, 256, 4, 16), seed=11)
+    call = lambda *t: dilated_attention(*t, *LIN_MIL)  # noqa: E731
+    with milkernels.use_backend("triton"):
+        fused = saved_bytes(call, [q, k, v])
+    with milkernels.use_backend("reference"):
+        composed = saved_bytes(call, [q, k, v])
+    assert fused == q.numel() * 4 + 256 * 4 * 4
+    assert fused * 4 < composed
+
+
+@pytest.mark.parametrize("mode, masked", [("torchscale", False), ("exact", True)])
+def test_opcheck(mode, masked):
+    q, k, v = make_qkv((23, 3, 16), seed=12)
+    row_valid = torch.rand(23) > 0.3 if masked else None
+    args = [q, k, v, [0, 9, 23], [8, 16], [1, 2], row_valid, 0.25, mode]
+    torch.library.opcheck(torch.ops.milkernels.dilated_attention_forward, args)
+    with torch.no_grad():
+        out, lse = torch.ops.milkernels.dilated_attention_forward(*args)
+    detached = [t.detach() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.milkernels.dilated_attention_backward,
+                          [*detached, out, lse, torch.randn_like(out), *args[3:]])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 21:] = False
+    fn = lambda q, k, v, m: dilated_attention(q, k, v, *SMALL, mode="exact", mask=m)  # noqa: E731
+    kernel_checks.assert_compiles_without_graph_break(fn, [*make_qkv((2, 30, 2, 16), seed=13), mask], backend)
+    kernel_checks.assert_compiles_without_graph_break(lambda *t: dilated_attention(*t, *SMALL),
+                                                      make_qkv((1, 30, 2, 16), seed=14), backend)
+
+
+def test_double_backward_raises_on_triton():
+    kernel_checks.assert_double_backward_raises(lambda *t: dilated_attention(*t, *SMALL), make_qkv((1, 20, 2, 16)),
+                                                "dilated_attention")
+
+
+def test_double_backward_on_the_reference():
+    """Exact mode: true second derivatives. (Torchscale's merge weights take no gradient, so its first
+    derivative is not the derivative of a function, and no second derivative can be checked numerically.)"""
+    q, k, v = kernel_checks.as_float64(make_qkv((1, 9, 2, 4), seed=15))
+    with milkernels.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(lambda *t: dilated_attention(*t, [4, 8], [1, 2], mode="exact"), [q, k, v])
+
+
+test_compiles_for_sm90 = aot.sm90_test(kernels)
