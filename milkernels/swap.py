@@ -20,13 +20,23 @@ class with the same children but another ``forward`` stays as it is.
   ``to_qkv``, ``to_out``; it becomes a :class:`milkernels.nn.SoftmaxAttention`, whose ``forward`` still
   forms the softmax matrix it returns; only the Lin-MIL forward below takes its SDPA path.
 - Lin-MIL's model (class name ``Lin_MIL``): ``projection``, ``dropout``, a ``transformer`` ModuleList of
-  blocks (``norm1``, ``attn``, ``drop_path``, ``norm2``, ``mlp``; linear or softmax attention), ``norm``,
-  ``mlp_head``, ``pool`` 'cls' (with ``cls_token``) or 'mean'. It stays the same object: its class
-  becomes :func:`milkernels.nn.fused_lin_mil_class` of its class, a subclass whose forward
+  blocks (``norm1``, ``attn``, ``drop_path``, ``norm2``, ``mlp``; linear, softmax or dilated attention),
+  ``norm``, ``mlp_head``, ``pool`` 'cls' (with ``cls_token``) or 'mean'. It stays the same object: its
+  class becomes :func:`milkernels.nn.fused_lin_mil_class` of its class, a subclass whose forward
   (:class:`milkernels.nn.FusedLinMIL`) takes the last block's attention map from the map mode and no
   attention output from the other blocks, so no ``(B, H, N, dh)`` numerator and no softmax matrix
-  but the last block's (which the model returns) is formed. It pickles and deep-copies as such.
-  Lin-MIL's ``nystrom`` and ``dilated`` ablation blocks (and models holding them) stay as they are.
+  but the last block's (which the model returns) is formed; dilated blocks run their own forward
+  (float16 dilated attention, no map). It pickles and deep-copies as such. Lin-MIL's ``nystrom``
+  ablation blocks (and models holding them) stay as they are.
+- LongNet dilated attention (:mod:`milkernels.swap_dilated`): torchscale's ``DilatedAttention``
+  (Prov-GigaPath's slide encoder, ``forward(query, key, value, ...)``) and Lin-MIL's copy (the ``dilated``
+  ablation, ``forward(x, ...)``), recognized by a ``DilatedAttention`` class name in the MRO, the children
+  ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``dropout_module`` (``inner_attn_ln``) and an ``args``
+  with ``segment_length`` and ``dilated_ratio``; they become a :class:`milkernels.nn.DilatedAttention` /
+  :class:`milkernels.nn.LinMILDilatedAttention` sharing their children, fused on every call but those
+  (``incremental_state``, ``is_causal``, ``attn_mask``, seq-parallel gathering...) that run
+  upstream's own forward. Probed on 2 bags of a
+  few tokens, without and with a ``key_padding_mask`` (which upstream ignores), and on 1 bag of 1.
 - ``torch.nn.MultiheadAttention`` (or a subclass of it, LiteMIL's learned-query pooling among them): it
   becomes a :class:`milkernels.nn.MultiheadAttention` (a subclass sharing its Parameters and
   ``out_proj``), whose forward is fused for a few queries attending to a bag and PyTorch's otherwise.
@@ -48,8 +58,12 @@ MultiheadAttention (the fused op reads the raw parameters); a ``forward`` that d
 CLAM's ungated ``Attn_Net``; a MultiheadAttention with ``add_bias_kv``, ``add_zero_attn`` or ``kdim !=
 vdim`` (its fused path would never run); a Lin-MIL ``act`` with non-default arguments
 (``LeakyReLU(0.2)``, ``ELU(alpha=0.5)``, ``GELU('tanh')``...) or of another class; a ``Lin_MIL`` with a
-hooked submodule (its blocks' attention is still swapped), another ``pool`` or a
-``nystrom``/``dilated`` block. :func:`swap_report` lists what is fused, what is replaced but fused on
+hooked submodule (its blocks' attention is still swapped), another ``pool``, a ``nystrom`` block or a
+dilated block whose upstream attention cannot be run by the probe here (no ``flash_attn_func``, or
+``args.seq_parallel`` with several processes); a dilated attention with ``xpos``, ``dropout >
+0``, ``args.seq_parallel`` under a ``torch.distributed`` world size above 1, or whose upstream kernel
+(``flash_attn_func``) is missing here (:mod:`milkernels.swap_dilated`; hooks on its children do not count,
+it calls them). :func:`swap_report` lists what is fused, what is replaced but fused on
 some calls only (and when), and why the others stay. Hooks or parametrizations added after the swap are
 not seen by the fused op either.
 
@@ -60,6 +74,7 @@ not seen by the fused op either.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -68,14 +83,16 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils.parametrize import is_parametrized
 
+from . import swap_dilated
 from ._backends import use_backend
+from .nn.dilated_attention import DilatedAttention, LinMILDilatedAttention
 from .nn.gated_attention import GatedAttention, GatedAttentionPool, TorchmilAttentionPool, branch_dropout_p
 from .nn.linear_attention import (FusedLinMIL, LinearAttention, SoftmaxAttention, activation_problem,
                                   fused_lin_mil_class)
 from .nn.query_attention import MultiheadAttention, QueryAttention, fused_path_problem
 
 FUSED = (GatedAttention, GatedAttentionPool, TorchmilAttentionPool, LinearAttention, SoftmaxAttention, FusedLinMIL,
-         MultiheadAttention, QueryAttention)
+         MultiheadAttention, QueryAttention, LinMILDilatedAttention, DilatedAttention)
 CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                     "_load_state_dict_post_hooks")
@@ -90,7 +107,7 @@ ASMIL_CHILDREN = {"q_proj", "k_proj", "v_proj", "out_proj", "layer_norm", "dropo
 MHA_OUT_PROJ_TYPES = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 LINEAR_CHILDREN = {"qkv", "attn_drop", "proj", "proj_drop", "qk_mul", "kv_mul", "extra_mul", "act"}
 BLOCK_CHILDREN = {"norm1", "attn", "drop_path", "norm2", "mlp"}
-FUSED_BLOCK_TYPES = ("linear", "softmax")
+FUSED_BLOCK_TYPES = ("linear", "softmax", "dilated")
 PROBE_TOLERANCE = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
@@ -161,8 +178,11 @@ class Family(NamedTuple):
     """How swap treats one kind of module.
 
     ``problem(module)``: why it stays, or ``""``; ``build(module)``: the replacement that the probe
-    ``probe_calls(module)`` checks against ``contract`` (None: never swapped); ``commit(module)``: the
-    swap itself when it is not ``build`` (an in-place change, whose ``build`` is a throw-away view).
+    ``probe_calls(module)`` checks against ``contract`` (None: never swapped), inside
+    ``probe_context(module)`` if given; ``commit(module)``: the swap itself when it is not ``build`` (an
+    in-place change, whose ``build`` is a throw-away view). ``calls_children``: the replacement calls the
+    module's children as modules (their hooks and parametrizations still run), so only the module's own
+    hooks stand in the way.
     """
 
     problem: Callable
@@ -170,6 +190,8 @@ class Family(NamedTuple):
     probe_calls: Callable | None = None
     contract: str = ""
     commit: Callable | None = None
+    probe_context: Callable | None = None
+    calls_children: bool = False
 
 
 def _recognized(model: nn.Module):
@@ -178,9 +200,11 @@ def _recognized(model: nn.Module):
     for name, module in list(model.named_modules(remove_duplicate=False)):
         family = _family(module)
         if family is not None:
-            reason = family.problem(module) or _surgery_problem(module)
+            reason = family.problem(module) or _surgery_problem(module, family.calls_children)
             if not reason and family.build is not None:
-                reason = _probe_problem(module, family.build(module), family.probe_calls(module), family.contract)
+                context = family.probe_context(module) if family.probe_context else contextlib.nullcontext()
+                reason = _probe_problem(module, family.build(module), family.probe_calls(module), family.contract,
+                                        context)
             yield name, module, reason, family.commit or family.build
 
 
@@ -205,6 +229,9 @@ def _family(module: nn.Module) -> Family | None:
     if {"attend", "to_qkv", "to_out"} <= names:
         return Family(_softmax_attention_problem, SoftmaxAttention.from_module, _tokens_probe_calls("to_qkv"),
                       SOFTMAX_CONTRACT)
+    if swap_dilated.is_dilated_attention(module):
+        return Family(_dilated_problem, swap_dilated.replacement, swap_dilated.probe_calls,
+                      swap_dilated.contract(module), probe_context=swap_dilated.probe_context, calls_children=True)
     if type(module).__name__ == "Lin_MIL" and {"projection", "transformer", "mlp_head"} <= names:
         return Family(_lin_mil_problem, _lin_mil_view, _lin_mil_probe_calls, LIN_MIL_CONTRACT, _fuse_lin_mil)
     if BLOCK_CHILDREN <= names and _block_type(module) not in FUSED_BLOCK_TYPES:
@@ -253,7 +280,8 @@ def _fused_entry(module: nn.Module) -> tuple[str, str]:
         return "replaced", f"{line}; never fused: {fused_path_problem(module)}"
     when = getattr(type(module), "fused_when", "")
     if when:
-        return "replaced", f"{line}; fused only when {when}, PyTorch's path otherwise"
+        otherwise = getattr(type(module), "unfused_path", "PyTorch's path")
+        return "replaced", f"{line}; fused only when {when}, {otherwise} otherwise"
     return "fused", line
 
 
@@ -269,13 +297,16 @@ def _own_problem(module: nn.Module, allowed: tuple = ()) -> str:
     return ""
 
 
-def _surgery_problem(module: nn.Module) -> str:
+def _surgery_problem(module: nn.Module, calls_children: bool = False) -> str:
     """Why the fused op, which reads the raw parameters and calls no submodule, would bypass
-    something in ``module`` (hooks on any submodule, pruning, weight norm), else ``""``.
+    something in ``module`` (hooks on any submodule, pruning, weight norm), else ``""``; with
+    ``calls_children`` (a replacement that calls them), hooks on ``module`` itself only.
 
     State-dict hooks count on ``module`` only: its children stay, and theirs with them.
     """
     for name, sub in module.named_modules():
+        if calls_children and sub is not module:
+            continue
         where = name or "it"
         hook_kinds = CALL_HOOKS + (STATE_DICT_HOOKS if sub is module else ())
         hooked = [kind.strip("_").replace("_", " ") for kind in hook_kinds if getattr(sub, kind, None)]
@@ -395,26 +426,26 @@ def _probe_tensor(shape: tuple, like: torch.Tensor, seed: int = 0) -> torch.Tens
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(like.device, like.dtype)
 
 
-def _probe_problem(module: nn.Module, new: nn.Module, calls: list, contract: str) -> str:
+def _probe_problem(module: nn.Module, new: nn.Module, calls: list, contract: str,
+                   context=contextlib.nullcontext()) -> str:
     """Why ``module`` and its replacement ``new`` disagree on the probe ``calls``, or ``""``.
 
-    Both run in eval mode, without grad, ``new`` on the reference backend; every training flag in
-    ``module`` (and ``new``) is restored afterwards.
+    Both run in eval mode, without grad, inside ``context``, ``new`` on the reference backend; every
+    training flag in ``module`` (and ``new``) is restored afterwards.
     """
-    weight = next(new.parameters())
-    if weight.is_meta:
+    if any(p.is_meta for p in new.parameters()):
         return "its parameters are on the meta device, so its forward cannot be checked"
     flags = [(m, m.training) for m in (*module.modules(), new)]
     try:
         module.eval()
         new.eval()
-        with torch.no_grad(), use_backend("reference"):
+        with torch.no_grad(), use_backend("reference"), context:
             for args, kwargs in calls:
                 try:
                     got = module(*args, **kwargs)
                 except Exception as exc:  # any failure of a foreign forward means: leave it alone
                     return f"its forward raised {type(exc).__name__} on a probe input: {exc}"
-                if not _same_outputs(got, new(*args, **kwargs), PROBE_TOLERANCE.get(weight.dtype, 1e-2)):
+                if not _same_outputs(got, new(*args, **kwargs)):
                     return f"forward differs from {contract} on a probe input"
     finally:
         for m, training in flags:
@@ -422,13 +453,17 @@ def _probe_problem(module: nn.Module, new: nn.Module, calls: list, contract: str
     return ""
 
 
-def _same_outputs(got, want, tol: float) -> bool:
-    """Whether ``got`` has the structure of ``want`` (a tensor, or a tuple of them) and its values within ``tol``."""
+def _same_outputs(got, want) -> bool:
+    """Whether ``got`` has the structure of ``want`` (a tensor, None, or a tuple of them) and its values
+    within the ``PROBE_TOLERANCE`` of their dtype."""
     if isinstance(want, torch.Tensor):
+        tol = PROBE_TOLERANCE.get(want.dtype, 1e-2)
         return (isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype
                 and torch.allclose(got, want, rtol=tol, atol=tol, equal_nan=True))
+    if want is None:
+        return got is None
     return (type(got) is type(want) and len(got) == len(want)
-            and all(_same_outputs(g, w, tol) for g, w in zip(got, want)))
+            and all(_same_outputs(g, w) for g, w in zip(got, want)))
 
 
 def _is_clam_ungated(sequence: nn.Module) -> bool:
@@ -498,6 +533,12 @@ def _softmax_attention_problem(module: nn.Module) -> str:
     return _own_problem(module)
 
 
+def _dilated_problem(module: nn.Module) -> str:
+    """Why a recognized dilated attention module stays as it is (:func:`swap_dilated.problem`, then
+    parameters or buffers of its own), or ``""``."""
+    return swap_dilated.problem(module) or _own_problem(module)
+
+
 def _block_type(block: nn.Module) -> str:
     """A Lin-MIL block's attention: its ``attention_type`` (ablation blocks), else ``"linear"``."""
     return getattr(block, "attention_type", "linear")
@@ -505,7 +546,7 @@ def _block_type(block: nn.Module) -> str:
 
 def _block_type_problem(block: nn.Module) -> str:
     return (f"attention_type={_block_type(block)!r}: milkernels has no fused kernel for it "
-            f"(only {' and '.join(map(repr, FUSED_BLOCK_TYPES))} blocks are fused)")
+            f"(only {', '.join(map(repr, FUSED_BLOCK_TYPES))} blocks are)")
 
 
 def _lin_mil_problem(module: nn.Module) -> str:
@@ -526,6 +567,10 @@ def _lin_mil_problem(module: nn.Module) -> str:
             return f"transformer.{index} is not a Lin-MIL block (children {sorted(BLOCK_CHILDREN)})"
         if _block_type(block) not in FUSED_BLOCK_TYPES:
             return f"transformer.{index} has {_block_type_problem(block)}"
+        if _block_type(block) == "dilated" and not isinstance(block.attn, FUSED):
+            problem = swap_dilated.unprobed_problem(block.attn)
+            if problem:
+                return f"transformer.{index}.attn: {problem}"
     return _own_problem(module, ("cls_token",) if pool == "cls" else ())
 
 

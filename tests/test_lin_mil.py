@@ -357,7 +357,10 @@ def _ablation(attention):
     return build(attention=attention, dim=64, heads=4)
 
 
-def test_idempotent_and_report(capsys):
+def test_idempotent_and_report(capsys, monkeypatch):
+    """The dilated model stays: lin-mil's flash_attn_func is None here (it is on CPU), so neither its attention
+    nor the model can run (tests/test_dilated_attention_nn.py swaps them with a stand-in kernel)."""
+    monkeypatch.setattr(importlib.import_module("lin_mil.attention.dilated_attention"), "flash_attn_func", None)
     torch.manual_seed(0)
     model = nn.ModuleDict(dict(
         linear=build(), softmax=_ablation("softmax"), nystrom=_ablation("nystrom"), dilated=_ablation("dilated"),
@@ -366,8 +369,8 @@ def test_idempotent_and_report(capsys):
     attns = {f"{m}.{b}.attn" for m in ("linear", "softmax") for b in blocks}
     report = swap_report(model)
     assert report.fused == {} and set(report.swappable) == {"linear", "softmax", "relu"} | attns
-    assert set(report.skipped) == {"nystrom", "dilated", "leaky"} | {f"{m}.{b}" for m in ("nystrom", "dilated")
-                                                                    for b in blocks}
+    assert set(report.skipped) == ({"nystrom", "dilated", "leaky"} | {f"nystrom.{b}" for b in blocks}
+                                   | {f"dilated.{b}.attn" for b in blocks})
     milkernels.swap(model, verbose=True)
     printed = capsys.readouterr().out
     modules = dict(model.named_modules())
@@ -380,7 +383,7 @@ def test_idempotent_and_report(capsys):
                                                           "milkernels.nn.SoftmaxAttention")
     assert report.fused["relu"].endswith("LinearAttention -> milkernels.nn.LinearAttention")
     assert "attention_type='nystrom'" in report.skipped["nystrom.transformer.0"]
-    assert "transformer.0 has attention_type='dilated'" in report.skipped["dilated"]
+    assert "transformer.0.attn: flash_attn_func is None" in report.skipped["dilated"]
     assert "LeakyReLU(negative_slope=0.2)" in report.skipped["leaky"]
     assert "7 fused, 0 swappable, 7 skipped" in printed
 

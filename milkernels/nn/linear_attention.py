@@ -250,7 +250,10 @@ def _block_attention(attn: nn.Module, y: torch.Tensor, want_map: bool):
 
 def _run_block(block: nn.Module, x: torch.Tensor, want_map: bool):
     """Lin-MIL's ``LinearTransformerBlock`` (and linear/softmax ablation block) forward, with the map in
-    place of the block's attention output: ``(x: (B, N, C), map: (B, N) or None)``."""
+    place of the block's attention output: ``(x: (B, N, C), map: (B, N) or None)``. A dilated ablation block
+    runs its own forward (its attention in float16, no map), whatever its ``attn`` is."""
+    if getattr(block, "attention_type", None) == "dilated":
+        return block(x)
     y, attention_map = _block_attention(block.attn, block.norm1(x), want_map)
     x = x + block.drop_path(y)
     x = x + block.drop_path(block.mlp(block.norm2(x)))

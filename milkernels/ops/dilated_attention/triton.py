@@ -37,14 +37,18 @@ from .._blocks import dot_flags, new_buffer
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def block_size(head_dim: int) -> int:
-    """Rows (and keys) per program: 64 up to dh = 64, else 32 (the tiles hold dh-wide rows)."""
-    return 64 if padded_head_dim(head_dim) <= 64 else 32
+def block_size(head_dim: int, segments, rates, longest_bag: int) -> int:
+    """Rows (or keys) per program, congruent modulo R = lcm(rates): 64 when dh pads to at most 64 and a
+    block of 64 such rows (64 R positions) fits in every branch's segment ``min(w, N)``, else 32, so that
+    short segments waste fewer score tiles on pairs from different segments."""
+    period = math.lcm(*rates)
+    shortest = min(min(w, longest_bag) for w in segments)
+    return 64 if padded_head_dim(head_dim) <= 64 and shortest >= 64 * period else 32
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """The head dim as a tile width: the next power of two, at least 16."""
-    return max(16, triton.next_power_of_2(head_dim))
+    """The head dim as a tile width: the next power of two, at least 32."""
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 def unsupported_branches(bounds, segments, rates, mode: str) -> list[str]:
@@ -311,7 +315,7 @@ class Plan:
     def __init__(self, q, bounds, segments, rates, mode: str, row_valid):
         self.rows, self.heads, self.head_dim = q.shape
         self.period = math.lcm(*rates)
-        self.block = block_size(self.head_dim)
+        self.block = block_size(self.head_dim, segments, rates, max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
         self.blocks = residue_blocks(bounds, self.period, self.block, q.device)
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device) for values in (segments, rates)]
         self.row_valid = row_valid
@@ -349,7 +353,8 @@ def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
     return d_q, d_k, d_v
 
 
-_AOT_SHAPES = ((16, 48), (8, 32), (8, 128), (4, 256))  # (H, dh): GigaPath's, and head dims padded to 32, 128, 256
+_AOT_SHAPES = ((16, 48, 64), (16, 48, 32), (8, 32, 64), (8, 32, 32), (8, 128, 32), (4, 256, 32))
+"""(H, dh, rows per program): GigaPath's, and every head-dim tile (32, 64, 128, 256) with each block it takes."""
 _AOT_MODES = ((False, False), (True, False), (True, True))  # (EXACT, HAS_MASK): torchscale takes no mask
 
 
@@ -357,15 +362,16 @@ def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
-    dtypes, head dims padded to 32, 64, 128 and 256, torchscale mode and exact mode with and without a
-    mask; ``aligned`` names H and dh where the example shape has them as multiples of 16.
+    dtypes, head dims padded to 32, 64, 128 and 256 with each block size they take, torchscale mode and
+    exact mode with and without a mask; ``aligned`` names H and dh where the example shape has them as
+    multiples of 16.
     """
     for dtype, ptr in _POINTER_TYPES.items():
-        for heads, head_dim in _AOT_SHAPES:
+        for heads, head_dim, block in _AOT_SHAPES:
             aligned = tuple(name for name, size in (("H", heads), ("dh", head_dim)) if size % 16 == 0)
             for exact, has_mask in _AOT_MODES:
-                flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block_size(head_dim),
-                             BLOCK_DH=padded_head_dim(head_dim), **dot_flags(dtype, interpreted=False))
+                flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block, BLOCK_DH=padded_head_dim(head_dim),
+                             **dot_flags(dtype, interpreted=False))
                 blocks = dict(start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
                               segment_ptr="*i32", rate_ptr="*i32")
                 sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
