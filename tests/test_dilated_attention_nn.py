@@ -223,8 +223,6 @@ def test_gigapath_shaped_module_matches_its_composition(case, length):
     """A torchscale-structured module (Linear projections, subln LayerNorm, dim 48, 4 heads, w [8, 16, 32] x
     r [1, 2, 4]) and milkernels' DilatedAttention made from it, called as Prov-GigaPath's encoder layer calls
     it (keyword query = key = value and an all-False key_padding_mask)."""
-    if case.backend == "triton" and length > 64:
-        pytest.skip("the interpreter is slow; the reference case covers N = 100")
     original = gigapath_attention(case.dtype)
     fused = DilatedAttention.from_module(original)
     x = tokens(2, length, 48, case.dtype)
