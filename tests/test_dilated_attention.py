@@ -182,6 +182,11 @@ def test_forced_triton_on_shifted_segments_says_why_and_auto_uses_the_reference(
         dilated_attention(q, k, v, [12, 20], [3, 8])
     with milkernels.use_backend("cuda"), pytest.raises(milkernels.BackendUnavailable, match="no cuda kernel"):
         dilated_attention(q, k, v, *SMALL)
+    wide = [t.detach().half() for t in make_qkv((1, 20, 2, 80), seed=10)]
+    with milkernels.use_backend("triton"), pytest.raises(milkernels.BackendUnavailable, match="takes dh <= 64"):
+        dilated_attention(*wide, *SMALL, mode="exact")
+    with milkernels.use_backend("auto"):
+        assert dilated_attention(q, k, v, [12, 20], [3, 8]).shape == q.shape  # CPU tensors: the reference
 
 
 def saved_bytes(fn, inputs) -> int:

@@ -78,9 +78,9 @@ def _reasons(backend: str, q: torch.Tensor, bounds, segments, rates, mode) -> li
     reasons = _backends.kernel_reasons(backend, q)
     if backend == "cuda":
         return reasons + ["no cuda kernel for dilated attention (the triton one runs on CUDA tensors)"]
-    from .triton import unsupported_branches
+    from .triton import unsupported_branches, unsupported_shape
 
-    return reasons + unsupported_branches(bounds, segments, rates, mode)
+    return reasons + unsupported_shape(q.shape[-1], q.dtype, mode) + unsupported_branches(bounds, segments, rates, mode)
 
 
 def _plan(q, bounds, segments, rates, mode, row_valid):

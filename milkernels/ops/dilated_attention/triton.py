@@ -37,13 +37,17 @@ from .._blocks import dot_flags, new_buffer
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def block_size(head_dim: int, segments, rates, longest_bag: int) -> int:
-    """Rows (or keys) per program, congruent modulo R = lcm(rates): 64 when dh pads to at most 64 and a
-    block of 64 such rows (64 R positions) fits in every branch's segment ``min(w, N)``, else 32, so that
-    short segments waste fewer score tiles on pairs from different segments."""
-    period = math.lcm(*rates)
+def block_size(head_dim: int, segments, rates, longest_bag: int, mode: str) -> int:
+    """Rows (or keys) per program, congruent modulo R = lcm(rates): 32 when dh pads to more than 64. Else
+    exact mode takes 64 (its 32-row kernels spill on sm_90), and torchscale mode 64 when a block of 64 such
+    rows (64 R positions) fits in every branch's segment ``min(w, N)``, else 32, so short segments waste
+    fewer score tiles on pairs from different segments."""
+    if padded_head_dim(head_dim) > 64:
+        return 32
+    if mode == "exact":
+        return 64
     shortest = min(min(w, longest_bag) for w in segments)
-    return 64 if padded_head_dim(head_dim) <= 64 and shortest >= 64 * period else 32
+    return 64 if shortest >= 64 * math.lcm(*rates) else 32
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -60,6 +64,14 @@ def unsupported_branches(bounds, segments, rates, mode: str) -> list[str]:
     return [f"branch (w={w}, r={r}): r does not divide w and a bag of {longest} > w rows has several segments, "
             "whose rows torchscale shifts (only the reference reproduces that)"
             for w, r in zip(segments, rates) if w % r and longest > w]
+
+
+def unsupported_shape(head_dim: int, dtype, mode: str) -> list[str]:
+    """Why no kernel is shipped for this head size, dtype and mode: exact mode's fp16/bf16 kernels for head
+    dims above 64 (their 64-row tiles take too many registers, and the 32-row ones spill on sm_90)."""
+    if mode == "exact" and dtype in (torch.float16, torch.bfloat16) and padded_head_dim(head_dim) > 64:
+        return [f"exact mode in {dtype} takes dh <= 64 on the kernels (dh={head_dim}: its sm_90 compile spills)"]
+    return []
 
 
 @triton.jit
@@ -114,13 +126,28 @@ def _zero_keys(positions, length, sl, r, g, lsp):
 
 @triton.jit
 def _counted_before(i, query_pos, key_pos, segment_ptr, rate_ptr, head, H):
-    """``[M, N]`` bool: the key already reaches the query through an earlier branch ``j < i`` (exact mode)."""
+    """``[N, M]`` bool for keys ``key_pos [N, 1]`` and queries ``query_pos [1, M]``: the key already reaches
+    the query through an earlier branch ``j < i`` (exact mode)."""
     seen = (query_pos < 0) | (key_pos < 0)  # all False, in the broadcast shape
     for j in range(0, i):
         w = tl.load(segment_ptr + j)
         r = tl.load(rate_ptr + j)
         g = head // tl.cdiv(H, r)
         seen |= (query_pos % r == g) & (key_pos % r == g) & (query_pos // w == key_pos // w)
+    return seen
+
+
+@triton.jit
+def _counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H):
+    """``[M, N]`` bool: key ``keys[n]`` already reaches row ``rows[m]`` through an earlier branch (exact mode).
+    The rows share their residue modulo R, so whether branch ``j`` covers them is one scalar test."""
+    seen = (rows[:, None] < 0) | (keys[None, :] < 0)  # all False, in the broadcast shape
+    for j in range(0, i):
+        w = tl.load(segment_ptr + j)
+        r = tl.load(rate_ptr + j)
+        g = head // tl.cdiv(H, r)
+        if residue % r == g:
+            seen |= ((rows // w)[:, None] == (keys // w)[None, :]) & (keys % r == g)[None, :]
     return seen
 
 
@@ -180,7 +207,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr,
                 scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
                 allowed = (row_segment[:, None] == key_segment[None, :]) & key_ok[None, :] & row_ok[:, None]
                 if EXACT:
-                    allowed &= ~_counted_before(i, rows[:, None], keys[None, :], segment_ptr, rate_ptr, head, H)
+                    allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
                 scores = tl.where(allowed, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -236,7 +263,7 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
                 scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
                 allowed = (row_segment[:, None] == key_segment[None, :]) & key_ok[None, :] & live[:, None]
                 if EXACT:
-                    allowed &= ~_counted_before(i, rows[:, None], keys[None, :], segment_ptr, rate_ptr, head, H)
+                    allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
                 p = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
                 d_p = _mm(d_out, tl.trans(v), q_ptr, DOT_FP32, FP32_PRECISION)
                 if EXACT:
@@ -309,18 +336,25 @@ def residue_blocks(bounds, period: int, block: int, device) -> list[torch.Tensor
     return list(torch.tensor(entries, dtype=torch.int32).t().contiguous().to(device))
 
 
+def num_warps(block: int, block_dh: int) -> int:
+    """8 warps for 64-row tiles and 256-wide heads (at 4 they spill on sm_90 in fp16/bf16), else 4 (at 8 ptxas
+    caps a thread at 128 registers, and the 32-row exact-mode kernels then spill)."""
+    return 8 if block == 64 or block_dh == 256 else 4
+
+
 class Plan:
     """What every launch of one call shares: the blocks, the branches on the device and the constexprs."""
 
     def __init__(self, q, bounds, segments, rates, mode: str, row_valid):
         self.rows, self.heads, self.head_dim = q.shape
         self.period = math.lcm(*rates)
-        self.block = block_size(self.head_dim, segments, rates, max(b - a for a, b in zip(bounds[:-1], bounds[1:])))
+        self.block = block_size(self.head_dim, segments, rates, max(b - a for a, b in zip(bounds[:-1], bounds[1:])), mode)
         self.blocks = residue_blocks(bounds, self.period, self.block, q.device)
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device) for values in (segments, rates)]
         self.row_valid = row_valid
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block,
-                          BLOCK_DH=padded_head_dim(self.head_dim), **dot_flags(q.dtype, triton_interpreted()))
+                          BLOCK_DH=padded_head_dim(self.head_dim), **dot_flags(q.dtype, triton_interpreted()),
+                          num_warps=num_warps(self.block, padded_head_dim(self.head_dim)))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -358,26 +392,36 @@ _AOT_SHAPES = ((16, 48, 64), (16, 48, 32), (8, 32, 64), (8, 32, 32), (8, 128, 32
 _AOT_MODES = ((False, False), (True, False), (True, True))  # (EXACT, HAS_MASK): torchscale takes no mask
 
 
+def _launched(dtype, head_dim: int, block: int, exact: bool) -> bool:
+    """Whether the dispatcher launches this combination (see :func:`block_size`, :func:`unsupported_shape`)."""
+    if not exact:
+        return True
+    return block == (32 if padded_head_dim(head_dim) > 64 else 64) and not unsupported_shape(head_dim, dtype, "exact")
+
+
 def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, head dims padded to 32, 64, 128 and 256 with each block size they take, torchscale mode and
-    exact mode with and without a mask; ``aligned`` names H and dh where the example shape has them as
-    multiples of 16.
+    exact mode with and without a mask (where :func:`_launched`); ``aligned`` names H and dh where the
+    example shape has them as multiples of 16.
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for heads, head_dim, block in _AOT_SHAPES:
             aligned = tuple(name for name, size in (("H", heads), ("dh", head_dim)) if size % 16 == 0)
             for exact, has_mask in _AOT_MODES:
+                if not _launched(dtype, head_dim, block, exact):
+                    continue
                 flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block, BLOCK_DH=padded_head_dim(head_dim),
                              **dot_flags(dtype, interpreted=False))
+                warps = num_warps(block, flags["BLOCK_DH"])
                 blocks = dict(start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
                               segment_ptr="*i32", rate_ptr="*i32")
                 sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
                 rows = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, valid_ptr="*i1" if has_mask else ptr)
-                yield (_forward_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", **blocks, **sizes), flags, 4, aligned)
+                yield (_forward_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", **blocks, **sizes), flags, warps, aligned)
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
-                                                delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, 4, aligned)
+                                                delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
                 yield (_key_grad_kernel, dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_k_ptr=ptr,
-                                              d_v_ptr=ptr, **blocks, T="i32", **sizes), flags, 4, aligned)
+                                              d_v_ptr=ptr, **blocks, T="i32", **sizes), flags, warps, aligned)
