@@ -11,8 +11,8 @@
 # Environment: PYTHON (default python3); STEPS, the steps to run (default "install tests sweep
 # complexity"; a 10-minute device call fits "install tests", then "install sweep" and then
 # "install complexity" on the warm machine); TEST_TIMEOUT and BENCH_TIMEOUT in seconds (default 180
-# each), COMPLEXITY_TIMEOUT (default 420: the complexity run's worst case at its default budget is
-# about 9 mechanisms x 8 sizes x 5 s = 6 minutes); 0 = none. A step past its limit gets SIGINT and
+# each), COMPLEXITY_TIMEOUT (default 450: the complexity run's worst case at its default budget is
+# about 11 mechanisms x 8 sizes x 5 s = 440 s); 0 = none. A step past its limit gets SIGINT and
 # writes what it measured (the complexity run writes its tables after every point anyway);
 # MILKERNELS_GIT_SHA (recorded when the tree has no .git, e.g. a copy sent to a device machine).
 set -u
@@ -115,7 +115,7 @@ sys.exit(pytest.main(["tests", "-q", "-m", "not aot"]))' 2>&1 | tee "$res/tests.
     if wants complexity; then
         echo "== $PY -m milkernels.bench complexity --out $res/complexity"
         # main() with SIGINT restored, as for the tests, so a timed-out run writes its rows and exits
-        limit "${COMPLEXITY_TIMEOUT:-420}" env PYTHONUNBUFFERED=1 "$PY" -c 'import signal, sys
+        limit "${COMPLEXITY_TIMEOUT:-450}" env PYTHONUNBUFFERED=1 "$PY" -c 'import signal, sys
 from milkernels.bench.__main__ import main
 signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.exit(main(sys.argv[1:]))' complexity --out "$res/complexity"

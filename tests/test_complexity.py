@@ -46,7 +46,7 @@ def _fake(monkeypatch, name, forward):
 
 
 def test_tiny_sweep_writes_csv_json_png_and_md(tmp_path):
-    mechanisms = ("softmax_sdpa_math", "linear_reference", "dilated")
+    mechanisms = ("softmax_sdpa_math", "linear_reference", "dilated_torchscale")
     code = main(["complexity", "--mechanisms", ",".join(mechanisms), "--sizes", "32,64,128", "--dims", "C=32,H=4",
                  "--repeats", "2", "--warmup", "0", "--fit-min-n", "32", "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0
@@ -60,14 +60,12 @@ def test_tiny_sweep_writes_csv_json_png_and_md(tmp_path):
     rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
     assert list(rows[0]) == list(COLUMNS) and len(rows) == 3 * 3
     status = {(r["mechanism"], int(r["n"])): r["status"] for r in rows}
-    assert all(status[name, n] == "ok" for name in mechanisms[:2] for n in (32, 64, 128))
-    assert all(status["dilated", n] == "skipped" for n in (32, 64, 128))
+    assert all(status[name, n] == "ok" for name in mechanisms for n in (32, 64, 128))
     fitted = {fit["mechanism"]: fit for fit in result["fits"]}
     assert list(result["fits"][0]) == list(FIT_COLUMNS) and set(fitted) == set(mechanisms)
-    for name in mechanisms[:2]:
+    for name in mechanisms:
         assert fitted[name]["fit_points"] == 3 and fitted[name]["fit_min_n"] == 32
         assert isinstance(fitted[name]["latency_exponent"], float) and fitted[name]["memory_exponent"] is None
-    assert fitted["dilated"]["stop"] == "skipped: not implemented yet (the dilated attention issue)"
     assert (tmp_path / "complexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (tmp_path / "complexity.md").read_text()
     assert "| mechanism | N=32 | N=64 | N=128 | time exp | mem exp | stop / skip |" in markdown
@@ -243,12 +241,11 @@ def test_unavailable_mechanisms_are_skipped_with_reasons(monkeypatch):
     def unavailable(dims, dtype, device):
         raise BackendUnavailable("needs a GPU")
     monkeypatch.setitem(complexity.MECHANISMS, "fake_absent", Mechanism("fake_absent", "fake", unavailable))
-    names = ["fake_absent", "dilated", "softmax_flash_attn", "softmax_xformers"]
+    names = ["fake_absent", "softmax_flash_attn", "softmax_xformers"]
     rows = complexity.run_complexity(_config(names, (8, 16)), progress=lambda text: None)
     reason = {(r["mechanism"], r["n"]): (r["status"], r["reason"]) for r in rows}
     for n in (8, 16):
         assert reason["fake_absent", n] == ("skipped", "needs a GPU")
-        assert reason["dilated", n] == ("skipped", "not implemented yet (the dilated attention issue)")
         for name, module in (("softmax_flash_attn", "flash_attn"), ("softmax_xformers", "xformers")):
             if importlib.util.find_spec(module) is None:
                 assert reason[name, n][0] == "skipped" and "is not installed" in reason[name, n][1]
@@ -298,8 +295,7 @@ def test_gpu_defaults_fit_two_points_past_the_fit_start_and_the_gpu_script_time_
     cfg = complexity_config(build_parser().parse_args(["complexity", "--device", "cuda"]))
     assert cfg.sizes == (1024, 4096, 8192, 16384, 32768, 65536, 262144, 1048576)
     assert len([n for n in cfg.sizes if cfg.fit_min_n <= n < 65536]) >= 2  # for softmax that runs out of memory at 64k
-    runnable = [name for name in cfg.mechanisms if name != "dilated"]
-    worst_s = len(runnable) * len(cfg.sizes) * cfg.budget_s  # each point takes about the budget at most
+    worst_s = len(cfg.mechanisms) * len(cfg.sizes) * cfg.budget_s  # each point takes about the budget at most
     limit_s = int(re.search(r"COMPLEXITY_TIMEOUT:-(\d+)", GPU_SH.read_text()).group(1))
     assert worst_s <= limit_s <= 8 * 60 and cfg.budget_s == COMPLEXITY_GPU["budget_s"]
 

@@ -28,8 +28,8 @@ GPU_SIZES = (1024, 4096, 16384, 65536, 100000, 262144, 1048576)
 CPU_SIZES = (1024, 4096, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SUBCOMMANDS = ("sweep", "complexity")
-# GPU budget: a point takes about the budget at most, so a run takes at most about 9 mechanisms that can run
-# (dilated is a slot) x 8 sizes x 5 s = 6 minutes; benchmarks/gpu.sh gives it 7 (COMPLEXITY_TIMEOUT)
+# GPU budget: a point takes about the budget at most, so a run takes at most about 11 mechanisms x 8 sizes x 5 s
+# = 440 s; benchmarks/gpu.sh gives it 450 (COMPLEXITY_TIMEOUT)
 COMPLEXITY_GPU = {"sizes": (1024, 4096, 8192, 16384, 32768, 65536, 262144, 1048576), "dims": {"C": 512, "H": 8},
                   "repeats": 10, "warmup": 3, "budget_s": 5.0, "fit_min_n": 16384}
 COMPLEXITY_CPU = {"sizes": (256, 512, 1024, 2048, 4096), "dims": {"C": 256, "H": 8}, "repeats": 3, "warmup": 1,

@@ -22,8 +22,10 @@ keeps what it measured; a KeyboardInterrupt (Ctrl-C, ``timeout --signal=INT``) e
 Mechanisms (:data:`MECHANISMS`, :func:`register_mechanism`, run in this order by default): linear
 attention (the milkernels kernels, the milkernels reference, Lin-MIL's eager layer) first, so a run
 cut short still has them; softmax attention under each SDPA backend, flash-attn and xformers;
-Nystrom (the ``nystrom-attention`` package as Lin-MIL and TransMIL use it); dilated attention (a
-slot, not implemented yet). One that cannot run here is ``skipped`` with the reason.
+Nystrom (the ``nystrom-attention`` package as Lin-MIL and TransMIL use it); dilated attention (LongNet,
+torchscale's ``DilatedAttention``: milkernels' op and the torchscale-style composition of
+:func:`.dilated_attention.torchscale_attention`, over the branches :data:`DILATED_BRANCHES`). One that
+cannot run here is ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backends import BackendUnavailable, use_backend
+from ..ops import dilated_attention
+from .dilated_attention import torchscale_attention
 from .linear_attention import core as linear_core, first_output, lin_mil_module
 from .registry import Skip, first_line
 from .sweep import fwd_bwd_step
@@ -49,6 +53,9 @@ COLUMNS = ("mechanism", "family", "n", "dims", "dtype", "status", "reason", "med
 FIT_COLUMNS = ("mechanism", "family", "latency_exponent", "memory_exponent", "fit_min_n", "fit_max_n",
                "fit_points", "stop")
 OOM_TEXT = ("out of memory", "can't allocate memory")
+# the dilated layers' (segment lengths, dilation rates) on a GPU and, scaled down to its sizes, on a CPU: LongNet's
+# geometric ladder, segments doubling as the rates do, so the longest branch costs the least per query
+DILATED_BRANCHES = {"cuda": ((2048, 4096, 8192, 16384), (1, 2, 4, 8)), "cpu": ((128, 256, 512, 1024), (1, 2, 4, 8))}
 
 
 @dataclass(frozen=True)
@@ -203,9 +210,22 @@ def make_lin_mil(dims, dtype, device):
     return lambda x: first_output(module(x))
 
 
-def make_dilated(dims, dtype, device):
-    """A slot for dilated attention, which milkernels does not have yet."""
-    raise Skip("not implemented yet (the dilated attention issue)")
+def make_dilated(backend: str | None) -> Callable:
+    """A maker of the dilated attention layer over :data:`DILATED_BRANCHES` for the device: milkernels' op
+    under ``backend``, or with ``None`` the torchscale-style composition in PyTorch."""
+
+    def make(dims, dtype, device):
+        segments, rates = DILATED_BRANCHES["cuda" if device.type == "cuda" else "cpu"]
+
+        def attend(q, k, v):
+            if backend is None:
+                return torchscale_attention(q, k, v, segments, rates)
+            with use_backend(backend):
+                return dilated_attention(q, k, v, list(segments), list(rates))
+
+        return projected(dims, SplitHeads(dims["H"], attend, heads_first=False), dtype, device)
+
+    return make
 
 
 for _mechanism in (
@@ -218,7 +238,8 @@ for _mechanism in (
     Mechanism("softmax_flash_attn", "softmax", make_flash_attn),
     Mechanism("softmax_xformers", "softmax", make_xformers),
     Mechanism("nystrom", "nystrom", make_nystrom),
-    Mechanism("dilated", "dilated", make_dilated),
+    Mechanism("dilated_milkernels", "dilated", make_dilated("triton")),
+    Mechanism("dilated_torchscale", "dilated", make_dilated(None)),
 ):
     register_mechanism(_mechanism)
 

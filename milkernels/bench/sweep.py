@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._backends import BackendUnavailable, use_backend
@@ -161,10 +162,24 @@ def _as_tuple(outputs) -> tuple:
 
 
 def grad_outputs(op: registry.Op, inputs: tuple) -> list[torch.Tensor]:
-    """Random gradients, one per floating output of the op, shaped as the eager reference's outputs."""
-    with torch.no_grad(), use_backend("reference"):
-        outputs = _as_tuple(op.call(*inputs))
-    return [torch.randn_like(out) for out in outputs if out.is_floating_point()]
+    """Random gradients, one per floating output of the op, shaped as the reference's outputs. The shapes come
+    from fake tensors where the op runs on them (a real reference run may not fit in memory where the op
+    does), else from a real reference run (an op that builds modules inside)."""
+    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+    return [torch.randn(shape, dtype=dtype, device=device) for shape, dtype in _output_shapes(op, inputs)]
+
+
+def _output_shapes(op: registry.Op, inputs: tuple) -> list:
+    """``(shape, dtype)`` of each floating output of ``op.call(*inputs)`` on the reference backend."""
+    mode = FakeTensorMode()
+    try:
+        fake_inputs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs]
+        with mode, torch.no_grad(), use_backend("reference"):
+            outputs = _as_tuple(op.call(*fake_inputs))
+    except RuntimeError:  # fake tensors cannot build a module's parameters: run it for real
+        with torch.no_grad(), use_backend("reference"):
+            outputs = _as_tuple(op.call(*inputs))
+    return [(out.shape, out.dtype) for out in outputs if out.is_floating_point()]
 
 
 def forward_step(fn, inputs: tuple):

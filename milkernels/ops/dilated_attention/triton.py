@@ -175,6 +175,24 @@ def _row_valid(valid_ptr, rows, ok, start, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, rows_ok, q, q_ptr, k_ptr, v_ptr, valid_ptr, segment_ptr,
+              rate_ptr, start, head, H, dh, scale, EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+              BLOCK_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """The keys ``t0 .. t0 + BLOCK`` (kept-row indices, below ``t_end``) of branch ``i`` for the block's rows:
+    ``k, v: (BLOCK, BLOCK_DH)``, the scaled scores ``q k^T: (BLOCK, BLOCK)`` and which pairs count (same
+    segment, key real and unmasked, row in ``rows_ok``; in exact mode not already given by an earlier branch)."""
+    key_segment, keys = _kept_rows(t0 + tl.arange(0, BLOCK), sl, r, g, lsp)
+    key_ok = _row_valid(valid_ptr, keys, t0 + tl.arange(0, BLOCK) < t_end, start, HAS_MASK)
+    k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+    v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+    scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+    allowed = ((rows // sl)[:, None] == key_segment[None, :]) & key_ok[None, :] & rows_ok[:, None]
+    if EXACT:
+        allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
+    return k, v, scores, allowed
+
+
+@triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr, length_ptr, residue_ptr, first_ptr,
                     segment_ptr, rate_ptr, H, dh, R, num_branches, scale,
                     EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
@@ -189,7 +207,6 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr,
     for i in range(0, num_branches):
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
         if residue % r == g:
-            row_segment = rows // sl
             if not EXACT:
                 zeros = tl.where(row_ok, _zero_keys(rows, length, sl, r, g, lsp), 0.0)
                 m_new = tl.where(zeros > 0, tl.maximum(m, 0.0), m)
@@ -199,15 +216,9 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr,
                 m = m_new
             t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
             for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
-                t = t0 + tl.arange(0, BLOCK)
-                key_segment, keys = _kept_rows(t, sl, r, g, lsp)
-                key_ok = _row_valid(valid_ptr, keys, t < t_end, start, HAS_MASK)
-                k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
-                v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
-                scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
-                allowed = (row_segment[:, None] == key_segment[None, :]) & key_ok[None, :] & row_ok[:, None]
-                if EXACT:
-                    allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
+                k, v, scores, allowed = _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, row_ok, q, q_ptr, k_ptr,
+                                                  v_ptr, valid_ptr, segment_ptr, rate_ptr, start, head, H, dh, scale,
+                                                  EXACT, HAS_MASK, BLOCK, BLOCK_DH, DOT_FP32, FP32_PRECISION)
                 scores = tl.where(allowed, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -247,7 +258,6 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
     for i in range(0, num_branches):
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
         if residue % r == g:
-            row_segment = rows // sl
             if not EXACT:
                 mass = tl.where(live, _zero_keys(rows, length, sl, r, g, lsp) * tl.exp(-lse), 0.0)
                 weighted = tl.zeros([BLOCK], tl.float32)
@@ -255,15 +265,9 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
                 b = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
             t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
             for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
-                t = t0 + tl.arange(0, BLOCK)
-                key_segment, keys = _kept_rows(t, sl, r, g, lsp)
-                key_ok = _row_valid(valid_ptr, keys, t < t_end, start, HAS_MASK)
-                k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
-                v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
-                scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
-                allowed = (row_segment[:, None] == key_segment[None, :]) & key_ok[None, :] & live[:, None]
-                if EXACT:
-                    allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
+                k, v, scores, allowed = _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, live, q, q_ptr, k_ptr,
+                                                  v_ptr, valid_ptr, segment_ptr, rate_ptr, start, head, H, dh, scale,
+                                                  EXACT, HAS_MASK, BLOCK, BLOCK_DH, DOT_FP32, FP32_PRECISION)
                 p = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
                 d_p = _mm(d_out, tl.trans(v), q_ptr, DOT_FP32, FP32_PRECISION)
                 if EXACT:
