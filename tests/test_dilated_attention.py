@@ -77,6 +77,13 @@ def test_matches_reference(mode, shape, branches):
     kernel_checks.compare(with_lse(*branches, mode=mode), [q, k, v], torch.float32)
 
 
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+def test_segment_longer_than_int32(mode):
+    """A "global" branch (w = 10**10, beyond int32) is one segment per bag, on the kernels as in the reference."""
+    q, k, v = make_qkv((2, 40, 2, 16), seed=16)
+    kernel_checks.compare(with_lse([8, 10**10], [1, 2], mode=mode), [q, k, v], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["torchscale", "exact"])
 def test_half_precision(mode, dtype):

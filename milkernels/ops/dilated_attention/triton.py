@@ -249,9 +249,10 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
     live &= lse > float("-inf")
     lse = tl.where(live, lse, 0.0)
     delta_rows = (start + rows).to(tl.int64) * H + head
+    # exact mode's D = dout . out; in torchscale mode the shift that each branch's D_i is taken relative to
+    # (close to all of them), so the bf16/fp16 products below round small differences, not large terms
+    delta = tl.sum(d_out * _load_rows(out_ptr, rows, live, start, head, H, dh, BLOCK_DH).to(tl.float32), axis=1)
     if EXACT:
-        out = _load_rows(out_ptr, rows, live, start, head, H, dh, BLOCK_DH).to(tl.float32)
-        delta = tl.sum(d_out * out, axis=1)
         tl.store(delta_ptr + delta_rows, delta, mask=row_ok)
     d_q = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
     last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
@@ -260,7 +261,7 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
         if residue % r == g:
             if not EXACT:
                 mass = tl.where(live, _zero_keys(rows, length, sl, r, g, lsp) * tl.exp(-lse), 0.0)
-                weighted = tl.zeros([BLOCK], tl.float32)
+                weighted = -delta * mass  # the zero keys' p (dP - delta), with dP = 0
                 a = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
                 b = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
             t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
@@ -270,17 +271,19 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
                                                   EXACT, HAS_MASK, BLOCK, BLOCK_DH, DOT_FP32, FP32_PRECISION)
                 p = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
                 d_p = _mm(d_out, tl.trans(v), q_ptr, DOT_FP32, FP32_PRECISION)
+                d_s = p * (d_p - delta[:, None])
                 if EXACT:
-                    d_q += _mm(p * (d_p - delta[:, None]), k, q_ptr, DOT_FP32, FP32_PRECISION)
+                    d_q += _mm(d_s, k, q_ptr, DOT_FP32, FP32_PRECISION)
                 else:
                     mass += tl.sum(p, axis=1)
-                    weighted += tl.sum(p * d_p, axis=1)
-                    a += _mm(p * d_p, k, q_ptr, DOT_FP32, FP32_PRECISION)
+                    weighted += tl.sum(d_s, axis=1)
+                    a += _mm(d_s, k, q_ptr, DOT_FP32, FP32_PRECISION)
                     b += _mm(p, k, q_ptr, DOT_FP32, FP32_PRECISION)
             if not EXACT:
-                branch_delta = tl.where(mass > 0, weighted / tl.where(mass > 0, mass, 1.0), 0.0)
-                d_q += a - branch_delta[:, None] * b
-                tl.store(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + delta_rows, branch_delta, mask=row_ok)
+                # D_i = delta + weighted / mass, and dq_i = sum p (dP - D_i) k = a - (D_i - delta) b
+                shift = tl.where(mass > 0, weighted / tl.where(mass > 0, mass, 1.0), 0.0)
+                d_q += a - shift[:, None] * b
+                tl.store(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + delta_rows, delta + shift, mask=row_ok)
     _store_rows(d_q_ptr, d_q * scale, rows, row_ok, start, head, H, dh, BLOCK_DH)
 
 
@@ -346,15 +349,25 @@ def num_warps(block: int, block_dh: int) -> int:
     return 8 if block == 64 or block_dh == 256 else 4
 
 
+def _clamped(segments, rates, longest_bag: int, mode: str) -> list[int]:
+    """The segment lengths as the kernels take them (int32): each ``w`` longer than every bag cut to one segment
+    of the longest bag, a multiple of ``r`` in exact mode; the result is the same."""
+    if mode == "exact":
+        return [min(w, r * -(-longest_bag // r)) for w, r in zip(segments, rates)]
+    return [min(w, longest_bag) for w in segments]
+
+
 class Plan:
     """What every launch of one call shares: the blocks, the branches on the device and the constexprs."""
 
     def __init__(self, q, bounds, segments, rates, mode: str, row_valid):
         self.rows, self.heads, self.head_dim = q.shape
         self.period = math.lcm(*rates)
-        self.block = block_size(self.head_dim, segments, rates, max(b - a for a, b in zip(bounds[:-1], bounds[1:])), mode)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        self.block = block_size(self.head_dim, segments, rates, longest, mode)
         self.blocks = residue_blocks(bounds, self.period, self.block, q.device)
-        self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device) for values in (segments, rates)]
+        self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
+                         for values in (_clamped(segments, rates, longest, mode), rates)]
         self.row_valid = row_valid
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block,
                           BLOCK_DH=padded_head_dim(self.head_dim), **dot_flags(q.dtype, triton_interpreted()),
