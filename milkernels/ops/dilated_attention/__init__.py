@@ -47,7 +47,7 @@ def check_branches(segment_lengths, dilation_rates, mode: str) -> tuple[tuple, t
     return segments, rates
 
 
-def _check_inputs(q, k, v, mask, cu_seqlens, mode, softmax_scale):
+def _check_inputs(q, k, v, mask, mode, softmax_scale):
     """Raise ValueError unless q, k, v are one float dtype, device and shape ``(B, N, H, dh)`` or ``(N | T, H,
     dh)`` with ``dh <= 256``, the mask fits the mode and the scale is a positive number."""
     for name, t in dict(q=q, k=k, v=v).items():
@@ -160,7 +160,7 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "
         ``(T, H)``, float32 (``-inf`` where no key is reached; ``out`` is 0 there).
     """
     segments, rates = check_branches(segment_lengths, dilation_rates, mode)
-    _check_inputs(q, k, v, mask, cu_seqlens, mode, softmax_scale)
+    _check_inputs(q, k, v, mask, mode, softmax_scale)
     q, k, v = autocast_inputs(q, k, v)
     heads, head_dim = q.shape[-2:]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5

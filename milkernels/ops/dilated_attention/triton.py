@@ -55,12 +55,17 @@ def padded_head_dim(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
+def longest_bag(bounds) -> int:
+    """The most rows of one bag, from the bag boundaries ``bounds`` (B + 1 ints)."""
+    return max(stop - start for start, stop in zip(bounds[:-1], bounds[1:]))
+
+
 def unsupported_branches(bounds, segments, rates, mode: str) -> list[str]:
     """Why the kernels cannot run these branches on bags ``bounds``: in torchscale mode, a branch whose
     rate does not divide its segment length on a bag longer than the segment."""
     if mode != "torchscale":
         return []
-    longest = max(stop - start for start, stop in zip(bounds[:-1], bounds[1:]))
+    longest = longest_bag(bounds)
     return [f"branch (w={w}, r={r}): r does not divide w and a bag of {longest} > w rows has several segments, "
             "whose rows torchscale shifts (only the reference reproduces that)"
             for w, r in zip(segments, rates) if w % r and longest > w]
@@ -104,8 +109,13 @@ def _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT: tl.constexpr):
     g = head // tl.cdiv(H, r)
     lsp = tl.cdiv(sl, r)
     last = tl.cdiv(length, sl) - 1
-    real_end = last * lsp + tl.minimum(tl.maximum(tl.cdiv(length - last * sl - g, r), 0), lsp)
-    return sl, r, g, lsp, real_end
+    return sl, r, g, lsp, last * lsp + _real_rows(last, length, sl, r, g, lsp)
+
+
+@triton.jit
+def _real_rows(segment, length, sl, r, g, lsp):
+    """How many of a segment's ``lsp`` kept rows are real positions of the bag (the rest are zero padding)."""
+    return tl.minimum(tl.maximum(tl.cdiv(length - segment * sl - g, r), 0), lsp)
 
 
 @triton.jit
@@ -120,8 +130,7 @@ def _zero_keys(positions, length, sl, r, g, lsp):
     """Per row: the zero-padded keys of its segment (torchscale counts them, score 0 and value 0)."""
     segment = positions // sl
     last = tl.cdiv(length, sl) - 1
-    real = tl.minimum(tl.maximum(tl.cdiv(length - segment * sl - g, r), 0), lsp)
-    return tl.where(segment == last, lsp - real, 0).to(tl.float32)
+    return tl.where(segment == last, lsp - _real_rows(segment, length, sl, r, g, lsp), 0).to(tl.float32)
 
 
 @triton.jit
@@ -363,15 +372,15 @@ class Plan:
     def __init__(self, q, bounds, segments, rates, mode: str, row_valid):
         self.rows, self.heads, self.head_dim = q.shape
         self.period = math.lcm(*rates)
-        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        longest = longest_bag(bounds)
         self.block = block_size(self.head_dim, segments, rates, longest, mode)
         self.blocks = residue_blocks(bounds, self.period, self.block, q.device)
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
                          for values in (_clamped(segments, rates, longest, mode), rates)]
         self.row_valid = row_valid
-        self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block,
-                          BLOCK_DH=padded_head_dim(self.head_dim), **dot_flags(q.dtype, triton_interpreted()),
-                          num_warps=num_warps(self.block, padded_head_dim(self.head_dim)))
+        block_dh = padded_head_dim(self.head_dim)
+        self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block, BLOCK_DH=block_dh,
+                          **dot_flags(q.dtype, triton_interpreted()), num_warps=num_warps(self.block, block_dh))
 
     @property
     def grid(self) -> tuple[int, int]:
