@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)" triton pybind11 h5py numpy pytest pytest-benchmark matplotlib setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)" triton pybind11 h5py numpy tqdm pytest pytest-benchmark matplotlib setuptools wheel
 	$(PY) -m pip install -q --no-deps torchmil einops lin-mil nystrom-attention
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
