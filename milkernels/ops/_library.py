@@ -6,11 +6,16 @@ inside the ops). The forward registers a fake implementation and its autograd (w
 backward op); the backward op registers an autograd formula that raises, so a second derivative
 through a kernel is a clear error instead of a silently wrong gradient. ``torch.compile`` sees each
 op as one opaque node; the backend choice and the input checks around it are plain Python it traces.
+Each op also registers a FLOP formula, so ``torch.utils.flop_counter.FlopCounterMode`` counts the kernel
+paths as it counts the reference.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 NAMESPACE = "milkernels"
 
@@ -18,6 +23,36 @@ NAMESPACE = "milkernels"
 def custom_op(name: str):
     """Decorator: a pure (non-mutating) custom op ``milkernels::name``."""
     return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())
+
+
+def flop_formula(name: str):
+    """Decorator: the formula that ``torch.utils.flop_counter.FlopCounterMode`` counts for ``milkernels::name``.
+
+    The formula takes the op's arguments, each tensor as its shape (None stays None, the rest as given), and
+    returns the matmul FLOPs that the op's plain-PyTorch reference performs for the same call: a forward op
+    the reference's forward matmuls, a backward op the reference's backward matmuls (a kernel's recompute is
+    not counted). So a model counts the same FLOPs whichever backend runs it.
+    """
+
+    def register(formula):
+        @functools.wraps(formula)
+        def without_output_shape(*args, out_shape=None, **kwargs):
+            return formula(*args, **kwargs)
+
+        register_flop_formula(getattr(getattr(torch.ops, NAMESPACE), name))(without_output_shape)
+        return formula
+
+    return register
+
+
+def no_matmul_flops(*names: str) -> None:
+    """Register a FLOP formula of 0 for each op ``milkernels::name``: ops whose reference runs no matmul."""
+
+    def no_matmul(*args):
+        return 0
+
+    for name in names:
+        flop_formula(name)(no_matmul)
 
 
 def forbid_double_backward(backward_op, public_name: str) -> None:

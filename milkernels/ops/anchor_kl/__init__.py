@@ -77,6 +77,7 @@ def _backward(ctx, grad, *d_stats):
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_backward_op, OP_NAME)
+_library.no_matmul_flops("anchor_kl_forward", "anchor_kl_backward")
 
 
 def _check(online, anchor):

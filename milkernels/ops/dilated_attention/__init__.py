@@ -139,6 +139,43 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_backward_op, OP_NAME)
 
 
+def _bag_flops(length: int, heads: int, head_dim: int, segments, rates, mode: str) -> int:
+    """The reference's forward matmuls on one bag of ``length`` rows: scores and weighted values, 2 dh each per
+    (query, key, head) pair it forms. Exact mode forms every pair (then masks); torchscale forms, per branch,
+    segment and head, the ``Lsp^2`` pairs of the kept rows, padding rows included."""
+    if mode == "exact":
+        return 4 * heads * length * length * head_dim
+    flops = 0
+    for segment, rate in zip(segments, rates):
+        span = min(segment, length)
+        kept_rows, num_segments = -(-span // rate), -(-length // span)
+        flops += 4 * num_segments * heads * kept_rows * kept_rows * head_dim
+    return flops
+
+
+def _forward_matmul_flops(q, bounds, segments, rates, mode) -> int:
+    """:func:`_bag_flops` summed over the bags of ``bounds`` for ``q: (T, H, dh)``."""
+    _, heads, head_dim = q
+    return sum(_bag_flops(stop - start, heads, head_dim, segments, rates, mode)
+               for start, stop in zip(bounds[:-1], bounds[1:]))
+
+
+@_library.flop_formula("dilated_attention_forward")
+def _forward_flops(q, k, v, bounds, segments, rates, row_valid, scale, mode):
+    """The reference's score and value products over every bag (see :func:`_bag_flops`)."""
+    return _forward_matmul_flops(q, bounds, segments, rates, mode)
+
+
+@_library.flop_formula("dilated_attention_backward")
+def _backward_flops(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid, scale, mode):
+    """Twice the forward: both gradients of each of the reference's two products.
+
+    Counts gradients for q, k and v, which the op always computes; where only some take one, the reference
+    skips some of these products, which these arguments cannot tell.
+    """
+    return 2 * _forward_matmul_flops(q, bounds, segments, rates, mode)
+
+
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "torchscale", softmax_scale=None,
                       mask=None, cu_seqlens=None, return_lse: bool = False):
     """LongNet dilated attention of ``q, k, v`` over the branches ``zip(segment_lengths, dilation_rates)``.

@@ -139,6 +139,48 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_backward_op, "gated_attention_pool and gated_attention_scores")
 
 
+def _score_flops(rows: int, features: int, hidden: int, heads: int, gated: bool) -> int:
+    """The reference's forward matmuls for the scores: the a (and b) projection and the head projection."""
+    return 2 * rows * hidden * (features * (2 if gated else 1) + heads)
+
+
+def _pools_by_matmul(bounds, row_valid) -> bool:
+    """Whether the reference pools with one matmul (one bag, no mask); several bags pool with index_add."""
+    return len(bounds) == 2 and row_valid is None
+
+
+@_library.flop_formula("gated_attention_forward")
+def _forward_flops(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, pool):
+    """The scores' matmuls, and the pooling matmul ``A^T x`` where the reference has one (one bag, no mask)."""
+    (rows, features), hidden, heads = x2d, wa[0], wc[0]
+    pooling = 2 * heads * rows * features if pool and _pools_by_matmul(bounds, row_valid) else 0
+    return _score_flops(rows, features, hidden, heads, wb is not None) + pooling
+
+
+@_library.flop_formula("gated_attention_backward")
+def _backward_flops(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, pool, scores, lse, pooled,
+                    d_pooled, d_scores, wanted):
+    """The gradients that autograd takes through the reference's matmuls for the inputs in ``wanted``.
+
+    The pooling matmul (one bag, no mask) gives d A and, if x is wanted, d x; when the scores take a gradient,
+    the head projection gives d (a * b) (when an input of a or b is wanted) and d wc, then the a and b
+    projections d x and d wa, d wb.
+    """
+    (rows, features), hidden, heads = x2d, wa[0], wc[0]
+    need_x, need_wa, need_ba, need_wb, need_bb, need_wc, _ = wanted
+    pooled_gradient = pool and d_pooled is not None
+    flops = 0
+    if pooled_gradient and _pools_by_matmul(bounds, row_valid):
+        flops += 2 * heads * rows * features * (1 + need_x)
+    if pooled_gradient or d_scores is not None:
+        through_gate = need_x or need_wa or need_ba or need_wb or need_bb
+        flops += 2 * rows * heads * hidden * (through_gate + need_wc)
+        if through_gate:
+            projection = 2 * rows * hidden * features
+            flops += projection * (need_x + need_wa) + (projection * (need_x + need_wb) if wb is not None else 0)
+    return flops
+
+
 @_library.custom_op("gated_attention_cuda_scores")
 def _cuda_scores_op(x2d: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Optional[Tensor], bb: Optional[Tensor],
                     wc: Tensor, bc: Optional[Tensor]) -> Tensor:
@@ -151,6 +193,13 @@ def _cuda_scores_op(x2d: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Optional[
 @_cuda_scores_op.register_fake
 def _(x2d, wa, ba, wb, bb, wc, bc):
     return x2d.new_empty(x2d.shape[0], wc.shape[0], dtype=torch.float32)
+
+
+@_library.flop_formula("gated_attention_cuda_scores")
+def _cuda_scores_flops(x2d, wa, ba, wb, bb, wc, bc):
+    """The reference's matmuls for the scores (the cuda backend pools outside the op, as the reference does)."""
+    (rows, features), hidden, heads = x2d, wa[0], wc[0]
+    return _score_flops(rows, features, hidden, heads, wb is not None)
 
 
 def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):

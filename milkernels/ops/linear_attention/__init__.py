@@ -97,6 +97,33 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_backward_op, OP_NAME)
 
 
+def _state_and_normalizer_flops(qkv2d, num_heads) -> tuple[int, int]:
+    """The reference's forward matmuls over all bags and heads: ``k^T v`` and ``q S`` together (2 n dh^2 each),
+    and ``q . z`` (2 n dh)."""
+    rows, channels = qkv2d[0], qkv2d[1] // 3
+    return 4 * rows * channels * (channels // num_heads), 2 * rows * channels
+
+
+@_library.flop_formula("linear_attention_forward")
+def _forward_flops(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps,
+                   want_numerator, want_map):
+    """``k^T v``, ``q S`` and ``q . z``; the reference forms the numerator and the map whether asked for or not."""
+    return sum(_state_and_normalizer_flops(qkv2d, num_heads))
+
+
+@_library.flop_formula("linear_attention_backward")
+def _backward_flops(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps, state,
+                    d_out, d_numerator, d_map):
+    """Both gradients of ``k^T v`` and ``q S`` (any output's gradient reaches them) and of ``q . z`` (out's does).
+
+    Counts a gradient for qkv, which the op always computes: where only the temperature takes one, the
+    reference differentiates ``q S`` for S alone, ``2 T C dh`` FLOPs, which these arguments cannot tell.
+    """
+    products, normalizer = _state_and_normalizer_flops(qkv2d, num_heads)
+    any_gradient = d_out is not None or d_numerator is not None or d_map is not None
+    return (2 * products if any_gradient else 0) + (2 * normalizer if d_out is not None else 0)
+
+
 def _check(qkv, num_heads, activation, temperature, denominator):
     check_float("qkv", qkv)
     if not isinstance(num_heads, int) or num_heads <= 0:

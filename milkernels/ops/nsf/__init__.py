@@ -109,6 +109,7 @@ def _backward(ctx, grad, d_row_sum):
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_backward_op, OP_NAME)
+_library.no_matmul_flops("nsf_forward", "nsf_backward")
 
 
 def nsf(scores, temperature=1.0, *, mask=None):

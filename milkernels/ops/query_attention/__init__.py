@@ -123,6 +123,33 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_backward_op, OP_NAME)
 
 
+@_library.flop_formula("folded_attention_forward")
+def _forward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed):
+    """The reference's per-bag matmuls over all rows: the scores ``x u^T`` (J columns) and the pooling ``p^T x``
+    (P columns)."""
+    rows, features = x2d
+    return 2 * rows * features * (u[1] + num_pooled)
+
+
+@_library.flop_formula("folded_attention_backward")
+def _backward_flops(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass, d_pooled,
+                    d_mass, d_z, wanted):
+    """The gradients that autograd takes through the reference's matmuls for the inputs in ``wanted`` (x, u, c).
+
+    The pooling ``p^T x`` gives d p (p depends on every input) and, if x is wanted, d x when pooled takes a
+    gradient; the scores ``x u^T`` give d x and d u, as wanted, when any output takes a gradient (pooled and
+    mass through p).
+    """
+    rows, features = x2d
+    need_x, need_u, _ = wanted
+    flops = 0
+    if d_pooled is not None:
+        flops += 2 * rows * features * num_pooled * (1 + need_x)
+    if d_pooled is not None or d_mass is not None or d_z is not None:
+        flops += 2 * rows * features * u[1] * (need_x + need_u)
+    return flops
+
+
 @_library.custom_op("folded_attention_dropout_keep")
 def _dropout_keep_op(z: Tensor, num_pooled: int, dropout_p: float, seed: Tensor) -> Tensor:
     """The boolean keep mask ``(T, P)`` that the kernels draw for the pooled columns of ``z: (T, J)``."""
@@ -134,6 +161,9 @@ def _dropout_keep_op(z: Tensor, num_pooled: int, dropout_p: float, seed: Tensor)
 @_dropout_keep_op.register_fake
 def _(z, num_pooled, dropout_p, seed):
     return z.new_empty(z.shape[0], num_pooled, dtype=torch.bool)
+
+
+_library.no_matmul_flops("folded_attention_dropout_keep")
 
 
 def _check_folded(bags: Bags, u, c, nsf_from, num_pooled, dropout_p):
