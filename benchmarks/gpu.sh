@@ -3,16 +3,17 @@
 #   1. pip install -e . (builds the CUDA extension against the machine's torch, which stays as is),
 #   2. the test suite on the GPU (MILKERNELS_TEST_GPU=1) but for the aot compiles, its exit code recorded,
 #   3. the benchmark sweep (python -m milkernels.bench), whatever the tests gave,
-#   4. the complexity comparison (python -m milkernels.bench complexity).
+#   4. the complexity comparison (python -m milkernels.bench complexity),
+#   5. the model zoo's profile on a synthetic 100k-patch bag (python -m milkernels.bench profile).
 # Results go to benchmarks/results/<UTC stamp>-<gpu>/ and, when $OUT is set, to $OUT/<stamp>-<gpu>/
 # after every step (so a run cut short still hands back what it has).
 #
 # Usage: bash benchmarks/gpu.sh [sweep options, e.g. --sizes 1k,64k,1M --no-compile]
 # Environment: PYTHON (default python3); STEPS, the steps to run (default "install tests sweep
-# complexity"; a 10-minute device call fits "install tests", then "install sweep" and then
-# "install complexity" on the warm machine); TEST_TIMEOUT and BENCH_TIMEOUT in seconds (default 180
-# each), COMPLEXITY_TIMEOUT (default 450: the complexity run's worst case at its default budget is
-# about 11 mechanisms x 8 sizes x 5 s = 440 s); 0 = none. A step past its limit gets SIGINT and
+# complexity profile"; a 10-minute device call fits "install tests", then "install sweep" and then
+# "install complexity" and "install profile" on the warm machine); TEST_TIMEOUT and BENCH_TIMEOUT in
+# seconds (default 180 each), COMPLEXITY_TIMEOUT (default 450: the complexity run's worst case at its
+# default budget is about 11 mechanisms x 8 sizes x 5 s = 440 s), PROFILE_TIMEOUT (default 300); 0 = none. A step past its limit gets SIGINT and
 # writes what it measured (the complexity run writes its tables after every point anyway);
 # MILKERNELS_GIT_SHA (recorded when the tree has no .git, e.g. a copy sent to a device machine).
 set -u
@@ -29,7 +30,7 @@ publish() {  # copy what exists so far into $OUT (the device tool returns at mos
              # the logs and tables to read at once, and everything in one tarball
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT/$stamp-$slug"
-    for f in gpu.log tests.log results.csv complexity/complexity.md complexity/complexity.png; do
+    for f in gpu.log tests.log results.csv complexity/complexity.md complexity/complexity.png profile/summary.md; do
         [ -f "$res/$f" ] && cp "$res/$f" "$OUT/$stamp-$slug/"
     done
     tar -czf "$OUT/$stamp-$slug/results.tar.gz" -C "$(dirname "$res")" "$(basename "$res")"
@@ -37,7 +38,7 @@ publish() {  # copy what exists so far into $OUT (the device tool returns at mos
 }
 
 wants() {  # is step $1 among $STEPS?
-    case " ${STEPS:-install tests sweep complexity} " in *" $1 "*) return 0 ;; *) return 1 ;; esac
+    case " ${STEPS:-install tests sweep complexity profile} " in *" $1 "*) return 0 ;; *) return 1 ;; esac
 }
 
 if [ -z "${MILKERNELS_GIT_SHA:-}" ]; then
@@ -77,7 +78,7 @@ main() {
     cat "$res/env.txt"
     publish
 
-    install_rc=skipped test_rc=skipped bench_rc=skipped complexity_rc=skipped
+    install_rc=skipped test_rc=skipped bench_rc=skipped complexity_rc=skipped profile_rc=skipped
     torch_before=$("$PY" -c 'import torch; print(torch.__version__)')
     torch_after=$torch_before
     if wants install; then
@@ -122,6 +123,13 @@ sys.exit(main(sys.argv[1:]))' complexity --out "$res/complexity"
         complexity_rc=$?
         publish
     fi
+    if wants profile; then
+        echo "== $PY -m milkernels.bench profile --synthetic 100000 --model all --out $res/profile"
+        limit "${PROFILE_TIMEOUT:-300}" env PYTHONUNBUFFERED=1 "$PY" -m milkernels.bench profile --synthetic 100000 \
+            --model all --no-progress --out "$res/profile"
+        profile_rc=$?
+        publish
+    fi
     nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv >> "$res/nvidia-smi.txt" 2>&1
 
     echo
@@ -132,8 +140,9 @@ sys.exit(main(sys.argv[1:]))' complexity --out "$res/complexity"
     echo "tests:   exit $test_rc | $(grep -sE '(passed|failed|error|no tests ran)' "$res/tests.log" | tail -n 1)"
     echo "bench:   exit $bench_rc (1 = an implementation errored, 124/130 = timed out) | $res"
     echo "complexity: exit $complexity_rc (1 = a mechanism errored, 124/130 = timed out, rows so far kept) | $res/complexity"
+    echo "profile: exit $profile_rc (1 = a model errored, 124/130 = timed out) | $res/profile"
     [ -n "${OUT:-}" ] && echo "copied:  $OUT/$stamp-$slug/"
-    for rc in "$install_rc" "$test_rc" "$bench_rc" "$complexity_rc"; do
+    for rc in "$install_rc" "$test_rc" "$bench_rc" "$complexity_rc" "$profile_rc"; do
         case $rc in 0|skipped) ;; *) return 1 ;; esac
     done
     return 0
