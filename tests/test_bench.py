@@ -4,6 +4,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import os
 import socket
 import sys
 import types
@@ -18,11 +19,12 @@ from milkernels.bench import linear_attention as bench_linear
 from milkernels.bench.gated_attention import GATED_ATTENTION
 from milkernels.bench.linear_attention import LIN_MIL_LAYER, LINEAR_ATTENTION_CORE
 from milkernels.bench.roofline import device_peak, floor_seconds, math_mode, roofline_pct
-from milkernels.bench.sweep import COLUMNS, PASSES, SweepConfig, add_ratios, flop_check, run_sweep
-from milkernels.bench.timing import percentile, summarize
+from milkernels.bench.report import format_table
+from milkernels.bench.sweep import COLUMNS, PASSES, SweepConfig, add_ratios, flag_noisy, flop_check, run_sweep
+from milkernels.bench.timing import percentile, relative_spread, summarize
 
 TINY_DIMS = {"L": 32, "D": 16, "K": 1}
-TINY_ARGS = ["--ops", "gated_attention", "--sizes", "64", "--dims", "L=32,D=16,K=1", "--repeats", "2", "--warmup", "1"]
+TINY_ARGS = ["--sizes", "64", "--dims", "L=32,D=16,K=1", "--repeats", "2", "--warmup", "1"]
 METADATA_KEYS = {"date_utc", "device", "torch", "triton", "python", "cuda", "git_sha", "git_dirty", "dtype",
                  "sizes", "dims", "timer", "peak_memory", "roofline", "flop_check"}
 
@@ -39,8 +41,8 @@ def _tiny_config(device, impls, sizes=(64,)):
 
 
 def test_tiny_sweep_writes_csv_and_json(tmp_path, device):
-    code = main(["sweep", *TINY_ARGS, "--impls", "reference,triton", "--device", device.type,
-                 "--peak-tflops", "1", "--peak-gbps", "1", "--out", str(tmp_path)])
+    code = main(["sweep", "--ops", "gated_attention", *TINY_ARGS, "--impls", "reference,triton",
+                 "--device", device.type, "--peak-tflops", "1", "--peak-gbps", "1", "--out", str(tmp_path)])
     assert code == 0
     meta, rows = _read_csv(tmp_path / "results.csv")
     result = json.loads((tmp_path / "results.json").read_text())
@@ -75,42 +77,103 @@ def test_cpu_defaults_have_no_roofline():
         config_from_args(build_parser().parse_args(["sweep", "--device", "cpu", "--dims", "Q=3"]))
 
 
-def test_unavailable_oom_and_broken_impls_are_recorded_and_the_sweep_goes_on(monkeypatch):
-    def raising(exc):
-        def run(*inputs):
-            raise exc
-        return lambda op: run
+def _raising(exc):
+    """An implementation maker whose implementation raises ``exc``."""
+    def run(*inputs):
+        raise exc
+    return lambda op: run
 
-    op = dataclasses.replace(GATED_ATTENTION, name="bench_test_op", peers={
-        "absent": raising(BackendUnavailable("absent needs a GPU")),
-        "oom": raising(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")),
-        "broken": raising(ValueError("bad kernel")),
-    })
+
+def _fake_op(monkeypatch, **fields):
+    """Gated attention registered as ``bench_test_op``, with ``fields`` replaced."""
+    op = dataclasses.replace(GATED_ATTENTION, name="bench_test_op", **fields)
     monkeypatch.setitem(registry._OPS, op.name, op)
-    cfg = dataclasses.replace(_tiny_config(torch.device("cpu"), ("absent", "oom", "broken", "reference"), (32, 64)),
-                              ops=(op.name,))
+    return op
+
+
+def test_unavailable_oom_and_broken_impls_are_recorded_and_the_sweep_goes_on(monkeypatch):
+    op = _fake_op(monkeypatch, peers={
+        "absent": _raising(BackendUnavailable("absent needs a GPU")),
+        "cannot": _raising(registry.Skip("cannot run this case")),
+        "uninstalled": _raising(ModuleNotFoundError("No module named 'peer_lib'")),
+        "oom": _raising(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 TiB")),
+        "broken": _raising(ValueError("bad kernel\nsecond line of the message")),
+    })
+    impls = ("absent", "cannot", "uninstalled", "oom", "broken", "reference")
+    cfg = dataclasses.replace(_tiny_config(torch.device("cpu"), impls, (32, 64)), ops=(op.name,))
     rows = run_sweep(cfg)
-    assert len(rows) == 2 * 4 * 2
+    assert len(rows) == 2 * len(impls) * 2
     status = {(r["impl"], r["n"], r["pass"]): (r["status"], r["reason"]) for r in rows}
     for n in (32, 64):
         for pass_ in ("fwd", "fwd_bwd"):
             assert status["absent", n, pass_] == ("skipped", "absent needs a GPU")
+            assert status["cannot", n, pass_] == ("skipped", "cannot run this case")
+            assert status["uninstalled", n, pass_] == ("skipped", "ImportError: No module named 'peer_lib'")
             assert status["oom", n, pass_][0] == "oom"
             assert status["broken", n, pass_] == ("error", "ValueError: bad kernel")
-            assert status["reference", n, pass_] == ("ok", None)
-    assert all(r["median_ms"] is None and r["speedup_vs_eager"] is None for r in rows if r["impl"] != "reference")
+            assert status["reference", n, pass_][0] == "ok"
+    assert all(r["median_ms"] is None and r["speedup_vs_eager"] is None and r["noisy"] is None
+               for r in rows if r["impl"] != "reference")
 
 
-def test_compile_failure_is_a_skip_with_its_reason():
+def test_an_error_exits_1_with_its_traceback_and_stderr_in_the_log(monkeypatch, tmp_path, capfd):
+    def chatty_broken_kernel(*inputs):
+        print("inductor-like log line", file=sys.stderr)
+        os.write(2, b"native stderr line\n")
+        raise ValueError("bad kernel\nsecond line of the message")
+
+    _fake_op(monkeypatch, peers={"broken": lambda op: chatty_broken_kernel})
+    code = main(["sweep", "--ops", "bench_test_op", *TINY_ARGS, "--impls", "reference,broken", "--device", "cpu",
+                 "--out", str(tmp_path)])
+    assert code == 1
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["impl"], r["status"]) for r in rows} == {("reference", "ok"), ("broken", "error")}
+    assert {r["reason"] for r in rows if r["status"] == "error"} == {"ValueError: bad kernel"}
+    log = (tmp_path / "sweep.log").read_text()
+    assert "== bench_test_op broken N=64 fwd_bwd" in log
+    assert log.count("Traceback (most recent call last)") == 2 and "in chatty_broken_kernel" in log
+    assert log.count("inductor-like log line") == log.count("native stderr line") == 2
+    out, err = capfd.readouterr()
+    assert "bench_test_op broken N=64 fwd: error: ValueError: bad kernel" in err
+    assert not any(text in err for text in ("Traceback", "second line", "inductor-like", "native stderr"))
+    assert f"2 rows failed with an error; their tracebacks are in {tmp_path / 'sweep.log'}" in out
+
+
+def test_a_compile_failure_is_an_error_with_its_reason(monkeypatch):
     def breaks(*inputs):
         torch._dynamo.graph_break()
         return GATED_ATTENTION.reference(*inputs)
 
-    op = dataclasses.replace(GATED_ATTENTION, reference=breaks)
-    run = registry.GENERIC_IMPLS["reference_compiled"](op)
-    inputs = op.build(16, TINY_DIMS, torch.float32, torch.device("cpu"))
-    with pytest.raises(registry.Skip, match="^torch.compile failed: "):
-        run(*inputs)
+    op = _fake_op(monkeypatch, reference=breaks)
+    cfg = dataclasses.replace(_tiny_config(torch.device("cpu"), ("reference_compiled",), (16,)), ops=(op.name,))
+    rows = run_sweep(cfg)
+    assert [r["status"] for r in rows] == ["error", "error"]
+    assert all(r["reason"].startswith("Unsupported: ") and "\n" not in r["reason"] for r in rows)
+
+
+def _timed_row(impl, pass_, median, p20, p80, status="ok"):
+    return {**dict.fromkeys(COLUMNS), "op": "op", "impl": impl, "n": 8, "pass": pass_, "status": status,
+            "median_ms": median, "p20_ms": p20, "p80_ms": p80}
+
+
+def test_noisy_rows_are_flagged_with_the_reason():
+    rows = [_timed_row("steady", "fwd", 1.0, 0.95, 1.05), _timed_row("steady", "fwd_bwd", 3.0, 2.9, 3.1),
+            _timed_row("spread", "fwd", 1.0, 0.8, 1.3), _timed_row("spread", "fwd_bwd", 3.0, 2.9, 3.1),
+            _timed_row("inverted", "fwd", 2.0, 1.9, 2.1), _timed_row("inverted", "fwd_bwd", 1.5, 1.4, 1.6),
+            {**_timed_row("absent", "fwd", None, None, None, "skipped"), "reason": "needs a GPU"}]
+    flag_noisy(rows)
+    noisy = {(r["impl"], r["pass"]): (r["noisy"], r["reason"]) for r in rows}
+    assert noisy["steady", "fwd"] == noisy["steady", "fwd_bwd"] == noisy["spread", "fwd_bwd"] == (False, None)
+    assert noisy["spread", "fwd"] == (True, "p20-p80 spread 50% of the median")
+    inverted = (True, "fwd_bwd measured faster than fwd (1.500 < 2.000 ms)")
+    assert noisy["inverted", "fwd"] == noisy["inverted", "fwd_bwd"] == inverted
+    assert noisy["absent", "fwd"] == (None, "needs a GPU")
+    meta = {"device": "cpu", "torch": "t", "triton": "t", "git_sha": "0" * 40, "roofline": "n/a",
+            "peak_memory": "n/a", "dims": {"op": "L=1"}, "dtype": "float32", "repeats": 5, "warmup": 2,
+            "flop_check": {"op": {"n": 8, "fwd": 1.0, "fwd_bwd": 1.0}}}
+    table = format_table(rows, meta).splitlines()
+    assert table[-7].endswith("  ok") and table[-5].endswith("  ok noisy: p20-p80 spread 50% of the median")
+    assert table[-1].endswith("  skipped: needs a GPU")
 
 
 def test_reference_matches_the_public_op():
@@ -128,6 +191,7 @@ def test_percentiles():
     assert (percentile(values, 0), percentile(values, 100)) == (1.0, 5.0)
     assert percentile([1.0, 2.0], 50) == 1.5
     assert summarize([7.0]) == {"median_ms": 7.0, "p20_ms": 7.0, "p80_ms": 7.0}
+    assert relative_spread(summarize(values)) == pytest.approx(0.8)
     with pytest.raises(ValueError):
         percentile([], 50)
 

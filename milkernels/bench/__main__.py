@@ -1,10 +1,12 @@
 """Command line: ``python -m milkernels.bench [sweep|complexity] [options]``, also installed as ``milkernels-bench``.
 
 ``sweep`` (the default subcommand) times every registered op under every implementation over bag
-sizes, prints a table and writes ``results.csv`` and ``results.json`` into ``--out`` (default
+sizes, prints a table and writes ``results.csv``, ``results.json`` and ``sweep.log`` (the failures'
+tracebacks and the implementations' stderr output) into ``--out`` (default
 ``benchmarks/results/<UTC stamp>-<device>/`` under the current directory). Sizes take ``k`` (1024)
 and ``M`` (1024²) suffixes: ``--sizes 1k,100000,1M``. It exits 1 when an implementation failed
-with an error (skips and out-of-memory are expected outcomes, exit 0).
+with an error, ``torch.compile`` included (skips, out-of-memory and noisy rows are expected
+outcomes, exit 0).
 
 ``complexity`` sweeps one attention layer per mechanism (softmax, Nystrom, linear, dilated) over
 N, forward + backward, until it runs out of memory or time, fits the exponents of latency and peak
@@ -176,9 +178,10 @@ def sweep_command(args: argparse.Namespace, command: str) -> int:
     meta = report.metadata(cfg, {name: _dims_note(ops[name], dims[name]) for name in cfg.ops},
                            {name: flop_check(ops[name], dims[name]) for name in cfg.ops}, command)
     out = args.out or default_out(meta, cfg.device)
-    rows = run_sweep(cfg, checkpoint=lambda rows_so_far: report.write_results(out, meta, rows_so_far))
+    rows = run_sweep(cfg, checkpoint=lambda rows_so_far: report.write_results(out, meta, rows_so_far),
+                     log_path=out / report.SWEEP_LOG)
     print(report.format_table(rows, meta))
-    print("\nwrote " + " and ".join(str(out / name) for name in ("results.csv", "results.json")))
+    print("\n" + report.outcome_text(rows, out))
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
 

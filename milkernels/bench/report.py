@@ -2,7 +2,8 @@
 
 ``results.csv`` starts with ``# key: value`` metadata lines (values JSON-encoded; read the table
 with ``pandas.read_csv(path, comment="#")``) then one row per :data:`~.sweep.COLUMNS`;
-``results.json`` holds ``{"metadata": ..., "columns": [...], "rows": [...]}``. No host name is
+``results.json`` holds ``{"metadata": ..., "columns": [...], "rows": [...]}``; ``sweep.log`` beside
+them the failures' tracebacks and what the implementations wrote to stderr. No host name is
 recorded.
 """
 
@@ -25,6 +26,8 @@ from .roofline import math_mode
 from .sweep import COLUMNS, SweepConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SWEEP_LOG = "sweep.log"
+RESULT_FILES = ("results.csv", "results.json", SWEEP_LOG)
 
 
 def device_name(device: torch.device) -> str:
@@ -128,6 +131,19 @@ def write_results(out_dir: Path, meta: dict, rows: list[dict]) -> None:
     write_table(out_dir, "results", meta, COLUMNS, rows)
 
 
+def outcome_text(rows: list[dict], out_dir: Path) -> str:
+    """What the sweep wrote, its count of rows per status (and of noisy rows), and where the tracebacks are."""
+    statuses = [row["status"] for row in rows]
+    counts = ", ".join(f"{statuses.count(status)} {status}" for status in dict.fromkeys(statuses))
+    noisy = sum(bool(row["noisy"]) for row in rows)
+    lines = ["wrote " + ", ".join(str(out_dir / name) for name in RESULT_FILES),
+             f"rows: {counts}" + (f" ({noisy} noisy, marked in the table)" if noisy else "")]
+    if "error" in statuses:
+        lines.append(f"{statuses.count('error')} rows failed with an error; their tracebacks are in "
+                     f"{out_dir / SWEEP_LOG}")
+    return "\n".join(lines)
+
+
 def size_text(n: int) -> str:
     """A bag size as the command line takes it: ``1M``, ``16k`` or the plain number."""
     for suffix, unit in (("M", 2**20), ("k", 2**10)):
@@ -150,6 +166,12 @@ def _cell(row: dict, key: str, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _status_text(row: dict) -> str:
+    """``ok``, ``ok noisy: <why>`` or ``<status>: <reason>``, cut at 100 characters."""
+    status = row["status"] + (" noisy" if row["noisy"] else "")
+    return (f"{status}: {row['reason']}" if row["reason"] else status)[:100]
+
+
 def _roofline_text(roofline) -> str:
     if isinstance(roofline, str):
         return "n/a"
@@ -168,6 +190,6 @@ def format_table(rows: list[dict], meta: dict) -> str:
                       f"fwd {check['fwd']:.4f}, fwd_bwd {check['fwd_bwd']:.4f}",
                   "  ".join(title.rjust(width) for title, width, _, _ in TABLE) + "  status"]
         for row in (r for r in rows if r["op"] == op):
-            status = row["status"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"[:100]
-            lines.append("  ".join(_cell(row, key, spec).rjust(width) for _, width, key, spec in TABLE) + "  " + status)
+            lines.append("  ".join(_cell(row, key, spec).rjust(width) for _, width, key, spec in TABLE) + "  "
+                         + _status_text(row))
     return "\n".join(lines)

@@ -2,16 +2,26 @@
 
 The passes are ``fwd`` (inference: the op under ``torch.no_grad``) and ``fwd_bwd`` (the op with
 autograd, then ``backward`` of fixed random output gradients; the input gradients are dropped
-after each call). A row's ``status`` is ``ok``, ``skipped`` (the implementation cannot run the
-case, or its module cannot be imported: the reason says why), ``oom`` or ``error``; a failed case
-never stops the sweep.
+after each call). A row's ``status`` is ``ok``; ``skipped`` when the implementation cannot run
+here (:class:`~.registry.Skip`, :class:`milkernels.BackendUnavailable`, or an ``ImportError`` of
+its module: a backend not built, a peer library not installed); ``oom``; or ``error`` for any
+other exception, ``torch.compile``'s failures included. ``reason`` says why in one line; a failed
+case never stops the sweep. With a log file, each case's stderr output (inductor's logs, warnings)
+and each error's full traceback go there instead of the terminal.
+
+An ok row is ``noisy`` when its p20-p80 spread is over :data:`~.timing.NOISY_SPREAD` of its
+median, or when its ``fwd_bwd`` measured faster than its ``fwd`` (both rows); ``reason`` says which.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+import traceback
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, TextIO
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -21,10 +31,10 @@ from .._backends import BackendUnavailable, use_backend
 from . import registry
 from .registry import first_line
 from .roofline import Peak, floor_seconds, roofline_pct
-from .timing import peak_memory_mib, summarize, time_step
+from .timing import NOISY_SPREAD, peak_memory_mib, relative_spread, summarize, time_step
 
 PASSES = ("fwd", "fwd_bwd")
-COLUMNS = ("op", "impl", "n", "pass", "dtype", "dims", "status", "reason", "median_ms", "p20_ms", "p80_ms",
+COLUMNS = ("op", "impl", "n", "pass", "dtype", "dims", "status", "reason", "noisy", "median_ms", "p20_ms", "p80_ms",
            "repeats", "peak_mem_mib", "flops", "min_bytes", "tflops", "gbps", "floor_ms", "roofline_pct",
            "speedup_vs_eager", "mem_ratio_vs_eager")
 
@@ -60,38 +70,75 @@ def dims_text(dims: dict) -> str:
     return " ".join(f"{key}={value}" for key, value in dims.items())
 
 
-def run_sweep(cfg: SweepConfig, checkpoint: Callable[[list[dict]], None] | None = None) -> list[dict]:
+def run_sweep(cfg: SweepConfig, checkpoint: Callable[[list[dict]], None] | None = None,
+              log_path: Path | None = None) -> list[dict]:
     """Time every case; one row (a dict over :data:`COLUMNS`) per op, implementation, size and pass.
 
     ``checkpoint(rows)``, when given, gets the rows so far after each bag size (to save them, so
-    a run cut short keeps what it measured).
+    a run cut short keeps what it measured). ``log_path``, when given, is the log file (written
+    anew) that gets each case's stderr output and each error's traceback; else they go to stderr.
     """
     rows = []
-    for op_name in cfg.ops:
-        op = registry.ops()[op_name]
-        makers = {name: maker for name, maker in registry.impls(op).items() if name in cfg.impls}
-        dims = op_dims(op, cfg.device, cfg.dims)
-        for n in cfg.sizes:
-            rows += _sweep_case(op, n, dims, makers, cfg)
-            add_ratios(rows)
-            if checkpoint is not None:
-                checkpoint(rows)
+    with _open_log(log_path) as log:
+        for op_name in cfg.ops:
+            op = registry.ops()[op_name]
+            makers = {name: maker for name, maker in registry.impls(op).items() if name in cfg.impls}
+            dims = op_dims(op, cfg.device, cfg.dims)
+            for n in cfg.sizes:
+                rows += _sweep_case(op, n, dims, makers, cfg, log)
+                add_ratios(rows)
+                flag_noisy(rows)
+                if checkpoint is not None:
+                    checkpoint(rows)
     return rows
 
 
-def _sweep_case(op, n, dims, makers, cfg):
+def _open_log(log_path: Path | None):
+    """``log_path`` opened for writing, line-buffered, its folder created; a null context for None."""
+    if log_path is None:
+        return contextlib.nullcontext()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    return open(log_path, "w", buffering=1)
+
+
+@contextlib.contextmanager
+def _stderr_into(log: TextIO | None, title: str):
+    """Inside, stderr goes to ``log`` after a ``title`` line; with no log it is left alone.
+
+    Both Python's ``sys.stderr`` and file descriptor 2 (written to by native code, by logging
+    handlers made earlier and by child processes started inside) are redirected.
+    """
+    if log is None:
+        yield
+        return
+    print(f"== {title}", file=log)
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    os.dup2(log.fileno(), 2)
+    try:
+        with contextlib.redirect_stderr(log):
+            yield
+    finally:
+        log.flush()
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+
+
+def _sweep_case(op, n, dims, makers, cfg, log):
     """The rows of one bag size: the inputs built once, then every implementation and pass on them."""
     rows = []
-    try:
-        inputs = op.build(n, dims, cfg.dtype, cfg.device)
-        grads = grad_outputs(op, inputs)
-    except torch.OutOfMemoryError:
-        inputs = grads = None
+    with _stderr_into(log, f"{op.name} N={n}: building the inputs"):
+        try:
+            inputs = op.build(n, dims, cfg.dtype, cfg.device)
+            grads = grad_outputs(op, inputs)
+        except torch.OutOfMemoryError:
+            inputs = grads = None
     for impl, maker in makers.items():
         for pass_ in PASSES:
             row = _blank_row(op, impl, n, pass_, dims, cfg.dtype)
-            row.update(_measure(op, maker, inputs, grads, pass_, cfg) if inputs is not None
-                       else {"status": "oom", "reason": "building the inputs ran out of memory"})
+            with _stderr_into(log, _case_text(row)):
+                row.update(_measure(op, maker, inputs, grads, pass_, cfg) if inputs is not None
+                           else {"status": "oom", "reason": "building the inputs ran out of memory"})
             if row["status"] == "ok":
                 row.update(_rates(row, cfg))
             rows.append(row)
@@ -126,6 +173,7 @@ def _measure(op, maker, inputs, grads, pass_, cfg) -> dict:
     except torch.OutOfMemoryError as exc:
         return {"status": "oom", "reason": first_line(exc)}
     except Exception as exc:  # a broken implementation is recorded and the sweep goes on
+        traceback.print_exc()  # into the log, when there is one
         return {"status": "error", "reason": f"{type(exc).__name__}: {first_line(exc)}"}
     finally:
         for tensor in inputs:
@@ -155,6 +203,25 @@ def add_ratios(rows: list[dict]) -> None:
         row["speedup_vs_eager"] = base["median_ms"] / row["median_ms"]
         if row["peak_mem_mib"] is not None and base["peak_mem_mib"]:
             row["mem_ratio_vs_eager"] = row["peak_mem_mib"] / base["peak_mem_mib"]
+
+
+def flag_noisy(rows: list[dict]) -> None:
+    """Set ``noisy`` on each ok row, with ``reason`` saying why when it is (see the module doc)."""
+    medians = {(r["op"], r["impl"], r["n"], r["pass"]): r["median_ms"] for r in rows if r["status"] == "ok"}
+    for row in rows:
+        if row["status"] == "ok":
+            reasons = _noise_reasons(row, medians)
+            row.update(noisy=bool(reasons), reason="; ".join(reasons) or None)
+
+
+def _noise_reasons(row: dict, medians: dict) -> list[str]:
+    """Why an ok row is noisy: its spread, and its fwd_bwd measured faster than its fwd."""
+    spread = relative_spread(row)
+    reasons = [f"p20-p80 spread {spread:.0%} of the median"] if spread > NOISY_SPREAD else []
+    fwd, fwd_bwd = (medians.get((row["op"], row["impl"], row["n"], pass_)) for pass_ in PASSES)
+    if fwd is not None and fwd_bwd is not None and fwd_bwd < fwd:
+        reasons.append(f"fwd_bwd measured faster than fwd ({fwd_bwd:.3f} < {fwd:.3f} ms)")
+    return reasons
 
 
 def _as_tuple(outputs) -> tuple:
@@ -222,6 +289,10 @@ def flop_check(op: registry.Op, dims: dict, n: int = 128) -> dict:
     return ratios
 
 
+def _case_text(row: dict) -> str:
+    return f"{row['op']} {row['impl']} N={row['n']} {row['pass']}"
+
+
 def _progress(row: dict) -> None:
     detail = f"{row['median_ms']:.3f} ms" if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
-    print(f"  {row['op']} {row['impl']} N={row['n']} {row['pass']}: {detail}", file=sys.stderr, flush=True)
+    print(f"  {_case_text(row)}: {detail}", file=sys.stderr, flush=True)

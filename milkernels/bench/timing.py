@@ -2,7 +2,8 @@
 
 On a GPU the step is timed with CUDA events, each call after a write of 256 MiB that flushes the
 L2 cache (50-60 MB on Hopper), so that a bag that fits in L2 is not read from it; on a CPU with
-``time.perf_counter``. Peak memory is measured on a GPU only.
+``time.perf_counter``. Peak memory is measured on a GPU only. A summary whose p20-p80 spread is
+over :data:`NOISY_SPREAD` of its median is noisy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 FLUSH_BYTES = 256 * 2**20
+NOISY_SPREAD = 0.25
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -30,6 +32,12 @@ def summarize(samples_ms: list[float]) -> dict:
     """``{"median_ms", "p20_ms", "p80_ms"}`` of the samples."""
     return {"median_ms": percentile(samples_ms, 50), "p20_ms": percentile(samples_ms, 20),
             "p80_ms": percentile(samples_ms, 80)}
+
+
+def relative_spread(summary: dict) -> float:
+    """The p20-p80 spread of a :func:`summarize` result over its median (0 for a zero median)."""
+    median = summary["median_ms"]
+    return (summary["p80_ms"] - summary["p20_ms"]) / median if median else 0.0
 
 
 def time_step(step: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> list[float]:
