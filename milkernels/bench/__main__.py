@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from . import complexity, complexity_report, registry, report
+from . import complexity, complexity_report, profile_cli, registry, report
 from .roofline import device_peak
 from .sweep import SweepConfig, dims_text, flop_check, op_dims, run_sweep
 
 GPU_SIZES = (1024, 4096, 16384, 65536, 100000, 262144, 1048576)
 CPU_SIZES = (1024, 4096, 16384)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SUBCOMMANDS = ("sweep", "complexity")
+SUBCOMMANDS = ("sweep", "complexity", "profile")
 # GPU budget: a point takes about the budget at most, so a run takes at most about 11 mechanisms x 8 sizes x 5 s
 # = 440 s; benchmarks/gpu.sh gives it 450 (COMPLEXITY_TIMEOUT)
 COMPLEXITY_GPU = {"sizes": (1024, 4096, 8192, 16384, 32768, 65536, 262144, 1048576), "dims": {"C": 512, "H": 8},
@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--peak-gbps", type=float, help="memory bandwidth for the roofline, overriding the table")
     sweep.set_defaults(func=sweep_command)
     _add_complexity(commands)
+    profile_cli.add_parser(commands, parse_size, DTYPES, default_out)
     return parser
 
 
