@@ -82,7 +82,8 @@ def profile(model: nn.Module, bag: Bag | torch.Tensor | str | os.PathLike, *, la
     names of disjoint submodules to profile (default: ``model.profile_layers`` for the zoo's models, else
     the model's children). ``device``/``dtype``: where and in what to run (default: the model's
     parameters'). ``repeats``/``warmup``: timed and untimed calls per target, variant and pass (default
-    20/3 on a GPU, 5/1 on a CPU). ``swap=False`` profiles the model as given only. The model is used in
+    20/3 on a GPU, 5/1 on a CPU; ``repeats=0``: no timing, only the saved bytes and FLOPs, which cost no
+    compute, for a bag too large to run here). ``swap=False`` profiles the model as given only. The model is used in
     the mode (train or eval) it is in and is not changed. Returns a :class:`ProfileResult`.
     """
     bag = bag if isinstance(bag, Bag) else _as_bag(bag)
@@ -92,8 +93,8 @@ def profile(model: nn.Module, bag: Bag | torch.Tensor | str | os.PathLike, *, la
     on_gpu = device.type == "cuda"
     repeats = repeats if repeats is not None else (20 if on_gpu else 5)
     warmup = warmup if warmup is not None else (3 if on_gpu else 1)
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"profile: repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if repeats < 0 or warmup < 0:
+        raise ValueError(f"profile: repeats and warmup must be >= 0, got {repeats} and {warmup}")
     models = {"given": copy.deepcopy(model).to(device, dtype)}
     if swap:
         models["swapped"] = swap_model(copy.deepcopy(models["given"]))
@@ -102,8 +103,9 @@ def profile(model: nn.Module, bag: Bag | torch.Tensor | str | os.PathLike, *, la
     coords = bag.coords.to(device) if bag.coords is not None else None
     run = _runner(call, model, features, coords)
     counts = {variant: account(net, run, names, features) for variant, net in models.items()}
-    targets = _targets(models, run, names, features)
-    timings = _time_targets(targets, device, repeats, warmup, progress)
+    timings = {}
+    if repeats:
+        timings = _time_targets(_targets(models, run, names, features), device, repeats, warmup, progress)
     rows = _rows(names, timings, counts, tuple(models))
     meta = {"model": type(model).__name__, "bag": bag.source, "n": bag.n, "dim": bag.dim, "device": str(device),
             "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "warmup": warmup, "layers": names,
@@ -277,7 +279,8 @@ def capture_layer_calls(net: nn.Module, layers: list[str], forward: Callable) ->
 
     def record(name):
         def hook(module, args, kwargs, output):
-            calls[name].append((_detached(args), _detached(kwargs), _random_like(float_outputs(output))))
+            args, kwargs = _detached((args, kwargs), {})
+            calls[name].append((args, kwargs, _random_like(float_outputs(output))))
         return hook
 
     hooks = [net.get_submodule(name).register_forward_hook(record(name), with_kwargs=True) for name in layers]
@@ -289,13 +292,18 @@ def capture_layer_calls(net: nn.Module, layers: list[str], forward: Callable) ->
     return calls, outputs
 
 
-def _detached(value):
+def _detached(value, seen: dict):
+    """``value`` with its tensors detached, one detached tensor per tensor object (``seen``: id -> copy), so
+    a call that passes one tensor twice (``attention(h, h, h)``, whose fused path checks ``key is value``)
+    is replayed as it was made."""
     if isinstance(value, torch.Tensor):
-        return value.detach().requires_grad_(value.requires_grad and value.is_floating_point())
+        if id(value) not in seen:
+            seen[id(value)] = value.detach().requires_grad_(value.requires_grad and value.is_floating_point())
+        return seen[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_detached(item) for item in value)
+        return type(value)(_detached(item, seen) for item in value)
     if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
+        return {key: _detached(item, seen) for key, item in value.items()}
     return value
 
 
@@ -382,21 +390,29 @@ def _time_targets(targets: list[Target], device: torch.device, repeats: int, war
 
 
 def _rows(layers: list[str], timings: dict, counts: dict, variants) -> list[dict]:
-    """One row per target: the model, each layer and the rest (the model less its layers)."""
+    """One row per target: the model, each layer and the rest (the model less its layers); without
+    ``timings`` (``repeats=0``), the counts only."""
     rows = []
     for name in [MODEL, *layers]:
         row = {"layer": name}
         for variant in variants:
-            for pass_ in PASSES:
-                found = timings[name, variant, pass_]
-                stats = summarize(found["samples"])
-                row.update({f"{variant}_{pass_}_{key}": value for key, value in stats.items()})
-            row[f"{variant}_peak_mib"] = timings[name, variant, "fwd_bwd"]["peak_mib"]
+            if timings:
+                row.update(_timed(timings, name, variant))
             row.update({f"{variant}_{key}": value for key, value in _counted(counts[variant], name).items()})
-        row["noisy"] = _noisy(row, variants)
+        row["noisy"] = _noisy(row, variants) if timings else None
         rows.append(_with_ratios(row, variants))
     rows.append(_rest(rows, variants))
     return rows
+
+
+def _timed(timings: dict, name: str, variant: str) -> dict:
+    """A target's median, p20 and p80 per pass and its peak memory, keys prefixed with the variant."""
+    row = {}
+    for pass_ in PASSES:
+        stats = summarize(timings[name, variant, pass_]["samples"])
+        row.update({f"{variant}_{pass_}_{key}": value for key, value in stats.items()})
+    row[f"{variant}_peak_mib"] = timings[name, variant, "fwd_bwd"]["peak_mib"]
+    return row
 
 
 def _counted(counts: dict, name: str) -> dict:
@@ -422,21 +438,23 @@ def _noisy(row: dict, variants) -> bool:
 def _rest(rows: list[dict], variants) -> dict:
     """The model less its layers: median times, saved bytes and FLOPs (no spread, no peak)."""
     model, layers = rows[0], rows[1:]
-    rest = {"layer": REST, "noisy": model["noisy"] or any(row["noisy"] for row in layers)}
+    timed = model["noisy"] is not None
+    rest = {"layer": REST, "noisy": any(row["noisy"] for row in rows) if timed else None}
     for variant in variants:
-        keys = [f"{variant}_{pass_}_median_ms" for pass_ in PASSES]
+        keys = [f"{variant}_{pass_}_median_ms" for pass_ in PASSES] if timed else []
         keys += [f"{variant}_{what}" for what in ("saved_bytes", "fwd_flops", "fwd_bwd_flops")]
         rest.update({key: model[key] - sum(row[key] for row in layers) for key in keys})
     return _with_ratios(rest, variants)
 
 
 def _with_ratios(row: dict, variants) -> dict:
-    """``row`` with ``fwd_speedup``, ``fwd_bwd_speedup`` (given / swapped median) and ``saved_ratio``
-    (swapped / given saved bytes) when both variants ran and the divisor is positive."""
+    """``row`` with ``fwd_speedup``, ``fwd_bwd_speedup`` (given / swapped median, when timed) and
+    ``saved_ratio`` (swapped / given saved bytes) when both variants ran and the divisor is positive."""
     if "swapped" not in variants:
         return row
     for pass_ in PASSES:
-        row[f"{pass_}_speedup"] = _ratio(row[f"given_{pass_}_median_ms"], row[f"swapped_{pass_}_median_ms"])
+        if f"given_{pass_}_median_ms" in row:
+            row[f"{pass_}_speedup"] = _ratio(row[f"given_{pass_}_median_ms"], row[f"swapped_{pass_}_median_ms"])
     row["saved_ratio"] = _ratio(row["swapped_saved_bytes"], row["given_saved_bytes"])
     return row
 

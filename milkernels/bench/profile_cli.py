@@ -47,7 +47,8 @@ def add_parser(commands, parse_size, dtypes: dict, default_out) -> None:
     parser.add_argument("--layers", type=int, help="encoder layers of the models that have them (gigapath_slide_encoder)")
     parser.add_argument("--dtype", choices=tuple(dtypes), help="default: bf16 on a GPU, fp32 on a CPU")
     parser.add_argument("--device", help="default: cuda when a GPU is visible, else cpu")
-    parser.add_argument("--repeats", type=int, help="timed calls per layer, variant and pass (default: 20 on a GPU, 5 on a CPU)")
+    parser.add_argument("--repeats", type=int, help="timed calls per layer, variant and pass (default: 20 on a GPU, 5 on "
+                                                    "a CPU; 0: saved bytes and FLOPs only, counted without compute)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default: 3 on a GPU, 1 on a CPU)")
     parser.add_argument("--eval", action="store_true", help="profile in eval mode (default: train mode, dropout on)")
     parser.add_argument("--no-swap", action="store_true", help="the model as given only")

@@ -48,7 +48,7 @@ def table_rows(result: ProfileResult) -> list[list[str]]:
                 _pair(row, "fwd_bwd_flops", _ms, 1e9)]
         if on_gpu:
             line.append(_pair(row, "peak_mib", _ms))
-        line.append("noisy" if row["noisy"] else "")
+        line.append("noisy" if row.get("noisy") else "")
         cells.append(line)
     return cells
 
@@ -59,7 +59,8 @@ def format_table(result: ProfileResult) -> str:
     cells = table_rows(result)
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = [f"{meta['model']} on {meta['bag']} (N={meta['n']}, D={meta['dim']}), {meta['device']} "
-             f"{meta['dtype']}, median of {meta['repeats']}; given -> swapped, x = given / swapped time"]
+             f"{meta['dtype']}, " + (f"median of {meta['repeats']}" if meta["repeats"] else "not timed")
+             + "; given -> swapped, x = given / swapped time"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
     lines.append(f"saved MiB: bytes saved for backward, counted on {meta['counted_on'].get('swapped') or meta['counted_on']['given']}")
     if meta["device"].startswith("cpu"):
@@ -109,13 +110,13 @@ def plot(result: ProfileResult, path: Path) -> None:
     rows = [row for row in result.rows if row["layer"] != MODEL]
     on_gpu = any(row.get("given_peak_mib") is not None for row in rows)
     memory_key, memory_label = ("peak_mib", "peak MiB (fwd+bwd)") if on_gpu else ("saved_bytes", "saved for backward, MiB")
-    variants = [variant for variant in VARIANTS if f"{variant}_fwd_median_ms" in result.rows[0]]
+    variants = [variant for variant in VARIANTS if f"{variant}_saved_bytes" in result.rows[0]]
     figure, axes = pyplot.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 2.5))
     width = 0.8 / len(variants)
     positions = range(len(rows))
     for index, variant in enumerate(variants):
         shift = [p + (index - (len(variants) - 1) / 2) * width for p in positions]
-        times = [row[f"{variant}_fwd_bwd_median_ms"] or 0 for row in rows]
+        times = [row.get(f"{variant}_fwd_bwd_median_ms") or 0 for row in rows]
         memory = [(row.get(f"{variant}_{memory_key}") or 0) / (1 if on_gpu else MIB) for row in rows]
         axes[0].barh(shift, times, height=width, label=variant)
         axes[1].barh(shift, memory, height=width, label=variant)
