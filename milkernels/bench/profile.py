@@ -101,11 +101,11 @@ def profile(model: nn.Module, bag: Bag | torch.Tensor | str | os.PathLike, *, la
     names = _layer_names(model, layers)
     features = bag.features.to(device, dtype)
     coords = bag.coords.to(device) if bag.coords is not None else None
-    run = _runner(call, model, features, coords)
-    counts = {variant: account(net, run, names, features) for variant, net in models.items()}
+    run = _runner(call, model)
+    counts = {variant: account(net, run, names, features, coords) for variant, net in models.items()}
     timings = {}
     if repeats:
-        timings = _time_targets(_targets(models, run, names, features), device, repeats, warmup, progress)
+        timings = _time_targets(_targets(models, run, names, features, coords), device, repeats, warmup, progress)
     rows = _rows(names, timings, counts, tuple(models))
     meta = {"model": type(model).__name__, "bag": bag.source, "n": bag.n, "dim": bag.dim, "device": str(device),
             "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "warmup": warmup, "layers": names,
@@ -137,14 +137,14 @@ def _layer_names(model: nn.Module, layers) -> list[str]:
     return names
 
 
-def _runner(call, model, features, coords) -> Callable[[nn.Module, torch.Tensor], Any]:
-    """``run(net, features)``: the model's call on the bag (with coords when its forward takes them)."""
+def _runner(call, model) -> Callable[[nn.Module, torch.Tensor, torch.Tensor | None], Any]:
+    """``run(net, features, coords)``: the model's call on the bag (with coords when its forward takes them
+    and the bag has them)."""
     if call is not None:
-        return lambda net, x: call(net, x, coords)
-    takes_coords = "coords" in inspect.signature(model.forward).parameters
-    if coords is not None and takes_coords:
-        return lambda net, x: net(x, coords=coords)
-    return lambda net, x: net(x)
+        return call
+    if "coords" in inspect.signature(model.forward).parameters:
+        return lambda net, x, coords: net(x) if coords is None else net(x, coords=coords)
+    return lambda net, x, coords: net(x)
 
 
 def float_outputs(outputs) -> list[torch.Tensor]:
@@ -158,16 +158,17 @@ def float_outputs(outputs) -> list[torch.Tensor]:
     return []
 
 
-def account(net: nn.Module, run: Callable, layers: list[str], features: torch.Tensor) -> dict:
-    """Bytes saved for backward and matmul FLOPs (forward, forward + backward) of ``run(net, features)``,
+def account(net: nn.Module, run: Callable, layers: list[str], features: torch.Tensor,
+            coords: torch.Tensor | None) -> dict:
+    """Bytes saved for backward and matmul FLOPs (forward, forward + backward) of ``run(net, features, coords)``,
     in total and per layer: ``{"saved": {owner: bytes}, "fwd_flops": {...}, "fwd_bwd_flops": {...},
     "counted_on": str}``; owner ``""`` is the rest. Fake tensors on the GPU path, else a real run."""
     try:
         with _fake_gpu_path(features.device) as (mode, where):
-            return {**_count(net, run, layers, features, mode), "counted_on": where}
+            return {**_count(net, run, layers, (features, coords), mode), "counted_on": where}
     except Exception as exc:  # data-dependent shapes and other fake-tensor limits: count a real run
         where = f"a real run on {features.device.type} ({type(exc).__name__} on fake tensors)"
-        return {**_count(net, run, layers, features, None), "counted_on": where}
+        return {**_count(net, run, layers, (features, coords), None), "counted_on": where}
 
 
 @contextlib.contextmanager
@@ -176,13 +177,13 @@ def _fake_gpu_path(device: torch.device):
     on a CPU the triton backend, allowed on CPU tensors by ``TRITON_INTERPRET=1`` for the duration (no
     kernel runs on fake tensors: each op's fake implementation answers)."""
     if device.type == "cuda":
-        with FakeTensorMode() as mode:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             yield mode, "fake tensors, the GPU path"
         return
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        with FakeTensorMode() as mode, use_backend("triton"):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, use_backend("triton"):
             yield mode, "fake tensors, the GPU (triton) path"
     finally:
         if saved is None:
@@ -192,29 +193,32 @@ def _fake_gpu_path(device: torch.device):
 
 
 class _Call(nn.Module):
-    """``run(net, x)`` as a module, so that ``torch.func.functional_call`` can put (fake) state into ``net``."""
+    """``run(net, x, coords)`` as a module, so that ``torch.func.functional_call`` can put (fake) state into
+    ``net``."""
 
     def __init__(self, net: nn.Module, run: Callable):
         super().__init__()
         self.net, self.run = net, run
 
-    def forward(self, x):
-        return self.run(self.net, x)
+    def forward(self, x, coords):
+        return self.run(self.net, x, coords)
 
 
-def _count(net, run, layers, features, mode) -> dict:
+def _count(net, run, layers, inputs, mode) -> dict:
     """Saved bytes by owning layer, and FLOPs of the forward and of forward + backward, in total and by
     layer. A layer's forward FLOPs are those counted inside it; its forward + backward FLOPs come from its
     calls replayed alone (the counter cannot tell whose backward runs)."""
     wrapper = _Call(net, run)
     state = {name: (mode.from_tensor(t) if mode else t) for name, t in _state(wrapper).items()}
-    x = mode.from_tensor(features) if mode else features
+    inputs = [mode.from_tensor(t) if mode and t is not None else t for t in inputs]
     stack: list[str] = []
     hooks = _owner_hooks(net, layers, stack)
     try:
         with FlopCounterMode(display=False) as forward_counter:
-            with SavedTensors(exclude=[x, *state.values()], owner=lambda: stack[-1] if stack else "") as saved:
-                calls, outputs = capture_layer_calls(net, layers, lambda: torch.func.functional_call(wrapper, state, (x,)))
+            present = [t for t in inputs if t is not None]
+            with SavedTensors(exclude=[*present, *state.values()], owner=lambda: stack[-1] if stack else "") as saved:
+                forward = lambda: torch.func.functional_call(wrapper, state, tuple(inputs))  # noqa: E731
+                calls, outputs = capture_layer_calls(net, layers, forward)
         with FlopCounterMode(display=False) as backward_counter:
             torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
     finally:
@@ -345,12 +349,13 @@ def _steps(module: nn.Module, calls: list, run: Callable | None) -> dict:
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
-def _targets(models: dict, run: Callable, layers: list[str], features: torch.Tensor) -> list[Target]:
+def _targets(models: dict, run: Callable, layers: list[str], features: torch.Tensor,
+             coords: torch.Tensor | None) -> list[Target]:
     """The whole model and each layer, with steps per variant and pass on inputs captured from the model
     as given (the swapped copy's layers take the same inputs)."""
     net = models["given"]
-    calls, outputs = capture_layer_calls(net, layers, lambda: run(net, features))
-    calls[MODEL] = [((features,), {}, _random_like(outputs))]
+    calls, outputs = capture_layer_calls(net, layers, lambda: run(net, features, coords))
+    calls[MODEL] = [((features, coords), {}, _random_like(outputs))]
     del outputs
     targets = []
     for name in [MODEL, *layers]:

@@ -63,7 +63,7 @@ def format_table(result: ProfileResult) -> str:
              + "; given -> swapped, x = given / swapped time"]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells]
     lines.append(f"saved MiB: bytes saved for backward, counted on {meta['counted_on'].get('swapped') or meta['counted_on']['given']}")
-    if meta["device"].startswith("cpu"):
+    if meta["device"].startswith("cpu") and meta["repeats"]:
         lines.append("times are CPU times of the PyTorch paths: kernel latency needs a GPU")
     return "\n".join(lines)
 
