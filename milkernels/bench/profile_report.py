@@ -34,18 +34,18 @@ def _pair(row: dict, key: str, fmt, scale: float = 1.0) -> str:
 
 
 def table_rows(result: ProfileResult) -> list[list[str]]:
-    """The table as text cells, a header first."""
-    header = ["layer", "fwd ms", "fwd x", "fwd+bwd ms", "fwd+bwd x", "saved MiB", "saved ratio", "GFLOP fwd+bwd"]
+    """The table as text cells, a header first (the time columns only when timed, peak memory on a GPU)."""
+    timed = bool(result.metadata["repeats"])
     on_gpu = any(row.get("given_peak_mib") is not None for row in result.rows)
-    if on_gpu:
-        header.append("peak MiB")
-    header.append("flags")
-    cells = [header]
+    cells = [["layer"] + (["fwd ms", "fwd x", "fwd+bwd ms", "fwd+bwd x"] if timed else [])
+             + ["saved MiB", "saved ratio", "GFLOP fwd+bwd"] + (["peak MiB"] if on_gpu else []) + ["flags"]]
     for row in result.rows:
-        line = [row["layer"], _pair(row, "fwd_median_ms", _ms), _times(row.get("fwd_speedup")),
-                _pair(row, "fwd_bwd_median_ms", _ms), _times(row.get("fwd_bwd_speedup")),
-                _pair(row, "saved_bytes", _ms, MIB), _times(row.get("saved_ratio")),
-                _pair(row, "fwd_bwd_flops", _ms, 1e9)]
+        line = [row["layer"]]
+        if timed:
+            line += [_pair(row, "fwd_median_ms", _ms), _times(row.get("fwd_speedup")),
+                     _pair(row, "fwd_bwd_median_ms", _ms), _times(row.get("fwd_bwd_speedup"))]
+        line += [_pair(row, "saved_bytes", _ms, MIB), _times(row.get("saved_ratio")),
+                 _pair(row, "fwd_bwd_flops", _ms, 1e9)]
         if on_gpu:
             line.append(_pair(row, "peak_mib", _ms))
         line.append("noisy" if row.get("noisy") else "")
