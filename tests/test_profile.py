@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 import milkernels
 from milkernels.bench.__main__ import main
@@ -71,6 +72,35 @@ def test_counts_only_without_timing():
     assert rows["attention_net.0"]["given_fwd_flops"] == 2 * rows_n * 1024 * 512
     assert "given_fwd_median_ms" not in rows[MODEL] and rows[MODEL]["noisy"] is None
     assert "not timed" in format_table(result)
+
+
+class OutOfMemoryInBackward(torch.autograd.Function):
+    """Identity whose backward runs out of memory on real tensors (the fake count still goes through)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not isinstance(grad, FakeTensor):
+            raise torch.OutOfMemoryError("out of memory (a test)")
+        return grad
+
+
+class HugeBackward(nn.Module):
+    def forward(self, x):
+        return OutOfMemoryInBackward.apply(x)
+
+
+def test_out_of_memory_is_recorded_and_the_rest_still_measured():
+    model = nn.Sequential(nn.Linear(DIM, 8), HugeBackward(), nn.Linear(8, 1))
+    rows = by_layer(milkernels.profile(model, torch.randn(N, DIM), swap=False, **FAST))
+    assert rows["1"]["oom"] == "given fwd_bwd" and rows[MODEL]["oom"] == "given fwd_bwd"
+    assert rows["1"]["given_fwd_bwd_median_ms"] is None and rows["1"]["given_fwd_median_ms"] > 0
+    assert rows["0"]["oom"] == "" and rows["0"]["given_fwd_bwd_median_ms"] > 0
+    assert rows[REST]["given_fwd_bwd_median_ms"] is None
+    assert rows["1"]["given_saved_bytes"] == 0 and rows["2"]["given_saved_bytes"] == N * 8 * 4
 
 
 def test_outputs_written(tmp_path):

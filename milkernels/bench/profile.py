@@ -351,9 +351,9 @@ def _steps(module: nn.Module, calls: list, run: Callable | None) -> dict:
 
 def _targets(models: dict, run: Callable, layers: list[str], features: torch.Tensor,
              coords: torch.Tensor | None) -> list[Target]:
-    """The whole model and each layer, with steps per variant and pass on inputs captured from the model
-    as given (the swapped copy's layers take the same inputs)."""
-    net = models["given"]
+    """The whole model and each layer, with steps per variant and pass on inputs captured from the swapped
+    model where there is one (it fits where the model as given may not; the layers take the same inputs)."""
+    net = models.get("swapped", models["given"])
     calls, outputs = capture_layer_calls(net, layers, lambda: run(net, features, coords))
     calls[MODEL] = [((features, coords), {}, _random_like(outputs))]
     del outputs
@@ -369,8 +369,9 @@ def _targets(models: dict, run: Callable, layers: list[str], features: torch.Ten
 
 
 def _time_targets(targets: list[Target], device: torch.device, repeats: int, warmup: int, progress: bool) -> dict:
-    """``{(target, variant, pass): {"samples": [ms...], "peak_mib": float | None}}``: per target and pass,
-    the variants' steps warmed up, then timed ``repeats`` times in alternating order."""
+    """``{(target, variant, pass): {"samples": [ms...], "peak_mib": float | None, "oom": bool}}``: per target
+    and pass, the variants' steps warmed up, then timed ``repeats`` times in alternating order. A variant
+    that runs out of memory stops there (``oom``, its samples so far dropped); the other goes on."""
     from tqdm.auto import tqdm
 
     results = {}
@@ -381,17 +382,32 @@ def _time_targets(targets: list[Target], device: torch.device, repeats: int, war
         for target, pass_ in cases:
             steps = {variant: target.steps[variant, pass_] for variant in variants}
             samples = {variant: [] for variant in variants}
-            for step in steps.values():
-                time_step(step, device, 0, warmup)
+            fits = {variant: _fits(lambda: time_step(step, device, 0, warmup), device)
+                    for variant, step in steps.items()}
             for repeat in range(repeats):
                 order = variants if repeat % 2 == 0 else variants[::-1]
                 for variant in order:
-                    samples[variant] += time_step(steps[variant], device, 1, 0)
+                    fits[variant] = fits[variant] and _fits(
+                        lambda: samples[variant].extend(time_step(steps[variant], device, 1, 0)), device)
                     bar.update()
             for variant, step in steps.items():
-                peak = peak_memory_mib(step, device) if pass_ == "fwd_bwd" else None
-                results[target.name, variant, pass_] = {"samples": samples[variant], "peak_mib": peak}
+                peak = []
+                if pass_ == "fwd_bwd" and fits[variant]:
+                    fits[variant] = _fits(lambda: peak.append(peak_memory_mib(step, device)), device)
+                results[target.name, variant, pass_] = {"samples": samples[variant] if fits[variant] else [],
+                                                        "peak_mib": peak[0] if peak else None, "oom": not fits[variant]}
     return results
+
+
+def _fits(run: Callable[[], Any], device: torch.device) -> bool:
+    """Call ``run()``; False when it ran out of memory (the cache then released)."""
+    try:
+        run()
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return False
+    return True
 
 
 def _rows(layers: list[str], timings: dict, counts: dict, variants) -> list[dict]:
@@ -405,19 +421,28 @@ def _rows(layers: list[str], timings: dict, counts: dict, variants) -> list[dict
                 row.update(_timed(timings, name, variant))
             row.update({f"{variant}_{key}": value for key, value in _counted(counts[variant], name).items()})
         row["noisy"] = _noisy(row, variants) if timings else None
+        row["oom"] = _out_of_memory(timings, name, variants) if timings else None
         rows.append(_with_ratios(row, variants))
     rows.append(_rest(rows, variants))
     return rows
 
 
 def _timed(timings: dict, name: str, variant: str) -> dict:
-    """A target's median, p20 and p80 per pass and its peak memory, keys prefixed with the variant."""
+    """A target's median, p20 and p80 per pass (None where it ran out of memory) and its peak memory, keys
+    prefixed with the variant."""
     row = {}
     for pass_ in PASSES:
-        stats = summarize(timings[name, variant, pass_]["samples"])
+        samples = timings[name, variant, pass_]["samples"]
+        stats = summarize(samples) if samples else dict.fromkeys(("median_ms", "p20_ms", "p80_ms"))
         row.update({f"{variant}_{pass_}_{key}": value for key, value in stats.items()})
     row[f"{variant}_peak_mib"] = timings[name, variant, "fwd_bwd"]["peak_mib"]
     return row
+
+
+def _out_of_memory(timings: dict, name: str, variants) -> str:
+    """``"given fwd_bwd, ..."``: the variants and passes of a target that ran out of memory."""
+    return ", ".join(f"{variant} {pass_}" for variant in variants for pass_ in PASSES
+                     if timings[name, variant, pass_]["oom"])
 
 
 def _counted(counts: dict, name: str) -> dict:
@@ -429,11 +454,11 @@ def _counted(counts: dict, name: str) -> dict:
 
 def _noisy(row: dict, variants) -> bool:
     """A p20-p80 spread over :data:`~.timing.NOISY_SPREAD` of a median, or forward + backward measured faster
-    than forward."""
+    than forward (passes that ran out of memory left out)."""
     for variant in variants:
         stats = {pass_: {key: row[f"{variant}_{pass_}_{key}"] for key in ("median_ms", "p20_ms", "p80_ms")}
-                 for pass_ in PASSES}
-        if stats["fwd_bwd"]["median_ms"] < stats["fwd"]["median_ms"]:
+                 for pass_ in PASSES if row[f"{variant}_{pass_}_median_ms"] is not None}
+        if len(stats) == 2 and stats["fwd_bwd"]["median_ms"] < stats["fwd"]["median_ms"]:
             return True
         if any(relative_spread(found) > NOISY_SPREAD for found in stats.values()):
             return True
@@ -444,11 +469,12 @@ def _rest(rows: list[dict], variants) -> dict:
     """The model less its layers: median times, saved bytes and FLOPs (no spread, no peak)."""
     model, layers = rows[0], rows[1:]
     timed = model["noisy"] is not None
-    rest = {"layer": REST, "noisy": any(row["noisy"] for row in rows) if timed else None}
+    rest = {"layer": REST, "noisy": any(row["noisy"] for row in rows) if timed else None,
+            "oom": "" if timed else None}
     for variant in variants:
         keys = [f"{variant}_{pass_}_median_ms" for pass_ in PASSES] if timed else []
         keys += [f"{variant}_{what}" for what in ("saved_bytes", "fwd_flops", "fwd_bwd_flops")]
-        rest.update({key: model[key] - sum(row[key] for row in layers) for key in keys})
+        rest.update({key: _less(model[key], [row[key] for row in layers]) for key in keys})
     return _with_ratios(rest, variants)
 
 
@@ -464,5 +490,10 @@ def _with_ratios(row: dict, variants) -> dict:
     return row
 
 
-def _ratio(top: float, bottom: float) -> float | None:
-    return top / bottom if bottom > 0 else None
+def _less(whole: float | None, parts: list) -> float | None:
+    """``whole`` less the sum of ``parts``, None when any is missing (ran out of memory)."""
+    return None if whole is None or None in parts else whole - sum(parts)
+
+
+def _ratio(top: float | None, bottom: float | None) -> float | None:
+    return top / bottom if top is not None and bottom is not None and bottom > 0 else None

@@ -148,6 +148,10 @@ def _profile_one(name, label, bag, args, device, dtype, out, log) -> tuple[dict,
     except ImportError as exc:
         print(f"skipped: {exc}", flush=True)
         return {"model": name, "bag": label, "n": bag.n, "status": "skipped", "reason": str(exc)}, False
+    except torch.OutOfMemoryError as exc:  # out of memory outside the timed calls (which record it per row)
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"oom: {reason}", flush=True)
+        return {"model": name, "bag": label, "n": bag.n, "status": "oom", "reason": reason}, False
     except Exception as exc:  # a failing model is recorded, the others still run
         with open(log, "a") as handle:
             handle.write(f"== {title}\n{traceback.format_exc()}\n")

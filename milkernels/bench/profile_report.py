@@ -48,9 +48,15 @@ def table_rows(result: ProfileResult) -> list[list[str]]:
                  _pair(row, "fwd_bwd_flops", _ms, 1e9)]
         if on_gpu:
             line.append(_pair(row, "peak_mib", _ms))
-        line.append("noisy" if row.get("noisy") else "")
+        line.append(_flags(row))
         cells.append(line)
     return cells
+
+
+def _flags(row: dict) -> str:
+    """``noisy`` and ``oom: <variant> <pass>, ...`` where they apply."""
+    flags = ["noisy"] if row.get("noisy") else []
+    return " ".join(flags + ([f"oom: {row['oom']}"] if row.get("oom") else []))
 
 
 def format_table(result: ProfileResult) -> str:
