@@ -1,5 +1,5 @@
-"""Model surgery: :func:`swap` puts the fused kernels into existing CLAM, torchmil, Lin-MIL, LiteMIL and ASMIL
-models, in place (a replaceable layer passed by itself is not changed: its replacement is returned).
+"""Model surgery: :func:`swap` puts the fused kernels into existing CLAM, torchmil, Lin-MIL, LiteMIL, ASMIL and
+CMA-MIL models, in place (a replaceable layer passed by itself is not changed: its replacement is returned).
 
 Modules are recognized by structure, whatever their class, then checked by behavior: before a
 replacement goes in, the candidate and its replacement run on a small random probe input (eval mode,
@@ -47,6 +47,10 @@ class with the same children but another ``forward`` stays as it is.
   dividing I, a bool ``softmax`` (missing: True; False is NSF), ``forward(q, k, v) -> (out, logits)``
   for one bag; it becomes a :class:`milkernels.nn.QueryAttention`. Probed with ``q: (1, 3, E)``, ``k = v:
   (1, 5, E)``.
+- CMA-MIL's ``CrossAttention`` (:mod:`milkernels.swap_cross_attention`): children exactly ``query``, ``key``,
+  ``value = Linear(dim, dim)``, ``softmax = Softmax(-1)``, ``norm = LayerNorm(dim)``, ``forward(x1, x2)`` for
+  one bag; it becomes a :class:`milkernels.nn.CrossAttention`. Probed with ``x1: (3, dim)``, ``x2: (5, dim)``
+  and ``x1: (1, dim)``, ``x2: (2, dim)``.
 
 A replacement holds the very same child modules (and a MultiheadAttention's very Parameters), so the
 parameters (and the optimizer state on them), the ``state_dict`` keys and checkpoints stay as they
@@ -83,8 +87,9 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils.parametrize import is_parametrized
 
-from . import swap_dilated
+from . import swap_cross_attention, swap_dilated
 from ._backends import use_backend
+from .nn.cross_attention import CrossAttention
 from .nn.dilated_attention import DilatedAttention, LinMILDilatedAttention
 from .nn.gated_attention import GatedAttention, GatedAttentionPool, TorchmilAttentionPool, branch_dropout_p
 from .nn.linear_attention import (FusedLinMIL, LinearAttention, SoftmaxAttention, activation_problem,
@@ -92,7 +97,7 @@ from .nn.linear_attention import (FusedLinMIL, LinearAttention, SoftmaxAttention
 from .nn.query_attention import MultiheadAttention, QueryAttention, fused_path_problem
 
 FUSED = (GatedAttention, GatedAttentionPool, TorchmilAttentionPool, LinearAttention, SoftmaxAttention, FusedLinMIL,
-         MultiheadAttention, QueryAttention, LinMILDilatedAttention, DilatedAttention)
+         MultiheadAttention, QueryAttention, LinMILDilatedAttention, DilatedAttention, CrossAttention)
 CALL_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
                     "_load_state_dict_post_hooks")
@@ -229,6 +234,9 @@ def _family(module: nn.Module) -> Family | None:
     if {"attend", "to_qkv", "to_out"} <= names:
         return Family(_softmax_attention_problem, SoftmaxAttention.from_module, _tokens_probe_calls("to_qkv"),
                       SOFTMAX_CONTRACT)
+    if swap_cross_attention.is_cross_attention(module):
+        return Family(_cross_attention_problem, CrossAttention.from_module, swap_cross_attention.probe_calls,
+                      swap_cross_attention.CONTRACT)
     if swap_dilated.is_dilated_attention(module):
         return Family(_dilated_problem, swap_dilated.replacement, swap_dilated.probe_calls,
                       swap_dilated.contract(module), probe_context=swap_dilated.probe_context, calls_children=True)
@@ -537,6 +545,12 @@ def _dilated_problem(module: nn.Module) -> str:
     """Why a recognized dilated attention module stays as it is (:func:`swap_dilated.problem`, then
     parameters or buffers of its own), or ``""``."""
     return swap_dilated.problem(module) or _own_problem(module)
+
+
+def _cross_attention_problem(module: nn.Module) -> str:
+    """Why a module with CMA-MIL's ``CrossAttention`` children stays as it is (:func:`swap_cross_attention.problem`,
+    then parameters or buffers of its own), or ``""``."""
+    return swap_cross_attention.problem(module) or _own_problem(module)
 
 
 def _block_type(block: nn.Module) -> str:

@@ -7,8 +7,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import milkernels
-from milkernels.ops import (anchor_kl, dilated_attention, gated_attention_pool, gated_attention_scores,
-                            lin_mil_attention, linear_attention, nsf, query_attention)
+from milkernels.ops import (anchor_kl, cross_attention, dilated_attention, gated_attention_pool,
+                            gated_attention_scores, lin_mil_attention, linear_attention, nsf, query_attention)
 from milkernels.ops._bags import pack_bags
 from milkernels.ops._library import NAMESPACE
 from milkernels.ops.gated_attention import reference as gated_reference
@@ -138,6 +138,29 @@ def dilated_call(shape, segments, rates, dtype=torch.float32, **kwargs):
                               dtype=torch.bfloat16), id="exact-packed-bfloat16"),
 ])
 def test_dilated_attention(call):
+    assert assert_counts_agree(call) > 0
+
+
+def cross_call(queries, keys, width, batch=(), dtype=torch.float32, **kwargs):
+    """A call of :func:`cross_attention` on ``xq, q: (*batch, queries, width)``, ``k, v: (*batch, keys, width)`` and
+    LayerNorm parameters, returning ``[out]``."""
+    rows = [randn(*batch, n, width, dtype=dtype, seed=seed) for seed, n in enumerate((queries, queries, keys, keys))]
+    params = [randn(width, seed=seed) for seed in (4, 5)]
+    return lambda: [cross_attention(*rows, *params, **kwargs)]
+
+
+PADDING = torch.arange(6) >= torch.tensor([[6], [2]])  # the second of two bags of 6 keys: 4 padding keys
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(cross_call(7, 5, 12, heads=3), id="one-bag-three-heads"),
+    pytest.param(cross_call(4, 6, 8, batch=(2,), key_padding_mask=PADDING), id="padded-mask"),
+    pytest.param(cross_call(9, 11, 8, cu_seqlens_q=torch.tensor([0, 4, 9]), cu_seqlens_k=torch.tensor([0, 0, 11])),
+                 id="packed-empty-key-bag"),
+    pytest.param(cross_call(3, 300, 16, heads=2), id="split-kv"),
+    pytest.param(cross_call(5, 7, 8, dtype=torch.bfloat16), id="bfloat16"),
+])
+def test_cross_attention(call):
     assert assert_counts_agree(call) > 0
 
 

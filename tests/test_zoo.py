@@ -15,7 +15,7 @@ from test_nn import Case
 IN_DIM, ROWS, CLASSES = 384, 11, 3  # 384: ASMIL gets its paper hidden size 128
 PARAMETERS = {  # at the default dims, 2 classes
     "clam_sb": 788_739, "clam_mb": 788_996, "abmil": 641_887, "lin_mil": 13_137_954, "litemil": 559_490,
-    "asmil": 9_994_754, "transmil": 2_672_146, "gigapath_slide_encoder": 86_332_418,
+    "asmil": 9_994_754, "transmil": 2_672_146, "gigapath_slide_encoder": 86_332_418, "cma_mil": 363_208,
 }
 SWAPPED = {  # report group -> module names, for the models of built(name) (one layer where there are layers)
     "clam_sb": {"fused": ["attention_net.3"]},
@@ -26,12 +26,16 @@ SWAPPED = {  # report group -> module names, for the models of built(name) (one 
     "asmil": {"replaced": [*(f"sub_attention.{i}" for i in range(8)), "bag_attention"]},
     "transmil": {},
     "gigapath_slide_encoder": {"replaced": ["slide_encoder.encoder.layers.0.self_attn"]},
+    "cma_mil": {"fused": ["model.cross_attn_5x_10x", "model.cross_attn_10x_20x", "model.cross_attn_20x_5x",
+                          "model.attention_net"]},
 }
 SWAP_CASES = [Case("reference", torch.float64, (1e-9, 1e-9)), Case("triton", torch.float32, (2e-4, 2e-4))]
 TRITON_SKIPPED = {"transmil": "nothing in it is swapped",
                   "gigapath_slide_encoder": "slow in the interpreter at E = 768: test_swapped_small_gigapath instead"}
-# exact gradient 0: softmax is shift invariant (a score bias, a key bias); ASMIL's class token starts at 0
-ZERO_GRADIENT = ("attention_c.bias", "k_proj.bias", "bag_attention.q_proj.weight")
+# exact gradient 0: softmax is shift invariant (a score bias, a key bias); ASMIL's class token starts at 0;
+# CMA-MIL's 5x stream has one instance in the test's bag, so 20x -> 5x attends to one key
+ZERO_GRADIENT = ("attention_c.bias", "k_proj.bias", "bag_attention.q_proj.weight", "key.bias",
+                 "cross_attn_20x_5x.query.weight", "cross_attn_20x_5x.query.bias", "cross_attn_20x_5x.key.weight")
 
 
 def built(name, in_dim=IN_DIM, **options):

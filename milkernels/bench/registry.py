@@ -22,7 +22,8 @@ import torch
 from .._backends import use_backend
 
 _BUILTIN = ("milkernels.bench.gated_attention", "milkernels.bench.linear_attention",
-            "milkernels.bench.query_attention", "milkernels.bench.dilated_attention")
+            "milkernels.bench.query_attention", "milkernels.bench.dilated_attention",
+            "milkernels.bench.cross_attention")
 _OPS: dict[str, "Op"] = {}
 
 

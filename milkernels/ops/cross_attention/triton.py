@@ -1,0 +1,534 @@
+"""Cross-attention with a residual LayerNorm in Triton: a flash forward with the norm in its epilogue and a
+deterministic four-kernel backward.
+
+Layout. Rows are packed bags, ``xq, q: (Tq, E)`` and ``k, v: (Tk, E)`` (contiguous). A program holds every head
+of its rows as one 3-D tile ``(HP, rows, DHP)``: head ``h``, head column ``d`` is column ``h * dh + d``, with
+``HP`` and ``DHP`` the head count and head size padded to powers of two (``DHP >= 16``), masked. The score and
+value products are batched ``tl.dot`` over the heads.
+
+- Forward (``_forward_kernel``), one program per block of query rows: the online softmax of each head over
+  the keys of the rows' bag, then the epilogue: ``attn = A V``, ``y = xq + attn`` and the LayerNorm of ``y``
+  over its E columns, so ``A V`` is never read back before the norm. Writes ``out``, ``attn`` (kept for
+  the backward), the row ``mean`` and ``rstd`` and the per-head log-sum-exp ``lse`` (``-inf`` where the bag
+  has no valid key: there ``attn = 0`` and ``out = LayerNorm(xq)``).
+- Split-KV forward, when few query blocks would leave the GPU idle: ``_split_forward_kernel`` runs each
+  query block over ``S`` ranges of its bag's keys and writes fp32 partials (running max, sum and
+  unnormalized ``A V``); ``_combine_kernel`` merges them in a fixed order and runs the same epilogue.
+- Backward: ``_norm_grad_kernel`` (per query block) writes ``dy = d xq`` (the LayerNorm's gradient, which is
+  also the gradient of ``A V``), ``D = rowsum(dy * attn)`` per head and per-block partials of the weight and
+  bias gradients (summed by torch); ``_query_grad_kernel`` (per query block and key range) writes ``dq``;
+  ``_key_grad_kernel`` (per key block and query range) writes ``dk`` and ``dv``. With several ranges
+  they write fp32 partials that torch sums in a fixed order. No atomics: deterministic.
+
+Supported: ``HP * DHP <= 256`` and at most 8 heads (:func:`unsupported_shape`); other shapes run on the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._backends import triton_interpreted
+from .. import _blocks
+from .._blocks import block_table, dot_flags
+from ..dilated_attention.triton import _mm
+
+MAX_PADDED_WIDTH = 256
+MAX_HEADS = 8
+TARGET_PROGRAMS = 264  # two per SM on an H100 / H200: below that, split the other side's rows
+MIN_SPLIT_ROWS = 256  # rows of the other side per split, at least
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def padded_heads(heads: int, head_dim: int) -> tuple[int, int]:
+    """``(HP, DHP)``: the head count and the head size as tile sizes, powers of two, ``DHP >= 16``."""
+    return triton.next_power_of_2(heads), max(16, triton.next_power_of_2(head_dim))
+
+
+def unsupported_shape(width: int, heads: int) -> list[str]:
+    """Why the kernels cannot take rows of ``width`` columns in ``heads`` heads: a padded row (the epilogue
+    holds one per query) wider than :data:`MAX_PADDED_WIDTH`, or more than :data:`MAX_HEADS` heads."""
+    padded, padded_dim = padded_heads(heads, width // heads)
+    if padded * padded_dim > MAX_PADDED_WIDTH:
+        return [f"E={width} in {heads} heads pads to {padded} x {padded_dim} = {padded * padded_dim} columns per row, "
+                f"more than the fused LayerNorm epilogue holds ({MAX_PADDED_WIDTH})"]
+    if heads > MAX_HEADS:
+        return [f"{heads} heads: the kernels take at most {MAX_HEADS} (their per-head score tiles of more spill)"]
+    return []
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes: query and key rows per tile and warps, in the forward and in the backward."""
+
+    forward_m: int
+    forward_n: int
+    forward_warps: int
+    backward_m: int
+    backward_n: int
+    backward_warps: int
+
+
+_CONFIGS = {
+    (1, 16): Config(64, 64, 4, 64, 64, 4), (1, 32): Config(64, 64, 4, 64, 64, 4),
+    (1, 64): Config(64, 64, 4, 64, 64, 8), (1, 128): Config(64, 64, 8, 32, 32, 4),
+    (1, 256): Config(64, 64, 8, 32, 32, 8), (2, 16): Config(64, 64, 4, 64, 64, 4),
+    (2, 32): Config(64, 64, 4, 64, 64, 8), (2, 64): Config(64, 64, 8, 32, 32, 8),
+    (2, 128): Config(32, 32, 4, 32, 32, 8), (4, 16): Config(64, 64, 8, 64, 64, 8),
+    (4, 32): Config(64, 64, 8, 32, 32, 8), (4, 64): Config(32, 32, 8, 32, 32, 8),
+    (8, 16): Config(32, 32, 8, 32, 32, 8), (8, 32): Config(32, 32, 8, 16, 16, 4),
+}
+"""The fp16 and bf16 configuration of each ``(HP, DHP)`` the kernels take: the largest tiles (then the fewest
+warps) that compile for sm_90 without a spill (``tests/aot.py``); the combine and the norm gradient take the
+forward's and the backward's rows and warps (``(8, 16)`` has 8 forward warps: its combine at 4 spills)."""
+
+_FP32_CONFIGS = {
+    (1, 16): Config(64, 64, 8, 64, 64, 8), (1, 32): Config(64, 64, 8, 64, 32, 8),
+    (1, 64): Config(64, 32, 8, 32, 32, 8), (1, 128): Config(32, 32, 8, 16, 16, 4),
+    (1, 256): Config(16, 16, 4, 16, 16, 4), (2, 16): Config(64, 64, 8, 64, 32, 8),
+    (2, 32): Config(64, 32, 8, 32, 32, 8), (2, 64): Config(32, 32, 8, 16, 16, 4),
+    (2, 128): Config(16, 16, 4, 16, 16, 4), (4, 16): Config(64, 32, 8, 32, 32, 8),
+    (4, 32): Config(32, 32, 8, 16, 16, 4), (4, 64): Config(32, 32, 8, 16, 16, 4),
+    (8, 16): Config(32, 32, 8, 16, 16, 4), (8, 32): Config(16, 16, 4, 16, 16, 4),
+}
+"""The fp32 configurations (``tf32x3`` dots, three products a tile): the largest tiles without a spill within
+160 KiB of shared memory (224 KiB for ``(4, 64)``), else the least spilling; wide rows spill in the backward."""
+
+
+def config_for(tile: tuple[int, int], dtype) -> Config:
+    """The configuration of tile ``(HP, DHP)`` for inputs of ``dtype``."""
+    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[tile]
+
+
+def kernel_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool, dots: bool = True) -> dict:
+    """The constexprs and ``num_warps`` of a launch on tile ``(HP, DHP)``: the forward's or the backward's
+    ``BLOCK_M`` and warps and, for the kernels that walk key or query tiles (``dots``), ``BLOCK_N`` and the dot
+    settings for ``dtype``."""
+    cfg = config_for(tile, dtype)
+    block_m, block_n, warps = ((cfg.backward_m, cfg.backward_n, cfg.backward_warps) if backward
+                               else (cfg.forward_m, cfg.forward_n, cfg.forward_warps))
+    flags = dict(HP=tile[0], DHP=tile[1], BLOCK_M=block_m, num_warps=warps)
+    return dict(flags, BLOCK_N=block_n, **dot_flags(dtype, interpreted)) if dots else flags
+
+
+@triton.jit
+def _columns(H, dh, HP: tl.constexpr, DHP: tl.constexpr):
+    """Column ``h * dh + d`` of each head ``h`` and head column ``d``, ``(HP, 1, DHP)``, and whether it exists."""
+    h = tl.arange(0, HP)[:, None, None]
+    d = tl.arange(0, DHP)[None, None, :]
+    return h * dh + d, (h < H) & (d < dh)
+
+
+@triton.jit
+def _load_heads(ptr, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
+    """Rows ``rows`` of ``(T, E)`` split into heads, ``(HP, len(rows), DHP)``; 0 outside the heads and rows not ok."""
+    cols, in_head = _columns(H, dh, HP, DHP)
+    return tl.load(ptr + rows.to(tl.int64)[None, :, None] * E + cols, mask=in_head & ok[None, :, None], other=0.0)
+
+
+@triton.jit
+def _store_heads(ptr, value, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
+    cols, in_head = _columns(H, dh, HP, DHP)
+    tl.store(ptr + rows.to(tl.int64)[None, :, None] * E + cols, value.to(ptr.dtype.element_ty),
+             mask=in_head & ok[None, :, None])
+
+
+@triton.jit
+def _load_per_head(ptr, rows, ok, H, other, HP: tl.constexpr):
+    """``(HP, len(rows))`` of a ``(T, H)`` float32 array; ``other`` outside."""
+    h = tl.arange(0, HP)[:, None]
+    return tl.load(ptr + rows.to(tl.int64)[None, :] * H + h, mask=(h < H) & ok[None, :], other=other)
+
+
+@triton.jit
+def _store_per_head(ptr, value, rows, ok, H, HP: tl.constexpr):
+    h = tl.arange(0, HP)[:, None]
+    tl.store(ptr + rows.to(tl.int64)[None, :] * H + h, value, mask=(h < H) & ok[None, :])
+
+
+@triton.jit
+def _load_vector(ptr, H, dh, HP: tl.constexpr, DHP: tl.constexpr):
+    """An ``(E,)`` float32 vector (LayerNorm weight or bias) as ``(HP, 1, DHP)``; 0 outside the heads."""
+    cols, in_head = _columns(H, dh, HP, DHP)
+    return tl.load(ptr + cols, mask=in_head, other=0.0)
+
+
+@triton.jit
+def _row_sum(x):
+    """``(rows,)``: the sum of ``x: (HP, rows, DHP)`` over every head and head column."""
+    return tl.sum(tl.sum(x, axis=2), axis=0)
+
+
+@triton.jit
+def _own_rows(start_ptr, end_ptr, bag_ptr, BLOCK: tl.constexpr):
+    """This program's block (axis 0) of a block table: its rows, which exist, and its bag."""
+    block = tl.program_id(0)
+    rows = tl.load(start_ptr + block) + tl.arange(0, BLOCK)
+    return rows, rows < tl.load(end_ptr + block), tl.load(bag_ptr + block)
+
+
+@triton.jit
+def _split_range(cu_ptr, bag, BLOCK: tl.constexpr):
+    """Rows ``[lo, hi)`` of ``bag`` in ``cu`` (B + 1 bounds) that this program's split (axis 1) takes: the
+    bag cut into ``num_programs(1)`` ranges of whole ``BLOCK``s (the last ones may be short or empty)."""
+    first = tl.load(cu_ptr + bag)
+    last = tl.load(cu_ptr + bag + 1)
+    chunk = tl.cdiv(tl.cdiv(last - first, tl.num_programs(1)), BLOCK) * BLOCK
+    lo = first + tl.program_id(1) * chunk
+    return lo, tl.minimum(lo + chunk, last)
+
+
+@triton.jit
+def _valid_keys(key_valid_ptr, keys, ok):
+    return ok & (tl.load(key_valid_ptr + keys, mask=ok, other=0) != 0)
+
+
+@triton.jit
+def _attend(q, k_ptr, v_ptr, key_valid_ptr, lo, hi, H, dh, E, scale, HP: tl.constexpr, DHP: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """The online softmax of ``q: (HP, BLOCK_M, DHP)`` over the valid keys ``lo .. hi``: ``acc`` (unnormalized
+    ``A V``, ``(HP, BLOCK_M, DHP)``), the running max ``m`` and sum ``l`` (``(HP, BLOCK_M)``), float32."""
+    m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([HP, BLOCK_M], tl.float32)
+    acc = tl.zeros([HP, BLOCK_M, DHP], tl.float32)
+    for k0 in range(lo, hi, BLOCK_N):
+        keys = k0 + tl.arange(0, BLOCK_N)
+        key_ok = _valid_keys(key_valid_ptr, keys, keys < hi)
+        k = _load_heads(k_ptr, keys, key_ok, H, dh, E, HP, DHP)
+        v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
+        scores = _mm(q, tl.trans(k, 0, 2, 1), k_ptr, DOT_FP32, FP32_PRECISION) * scale
+        scores = tl.where(key_ok[None, None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=2))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, :, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=2)
+        acc = acc * alpha[:, :, None] + _mm(p, v, k_ptr, DOT_FP32, FP32_PRECISION)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def _epilogue(acc, m, l, rows, row_ok, xq_ptr, weight_ptr, bias_ptr, out_ptr, attn_ptr, mean_ptr, rstd_ptr, lse_ptr,
+              H, dh, E, eps, HP: tl.constexpr, DHP: tl.constexpr):
+    """From the softmax state of a block of rows: ``attn = acc / l`` (0 without keys) and its ``lse``, then
+    ``out = LayerNorm(xq + attn)`` with the row's ``mean`` and ``rstd``; writes all five."""
+    has_key = l > 0
+    attn = tl.where(has_key[:, :, None], acc / tl.where(has_key, l, 1.0)[:, :, None], 0.0)
+    _store_heads(attn_ptr, attn, rows, row_ok, H, dh, E, HP, DHP)
+    _store_per_head(lse_ptr, tl.where(has_key, m + tl.log(tl.where(has_key, l, 1.0)), float("-inf")), rows, row_ok,
+                    H, HP)
+    y = _load_heads(xq_ptr, rows, row_ok, H, dh, E, HP, DHP).to(tl.float32) + attn
+    mean = _row_sum(y) / E
+    _, in_head = _columns(H, dh, HP, DHP)
+    centered = tl.where(in_head, y - mean[None, :, None], 0.0)
+    rstd = 1.0 / tl.sqrt(_row_sum(centered * centered) / E + eps)
+    out = centered * rstd[None, :, None] * _load_vector(weight_ptr, H, dh, HP, DHP) + _load_vector(bias_ptr, H, dh,
+                                                                                                   HP, DHP)
+    _store_heads(out_ptr, out, rows, row_ok, H, dh, E, HP, DHP)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _forward_kernel(xq_ptr, q_ptr, k_ptr, v_ptr, key_valid_ptr, weight_ptr, bias_ptr,
+                    out_ptr, attn_ptr, mean_ptr, rstd_ptr, lse_ptr, block_start_ptr, block_end_ptr, block_bag_ptr,
+                    cu_k_ptr, H, dh, E, scale, eps, HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    rows, row_ok, bag = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_M)
+    lo, hi = _split_range(cu_k_ptr, bag, BLOCK_N)
+    q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
+    acc, m, l = _attend(q, k_ptr, v_ptr, key_valid_ptr, lo, hi, H, dh, E, scale, HP, DHP, BLOCK_M, BLOCK_N, DOT_FP32,
+                        FP32_PRECISION)
+    _epilogue(acc, m, l, rows, row_ok, xq_ptr, weight_ptr, bias_ptr, out_ptr, attn_ptr, mean_ptr, rstd_ptr, lse_ptr,
+              H, dh, E, eps, HP, DHP)
+
+
+@triton.jit
+def _split_forward_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+                          block_start_ptr, block_end_ptr, block_bag_ptr, cu_k_ptr, Tq, H, dh, E, scale,
+                          HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    rows, row_ok, bag = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_M)
+    lo, hi = _split_range(cu_k_ptr, bag, BLOCK_N)
+    q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
+    acc, m, l = _attend(q, k_ptr, v_ptr, key_valid_ptr, lo, hi, H, dh, E, scale, HP, DHP, BLOCK_M, BLOCK_N, DOT_FP32,
+                        FP32_PRECISION)
+    split_rows = tl.program_id(1).to(tl.int64) * Tq
+    _store_heads(part_acc_ptr + split_rows * E, acc, rows, row_ok, H, dh, E, HP, DHP)
+    _store_per_head(part_max_ptr + split_rows * H, m, rows, row_ok, H, HP)
+    _store_per_head(part_sum_ptr + split_rows * H, l, rows, row_ok, H, HP)
+
+
+@triton.jit
+def _combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, xq_ptr, weight_ptr, bias_ptr,
+                    out_ptr, attn_ptr, mean_ptr, rstd_ptr, lse_ptr, block_start_ptr, block_end_ptr, block_bag_ptr,
+                    num_splits, Tq, H, dh, E, eps, HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr):
+    rows, row_ok, _ = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_M)
+    m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([HP, BLOCK_M], tl.float32)
+    acc = tl.zeros([HP, BLOCK_M, DHP], tl.float32)
+    for split in range(0, num_splits):
+        split_rows = (tl.zeros([], tl.int64) + split) * Tq
+        m_split = _load_per_head(part_max_ptr + split_rows * H, rows, row_ok, H, float("-inf"), HP)
+        m_new = tl.maximum(m, m_split)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        beta = tl.exp(m_split - m_safe)
+        l = l * alpha + beta * _load_per_head(part_sum_ptr + split_rows * H, rows, row_ok, H, 0.0, HP)
+        acc = acc * alpha[:, :, None] + beta[:, :, None] * _load_heads(part_acc_ptr + split_rows * E, rows, row_ok, H,
+                                                                        dh, E, HP, DHP)
+        m = m_new
+    _epilogue(acc, m, l, rows, row_ok, xq_ptr, weight_ptr, bias_ptr, out_ptr, attn_ptr, mean_ptr, rstd_ptr, lse_ptr,
+              H, dh, E, eps, HP, DHP)
+
+
+@triton.jit
+def _norm_grad_kernel(xq_ptr, attn_ptr, weight_ptr, mean_ptr, rstd_ptr, d_out_ptr, d_xq_ptr, delta_ptr, d_ln_ptr,
+                      block_start_ptr, block_end_ptr, block_bag_ptr, H, dh, E,
+                      HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``dy`` (into ``d_xq``), ``delta = rowsum(dy * attn)`` per head, and this block's ``d_ln: (2, E)`` partial
+    (weight gradient, bias gradient)."""
+    rows, row_ok, _ = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_M)
+    attn = _load_heads(attn_ptr, rows, row_ok, H, dh, E, HP, DHP).to(tl.float32)
+    y = _load_heads(xq_ptr, rows, row_ok, H, dh, E, HP, DHP).to(tl.float32) + attn
+    mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    cols, in_head = _columns(H, dh, HP, DHP)
+    normed = tl.where(in_head, (y - mean[None, :, None]) * rstd[None, :, None], 0.0)
+    d_out = _load_heads(d_out_ptr, rows, row_ok, H, dh, E, HP, DHP).to(tl.float32)
+    d_normed = d_out * _load_vector(weight_ptr, H, dh, HP, DHP)
+    mean_grad = _row_sum(d_normed) / E
+    mean_projection = _row_sum(d_normed * normed) / E
+    d_y = tl.where(in_head, rstd[None, :, None] * (d_normed - mean_grad[None, :, None]
+                                                  - normed * mean_projection[None, :, None]), 0.0)
+    _store_heads(d_xq_ptr, d_y, rows, row_ok, H, dh, E, HP, DHP)
+    _store_per_head(delta_ptr, tl.sum(d_y * attn, axis=2), rows, row_ok, H, HP)
+    d_ln = d_ln_ptr + tl.program_id(0).to(tl.int64) * 2 * E + cols
+    tl.store(d_ln, tl.sum(d_out * normed, axis=1, keep_dims=True), mask=in_head)
+    tl.store(d_ln + E, tl.sum(d_out, axis=1, keep_dims=True), mask=in_head)
+
+
+@triton.jit
+def _live_lse(lse_ptr, rows, row_ok, H, HP: tl.constexpr):
+    """``(HP, len(rows))``: which (head, row) pairs saw a key, and their lse (0 where none did)."""
+    lse = _load_per_head(lse_ptr, rows, row_ok, H, float("-inf"), HP)
+    live = lse > float("-inf")
+    return live, tl.where(live, lse, 0.0)
+
+
+@triton.jit
+def _query_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_attn_ptr, d_q_ptr,
+                       block_start_ptr, block_end_ptr, block_bag_ptr, cu_k_ptr, Tq, H, dh, E, scale,
+                       HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """``dq`` of a block of query rows over one range of its bag's keys (split ``program_id(1)``)."""
+    rows, row_ok, bag = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_M)
+    lo, hi = _split_range(cu_k_ptr, bag, BLOCK_N)
+    q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
+    d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
+    live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
+    delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
+    d_q = tl.zeros([HP, BLOCK_M, DHP], tl.float32)
+    for k0 in range(lo, hi, BLOCK_N):
+        keys = k0 + tl.arange(0, BLOCK_N)
+        key_ok = _valid_keys(key_valid_ptr, keys, keys < hi)
+        k = _load_heads(k_ptr, keys, key_ok, H, dh, E, HP, DHP)
+        v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
+        scores = _mm(q, tl.trans(k, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+        p = tl.where(live[:, :, None] & key_ok[None, None, :], tl.exp(scores - lse[:, :, None]), 0.0)
+        d_p = _mm(d_attn, tl.trans(v, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION)
+        d_q += _mm(p * (d_p - delta[:, :, None]), k, q_ptr, DOT_FP32, FP32_PRECISION)
+    _store_heads(d_q_ptr + tl.program_id(1).to(tl.int64) * Tq * E, d_q * scale, rows, row_ok, H, dh, E, HP, DHP)
+
+
+@triton.jit
+def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_attn_ptr, d_k_ptr, d_v_ptr,
+                     block_start_ptr, block_end_ptr, block_bag_ptr, cu_q_ptr, Tk, H, dh, E, scale,
+                     HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """``dk`` and ``dv`` of a block of key rows over one range of its bag's queries (split ``program_id(1)``)."""
+    keys, key_exists, bag = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_N)
+    key_ok = _valid_keys(key_valid_ptr, keys, key_exists)
+    lo, hi = _split_range(cu_q_ptr, bag, BLOCK_M)
+    k = _load_heads(k_ptr, keys, key_ok, H, dh, E, HP, DHP)
+    v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
+    d_k = tl.zeros([HP, BLOCK_N, DHP], tl.float32)
+    d_v = tl.zeros([HP, BLOCK_N, DHP], tl.float32)
+    for r0 in range(lo, hi, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
+        d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
+        live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
+        delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
+        scores_t = _mm(k, tl.trans(q, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+        p_t = tl.where(key_ok[None, :, None] & live[:, None, :], tl.exp(scores_t - lse[:, None, :]), 0.0)
+        d_v += _mm(p_t, d_attn, q_ptr, DOT_FP32, FP32_PRECISION)
+        d_p_t = _mm(v, tl.trans(d_attn, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION)
+        d_k += _mm(p_t * (d_p_t - delta[:, None, :]), q, q_ptr, DOT_FP32, FP32_PRECISION)
+    split_rows = tl.program_id(1).to(tl.int64) * Tk
+    _store_heads(d_k_ptr + split_rows * E, d_k * scale, keys, key_exists, H, dh, E, HP, DHP)
+    _store_heads(d_v_ptr + split_rows * E, d_v, keys, key_exists, H, dh, E, HP, DHP)
+
+
+def longest_bag(bounds) -> int:
+    """The most rows of one bag, from the bag boundaries ``bounds`` (B + 1 ints)."""
+    return max(stop - start for start, stop in zip(bounds[:-1], bounds[1:]))
+
+
+def num_splits(num_blocks: int, longest_other_bag: int) -> int:
+    """Ranges to cut the other side's rows into: 1 from :data:`TARGET_PROGRAMS` blocks on, else enough to
+    reach it, at most one per :data:`MIN_SPLIT_ROWS` rows of the longest bag of the other side."""
+    if num_blocks >= TARGET_PROGRAMS:
+        return 1
+    return max(1, min(-(-TARGET_PROGRAMS // max(num_blocks, 1)), -(-longest_other_bag // MIN_SPLIT_ROWS)))
+
+
+class Plan:
+    """What every launch of one call shares: the block tables, the splits, the constexprs."""
+
+    def __init__(self, xq, bounds_q, bounds_k, heads: int):
+        self.query_rows, self.width = xq.shape
+        self.key_rows = bounds_k[-1]
+        self.heads, self.head_dim = heads, self.width // heads
+        self.tile, self.dtype = padded_heads(heads, self.head_dim), xq.dtype
+        config = config_for(self.tile, self.dtype)
+        device = xq.device
+        self.cu_q, self.cu_k = (torch.tensor(b, dtype=torch.int32, device=device) for b in (bounds_q, bounds_k))
+        self.forward_queries = block_table(bounds_q, config.forward_m, device)
+        self.backward_queries = block_table(bounds_q, config.backward_m, device)
+        self.backward_keys = block_table(bounds_k, config.backward_n, device)
+        longest_q, longest_k = longest_bag(bounds_q), longest_bag(bounds_k)
+        self.forward_splits = num_splits(self.forward_queries.num_blocks, longest_k)
+        self.query_grad_splits = num_splits(self.backward_queries.num_blocks, longest_k)
+        self.key_grad_splits = num_splits(self.backward_keys.num_blocks, longest_q)
+
+    def sizes(self) -> tuple[int, int, int]:
+        return self.heads, self.head_dim, self.width
+
+    def forward_flags(self, dots: bool = True) -> dict:
+        """The forward kernels' :func:`kernel_flags`; without ``dots``, the combine's."""
+        return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=False, dots=dots)
+
+    def backward_flags(self, dots: bool = True) -> dict:
+        """The backward kernels' :func:`kernel_flags`; without ``dots``, the norm gradient's."""
+        return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=True, dots=dots)
+
+
+def _table(table) -> tuple:
+    return table.start, table.end, table.bag
+
+
+def _split_buffer(splits: int, like: torch.Tensor) -> torch.Tensor:
+    """Where a kernel split ``splits`` ways writes a gradient of ``like``'s shape: a buffer in ``like``'s dtype for
+    one split, else fp32 partials ``(splits, *like.shape)``."""
+    if splits == 1:
+        return _blocks.new_buffer(*like.shape, dtype=like.dtype, device=like.device)
+    return _blocks.new_buffer(splits, *like.shape, dtype=torch.float32, device=like.device)
+
+
+def _split_total(buffer: torch.Tensor, splits: int, like: torch.Tensor) -> torch.Tensor:
+    """The gradient from :func:`_split_buffer`'s buffer: the partials summed in order, in ``like``'s dtype."""
+    return buffer if splits == 1 else buffer.sum(0).to(like.dtype)
+
+
+def forward(xq, q, k, v, key_valid, weight, bias, plan: Plan, scale: float, eps: float):
+    """``(out, attn, mean, rstd, lse)`` of contiguous ``xq, q: (Tq, E)`` and ``k, v: (Tk, E)``, ``key_valid: (Tk,)``
+    bool and float32 ``weight, bias: (E,)``: ``out`` and ``attn`` ``(Tq, E)`` in xq's dtype, ``mean, rstd: (Tq,)``
+    and ``lse: (Tq, H)`` float32."""
+    out, attn = (_blocks.new_buffer(*xq.shape, dtype=xq.dtype, device=xq.device) for _ in range(2))
+    mean, rstd = (_blocks.new_buffer(plan.query_rows, dtype=torch.float32, device=xq.device) for _ in range(2))
+    lse = _blocks.new_buffer(plan.query_rows, plan.heads, dtype=torch.float32, device=xq.device)
+    table, splits = plan.forward_queries, plan.forward_splits
+    if table.num_blocks == 0:
+        return out, attn, mean, rstd, lse
+    epilogue = (xq, weight, bias, out, attn, mean, rstd, lse, *_table(table))
+    if splits == 1:
+        _forward_kernel[(table.num_blocks,)](xq, q, k, v, key_valid, weight, bias, out, attn, mean, rstd, lse,
+                                             *_table(table), plan.cu_k, *plan.sizes(), scale, eps,
+                                             **plan.forward_flags())
+        return out, attn, mean, rstd, lse
+    part_acc = _blocks.new_buffer(splits, *xq.shape, dtype=torch.float32, device=xq.device)
+    part_max, part_sum = (_blocks.new_buffer(splits, plan.query_rows, plan.heads, dtype=torch.float32,
+                                             device=xq.device) for _ in range(2))
+    _split_forward_kernel[(table.num_blocks, splits)](q, k, v, key_valid, part_acc, part_max, part_sum, *_table(table),
+                                                      plan.cu_k, plan.query_rows, *plan.sizes(), scale,
+                                                      **plan.forward_flags())
+    _combine_kernel[(table.num_blocks,)](part_acc, part_max, part_sum, *epilogue, splits, plan.query_rows,
+                                         *plan.sizes(), eps, **plan.forward_flags(dots=False))
+    return out, attn, mean, rstd, lse
+
+
+def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan: Plan, scale: float):
+    """``(d_xq, d_q, d_k, d_v, d_ln)``: the first four in their input's shape and dtype, ``d_ln: (2, E)`` float32
+    (the LayerNorm weight's gradient, then the bias's), from the forward's saved tensors and ``d_out``."""
+    d_xq = _blocks.new_buffer(*xq.shape, dtype=xq.dtype, device=xq.device)
+    delta = _blocks.new_buffer(plan.query_rows, plan.heads, dtype=torch.float32, device=xq.device)
+    queries, keys = plan.backward_queries, plan.backward_keys
+    d_ln = _blocks.new_buffer(queries.num_blocks, 2, plan.width, dtype=torch.float32, device=xq.device)
+    d_q = _split_buffer(plan.query_grad_splits, q)
+    d_k, d_v = (_split_buffer(plan.key_grad_splits, k) for _ in range(2))
+    if queries.num_blocks:
+        _norm_grad_kernel[(queries.num_blocks,)](xq, attn, weight, mean, rstd, d_out, d_xq, delta, d_ln,
+                                                 *_table(queries), *plan.sizes(), **plan.backward_flags(dots=False))
+        _query_grad_kernel[(queries.num_blocks, plan.query_grad_splits)](
+            q, k, v, key_valid, lse, delta, d_xq, d_q, *_table(queries), plan.cu_k, plan.query_rows, *plan.sizes(),
+            scale, **plan.backward_flags())
+    if keys.num_blocks:
+        _key_grad_kernel[(keys.num_blocks, plan.key_grad_splits)](
+            q, k, v, key_valid, lse, delta, d_xq, d_k, d_v, *_table(keys), plan.cu_q, plan.key_rows, *plan.sizes(),
+            scale, **plan.backward_flags())
+    return (d_xq, _split_total(d_q, plan.query_grad_splits, q), _split_total(d_k, plan.key_grad_splits, k),
+            _split_total(d_v, plan.key_grad_splits, v), d_ln.sum(0))
+
+
+
+def _signatures(ptr: str, grad_ptr: str) -> dict:
+    """Each kernel's argument types for inputs of pointer type ``ptr``; the dq and dk/dv kernels write ``grad_ptr``."""
+    table = dict(block_start_ptr="*i32", block_end_ptr="*i32", block_bag_ptr="*i32")
+    sizes = dict(H="i32", dh="i32", E="i32")
+    rows = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, key_valid_ptr="*i1")
+    outputs = dict(out_ptr=ptr, attn_ptr=ptr, mean_ptr="*fp32", rstd_ptr="*fp32", lse_ptr="*fp32")
+    params = dict(weight_ptr="*fp32", bias_ptr="*fp32")
+    parts = dict(part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32")
+    grads = dict(lse_ptr="*fp32", delta_ptr="*fp32", d_attn_ptr=ptr)
+    return {
+        _forward_kernel: dict(xq_ptr=ptr, **rows, **params, **outputs, **table, cu_k_ptr="*i32", **sizes,
+                              scale="fp32", eps="fp32"),
+        _split_forward_kernel: dict(rows, **parts, **table, cu_k_ptr="*i32", Tq="i32", **sizes, scale="fp32"),
+        _combine_kernel: dict(parts, xq_ptr=ptr, **params, **outputs, **table, num_splits="i32", Tq="i32", **sizes,
+                              eps="fp32"),
+        _norm_grad_kernel: dict(xq_ptr=ptr, attn_ptr=ptr, weight_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+                                d_out_ptr=ptr, d_xq_ptr=ptr, delta_ptr="*fp32", d_ln_ptr="*fp32", **table, **sizes),
+        _query_grad_kernel: dict(rows, **grads, d_q_ptr=grad_ptr, **table, cu_k_ptr="*i32", Tq="i32", **sizes,
+                                 scale="fp32"),
+        _key_grad_kernel: dict(rows, **grads, d_k_ptr=grad_ptr, d_v_ptr=grad_ptr, **table, cu_q_ptr="*i32",
+                               Tk="i32", **sizes, scale="fp32"),
+    }
+
+
+def shipped_specializations():
+    """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
+
+    Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them, for the three
+    dtypes and every ``(HP, DHP)`` tile (:data:`_CONFIGS`): the forward, the split forward and its combine, and
+    the four backward kernels, the dq and dk/dv ones writing the gradient's dtype (one split) and, for fp16 and
+    bf16, also float32 partials. ``aligned``: E and dh, multiples of 16 where the head size is.
+    """
+    for dtype, ptr in _POINTER_TYPES.items():
+        for tile in _CONFIGS:
+            aligned = ("E", "dh")
+            launches = {kernel: kernel_flags(tile, dtype, False, backward, dots) for kernel, backward, dots in (
+                (_forward_kernel, False, True), (_split_forward_kernel, False, True), (_combine_kernel, False, False),
+                (_norm_grad_kernel, True, False), (_query_grad_kernel, True, True), (_key_grad_kernel, True, True))}
+            for grad_ptr in dict.fromkeys((ptr, "*fp32")):
+                signatures = _signatures(ptr, grad_ptr)
+                kernels = launches if grad_ptr == ptr else (_query_grad_kernel, _key_grad_kernel)
+                for kernel in kernels:
+                    flags = dict(launches[kernel])
+                    warps = flags.pop("num_warps")
+                    yield kernel, signatures[kernel], flags, warps, aligned

@@ -1,0 +1,266 @@
+"""Cross-attention with a residual LayerNorm: the reference against CMA-MIL's eager block and scaled dot-product
+attention, the triton kernels (interpreter on CPU) against the float64 reference, bag layouts, queries with no
+key, checks, custom ops."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import milkernels
+from milkernels.bench.saved import saved_bytes
+from milkernels.ops import cross_attention
+from milkernels.ops.cross_attention import reference
+
+import aot
+import kernel_checks
+
+kernels = importlib.import_module("milkernels.ops.cross_attention.triton")
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
+
+
+def make_inputs(queries, keys, width, batch=(), dtype=torch.float32, seed=0, norm_params=True):
+    """``[xq, q, k, v, ln_weight, ln_bias]``: ``(*batch, queries, width)`` and ``(*batch, keys, width)`` rows and
+    ``(width,)`` LayerNorm parameters (None unless ``norm_params``), all requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+
+    rows = [randn(*batch, queries, width) for _ in range(2)] + [randn(*batch, keys, width) for _ in range(2)]
+    params = [randn(width), randn(width)] if norm_params else [None, None]
+    return rows + params
+
+
+def attend(heads=1, **kwargs):
+    return lambda *t: cross_attention(*t, heads=heads, **kwargs)
+
+
+def sdpa_block(xq, q, k, v, weight, bias, heads, allowed=None):
+    """``LayerNorm(xq + SDPA(q, k, v))`` of padded bags ``(B, N, E)`` (``allowed: (B, Nk)``, True = a key)."""
+    split = [t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)]
+    mask = None if allowed is None else allowed[:, None, None, :]
+    attention = F.scaled_dot_product_attention(*split, attn_mask=mask).transpose(1, 2).flatten(2)
+    return F.layer_norm(xq + attention, xq.shape[-1:], weight, bias)
+
+
+def test_reference_is_cma_mils_block():
+    """CMA-MIL's ``norm(x1 + softmax(Q K^T / sqrt(dim)) V)`` with ``Linear`` projections, one head."""
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(30, 24, dtype=torch.float64), torch.randn(50, 24, dtype=torch.float64)
+    query, key, value = (torch.nn.Linear(24, 24).double() for _ in range(3))
+    norm = torch.nn.LayerNorm(24).double()
+    q, k, v = query(x1), key(x2), value(x2)
+    expected = norm(x1 + torch.softmax(q @ k.T / 24 ** 0.5, dim=-1) @ v)
+    with milkernels.use_backend("reference"):
+        got = cross_attention(x1, q, k, v, norm.weight, norm.bias)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_reference_is_sdpa_with_key_padding(heads):
+    xq, q, k, v, weight, bias = kernel_checks.as_float64(make_inputs(7, 9, 12, batch=(3,), seed=1))
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, 4:] = True
+    with milkernels.use_backend("reference"):
+        got = cross_attention(xq, q, k, v, weight, bias, heads=heads, key_padding_mask=padding)
+    torch.testing.assert_close(got, sdpa_block(xq, q, k, v, weight, bias, heads, ~padding), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("queries, keys, heads, width", [
+    (1, 1, 4, 72), (1, 5, 1, 72), (1, 700, 1, 72), (17, 1, 1, 72), (17, 5, 4, 72), (17, 700, 4, 72), (300, 1, 4, 72),
+    (300, 5, 1, 72), (300, 700, 1, 48),
+])
+def test_matches_reference(queries, keys, heads, width):
+    """E no power of two (72: 18 per head at 4 heads; 48 for the largest case, whose fp32 tiles are larger and
+    interpret faster): out and the gradients of xq, q, k, v and the norm."""
+    inputs = make_inputs(queries, keys, width, seed=queries + keys)
+    kernel_checks.compare(attend(heads), inputs, torch.float32)
+
+
+def test_matches_reference_without_norm_parameters_at_a_custom_scale():
+    inputs = make_inputs(20, 40, 64, seed=2, norm_params=False)
+    kernel_checks.compare(attend(8, softmax_scale=0.3, eps=1e-3), inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    """Out and every gradient within the half-precision tolerance; LayerNorm parameters in float32 (as a
+    module's under autocast) take float32 gradients."""
+    xq, q, k, v, weight, bias = make_inputs(40, 70, 48, dtype=dtype, seed=3)
+    weight, bias = (t.detach().float().requires_grad_() for t in (weight, bias))
+    kernel_checks.compare(attend(2), [xq, q, k, v], dtype)
+    with milkernels.use_backend("triton"):
+        out = cross_attention(xq, q, k, v, weight, bias, heads=2)
+        grads = torch.autograd.grad(out.float().sum(), [weight, bias])
+    assert out.dtype == dtype and all(g.dtype == torch.float32 for g in grads)
+
+
+def test_padded_bags_with_key_padding_mask():
+    """Bag 1 partly padded, bag 2 fully padded: its queries get ``LayerNorm(xq)`` and no NaN anywhere."""
+    inputs = make_inputs(20, 30, 40, batch=(3,), seed=4)
+    padding = torch.zeros(3, 30, dtype=torch.bool)
+    padding[1, 11:] = True
+    padding[2] = True
+    kernel_checks.compare(attend(2, key_padding_mask=padding), inputs, torch.float32)
+    xq, *_, weight, bias = inputs
+    with milkernels.use_backend("triton"):
+        out = cross_attention(*inputs, heads=2, key_padding_mask=padding)
+    torch.testing.assert_close(out[2], F.layer_norm(xq[2], (40,), weight, bias))
+
+
+CU_Q = torch.tensor([0, 5, 5, 265, 266])  # bag 1 has no query; bag 2 splits its 260 queries in two ranges
+CU_K = torch.tensor([0, 0, 30, 33, 330])  # bag 0 has no key (its queries get LayerNorm(xq)); bag 3 splits its 297 keys
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_packed_bags_equal_separate_calls(backend):
+    xq, q, k, v, weight, bias = make_inputs(266, 330, 32, seed=5)
+    with milkernels.use_backend(backend):
+        packed = cross_attention(xq, q, k, v, weight, bias, heads=2, cu_seqlens_q=CU_Q, cu_seqlens_k=CU_K)
+        separate = [cross_attention(*(t[q0:q1] for t in (xq, q)), *(t[k0:k1] for t in (k, v)), weight, bias, heads=2)
+                    for q0, q1, k0, k1 in zip(CU_Q[:-1], CU_Q[1:], CU_K[:-1], CU_K[1:])]
+    torch.testing.assert_close(packed, torch.cat(separate))
+    torch.testing.assert_close(packed[:5], F.layer_norm(xq[:5], (32,), weight, bias))
+
+
+def test_packed_bags_match_reference():
+    kernel_checks.compare(attend(2, cu_seqlens_q=CU_Q, cu_seqlens_k=CU_K), make_inputs(266, 330, 32, seed=5),
+                          torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_no_keys_gives_the_norm_of_the_residual(backend):
+    """One bag with N_k = 0: ``out = LayerNorm(xq)``, its gradients those of the norm alone, ``dq = 0``."""
+    xq, q, k, v, weight, bias = make_inputs(9, 0, 16, seed=6)
+    with milkernels.use_backend(backend):
+        out = cross_attention(xq, q, k, v, weight, bias, heads=2)
+        grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), [xq, q, weight, bias])
+    torch.testing.assert_close(out, F.layer_norm(xq, (16,), weight, bias))
+    assert all(g.isfinite().all() for g in grads) and not grads[1].any()
+
+
+def test_split_kv_matches_one_range_and_is_deterministic(monkeypatch):
+    """A few queries over many keys run split (3 key ranges); bitwise the same twice, and close to one range."""
+    inputs = make_inputs(17, 700, 32, seed=7)
+    with milkernels.use_backend("triton"):
+        split = [kernel_checks.outputs_and_grads(attend(2), inputs) for _ in range(2)]
+        monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 1)
+        single = kernel_checks.outputs_and_grads(attend(2), inputs)
+    for first, second, whole in zip(*(out + grads for out, grads in (*split, single))):
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_splits_cover_the_other_side():
+    assert kernels.num_splits(1, 700) == 3 and kernels.num_splits(1, 5) == 1
+    assert kernels.num_splits(kernels.TARGET_PROGRAMS, 10**6) == 1 and kernels.num_splits(0, 10) == 1
+
+
+def bad_input_cases():
+    x, y = torch.randn(6, 8), torch.randn(4, 8)
+    padded, padded_keys = torch.randn(2, 6, 8), torch.randn(2, 4, 8)
+    yield "share one dtype", (x, x, y.double(), y), {}
+    yield "q must have xq's shape", (x, x[:5], y, y), {}
+    yield "q must have xq's shape", (x, x, y, y[:3]), {}
+    yield "xq's E", (x, x, torch.randn(4, 6), torch.randn(4, 6)), {}
+    yield "xq's E", (padded, padded, torch.randn(3, 4, 8), torch.randn(3, 4, 8)), {}
+    yield "xq, q: \\(Nq, E\\)", (x, x, padded_keys, padded_keys), {}
+    yield "xq, q: \\(Nq, E\\)", (torch.randn(8),) * 2 + (y, y), {}
+    yield "heads must be an int >= 1 dividing E=8", (x, x, y, y), {"heads": 3}
+    yield "heads must be", (x, x, y, y), {"heads": 0}
+    yield "softmax_scale must be", (x, x, y, y), {"softmax_scale": -1.0}
+    yield "eps must be", (x, x, y, y), {"eps": 0.0}
+    yield "ln_weight must be \\(8,\\)", (x, x, y, y, torch.ones(7)), {}
+    yield "ln_bias must be \\(8,\\) in torch.float32", (x, x, y, y, None, torch.ones(8, dtype=torch.float64)), {}
+    yield "must be float32, float16, bfloat16 or float64", (x.long(), x, y, y), {}
+    yield "key_padding_mask must be \\(2, 4\\) bool", (padded, padded, padded_keys, padded_keys), \
+        {"key_padding_mask": torch.zeros(2, 5, dtype=torch.bool)}
+    yield "key_padding_mask must be \\(2, 4\\) bool", (padded, padded, padded_keys, padded_keys), \
+        {"key_padding_mask": torch.zeros(2, 4)}
+    yield "one bag \\(N, E\\) takes none", (x, x, y, y), {"key_padding_mask": torch.zeros(4, dtype=torch.bool)}
+    yield "give both", (x, x, y, y), {"cu_seqlens_q": torch.tensor([0, 6])}
+    yield "cu_seqlens_k must run from 0 to the row count 4", (x, x, y, y), \
+        {"cu_seqlens_q": torch.tensor([0, 6]), "cu_seqlens_k": torch.tensor([0, 3])}
+    yield "cu_seqlens_q must run .* without decreasing", (x, x, y, y), \
+        {"cu_seqlens_q": torch.tensor([0, 4, 2, 6]), "cu_seqlens_k": torch.tensor([0, 1, 2, 4])}
+    yield "cu_seqlens_q must be \\(B \\+ 1,\\) int32 or int64", (x, x, y, y), \
+        {"cu_seqlens_q": torch.tensor([0.0, 6.0]), "cu_seqlens_k": torch.tensor([0, 4])}
+    yield "count the same bags", (x, x, y, y), \
+        {"cu_seqlens_q": torch.tensor([0, 6]), "cu_seqlens_k": torch.tensor([0, 1, 4])}
+    yield "packed bags take 2-D", (padded, padded, padded_keys, padded_keys), \
+        {"cu_seqlens_q": torch.tensor([0, 6]), "cu_seqlens_k": torch.tensor([0, 4])}
+    yield "B >= 1", (torch.randn(0, 6, 8),) * 2 + (torch.randn(0, 4, 8),) * 2, {}
+    yield "must be a torch.Tensor", (x, x, y, y.tolist()), {}
+
+
+@pytest.mark.parametrize("message, args, kwargs", list(bad_input_cases()))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bad_input_raises_value_error(message, args, kwargs, backend):
+    with milkernels.use_backend(backend), pytest.raises(ValueError, match=message):
+        cross_attention(*args, **kwargs)
+
+
+def test_forced_backends_say_why_and_auto_uses_the_reference():
+    wide = [t.detach() for t in make_inputs(3, 4, 288, seed=8)]  # one head of 288 pads to 512 columns
+    with milkernels.use_backend("triton"), pytest.raises(milkernels.BackendUnavailable, match="pads to 1 x 512"):
+        cross_attention(*wide)
+    with milkernels.use_backend("triton"), pytest.raises(milkernels.BackendUnavailable, match="float64"):
+        cross_attention(*(t.double() for t in wide))
+    with milkernels.use_backend("cuda"), pytest.raises(milkernels.BackendUnavailable, match="no cuda kernel"):
+        cross_attention(*wide[:4])
+    with milkernels.use_backend("auto"):
+        assert cross_attention(*wide).shape == (3, 288)  # CPU tensors: the reference
+
+
+def test_kernels_save_the_attention_output_and_row_statistics():
+    """Beyond the inputs, the fused op keeps ``A V`` (Tq x E), the row mean and rstd and the lse (Tq x H);
+    the reference keeps the score and weight matrices (H x Tq x Tk each)."""
+    inputs = make_inputs(64, 200, 32, seed=9)
+    with milkernels.use_backend("triton"):
+        fused = saved_bytes(attend(4), *inputs)
+    with milkernels.use_backend("reference"):
+        composed = saved_bytes(attend(4), *inputs)
+    assert fused == 64 * 32 * 4 + 64 * (2 + 4) * 4
+    assert fused * 4 < composed
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_opcheck(masked):
+    xq, q, k, v, weight, bias = (t.detach().requires_grad_() for t in make_inputs(11, 23, 24, seed=10))
+    key_valid = torch.rand(23) > 0.3 if masked else None
+    params = [weight, bias] if masked else [None, None]
+    args = [xq, q, k, v, *params, key_valid, [0, 4, 11], [0, 9, 23], 3, 0.25, 1e-5]
+    torch.library.opcheck(torch.ops.milkernels.cross_attention_forward, args)
+    with torch.no_grad():
+        _, attn, mean, rstd, lse = torch.ops.milkernels.cross_attention_forward(*args)
+    detached = [t.detach() for t in (xq, q, k, v)]
+    torch.library.opcheck(torch.ops.milkernels.cross_attention_backward,
+                          [*detached, weight.detach() if masked else None, key_valid, attn, mean, rstd, lse,
+                           torch.randn_like(xq), *args[7:11]])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiles_without_graph_break(backend):
+    padding = torch.zeros(2, 30, dtype=torch.bool)
+    padding[1, 21:] = True
+    fn = lambda *t: cross_attention(*t[:6], heads=2, key_padding_mask=t[6])  # noqa: E731
+    kernel_checks.assert_compiles_without_graph_break(fn, [*make_inputs(10, 30, 32, batch=(2,), seed=11), padding],
+                                                      backend)
+    kernel_checks.assert_compiles_without_graph_break(attend(1), make_inputs(10, 30, 32, seed=12), backend)
+
+
+def test_double_backward_raises_on_triton():
+    kernel_checks.assert_double_backward_raises(attend(2), make_inputs(5, 7, 32, seed=13), "cross_attention")
+
+
+def test_double_backward_on_the_reference():
+    """True second derivatives, a fully padded bag included."""
+    inputs = kernel_checks.as_float64(make_inputs(3, 4, 4, batch=(2,), seed=14))
+    padding = torch.tensor([[False, True, False, True], [True] * 4])
+    with milkernels.use_backend("reference"):
+        assert torch.autograd.gradgradcheck(attend(2, key_padding_mask=padding), inputs)
+
+
+test_compiles_for_sm90 = aot.sm90_test(kernels)

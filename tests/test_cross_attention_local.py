@@ -1,0 +1,207 @@
+"""Coordinate-local cross-attention: the neighbour relation by hand, the plan's ranges against the brute-force
+mask on awkward layouts, the reference against a dense float64 masked attention, a 1M-patch plan."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from milkernels.ops.cross_attention.local import (LocalNeighbourhood, candidate_pairs, local_reference,
+                                                  neighbour_mask, neighbour_pairs, plan)
+
+CHILDREN = [(512, 512), (768, 512), (512, 768), (768, 768)]
+TOUCHING = [(256, 512), (1024, 512), (256, 256), (1024, 1024)]
+NEAR = [(1279, 512), (512, 1279)]          # gap 255
+FAR = [(1280, 512), (0, 512)]              # gap 256
+
+
+def hand_example(radius):
+    """One 10x patch of 512 px at (512, 512) against 20x patches of 256 px: children, touching, near, far."""
+    coords_k = torch.tensor(CHILDREN + TOUCHING + NEAR + FAR)
+    return LocalNeighbourhood(torch.tensor([[512, 512]]), coords_k, 512, 256, radius)
+
+
+def test_neighbour_mask_by_hand():
+    children, touching, near, far = len(CHILDREN), len(TOUCHING), len(NEAR), len(FAR)
+    assert neighbour_mask(hand_example(0)).tolist() == [[True] * children + [False] * (touching + near + far)]
+    assert neighbour_mask(hand_example(256)).tolist() == [[True] * (children + touching + near) + [False] * far]
+
+
+def test_neighbour_mask_is_symmetric():
+    local = hand_example(256)
+    assert torch.equal(neighbour_mask(local.swapped()), neighbour_mask(local).t())
+    child_sees_parent = LocalNeighbourhood(torch.tensor(CHILDREN), torch.tensor([[512, 512]]), 256, 512)
+    assert neighbour_mask(child_sees_parent).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(coords_q=torch.zeros(3, 3, dtype=torch.long)), "shape"),
+    (dict(coords_k=torch.zeros(3, 2)), "integer"),
+    (dict(coords_k=torch.zeros(3, 2, dtype=torch.bool)), "integer"),
+    (dict(patch_size_q=0), "patch_size_q"),
+    (dict(patch_size_k=256.0), "patch_size_k"),
+    (dict(radius=-1), "radius"),
+    (dict(coords_k=torch.zeros(3, 2, dtype=torch.long, device="meta")), "device"),
+])
+def test_invalid_neighbourhood(change, message):
+    arguments = dict(coords_q=torch.zeros(2, 2, dtype=torch.long), coords_k=torch.zeros(3, 2, dtype=torch.long),
+                     patch_size_q=512, patch_size_k=256, radius=0)
+    with pytest.raises(ValueError, match=message):
+        LocalNeighbourhood(**(arguments | change))
+
+
+def jittered_grid(columns, rows, pitch, generator, jitter=0, keep=1.0, offset=0):
+    """``(N, 2)`` int64 top-left corners of a ``columns x rows`` grid of ``pitch``, jittered, some dropped."""
+    y, x = torch.meshgrid(torch.arange(rows), torch.arange(columns), indexing="ij")
+    coords = torch.stack([x.flatten(), y.flatten()], 1) * pitch + offset
+    coords = coords + torch.randint(-jitter, jitter + 1, coords.shape, generator=generator)
+    return coords[torch.rand(len(coords), generator=generator) < keep]
+
+
+def random_layout(seed, patch_size_q, patch_size_k, radius):
+    """Queries and keys on jittered grids with holes, shuffled, plus queries far from every key."""
+    generator = torch.Generator().manual_seed(seed)
+    extent = 12 * max(patch_size_q, patch_size_k)
+    coords_q = jittered_grid(extent // patch_size_q, extent // patch_size_q, patch_size_q, generator,
+                             jitter=patch_size_q // 3, keep=0.7, offset=-patch_size_q // 2)
+    coords_k = jittered_grid(extent // patch_size_k, extent // patch_size_k, patch_size_k, generator,
+                             jitter=patch_size_k // 5, keep=0.8)
+    lonely = torch.tensor([[-5 * extent, 0], [3 * extent, 3 * extent], [0, -4 * extent]])
+    coords_q = torch.cat([coords_q, lonely])[torch.randperm(len(coords_q) + len(lonely), generator=generator)]
+    coords_k = coords_k[torch.randperm(len(coords_k), generator=generator)]
+    return LocalNeighbourhood(coords_q, coords_k, patch_size_q, patch_size_k, radius)
+
+
+def check_plan_structure(local_plan, num_queries, num_keys):
+    """Orders are permutations; per block the ranges are non-empty, sorted, disjoint and not touching."""
+    assert torch.equal(local_plan.q_order.sort().values, torch.arange(num_queries))
+    assert torch.equal(local_plan.k_order.sort().values, torch.arange(num_keys))
+    assert len(local_plan.range_ptr) == -(-num_queries // local_plan.block_q) + 1
+    assert local_plan.range_ptr[0] == 0 and local_plan.range_ptr[-1] == len(local_plan.range_start)
+    assert (local_plan.range_start < local_plan.range_end).all()
+    assert (local_plan.range_start >= 0).all() and (local_plan.range_end <= num_keys).all()
+    block_of_range = torch.repeat_interleave(torch.arange(len(local_plan.range_ptr) - 1), local_plan.range_ptr.diff())
+    same_block = block_of_range[1:] == block_of_range[:-1]
+    assert (local_plan.range_start[1:][same_block] > local_plan.range_end[:-1][same_block]).all()
+
+
+LAYOUTS = [(512, 256, 0, 64), (256, 512, 0, 7), (512, 256, 256, 1), (224, 448, 37, 50), (300, 700, 256, 13),
+           (256, 256, 0, 128), (700, 300, 1, 3)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("patch_size_q, patch_size_k, radius, block_q", LAYOUTS)
+def test_plan_covers_every_neighbour(seed, patch_size_q, patch_size_k, radius, block_q):
+    local = random_layout(seed, patch_size_q, patch_size_k, radius)
+    mask = neighbour_mask(local)
+    assert (mask.sum(1) == 0).any() and mask.any()
+    local_plan = plan(local, block_q)
+    check_plan_structure(local_plan, *mask.shape)
+    candidates = torch.zeros_like(mask)
+    candidates[candidate_pairs(local_plan)] = True
+    assert not (mask & ~candidates).any()
+    query, key = neighbour_pairs(local, block_q)
+    assert sorted(zip(query.tolist(), key.tolist())) == [tuple(pair) for pair in mask.nonzero().tolist()]
+
+
+@pytest.mark.parametrize("tile_size", [1, 100, 5000])
+def test_plan_covers_every_neighbour_any_tile_size(tile_size):
+    local = random_layout(2, 512, 256, 256)
+    local_plan = plan(local, 16, tile_size=tile_size)
+    mask = neighbour_mask(local)
+    check_plan_structure(local_plan, *mask.shape)
+    candidates = torch.zeros_like(mask)
+    candidates[candidate_pairs(local_plan)] = True
+    assert not (mask & ~candidates).any()
+
+
+@pytest.mark.parametrize("num_queries, num_keys", [(0, 5), (5, 0), (0, 0)])
+def test_plan_of_empty_side(num_queries, num_keys):
+    local = LocalNeighbourhood(torch.zeros(num_queries, 2, dtype=torch.int32), torch.zeros(num_keys, 2, dtype=torch.int32),
+                               512, 256)
+    local_plan = plan(local, 4)
+    check_plan_structure(local_plan, num_queries, num_keys)
+    assert len(local_plan.range_start) == 0
+
+
+def dense_masked_attention(xq, q, k, v, ln_weight, ln_bias, mask, heads, eps=1e-5):
+    """The dense oracle: softmax with -inf outside ``mask: (Nq, Nk)``, rows with no neighbour -> attention 0."""
+    num_queries, width = xq.shape
+    q_heads, k_heads, v_heads = (t.reshape(len(t), heads, -1).transpose(0, 1) for t in (q, k, v))
+    scores = q_heads @ k_heads.transpose(1, 2) * (width // heads) ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.where(mask.any(1, keepdim=True), scores, 0.0)
+    attention = (scores.softmax(-1) * mask) @ v_heads
+    attention = attention.transpose(0, 1).reshape(num_queries, width)
+    return F.layer_norm(xq + attention, (width,), ln_weight, ln_bias, eps)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("patch_size_q, patch_size_k, radius", [(512, 256, 0), (256, 512, 256), (224, 448, 37)])
+def test_reference_matches_dense(heads, affine, patch_size_q, patch_size_k, radius):
+    local = random_layout(3, patch_size_q, patch_size_k, radius)
+    num_queries, num_keys, width = len(local.coords_q), len(local.coords_k), 12
+    generator = torch.Generator().manual_seed(4)
+
+    def fresh(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    inputs = [fresh(num_queries, width), fresh(num_queries, width), fresh(num_keys, width), fresh(num_keys, width)]
+    inputs += [fresh(width), fresh(width)] if affine else [None, None]
+    out = local_reference(*inputs, local, heads=heads)
+    expected = dense_masked_attention(*inputs, neighbour_mask(local), heads)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    differentiable = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(out, differentiable, grad_out)
+    expected_grads = torch.autograd.grad(expected, differentiable, grad_out)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert torch.isfinite(grad).all()
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+
+
+def test_lonely_query_is_layer_norm_of_input():
+    local = LocalNeighbourhood(torch.tensor([[0, 0], [10_000, 0]]), torch.tensor([[0, 0]]), 512, 256)
+    xq, q, k, v = (torch.randn(n, 8, requires_grad=True) for n in (2, 2, 1, 1))
+    out = local_reference(xq, q, k, v, None, None, local, heads=2)
+    torch.testing.assert_close(out[1], F.layer_norm(xq[1], (8,)))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (xq, q, k, v))
+
+
+def test_reference_rejects_mismatched_shapes():
+    local = hand_example(0)
+    xq, q, k, v = torch.randn(1, 8), torch.randn(1, 8), torch.randn(12, 8), torch.randn(12, 8)
+    with pytest.raises(ValueError, match="heads=3"):
+        local_reference(xq, q, k, v, None, None, local, heads=3)
+    with pytest.raises(ValueError, match="coords"):
+        local_reference(xq, q, k[:5], v[:5], None, None, local)
+
+
+def test_plan_of_a_million_patches():
+    generator = torch.Generator().manual_seed(5)
+    coords_q = jittered_grid(1000, 1000, 256, generator)
+    coords_k = jittered_grid(500, 500, 512, generator)
+    local = LocalNeighbourhood(coords_q[torch.randperm(len(coords_q), generator=generator)], coords_k, 256, 512, 256)
+    began = time.perf_counter()
+    local_plan = plan(local, 64)
+    seconds = time.perf_counter() - began
+    ranges_per_block = local_plan.range_ptr.diff().float()
+    print(f"plan of 1M x 250k patches: {seconds:.2f} s, {ranges_per_block.mean():.1f} ranges per block")
+    assert seconds < 30
+    assert ranges_per_block.max() <= 16
+
+
+def test_reference_in_bfloat16_computes_in_float32():
+    local = random_layout(6, 512, 256, 256)
+    generator = torch.Generator().manual_seed(7)
+    xq, q = (torch.randn(len(local.coords_q), 16, generator=generator) for _ in range(2))
+    k, v = (torch.randn(len(local.coords_k), 16, generator=generator) for _ in range(2))
+    ln_weight, ln_bias = torch.randn(16, generator=generator), torch.randn(16, generator=generator)
+    low = [t.bfloat16() for t in (xq, q, k, v)]
+    out = local_reference(*low, ln_weight, ln_bias, local, heads=2)
+    expected = local_reference(*(t.float() for t in low), ln_weight, ln_bias, local, heads=2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected.bfloat16())
