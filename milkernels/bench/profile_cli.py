@@ -27,6 +27,7 @@ import torch
 from .bags import BagError, iter_bags, synthetic_bag
 from .profile import profile
 from .profile_report import format_table, write_outputs
+from .registry import first_line
 
 DEFAULT_MODEL = "clam_sb"
 
@@ -149,13 +150,13 @@ def _profile_one(name, label, bag, args, device, dtype, out, log) -> tuple[dict,
         print(f"skipped: {exc}", flush=True)
         return {"model": name, "bag": label, "n": bag.n, "status": "skipped", "reason": str(exc)}, False
     except torch.OutOfMemoryError as exc:  # out of memory outside the timed calls (which record it per row)
-        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        reason = first_line(exc)
         print(f"oom: {reason}", flush=True)
         return {"model": name, "bag": label, "n": bag.n, "status": "oom", "reason": reason}, False
     except Exception as exc:  # a failing model is recorded, the others still run
         with open(log, "a") as handle:
             handle.write(f"== {title}\n{traceback.format_exc()}\n")
-        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
         print(f"error: {reason}", flush=True)
         return {"model": name, "bag": label, "n": bag.n, "status": "error", "reason": reason}, True
     print(format_table(result), flush=True)
