@@ -1,14 +1,25 @@
 """Coordinate-local cross-attention: the neighbour relation by hand, the plan's ranges against the brute-force
-mask on awkward layouts, the reference against a dense float64 masked attention, a 1M-patch plan."""
+mask on awkward layouts, the reference against a dense float64 masked attention, a 1M-patch plan; the
+block-sparse triton kernels (interpreter on CPU) against the float64 reference and the dense masked oracle, for
+the output and every gradient, with NaN-poisoned buffers, and their custom ops and sm_90 compiles."""
 
+import importlib
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import milkernels
+from milkernels.bench.saved import saved_bytes
+from milkernels.ops import cross_attention
 from milkernels.ops.cross_attention.local import (LocalNeighbourhood, candidate_pairs, local_reference,
                                                   neighbour_mask, neighbour_pairs, plan)
+
+import aot
+import kernel_checks
+
+local_kernels = importlib.import_module("milkernels.ops.cross_attention.local_triton")
 
 CHILDREN = [(512, 512), (768, 512), (512, 768), (768, 768)]
 TOUCHING = [(256, 512), (1024, 512), (256, 256), (1024, 1024)]
@@ -205,3 +216,137 @@ def test_reference_in_bfloat16_computes_in_float32():
     expected = local_reference(*(t.float() for t in low), ln_weight, ln_bias, local, heads=2)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, expected.bfloat16())
+
+
+def local_inputs(local, width, dtype=torch.float32, seed=0, norm_params=True):
+    """``[xq, q, k, v, ln_weight, ln_bias]`` for the queries and keys of ``local``, all requiring grad."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+
+    rows = [randn(len(local.coords_q), width) for _ in range(2)] + [randn(len(local.coords_k), width) for _ in range(2)]
+    return rows + ([randn(width), randn(width)] if norm_params else [None, None])
+
+
+def attend_locally(local, heads=1, **kwargs):
+    return lambda *t: cross_attention(*t, heads=heads, local=local, **kwargs)
+
+
+@pytest.mark.usefixtures("poisoned_buffers")
+@pytest.mark.parametrize("patch_size_q, patch_size_k, radius, heads, width", [
+    (512, 256, 0, 1, 40), (256, 512, 0, 4, 72), (512, 256, 256, 4, 72), (224, 448, 37, 1, 24), (300, 700, 256, 2, 48),
+    (700, 300, 1, 1, 24),
+])
+def test_kernels_match_reference(patch_size_q, patch_size_k, radius, heads, width):
+    """Awkward layouts (holes, jitter, sizes that are no multiple of each other, queries with no neighbour) and
+    E no power of two: the output and the gradients of xq, q, k, v and the norm."""
+    local = random_layout(8, patch_size_q, patch_size_k, radius)
+    kernel_checks.compare(attend_locally(local, heads), local_inputs(local, width, seed=radius), torch.float32)
+
+
+@pytest.mark.usefixtures("poisoned_buffers")
+def test_kernels_match_the_dense_masked_oracle():
+    """Against softmax with -inf outside the brute-force mask, independent of the plan; lonely queries get
+    LayerNorm(xq) and every gradient is finite."""
+    local = random_layout(9, 512, 256, 256)
+    mask = neighbour_mask(local)
+    inputs = local_inputs(local, 24, seed=9)
+    with milkernels.use_backend("triton"):
+        got_out, got_grads = kernel_checks.outputs_and_grads(attend_locally(local, 2), inputs)
+    want_out, want_grads = kernel_checks.outputs_and_grads(
+        lambda *t: dense_masked_attention(*t, mask, heads=2), kernel_checks.as_float64(inputs))
+    for got, want in zip(got_out + got_grads, want_out + want_grads):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
+    lonely = ~mask.any(1)
+    xq, *_, weight, bias = inputs
+    assert lonely.sum() == 3
+    torch.testing.assert_close(got_out[0][lonely], F.layer_norm(xq[lonely], (24,), weight, bias))
+
+
+@pytest.mark.usefixtures("poisoned_buffers")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernels_in_half_precision(dtype):
+    local = random_layout(10, 256, 512, 256)
+    xq, q, k, v, weight, bias = local_inputs(local, 32, dtype=dtype, seed=10)
+    kernel_checks.compare(attend_locally(local, 2), [xq, q, k, v], dtype)
+
+
+@pytest.mark.usefixtures("poisoned_buffers")
+def test_kernels_without_norm_parameters_at_a_custom_scale():
+    local = random_layout(11, 512, 256, 0)
+    kernel_checks.compare(attend_locally(local, 4, softmax_scale=0.3, eps=1e-3),
+                          local_inputs(local, 32, seed=11, norm_params=False), torch.float32)
+
+
+@pytest.mark.usefixtures("poisoned_buffers")
+@pytest.mark.parametrize("num_queries, num_keys", [(0, 5), (7, 0), (1, 1)])
+def test_kernels_on_empty_sides(num_queries, num_keys):
+    local = LocalNeighbourhood(torch.zeros(num_queries, 2, dtype=torch.long), torch.zeros(num_keys, 2,
+                                                                                           dtype=torch.long), 512, 256)
+    kernel_checks.compare(attend_locally(local, 2), local_inputs(local, 16, seed=12), torch.float32)
+
+
+def test_kernels_are_deterministic_and_take_any_integer_coords():
+    local = random_layout(13, 512, 256, 256)
+    narrow = LocalNeighbourhood(local.coords_q.int(), local.coords_k.short(), 512, 256, 256)
+    inputs = local_inputs(local, 24, seed=13)
+    with milkernels.use_backend("triton"):
+        runs = [kernel_checks.outputs_and_grads(attend_locally(where, 2), inputs) for where in (local, local, narrow)]
+    for first, second, third in zip(*(out + grads for out, grads in runs)):
+        assert torch.equal(first, second) and torch.equal(first, third)
+
+
+def test_kernels_refuse_coordinates_beyond_int32():
+    local = LocalNeighbourhood(torch.tensor([[0, 0]]), torch.tensor([[2 ** 30, 0]]), 512, 256)
+    with milkernels.use_backend("triton"), pytest.raises(ValueError, match="int32 range"):
+        cross_attention(*local_inputs(local, 16), local=local)
+
+
+def test_kernels_save_the_attention_output_and_row_statistics():
+    """Beyond the inputs (the coordinates among them), the local op keeps ``A V`` (Nq x E), the row mean and
+    rstd and the lse (Nq x H), as the dense op; the reference keeps per-pair tensors."""
+    local = random_layout(14, 512, 256, 256)
+    inputs = local_inputs(local, 32, seed=14)
+    num_queries = len(local.coords_q)
+    coords = [local.coords_q, local.coords_k]
+    with milkernels.use_backend("triton"):
+        fused = saved_bytes(attend_locally(local, 4), *inputs, exclude=coords)
+    with milkernels.use_backend("reference"):
+        composed = saved_bytes(attend_locally(local, 4), *inputs, exclude=coords)
+    assert fused == num_queries * 32 * 4 + num_queries * (2 + 4) * 4
+    assert fused * 4 < composed
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_local_opcheck(affine):
+    local = random_layout(15, 512, 256, 256)
+    xq, q, k, v, weight, bias = (t.detach().requires_grad_() for t in local_inputs(local, 24, seed=15))
+    params = [weight, bias] if affine else [None, None]
+    neighbourhood = [local.coords_q, local.coords_k, 512, 256, 256]
+    args = [xq, q, k, v, *params, *neighbourhood, 3, 0.25, 1e-5]
+    torch.library.opcheck(torch.ops.milkernels.cross_attention_local_forward, args)
+    with torch.no_grad():
+        _, attn, mean, rstd, lse = torch.ops.milkernels.cross_attention_local_forward(*args)
+    detached = [t.detach() for t in (xq, q, k, v)]
+    torch.library.opcheck(torch.ops.milkernels.cross_attention_local_backward,
+                          [*detached, weight.detach() if affine else None, local.coords_q, local.coords_k, attn, mean,
+                           rstd, lse, torch.randn_like(xq), *neighbourhood[2:], 3, 0.25])
+
+
+def test_local_mode_compiles_without_graph_break():
+    """The triton path: the plan is built inside the custom op. (The reference's plan has data-dependent sizes
+    and does not trace with ``fullgraph=True``; it is the CPU path.)"""
+    local = random_layout(16, 256, 512, 0)
+    kernel_checks.assert_compiles_without_graph_break(attend_locally(local, 2), local_inputs(local, 32, seed=16),
+                                                      "triton")
+
+
+def test_local_double_backward_raises_on_triton():
+    local = random_layout(17, 512, 256, 0)
+    kernel_checks.assert_double_backward_raises(attend_locally(local, 2), local_inputs(local, 32, seed=17),
+                                                "cross_attention")
+
+
+test_compiles_for_sm90 = aot.sm90_test(local_kernels)

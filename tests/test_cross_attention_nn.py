@@ -24,7 +24,6 @@ ROWS = [(1, 1), (5, 17), (33, 70)]  # (N_q, N_k)
 CASES = [Case("reference", torch.float64), Case("triton", torch.float32, (2e-4, 2e-4))]
 # exact gradient 0: softmax is shift invariant (a key bias adds q . b to a whole row; a score bias)
 ZERO_GRADIENT = ("key.bias", "attention_c.bias")
-NO_LOCAL_KERNEL = "the local mode has no triton kernel yet (test_forced_triton_local_mode_says_why)"
 
 
 @pytest.fixture(params=CASES, ids=lambda c: f"{c.backend}-{str(c.dtype).removeprefix('torch.')}")
@@ -152,8 +151,6 @@ def ten_x_over_twenty_x() -> LocalNeighbourhood:
 @pytest.mark.parametrize("block", [zoo_cma_mil.CrossAttention, CrossAttention], ids=["zoo", "fused"])
 def test_local_mode_attends_to_the_overlapping_patches_only(case, block):
     """Upstream's block with the weights of the non-neighbours set to 0."""
-    if block is CrossAttention and case.backend == "triton":
-        pytest.skip(NO_LOCAL_KERNEL)
     upstream = upstream_block(case.dtype)
     local = ten_x_over_twenty_x()
     mask = neighbour_mask(local)
@@ -169,10 +166,10 @@ def test_local_mode_attends_to_the_overlapping_patches_only(case, block):
                 outputs_and_grads(upstream, inputs, masked_upstream))
 
 
-def test_forced_triton_local_mode_says_why():
+def test_forced_cuda_local_mode_says_why():
     local = ten_x_over_twenty_x()
     x1, x2 = (torch.randn(len(coords), DIM) for coords in (local.coords_q, local.coords_k))
-    with milkernels.use_backend("triton"), pytest.raises(milkernels.BackendUnavailable, match="no triton kernel"):
+    with milkernels.use_backend("cuda"), pytest.raises(milkernels.BackendUnavailable, match="coordinate-local"):
         CrossAttention(DIM)(x1, x2, local=local)
 
 
@@ -252,8 +249,6 @@ def slide(dtype, in_dim=24):
 @pytest.mark.parametrize("local", [False, True], ids=["dense", "local"])
 @pytest.mark.parametrize("subtyping", [False, True])
 def test_cma_mil_swapped_keeps_logits_instance_loss_and_gradients(case, subtyping, local):
-    if local and case.backend == "triton":
-        pytest.skip(NO_LOCAL_KERNEL)
     torch.manual_seed(0)
     model = CMAMIL(24, n_classes=3, dim=DIM, subtyping=subtyping).to(case.dtype).eval()
     swapped = milkernels.swap(copy.deepcopy(model))

@@ -212,11 +212,80 @@ def _backward_flops(xq, q, k, v, ln_weight, key_valid, attn, mean, rstd, lse, d_
     return 2 * _pair_flops(xq[1], bounds_q, bounds_k)
 
 
-def _local_reasons(backend: str) -> list[str]:
-    if backend == "reference":
-        return []
-    return [f"the coordinate-local mode has no {backend} kernel yet (under auto it runs the PyTorch reference, "
-            "O(N x neighbourhood) in time and memory)"]
+def _local_launch(xq, k, coords_q, coords_k, patch_size_q, patch_size_k, radius, heads):
+    from .local import LocalNeighbourhood
+    from .local_triton import LocalLaunch
+
+    return LocalLaunch(xq, k, LocalNeighbourhood(coords_q, coords_k, patch_size_q, patch_size_k, radius), heads)
+
+
+@_library.custom_op("cross_attention_local_forward")
+def _local_forward_op(xq: Tensor, q: Tensor, k: Tensor, v: Tensor, ln_weight: Optional[Tensor],
+                      ln_bias: Optional[Tensor], coords_q: Tensor, coords_k: Tensor, patch_size_q: int,
+                      patch_size_k: int, radius: int, heads: int, scale: float,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The block-sparse triton forward of one bag, ``xq, q: (Nq, E)``, ``k, v: (Nk, E)`` contiguous, each query
+    attending to its neighbours (``coords_q: (Nq, 2)``, ``coords_k: (Nk, 2)`` integer level-0 corners): the dense
+    forward op's five outputs."""
+    from . import local_triton
+
+    width = xq.shape[1]
+    launch = _local_launch(xq, k, coords_q, coords_k, patch_size_q, patch_size_k, radius, heads)
+    return local_triton.forward(xq, q, k, v, _vector(ln_weight, width, 1.0, xq), _vector(ln_bias, width, 0.0, xq),
+                                launch, scale, eps)
+
+
+@_local_forward_op.register_fake
+def _(xq, q, k, v, ln_weight, ln_bias, coords_q, coords_k, patch_size_q, patch_size_k, radius, heads, scale, eps):
+    return _forward_op(xq, q, k, v, ln_weight, ln_bias, None, [0, xq.shape[0]], [0, k.shape[0]], heads, scale, eps)
+
+
+@_library.custom_op("cross_attention_local_backward")
+def _local_backward_op(xq: Tensor, q: Tensor, k: Tensor, v: Tensor, ln_weight: Optional[Tensor], coords_q: Tensor,
+                       coords_k: Tensor, attn: Tensor, mean: Tensor, rstd: Tensor, lse: Tensor, d_out: Tensor,
+                       patch_size_q: int, patch_size_k: int, radius: int, heads: int, scale: float) -> list[Tensor]:
+    """The dense backward op's five gradients for the local forward."""
+    from . import local_triton
+
+    launch = _local_launch(xq, k, coords_q, coords_k, patch_size_q, patch_size_k, radius, heads)
+    return list(local_triton.backward(xq, q, k, v, _vector(ln_weight, xq.shape[1], 1.0, xq), attn, mean, rstd, lse,
+                                      d_out.contiguous(), launch, scale))
+
+
+@_local_backward_op.register_fake
+def _(xq, q, k, v, ln_weight, coords_q, coords_k, attn, mean, rstd, lse, d_out, patch_size_q, patch_size_k, radius,
+      heads, scale):
+    return _backward_op(xq, q, k, v, ln_weight, None, attn, mean, rstd, lse, d_out, [0, xq.shape[0]],
+                        [0, k.shape[0]], heads, scale)
+
+
+def _local_setup_context(ctx, inputs, output):
+    xq, q, k, v, ln_weight, ln_bias, coords_q, coords_k, patch_size_q, patch_size_k, radius, heads, scale, _ = inputs
+    _, attn, mean, rstd, lse = output
+    ctx.save_for_backward(xq, q, k, v, ln_weight, coords_q, coords_k, attn, mean, rstd, lse)
+    ctx.options = (patch_size_q, patch_size_k, radius, heads, scale)
+    ctx.parameter_dtypes = [None if t is None else t.dtype for t in (ln_weight, ln_bias)]
+    ctx.mark_non_differentiable(attn, mean, rstd, lse)
+
+
+def _local_backward(ctx, d_out, *_):
+    *grads, d_ln = _local_backward_op(*ctx.saved_tensors, d_out, *ctx.options)
+    parameter_grads = [None if dtype is None else g.to(dtype) for g, dtype in zip(d_ln, ctx.parameter_dtypes)]
+    return (*grads, *parameter_grads) + (None,) * 8
+
+
+_local_forward_op.register_autograd(_local_backward, setup_context=_local_setup_context)
+_library.forbid_double_backward(_local_backward_op, OP_NAME)
+# The neighbouring pairs depend on the coordinates' values, which a FLOP formula (shapes only) cannot see; the
+# local reference runs no matmul either, so both backends count 0 for the local attention.
+_library.no_matmul_flops("cross_attention_local_forward", "cross_attention_local_backward")
+
+
+def _local_reasons(backend: str, xq: Tensor, heads: int) -> list[str]:
+    if backend == "cuda":
+        return _backends.kernel_reasons(backend, xq) + [
+            "no cuda kernel for the coordinate-local mode (the triton one runs on CUDA tensors)"]
+    return _reasons(backend, xq, heads)
 
 
 def _check_local(local, xq: Tensor, k: Tensor, key_padding_mask, cu_seqlens_q, cu_seqlens_k) -> None:
@@ -234,6 +303,20 @@ def _check_local(local, xq: Tensor, k: Tensor, key_padding_mask, cu_seqlens_q, c
                          f"for Nk={k.shape[0]}")
     if local.coords_q.device != xq.device:
         raise ValueError(f"local's coords must be on the inputs' device {xq.device}, got {local.coords_q.device}")
+
+
+def _cross_attention_local(xq, q, k, v, ln_weight, ln_bias, local, heads, softmax_scale, eps):
+    """The local mode of :func:`cross_attention` on checked inputs: the reference or the block-sparse kernels."""
+    backend = _backends.choose(OP_NAME, xq.device, lambda name: _local_reasons(name, xq, heads))
+    if backend == "reference":
+        from .local import local_reference
+
+        return local_reference(xq, q, k, v, ln_weight, ln_bias, local, heads=heads, softmax_scale=softmax_scale,
+                               eps=eps)
+    scale = float(softmax_scale) if softmax_scale is not None else (xq.shape[1] // heads) ** -0.5
+    return _local_forward_op(*(t.contiguous() for t in (xq, q, k, v)), ln_weight, ln_bias, local.coords_q,
+                             local.coords_k, local.patch_size_q, local.patch_size_k, local.radius, int(heads), scale,
+                             float(eps))[0]
 
 
 def cross_attention(xq, q, k, v, ln_weight=None, ln_bias=None, *, heads: int = 1, softmax_scale=None,
@@ -255,8 +338,8 @@ def cross_attention(xq, q, k, v, ln_weight=None, ln_bias=None, *, heads: int = 1
         softmax_scale: the score scale, ``dh ** -0.5`` by default.
         local: a :class:`.local.LocalNeighbourhood` (the queries' and keys' level-0 coordinates and patch sizes,
             and a radius) for one bag: each query attends only to the keys whose patch overlaps its own or lies
-            within the radius (:mod:`.local`). It runs the PyTorch reference, O(N x neighbourhood); there is no
-            block-sparse kernel yet (a forced triton backend says so).
+            within the radius (:mod:`.local`), in O(N x neighbourhood) time and memory: block-sparse flash
+            kernels over the plan of :mod:`.local` (triton), or the PyTorch reference.
 
     Returns:
         ``out`` in xq's shape and dtype. A query whose bag has no valid key (an empty key bag, or every key
@@ -266,11 +349,8 @@ def cross_attention(xq, q, k, v, ln_weight=None, ln_bias=None, *, heads: int = 1
                   cu_seqlens_k)
     if local is not None:
         _check_local(local, xq, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
-        _backends.choose(OP_NAME, xq.device, _local_reasons)
-        from .local import local_reference
-
-        return local_reference(*autocast_inputs(xq, q, k, v), ln_weight, ln_bias, local, heads=heads,
-                               softmax_scale=softmax_scale, eps=eps)
+        return _cross_attention_local(*autocast_inputs(xq, q, k, v), ln_weight, ln_bias, local, heads, softmax_scale,
+                                      eps)
     bounds_q, bounds_k, key_valid = packed_bags(xq, k, key_padding_mask, cu_seqlens_q, cu_seqlens_k)
     xq, q, k, v = autocast_inputs(xq, q, k, v)
     width = xq.shape[-1]

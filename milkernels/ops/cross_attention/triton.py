@@ -187,6 +187,19 @@ def _valid_keys(key_valid_ptr, keys, ok):
 
 
 @triton.jit
+def _softmax_step(scores, v, m, l, acc, like_ptr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """One key tile of the online softmax: ``scores: (HP, BLOCK_M, BLOCK_N)`` (``-inf`` where a key is not
+    attended), ``v: (HP, BLOCK_N, DHP)``; returns the updated ``m``, ``l`` and ``acc``."""
+    m_new = tl.maximum(m, tl.max(scores, axis=2))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, :, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, axis=2)
+    acc = acc * alpha[:, :, None] + _mm(p, v, like_ptr, DOT_FP32, FP32_PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
 def _attend(q, k_ptr, v_ptr, key_valid_ptr, lo, hi, H, dh, E, scale, HP: tl.constexpr, DHP: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """The online softmax of ``q: (HP, BLOCK_M, DHP)`` over the valid keys ``lo .. hi``: ``acc`` (unnormalized
@@ -201,13 +214,7 @@ def _attend(q, k_ptr, v_ptr, key_valid_ptr, lo, hi, H, dh, E, scale, HP: tl.cons
         v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
         scores = _mm(q, tl.trans(k, 0, 2, 1), k_ptr, DOT_FP32, FP32_PRECISION) * scale
         scores = tl.where(key_ok[None, None, :], scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=2))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, :, None])
-        alpha = tl.exp(m - m_safe)
-        l = l * alpha + tl.sum(p, axis=2)
-        acc = acc * alpha[:, :, None] + _mm(p, v, k_ptr, DOT_FP32, FP32_PRECISION)
-        m = m_new
+        m, l, acc = _softmax_step(scores, v, m, l, acc, k_ptr, DOT_FP32, FP32_PRECISION)
     return acc, m, l
 
 
@@ -321,6 +328,29 @@ def _live_lse(lse_ptr, rows, row_ok, H, HP: tl.constexpr):
 
 
 @triton.jit
+def _query_grad_step(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr, DOT_FP32: tl.constexpr,
+                     FP32_PRECISION: tl.constexpr):
+    """One key tile's part of ``dq / scale`` for ``q, d_attn: (HP, BLOCK_M, DHP)`` over ``k, v: (HP, BLOCK_N,
+    DHP)``; ``allowed`` broadcasts to ``(HP, BLOCK_M, BLOCK_N)``: which (query, key) pairs attend."""
+    scores = _mm(q, tl.trans(k, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
+    p = tl.where(live[:, :, None] & allowed, tl.exp(scores - lse[:, :, None]), 0.0)
+    d_p = _mm(d_attn, tl.trans(v, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
+    return _mm(p * (d_p - delta[:, :, None]), k, like_ptr, DOT_FP32, FP32_PRECISION)
+
+
+@triton.jit
+def _key_grad_step(k, v, q, d_attn, live, lse, delta, allowed_t, scale, like_ptr, DOT_FP32: tl.constexpr,
+                   FP32_PRECISION: tl.constexpr):
+    """One query tile's parts of ``dk / scale`` and ``dv`` for ``k, v: (HP, BLOCK_N, DHP)`` over ``q, d_attn:
+    (HP, BLOCK_M, DHP)``; ``allowed_t`` broadcasts to ``(HP, BLOCK_N, BLOCK_M)``: which (key, query) pairs attend."""
+    scores_t = _mm(k, tl.trans(q, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
+    p_t = tl.where(allowed_t & live[:, None, :], tl.exp(scores_t - lse[:, None, :]), 0.0)
+    d_v = _mm(p_t, d_attn, like_ptr, DOT_FP32, FP32_PRECISION)
+    d_p_t = _mm(v, tl.trans(d_attn, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
+    return _mm(p_t * (d_p_t - delta[:, None, :]), q, like_ptr, DOT_FP32, FP32_PRECISION), d_v
+
+
+@triton.jit
 def _query_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_attn_ptr, d_q_ptr,
                        block_start_ptr, block_end_ptr, block_bag_ptr, cu_k_ptr, Tq, H, dh, E, scale,
                        HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -338,10 +368,8 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d
         key_ok = _valid_keys(key_valid_ptr, keys, keys < hi)
         k = _load_heads(k_ptr, keys, key_ok, H, dh, E, HP, DHP)
         v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
-        scores = _mm(q, tl.trans(k, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION) * scale
-        p = tl.where(live[:, :, None] & key_ok[None, None, :], tl.exp(scores - lse[:, :, None]), 0.0)
-        d_p = _mm(d_attn, tl.trans(v, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION)
-        d_q += _mm(p * (d_p - delta[:, :, None]), k, q_ptr, DOT_FP32, FP32_PRECISION)
+        d_q += _query_grad_step(q, k, v, d_attn, live, lse, delta, key_ok[None, None, :], scale, q_ptr, DOT_FP32,
+                                FP32_PRECISION)
     _store_heads(d_q_ptr + tl.program_id(1).to(tl.int64) * Tq * E, d_q * scale, rows, row_ok, H, dh, E, HP, DHP)
 
 
@@ -365,11 +393,10 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_a
         d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
         live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
         delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
-        scores_t = _mm(k, tl.trans(q, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION) * scale
-        p_t = tl.where(key_ok[None, :, None] & live[:, None, :], tl.exp(scores_t - lse[:, None, :]), 0.0)
-        d_v += _mm(p_t, d_attn, q_ptr, DOT_FP32, FP32_PRECISION)
-        d_p_t = _mm(v, tl.trans(d_attn, 0, 2, 1), q_ptr, DOT_FP32, FP32_PRECISION)
-        d_k += _mm(p_t * (d_p_t - delta[:, None, :]), q, q_ptr, DOT_FP32, FP32_PRECISION)
+        step_k, step_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, key_ok[None, :, None], scale, q_ptr,
+                                        DOT_FP32, FP32_PRECISION)
+        d_k += step_k
+        d_v += step_v
     split_rows = tl.program_id(1).to(tl.int64) * Tk
     _store_heads(d_k_ptr + split_rows * E, d_k * scale, keys, key_exists, H, dh, E, HP, DHP)
     _store_heads(d_v_ptr + split_rows * E, d_v, keys, key_exists, H, dh, E, HP, DHP)
