@@ -1,4 +1,4 @@
-"""The cross-magnification benchmark entry: CMA-MIL's block 10x -> 20x."""
+"""The cross-magnification benchmark entries: CMA-MIL's block 10x -> 20x, dense and coordinate-local."""
 
 import json
 
@@ -7,9 +7,10 @@ import torch
 
 from milkernels.bench import registry
 from milkernels.bench.__main__ import main
-from milkernels.bench.cross_attention import CROSS_MAGNIFICATION, queries
+from milkernels.bench.cross_attention import CROSS_MAGNIFICATION, CROSS_MAGNIFICATION_LOCAL, neighbourhood, queries
 from milkernels.bench.sweep import PASSES, flop_check
 from milkernels.nn import CrossAttention
+from milkernels.ops.cross_attention.local import neighbour_mask
 
 DIMS = {"D": 24}
 
@@ -65,3 +66,46 @@ def test_cpu_sweep_runs_end_to_end(tmp_path):
     for (impl, n, pass_), row in rows.items():
         assert row["status"] == "ok" and row["median_ms"] > 0 and row["dims"] == "D=24", row
         assert row["flops"] == CROSS_MAGNIFICATION.flops(n, DIMS, pass_ == "fwd_bwd")
+
+
+def test_local_op_builds_a_slide_of_parents_and_their_four_children():
+    assert registry.ops()["cross_magnification_local"] is CROSS_MAGNIFICATION_LOCAL
+    *features, coords_10x, coords_20x = CROSS_MAGNIFICATION_LOCAL.build(4096, {"D": 128}, torch.bfloat16,
+                                                                        torch.device("cpu"))
+    assert features[0].shape == (1024, 128) and features[1].shape == (4096, 128)
+    assert coords_10x.shape == (1024, 2) and coords_20x.shape == (4096, 2) and not coords_20x.requires_grad
+    mask = neighbour_mask(neighbourhood(coords_10x, coords_20x))
+    assert (mask.sum(1) == 4).all() and (mask.sum(0) == 1).all()
+    assert not torch.equal(coords_20x, coords_20x[coords_20x[:, 1].argsort(stable=True)])  # shuffled rows
+
+
+@pytest.mark.parametrize("n", [4, 28, 100])
+def test_local_reference_and_peer_match_the_public_path(n):
+    inputs = CROSS_MAGNIFICATION_LOCAL.build(n, DIMS, torch.float64, torch.device("cpu"))
+    differentiable = inputs[:-2]
+    want = CROSS_MAGNIFICATION_LOCAL.reference(*inputs)
+    grad = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, differentiable, grad)
+    for backend in ("reference", "triton"):
+        public = registry.GENERIC_IMPLS[backend](CROSS_MAGNIFICATION_LOCAL)
+        run = public if backend == "reference" else lambda *t: public(*(x.float() for x in t[:-2]), *t[-2:])
+        got = run(*inputs)
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close([g.double() for g in torch.autograd.grad(got, differentiable, grad.to(got.dtype))],
+                                   list(want_grads), rtol=1e-4, atol=1e-4)
+    peer = CROSS_MAGNIFICATION_LOCAL.peers["local_reference"](CROSS_MAGNIFICATION_LOCAL)(*inputs)
+    torch.testing.assert_close(peer, want)
+
+
+def test_local_flop_formula_matches_the_counter():
+    assert flop_check(CROSS_MAGNIFICATION_LOCAL, DIMS, n=64) == {"n": 64, "fwd": 1.0, "fwd_bwd": 1.0}
+
+
+def test_local_cpu_sweep_runs_end_to_end(tmp_path):
+    impls = ("reference", "reference_compiled", "triton", "local_reference")
+    code = main(["sweep", "--ops", "cross_magnification_local", "--impls", ",".join(impls), "--sizes", "40,96",
+                 "--dims", "D=24", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == len(impls) * 2 * len(PASSES)
+    assert all(row["status"] == "ok" for row in rows), [row for row in rows if row["status"] != "ok"]

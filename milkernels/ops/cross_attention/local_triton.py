@@ -21,6 +21,8 @@ radius) passes 2^30 level-0 pixels is refused (:func:`kernel_coords`).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -34,6 +36,17 @@ from .triton import (_CONFIGS, _POINTER_TYPES, _epilogue, _key_grad_step, _live_
                      padded_heads)
 
 MAX_EXTENT = 2 ** 30
+_HALF_FORWARD_BLOCK_N = {(1, 256): 32}
+"""Where the local forward takes fewer key rows per tile than the dense one in fp16 and bf16: its coordinate
+mask costs registers, and at ``(1, 256)`` the dense tile spills (``tests/aot.py``)."""
+
+
+def local_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool, dots: bool = True) -> dict:
+    """The dense kernels' :func:`.triton.kernel_flags`, with :data:`_HALF_FORWARD_BLOCK_N` applied."""
+    flags = kernel_flags(tile, dtype, interpreted, backward, dots)
+    if dots and not backward and dtype != torch.float32 and tile in _HALF_FORWARD_BLOCK_N:
+        flags["BLOCK_N"] = _HALF_FORWARD_BLOCK_N[tile]
+    return flags
 
 
 @triton.jit
@@ -179,7 +192,7 @@ class LocalLaunch:
         self.tile, self.dtype = padded_heads(heads, self.head_dim), xq.dtype
 
     def flags(self, backward: bool, dots: bool = True) -> dict:
-        return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward, dots)
+        return local_flags(self.tile, self.dtype, triton_interpreted(), backward, dots)
 
     def neighbourhood(self, transposed: bool = False) -> tuple:
         """Coordinates, the row count of the blocked side, patch sizes and radius, as the kernels take them."""
@@ -260,11 +273,10 @@ def shipped_specializations():
     checks: the forward and the two gradient kernels, for the three dtypes and every ``(HP, DHP)`` tile of the
     dense kernels (whose norm-gradient kernel the backward shares). Yields ``(kernel, signature, constexprs,
     num_warps, aligned)``; ``aligned``: E and dh, multiples of 16 where the head size is."""
-    for dtype, ptr in _POINTER_TYPES.items():
+    for (dtype, ptr), tile in itertools.product(_POINTER_TYPES.items(), _CONFIGS):
         signatures = _signatures(ptr)
-        for tile in _CONFIGS:
-            for kernel, backward in ((_local_forward_kernel, False), (_local_query_grad_kernel, True),
-                                     (_local_key_grad_kernel, True)):
-                flags = kernel_flags(tile, dtype, False, backward)
-                warps = flags.pop("num_warps")
-                yield kernel, signatures[kernel], flags, warps, ("E", "dh")
+        for kernel, backward in ((_local_forward_kernel, False), (_local_query_grad_kernel, True),
+                                 (_local_key_grad_kernel, True)):
+            flags = local_flags(tile, dtype, False, backward)
+            warps = flags.pop("num_warps")
+            yield kernel, signatures[kernel], flags, warps, ("E", "dh")
