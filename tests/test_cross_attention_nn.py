@@ -188,6 +188,21 @@ def test_batched_input_is_refused():
         CrossAttention(DIM)(torch.randn(2, 3, DIM), torch.randn(2, 5, DIM))
 
 
+@pytest.mark.parametrize("widths", [(DIM, DIM - 1), (DIM - 1, DIM), (DIM + 1, DIM + 1)])
+def test_dim_mismatch_is_refused(widths):
+    with pytest.raises(ValueError, match=f"must both have dim={DIM}"):
+        CrossAttention(DIM)(torch.randn(3, widths[0]), torch.randn(5, widths[1]))
+
+
+def test_local_coords_of_the_wrong_rows_or_shape_are_refused():
+    local = ten_x_over_twenty_x()
+    x1, x2 = (torch.randn(len(coords), DIM) for coords in (local.coords_q, local.coords_k))
+    with pytest.raises(ValueError, match="one row per query and per key"):
+        CrossAttention(DIM)(x1[:-1], x2, local=local)
+    with pytest.raises(ValueError, match=r"shape \(N, 2\)"):
+        LocalNeighbourhood(local.coords_q[:, :1], local.coords_k, 512, 256)
+
+
 def test_swap_replaces_a_bare_block_and_blocks_in_a_model(case):
     upstream = upstream_block(case.dtype)
     swapped = milkernels.swap(upstream)
@@ -263,6 +278,19 @@ def test_cma_mil_swapped_keeps_logits_instance_loss_and_gradients(case, subtypin
         return torch.cat([logits.flatten(), loss[None]]), grads_of(mixed(logits) + loss, candidate, features)
 
     assert_same(case, run(swapped), run(model))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda coords: coords[:2], "three \\(coords, patch_size\\) pairs"),
+    (lambda coords: (coords[0], None, coords[2]), "coords for 10x missing"),
+    (lambda coords: (coords[0], (coords[1][0],), coords[2]), "coords for 10x missing"),
+    (lambda coords: (coords[0], coords[1], (coords[2][0][:-1], 256)), "coords for 20x must be \\(48, 2\\)"),
+    (lambda coords: ((coords[0][0][:, :1], 1024), coords[1], coords[2]), "coords for 5x must be \\(4, 2\\)"),
+])
+def test_cma_mil_refuses_bad_coords(change, message):
+    features, coords = slide(torch.float32)
+    with pytest.raises(ValueError, match=message):
+        CMAMIL(24, dim=DIM)(*features, coords=change(coords))
 
 
 def test_cma_mil_without_label_returns_the_logits_and_takes_its_readme_dims():

@@ -63,5 +63,9 @@ class CrossAttention(CrossAttentionLayers):
         """
         if x1.dim() != 2 or x2.dim() != 2:
             raise ValueError(f"x1 and x2 must be one bag each, (N, dim); got {tuple(x1.shape)} and {tuple(x2.shape)}")
+        dim = self.query.in_features
+        if x1.shape[1] != dim or x2.shape[1] != dim:
+            raise ValueError(f"x1 and x2 must both have dim={dim} features, got {tuple(x1.shape)} and "
+                             f"{tuple(x2.shape)}")
         return cross_attention(x1, self.query(x1), self.key(x2), self.value(x2), self.norm.weight, self.norm.bias,
                                heads=1, softmax_scale=x1.shape[-1] ** -0.5, eps=self.norm.eps, local=local)

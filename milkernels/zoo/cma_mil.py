@@ -90,8 +90,9 @@ class CMAMIL(nn.Module):
 
         ``coords``: ``((coords_5x, patch_size_5x), (coords_10x, patch_size_10x), (coords_20x, patch_size_20x))``,
         ``coords_m: (N_m, 2)`` integer top-left level-0 pixels and ``patch_size_m`` the patch side in them: the
-        blocks then run in the local mode, radius 0.
+        blocks then run in the local mode, radius 0. ValueError for coords of a wrong form or row count.
         """
+        check_coords(coords, (h_5x, h_10x, h_20x))
         h_5x, h_10x, h_20x = self.adaptor_5x(h_5x), self.adaptor_10x(h_10x), self.adaptor_20x(h_20x)
         local_5x_10x, local_10x_20x, local_20x_5x = cycle_neighbourhoods(coords)
         streams = (self.cross_attn_5x_10x(h_5x, h_10x, local_5x_10x),
@@ -134,11 +135,32 @@ class CMAMIL(nn.Module):
         return self.instance_loss_fn(classifier(h[chosen]) * weight[chosen], targets)
 
 
+MAGNIFICATIONS = ("5x", "10x", "20x")
+
+
+def check_coords(coords, bags: tuple) -> None:
+    """ValueError unless ``coords`` is None or three ``(coords_m: (N_m, 2), patch_size_m)`` pairs, one per bag of
+    ``bags`` (``(N_m, F)`` each), in the order 5x, 10x, 20x."""
+    if coords is None:
+        return
+    if not isinstance(coords, (tuple, list)) or len(coords) != 3:
+        raise ValueError("coords must be None or three (coords, patch_size) pairs, for 5x, 10x and 20x; got "
+                         f"{type(coords).__name__} of {len(coords) if isinstance(coords, (tuple, list)) else '?'}")
+    for name, pair, bag in zip(MAGNIFICATIONS, coords, bags):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], torch.Tensor):
+            raise ValueError(f"coords for {name} missing: need a (coords: (N, 2) tensor, patch_size) pair, got "
+                             f"{pair!r:.80}")
+        if pair[0].dim() != 2 or pair[0].shape[1] != 2 or len(pair[0]) != len(bag):
+            raise ValueError(f"coords for {name} must be ({len(bag)}, 2), one row per {name} patch, got "
+                             f"{tuple(pair[0].shape)}")
+
+
 def cycle_neighbourhoods(coords: tuple | None) -> list:
     """The :class:`LocalNeighbourhood` (radius 0) of the blocks 5x -> 10x, 10x -> 20x, 20x -> 5x from
     :meth:`CMAMIL.forward`'s ``coords``; three None without coords."""
     if coords is None:
         return [None] * 3
+    coords = tuple(coords)
     pairs = zip(coords, coords[1:] + coords[:1])
     return [LocalNeighbourhood(query, key, query_size, key_size) for (query, query_size), (key, key_size) in pairs]
 

@@ -154,10 +154,8 @@ def _local_key_grad_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, d_attn_ptr, 
         d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
         live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
         delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
-        step_k, step_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, near_t[None, :, :], scale, q_ptr,
-                                        DOT_FP32, FP32_PRECISION)
-        d_k += step_k
-        d_v += step_v
+        d_k, d_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, near_t[None, :, :], d_k, d_v, scale, q_ptr,
+                                  DOT_FP32, FP32_PRECISION)
     _store_heads(d_k_ptr, d_k * scale, keys, key_ok, H, dh, E, HP, DHP)
     _store_heads(d_v_ptr, d_v, keys, key_ok, H, dh, E, HP, DHP)
 

@@ -339,15 +339,17 @@ def _query_grad_step(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr
 
 
 @triton.jit
-def _key_grad_step(k, v, q, d_attn, live, lse, delta, allowed_t, scale, like_ptr, DOT_FP32: tl.constexpr,
+def _key_grad_step(k, v, q, d_attn, live, lse, delta, allowed_t, d_k, d_v, scale, like_ptr, DOT_FP32: tl.constexpr,
                    FP32_PRECISION: tl.constexpr):
-    """One query tile's parts of ``dk / scale`` and ``dv`` for ``k, v: (HP, BLOCK_N, DHP)`` over ``q, d_attn:
-    (HP, BLOCK_M, DHP)``; ``allowed_t`` broadcasts to ``(HP, BLOCK_N, BLOCK_M)``: which (key, query) pairs attend."""
+    """``(d_k, d_v)`` (``dk / scale`` and ``dv`` so far, ``(HP, BLOCK_N, DHP)``) plus one query tile's parts, for
+    ``k, v: (HP, BLOCK_N, DHP)`` over ``q, d_attn: (HP, BLOCK_M, DHP)``; ``allowed_t`` broadcasts to ``(HP,
+    BLOCK_N, BLOCK_M)``: which (key, query) pairs attend. ``d_v`` is updated first, freeing its product early."""
     scores_t = _mm(k, tl.trans(q, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
     p_t = tl.where(allowed_t & live[:, None, :], tl.exp(scores_t - lse[:, None, :]), 0.0)
-    d_v = _mm(p_t, d_attn, like_ptr, DOT_FP32, FP32_PRECISION)
+    d_v += _mm(p_t, d_attn, like_ptr, DOT_FP32, FP32_PRECISION)
     d_p_t = _mm(v, tl.trans(d_attn, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
-    return _mm(p_t * (d_p_t - delta[:, None, :]), q, like_ptr, DOT_FP32, FP32_PRECISION), d_v
+    d_k += _mm(p_t * (d_p_t - delta[:, None, :]), q, like_ptr, DOT_FP32, FP32_PRECISION)
+    return d_k, d_v
 
 
 @triton.jit
@@ -393,10 +395,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_a
         d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
         live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
         delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
-        step_k, step_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, key_ok[None, :, None], scale, q_ptr,
-                                        DOT_FP32, FP32_PRECISION)
-        d_k += step_k
-        d_v += step_v
+        d_k, d_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, key_ok[None, :, None], d_k, d_v, scale, q_ptr,
+                                  DOT_FP32, FP32_PRECISION)
     split_rows = tl.program_id(1).to(tl.int64) * Tk
     _store_heads(d_k_ptr + split_rows * E, d_k * scale, keys, key_exists, H, dh, E, HP, DHP)
     _store_heads(d_v_ptr + split_rows * E, d_v, keys, key_exists, H, dh, E, HP, DHP)
