@@ -317,6 +317,33 @@ def test_coarser_bags_of_a_full_grid_are_its_parent_patches():
         torch.testing.assert_close(sorted_rows(bag), sorted_rows(centres))
 
 
+def test_coarser_coords_of_a_full_grid_are_the_parent_patches():
+    """On a shuffled 8 x 12 grid of 20x patches offset from 0, each group's coords are its parent patch's
+    corner, and the local zoo model's blocks see exactly the parent/child relations."""
+    coords = (grid_cells(8, 12) * 256 + 1000)[torch.randperm(96, generator=torch.Generator().manual_seed(1))]
+    (c_5x, size_5x), (c_10x, size_10x), (c_20x, size_20x) = zoo_cma_mil.coarser_coords(coords)
+    assert (size_5x, size_10x, size_20x) == (1024, 512, 256) and c_20x is coords
+    for parents, size in ((c_10x, 512), (c_5x, 1024)):
+        assert torch.equal(sorted_rows(parents), sorted_rows(torch.unique((coords - 1000) // size, dim=0) * size + 1000))
+    child_of = neighbour_mask(LocalNeighbourhood(coords, c_10x, 256, 512))
+    assert (child_of.sum(1) == 1).all() and (child_of.sum(0) == 4).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_zoo_local_cma_mil_runs_its_blocks_locally(backend):
+    torch.manual_seed(0)
+    model = zoo.build("cma_mil_local", 16).eval()
+    assert zoo.default_in_dim("cma_mil_local") == 512
+    features, coords = torch.randn(96, 16), grid_cells(8, 12) * 256
+    dense = zoo.build("cma_mil", 16).eval()
+    dense.load_state_dict(model.state_dict())
+    swapped = milkernels.swap(copy.deepcopy(model))
+    with milkernels.use_backend(backend):
+        logits = swapped(features, coords)
+    torch.testing.assert_close(logits, model(features, coords), rtol=2e-4, atol=2e-4)
+    assert not torch.allclose(logits, dense(features, coords))
+
+
 def test_group_means_take_consecutive_rows_and_a_short_last_group():
     x = torch.arange(10.0)[:, None]
     torch.testing.assert_close(group_means(x, 4), torch.tensor([[1.5], [5.5], [8.5]]))

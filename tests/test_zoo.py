@@ -16,6 +16,7 @@ IN_DIM, ROWS, CLASSES = 384, 11, 3  # 384: ASMIL gets its paper hidden size 128
 PARAMETERS = {  # at the default dims, 2 classes
     "clam_sb": 788_739, "clam_mb": 788_996, "abmil": 641_887, "lin_mil": 13_137_954, "litemil": 559_490,
     "asmil": 9_994_754, "transmil": 2_672_146, "gigapath_slide_encoder": 86_332_418, "cma_mil": 363_208,
+    "cma_mil_local": 363_208,
 }
 SWAPPED = {  # report group -> module names, for the models of built(name) (one layer where there are layers)
     "clam_sb": {"fused": ["attention_net.3"]},
@@ -29,6 +30,7 @@ SWAPPED = {  # report group -> module names, for the models of built(name) (one 
     "cma_mil": {"fused": ["model.cross_attn_5x_10x", "model.cross_attn_10x_20x", "model.cross_attn_20x_5x",
                           "model.attention_net"]},
 }
+SWAPPED["cma_mil_local"] = SWAPPED["cma_mil"]
 SWAP_CASES = [Case("reference", torch.float64, (1e-9, 1e-9)), Case("triton", torch.float32, (2e-4, 2e-4))]
 TRITON_SKIPPED = {"transmil": "nothing in it is swapped",
                   "gigapath_slide_encoder": "slow in the interpreter at E = 768: test_swapped_small_gigapath instead"}
@@ -54,10 +56,12 @@ def small_gigapath():
 
 
 def bag(dtype=torch.float32, rows=ROWS, in_dim=IN_DIM):
-    """``(features: (rows, in_dim), coords: (rows, 2) int64 px)``, the features requiring grad."""
+    """``(features: (rows, in_dim), coords: (rows, 2) int64 px)``, the features requiring grad; the coords are
+    the first cells of a grid of 256 px patches 4 wide, shuffled (so every local CMA-MIL block has neighbours)."""
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(rows, in_dim, generator=generator, dtype=dtype).requires_grad_()
-    return features, torch.randint(0, 40 * 256, (rows, 2), generator=generator)
+    cells = torch.randperm(rows, generator=generator)
+    return features, torch.stack([cells % 4, cells // 4], dim=1) * 256
 
 
 def logits_and_grads(model, features, coords):

@@ -18,7 +18,7 @@ from torch import nn
 
 from .asmil import ASMIL
 from .clam import abmil, clam_mb, clam_sb
-from .cma_mil import EMBED_DIM as CMA_MIL_IN_DIM, CMAMILOneBag
+from .cma_mil import EMBED_DIM as CMA_MIL_IN_DIM, CMAMILOneBag, CMAMILOneBagLocal
 from .gigapath import IN_DIM as GIGAPATH_IN_DIM, GigaPath
 from .lin_mil import LinMIL
 from .litemil import LiteMIL
@@ -34,9 +34,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "transmil": TransMIL,
     "gigapath_slide_encoder": GigaPath,
     "cma_mil": CMAMILOneBag,
+    "cma_mil_local": CMAMILOneBagLocal,
 }
 IN_DIMS = {"gigapath_slide_encoder": GIGAPATH_IN_DIM,  # Prov-GigaPath's tile encoder
-           "cma_mil": CMA_MIL_IN_DIM}                  # CMA-MIL's README: --embed_dim 512
+           "cma_mil": CMA_MIL_IN_DIM,                  # CMA-MIL's README: --embed_dim 512
+           "cma_mil_local": CMA_MIL_IN_DIM}
 DEFAULT_IN_DIM = 1024                                   # the others: UNI or truncated ResNet50 features
 
 

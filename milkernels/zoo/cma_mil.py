@@ -198,10 +198,32 @@ class CMAMILOneBag(nn.Module):
     profile_layers = ("model.adaptor_5x", "model.adaptor_10x", "model.adaptor_20x", "model.cross_attn_5x_10x",
                       "model.cross_attn_10x_20x", "model.cross_attn_20x_5x", "model.attention_net")
 
+    local = False
+
     def __init__(self, in_dim: int, n_classes: int = 2):
         super().__init__()
         self.model = CMAMIL(in_dim, n_classes, instance_classifiers=False)
 
     def forward(self, features: torch.Tensor, coords: torch.Tensor | None = None) -> torch.Tensor:
         """``features: (N, F)`` of 20x patches, ``coords: (N, 2)`` their pixels or None -> ``logits: (1, C)``."""
-        return self.model(*coarser_bags(features, coords), features)
+        cycle = coarser_coords(coords) if self.local and coords is not None else None
+        return self.model(*coarser_bags(features, coords), features, coords=cycle)
+
+
+class CMAMILOneBagLocal(CMAMILOneBag):
+    """:class:`CMAMILOneBag` with its blocks in the coordinate-local mode (radius 0) when the bag has coords:
+    each patch attends to the patches of the other magnification that overlap it (:func:`coarser_coords`)."""
+
+    local = True
+
+
+def coarser_coords(coords: torch.Tensor) -> tuple:
+    """CMA-MIL's ``coords`` argument for :func:`coarser_bags`' bags of the 20x patches at ``coords: (N, 2)``:
+    each 5x (10x) group stands at the 1024 (512) px cell that holds the first patch of its group, from the 20x
+    patches' smallest corner; on a full grid, exactly the group's parent patch. Shapes do not depend on the
+    values (the profiler counts on fake tensors)."""
+    origin = coords.amin(dim=0)
+    ordered = coords[morton_order(coords, PATCH_SIZE_20X)] - origin
+    coarse = [(ordered[::factor * factor] // (PATCH_SIZE_20X * factor) * (PATCH_SIZE_20X * factor) + origin,
+               PATCH_SIZE_20X * factor) for factor in (4, 2)]
+    return (*coarse, (coords, PATCH_SIZE_20X))
