@@ -11,6 +11,7 @@ from milkernels.ops import (anchor_kl, cross_attention, dilated_attention, gated
                             gated_attention_scores, lin_mil_attention, linear_attention, nsf, query_attention)
 from milkernels.ops._bags import pack_bags
 from milkernels.ops._library import NAMESPACE
+from milkernels.ops.cross_attention.local import LocalNeighbourhood
 from milkernels.ops.gated_attention import reference as gated_reference
 from milkernels.ops.query_attention import folded_attention
 
@@ -221,6 +222,13 @@ def test_nsf_and_anchor_kl_count_no_flops():
     mask = torch.tensor([1, 1, 1, 1, 0, 1, 0])
     assert assert_counts_agree(lambda: [nsf(online, 0.5, mask=mask)]) == 0
     assert assert_counts_agree(lambda: [anchor_kl(online, anchor, 0.5, mask=mask)]) == 0
+
+
+def test_local_cross_attention_counts_no_attention_flops():
+    """The local reference gathers its neighbouring pairs (no matmul); the local ops count 0 as well."""
+    coords_q, coords_k = torch.tensor([[0, 0], [512, 0], [9000, 0]]), torch.tensor([[0, 0], [256, 256], [512, 0]])
+    local = LocalNeighbourhood(coords_q, coords_k, 512, 256)
+    assert assert_counts_agree(cross_call(3, 3, 8, heads=2, local=local)) == 0
 
 
 def test_every_custom_op_has_a_flop_formula():
