@@ -31,9 +31,8 @@ from ..._backends import triton_interpreted
 from .. import _blocks
 from .._blocks import block_table
 from .local import LocalNeighbourhood, candidate_positions, plan
-from .triton import (_CONFIGS, _POINTER_TYPES, _epilogue, _key_grad_step, _live_lse, _load_heads, _load_per_head,
-                     _mm, _norm_grad_kernel, _table, _query_grad_step, _softmax_step, _store_heads, kernel_flags,
-                     padded_heads)
+from .triton import (_CONFIGS, _POINTER_TYPES, _epilogue, _key_grad_step, _load_heads, _mm, _norm_grad_kernel,
+                     _query_grad_step, _query_side, _softmax_step, _store_heads, _table, kernel_flags, padded_heads)
 
 MAX_EXTENT = 2 ** 30
 _HALF_FORWARD_BLOCK_N = {(1, 256): 32}
@@ -76,6 +75,12 @@ def _own_block(order_ptr, coords_ptr, count, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _candidate_range(candidate_ptr_ptr):
+    """This program's block's candidates: positions ``first .. stop`` of the candidate list."""
+    return tl.load(candidate_ptr_ptr + tl.program_id(0)), tl.load(candidate_ptr_ptr + tl.program_id(0) + 1)
+
+
+@triton.jit
 def _candidates(candidate_ptr, start, stop, coords_ptr, BLOCK: tl.constexpr):
     """Candidates ``start .. start + BLOCK`` of a block (below ``stop``): their rows, which exist, their corners."""
     index = start + tl.arange(0, BLOCK)
@@ -96,8 +101,7 @@ def _local_forward_kernel(xq_ptr, q_ptr, k_ptr, v_ptr, weight_ptr, bias_ptr, out
     m = tl.full([HP, BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([HP, BLOCK_M], tl.float32)
     acc = tl.zeros([HP, BLOCK_M, DHP], tl.float32)
-    first = tl.load(candidate_ptr_ptr + tl.program_id(0))
-    stop = tl.load(candidate_ptr_ptr + tl.program_id(0) + 1)
+    first, stop = _candidate_range(candidate_ptr_ptr)
     for start in range(first, stop, BLOCK_N):
         keys, key_ok, kx, ky = _candidates(candidate_key_ptr, start, stop, coords_k_ptr, BLOCK_N)
         near = _near(qx, qy, kx, ky, patch_q, patch_k, radius) & key_ok[None, :] & row_ok[:, None]
@@ -117,13 +121,9 @@ def _local_query_grad_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, d_attn_ptr
                              BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
     """``dq`` of a block of queries over its candidate keys."""
     rows, row_ok, qx, qy = _own_block(query_order_ptr, coords_q_ptr, Nq, BLOCK_M)
-    q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
-    d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
-    live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
-    delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
+    q, d_attn, live, lse, delta = _query_side(q_ptr, d_attn_ptr, lse_ptr, delta_ptr, rows, row_ok, H, dh, E, HP, DHP)
     d_q = tl.zeros([HP, BLOCK_M, DHP], tl.float32)
-    first = tl.load(candidate_ptr_ptr + tl.program_id(0))
-    stop = tl.load(candidate_ptr_ptr + tl.program_id(0) + 1)
+    first, stop = _candidate_range(candidate_ptr_ptr)
     for start in range(first, stop, BLOCK_N):
         keys, key_ok, kx, ky = _candidates(candidate_key_ptr, start, stop, coords_k_ptr, BLOCK_N)
         near = _near(qx, qy, kx, ky, patch_q, patch_k, radius) & key_ok[None, :]
@@ -145,15 +145,12 @@ def _local_key_grad_kernel(q_ptr, k_ptr, v_ptr, lse_ptr, delta_ptr, d_attn_ptr, 
     v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
     d_k = tl.zeros([HP, BLOCK_N, DHP], tl.float32)
     d_v = tl.zeros([HP, BLOCK_N, DHP], tl.float32)
-    first = tl.load(candidate_ptr_ptr + tl.program_id(0))
-    stop = tl.load(candidate_ptr_ptr + tl.program_id(0) + 1)
+    first, stop = _candidate_range(candidate_ptr_ptr)
     for start in range(first, stop, BLOCK_M):
         rows, row_ok, qx, qy = _candidates(candidate_query_ptr, start, stop, coords_q_ptr, BLOCK_M)
         near_t = _near(kx, ky, qx, qy, patch_k, patch_q, radius) & row_ok[None, :]
-        q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
-        d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
-        live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
-        delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
+        q, d_attn, live, lse, delta = _query_side(q_ptr, d_attn_ptr, lse_ptr, delta_ptr, rows, row_ok, H, dh, E, HP,
+                                                  DHP)
         d_k, d_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, near_t[None, :, :], d_k, d_v, scale, q_ptr,
                                   DOT_FP32, FP32_PRECISION)
     _store_heads(d_k_ptr, d_k * scale, keys, key_ok, H, dh, E, HP, DHP)

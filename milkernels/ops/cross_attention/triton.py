@@ -328,6 +328,16 @@ def _live_lse(lse_ptr, rows, row_ok, H, HP: tl.constexpr):
 
 
 @triton.jit
+def _query_side(q_ptr, d_attn_ptr, lse_ptr, delta_ptr, rows, row_ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
+    """What the gradient kernels read of query ``rows``: ``q`` and ``d_attn`` ``(HP, len(rows), DHP)``, and
+    ``live``, ``lse`` and ``delta`` ``(HP, len(rows))``."""
+    q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
+    d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
+    live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
+    return q, d_attn, live, lse, _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
+
+
+@triton.jit
 def _query_grad_step(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr, DOT_FP32: tl.constexpr,
                      FP32_PRECISION: tl.constexpr):
     """One key tile's part of ``dq / scale`` for ``q, d_attn: (HP, BLOCK_M, DHP)`` over ``k, v: (HP, BLOCK_N,
@@ -360,10 +370,7 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d
     """``dq`` of a block of query rows over one range of its bag's keys (split ``program_id(1)``)."""
     rows, row_ok, bag = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_M)
     lo, hi = _split_range(cu_k_ptr, bag, BLOCK_N)
-    q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
-    d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
-    live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
-    delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
+    q, d_attn, live, lse, delta = _query_side(q_ptr, d_attn_ptr, lse_ptr, delta_ptr, rows, row_ok, H, dh, E, HP, DHP)
     d_q = tl.zeros([HP, BLOCK_M, DHP], tl.float32)
     for k0 in range(lo, hi, BLOCK_N):
         keys = k0 + tl.arange(0, BLOCK_N)
@@ -391,10 +398,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_a
     for r0 in range(lo, hi, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
-        q = _load_heads(q_ptr, rows, row_ok, H, dh, E, HP, DHP)
-        d_attn = _load_heads(d_attn_ptr, rows, row_ok, H, dh, E, HP, DHP)
-        live, lse = _live_lse(lse_ptr, rows, row_ok, H, HP)
-        delta = _load_per_head(delta_ptr, rows, row_ok, H, 0.0, HP)
+        q, d_attn, live, lse, delta = _query_side(q_ptr, d_attn_ptr, lse_ptr, delta_ptr, rows, row_ok, H, dh, E, HP,
+                                                  DHP)
         d_k, d_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, key_ok[None, :, None], d_k, d_v, scale, q_ptr,
                                   DOT_FP32, FP32_PRECISION)
     split_rows = tl.program_id(1).to(tl.int64) * Tk
