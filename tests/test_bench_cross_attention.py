@@ -74,12 +74,14 @@ def test_local_op_builds_a_slide_of_parents_and_their_four_children():
                                                                         torch.device("cpu"))
     assert features[0].shape == (1024, 128) and features[1].shape == (4096, 128)
     assert coords_10x.shape == (1024, 2) and coords_20x.shape == (4096, 2) and not coords_20x.requires_grad
+    assert [t.shape[0] for t in CROSS_MAGNIFICATION_LOCAL.build(4099, DIMS, torch.float32, torch.device("cpu"))[:2]] \
+        == [1024, 4096]
     mask = neighbour_mask(neighbourhood(coords_10x, coords_20x))
     assert (mask.sum(1) == 4).all() and (mask.sum(0) == 1).all()
     assert not torch.equal(coords_20x, coords_20x[coords_20x[:, 1].argsort(stable=True)])  # shuffled rows
 
 
-@pytest.mark.parametrize("n", [4, 28, 100])
+@pytest.mark.parametrize("n", [4, 30, 101])
 def test_local_reference_and_peer_match_the_public_path(n):
     inputs = CROSS_MAGNIFICATION_LOCAL.build(n, DIMS, torch.float64, torch.device("cpu"))
     differentiable = inputs[:-2]

@@ -132,8 +132,20 @@ def test_gradient_penalty_through_swapped_model_on_triton_names_the_op(name, mes
         grad_x.square().sum().backward()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(registry.ops()))
+UNTRACEABLE = {("cross_magnification_local", "reference"):
+               "the PyTorch local path plans with data-dependent sizes (its triton path traces)"}
+
+
+def benchmark_cases():
+    """Every (op, backend), the untraceable ones as strict xfails (a fix makes them fail: move them out)."""
+    for name in registry.ops():
+        for backend in BACKENDS:
+            reason = UNTRACEABLE.get((name, backend))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(name, backend, marks=marks, id=f"{name}-{backend}")
+
+
+@pytest.mark.parametrize("name, backend", list(benchmark_cases()))
 def test_benchmark_ops_trace_without_graph_break(name, backend):
     """The benchmark's compiled baseline (``op.reference`` under ``fullgraph=True``) and its milkernels call
     trace whole (after one eager call, which builds the modules the benchmark caches)."""

@@ -169,8 +169,9 @@ def local_reference_block(x_10x, x_20x, wq, bq, wk, bk, wv, bv, ln_w, ln_b, coor
 
 
 def local_build(n: int, dims: dict, dtype: torch.dtype, device: torch.device) -> tuple:
-    """:func:`build`'s inputs, then the two bags' coordinates (module doc)."""
-    inputs = build(n, dims, dtype, device)
+    """:func:`build`'s inputs for ``4 N_q`` 20x patches (``n`` rounded down to a multiple of 4, at least 4),
+    then the two bags' coordinates (module doc)."""
+    inputs = build(QUERIES_PER_KEY * queries(n), dims, dtype, device)
     return (*inputs, *slide_coords(n, torch.Generator().manual_seed(n), device))
 
 
@@ -187,8 +188,9 @@ def local_flops(n: int, dims: dict, backward: bool) -> int:
 
 
 def local_min_bytes(n: int, dims: dict, itemsize: int, backward: bool) -> int:
-    """:func:`min_bytes` of the dense op, plus reading the int64 coordinates once."""
-    return min_bytes(n, dims, itemsize, backward) + 8 * 2 * (queries(n) + QUERIES_PER_KEY * queries(n))
+    """:func:`min_bytes` of the dense op on the ``4 N_q`` 20x patches, plus reading the int64 coordinates once."""
+    keys = QUERIES_PER_KEY * queries(n)
+    return min_bytes(keys, dims, itemsize, backward) + 8 * 2 * (queries(n) + keys)
 
 
 CROSS_MAGNIFICATION_LOCAL = register(Op(
