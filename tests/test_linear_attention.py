@@ -12,6 +12,7 @@ from milkernels.ops.linear_attention import triton as kernels
 
 import aot
 import kernel_checks
+from memory_traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 ACTIVATIONS = ["relu", "gelu", "elu", "leaky_relu", "tanh", "softplus"]
@@ -82,6 +83,58 @@ def test_packed_bags_equal_separate_calls(device):
             torch.testing.assert_close(packed[1][start:stop], numerator.transpose(0, 1), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(packed[2][start:stop], attention_map, rtol=1e-5, atol=1e-6)
     kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, cu_seqlens=cu_seqlens)
+
+
+@pytest.mark.parametrize("target_programs", [4, 9])
+def test_splits_of_many_blocks_match_reference(target_programs, device, monkeypatch):
+    """Few programs, so each split loops over several 64-row blocks (its last one short): packed bags of
+    awkward lengths (one shorter than a block), and padded bags with a mask; every output and
+    gradient."""
+    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", target_programs)
+    monkeypatch.setattr(kernels, "MIN_SPLIT_BLOCKS", 1)
+    assert kernels.split_rows(700, 4) == 64 * -(-700 // (64 * -(-target_programs // 4))) > 64
+    qkv, temperature = make_qkv((700, 3 * 40), 4, device=device, seed=7)
+    cu_seqlens = torch.tensor([0, 30, 451, 700], device=device)
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, cu_seqlens=cu_seqlens,
+                          denominator="clamp")
+    qkv, temperature = make_qkv((2, 333, 3 * 40), 4, device=device, seed=8)
+    mask = torch.rand(2, 333, generator=torch.Generator().manual_seed(8)) > 0.2
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, mask=mask.to(device),
+                          denominator="clamp")
+
+
+def test_partials_do_not_grow_with_the_bag():
+    """The number of splits (and so of fp32 partials) is about TARGET_PROGRAMS / H whatever N: at 1M rows as at
+    100k, with one more per bag at most."""
+    for rows in (100_000, 1_000_000):
+        for heads in (1, 8):
+            splits = -(-rows // kernels.split_rows(rows, heads))
+            assert splits <= -(-kernels.TARGET_PROGRAMS // heads)
+
+
+TRAFFIC_BUDGET = 2.0  # requested bytes over the minimum (issue 12: memory-bound kernels)
+RECOMPUTE_BUDGET = 1.3  # dot FLOPs over the useful ones
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_traffic_within_budget(dtype):
+    """One bag of 2048 rows, C = 256 in 4 heads of 64: the forward reads qkv and writes out, the backward
+    also reads dO and writes d_qkv, each within 2x of those bytes (bf16 1.20 / 1.15, fp32 1.10 / 1.07 at
+    4096 x 512 in 8 heads); dot FLOPs: S and q S forward (exactly), the backward's four products and the
+    numerator's recompute (1.25x)."""
+    rows, channels, heads = 2048, 256, 4
+    qkv, _ = make_qkv((rows, 3 * channels), heads, dtype=dtype, seed=9)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            out = linear_attention(qkv, heads, denominator="clamp")
+        with counting() as backward:
+            out.backward(torch.randn_like(out))
+    row_bytes = channels * dtype.itemsize
+    product_flops = 2 * rows * channels * (channels // heads)  # one (N x dh) x (dh x dh) product, all heads
+    assert forward.requested_bytes <= TRAFFIC_BUDGET * rows * 4 * row_bytes
+    assert backward.requested_bytes <= TRAFFIC_BUDGET * rows * 7 * row_bytes
+    assert forward.dot_flops == 2 * product_flops
+    assert backward.dot_flops == 5 * product_flops <= RECOMPUTE_BUDGET * 4 * product_flops
 
 
 def test_map_only_never_forms_the_numerator(device, monkeypatch):
