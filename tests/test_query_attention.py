@@ -117,8 +117,10 @@ def test_packed_bags_equal_separate_calls(device):
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_splits_of_several_blocks_and_bags_of_several_splits(normalization, device, monkeypatch):
-    monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 3)
+    """Splits of two 64-row blocks: each bag of 400 rows in four splits, the last of 16 rows."""
+    monkeypatch.setattr(kernels, "MIN_SPLIT_BLOCKS", 2)
     inputs = make_inputs(400, 20, 8, 2, device=device, seed=7, batch=2)
+    assert kernels._split_rows(pack_bags(inputs[0].reshape(800, 20), 20), 1) == 128
     mask = torch.rand(2, 400, generator=torch.Generator().manual_seed(7)) > 0.2
     inputs[1] = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(8)).to(device).requires_grad_()
     kernel_checks.compare(all_outputs, inputs, torch.float32, heads=2, normalization=normalization,

@@ -1,12 +1,15 @@
 """Learnable-query attention in Triton, folded form: a split-N forward, a combine and a three-kernel backward.
 
-Forward (``_forward_kernel``, flash-decoding style), one program per (tile of BLOCK_E features, tile
-of BLOCK_J columns, split of a bag's rows): for each block of BLOCK_N rows of its split, the scores
-``z = x u^T + c`` on the tensor cores (over all Ein in BLOCK_K steps), the running max and sum of the
-weights (softmax; NSF columns have no max), dropout from a Philox seed, and ``acc += p^T x`` for its
-feature tile. It writes fp32 partials per split; :func:`milkernels.ops._combine.combine` merges each bag's splits into
-``pooled``, ``mass`` (the sum of the weights) and the per-column log-normalizer ``lse``. Score-only
-columns (from ``num_pooled`` on) are written by the feature-tile-0 program and never pooled.
+Forward, flash-decoding style, in two passes over each split (a run of a bag's rows). ``_score_kernel``, one
+program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, the scores ``z = x u^T + c``
+on the tensor cores over all Ein in BLOCK_K steps, once, written to ``z`` (which the op returns and the
+backward reads), and for the pooled columns the split's running max, sum of weights (softmax; NSF columns
+have no max) and sum of weights after dropout (from a Philox seed). ``_pool_kernel``, one program per (tile
+of BLOCK_E features, pooled column tile, split): the weights again from ``z`` and the split's max (no score
+recomputed) and ``acc = p^T x`` for its feature tile. Both write fp32 partials per split;
+:func:`milkernels.ops._combine.combine` merges each bag's splits into ``pooled``, ``mass`` (the sum of the
+weights) and the per-column log-normalizer ``lse``. Score-only columns (from ``num_pooled`` on) are only
+scored.
 
 Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
 ``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
@@ -32,6 +35,7 @@ from .reference import NSF_EPS
 
 BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # forward and weight-gradient programs per call, about 8 per SM on an H100
+MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 
 
 @dataclass(frozen=True)
@@ -89,61 +93,91 @@ def _split(split_start_ptr, split_end_ptr, split_bag_ptr, split):
 
 
 @triton.jit
-def _forward_kernel(
+def _weights(z, valid, run_max, is_nsf):
+    """``(BLOCK_N, BLOCK_J)`` weights of scores ``z`` against the running max: ``exp(z - max)`` for softmax
+    columns (``max = -inf`` counts as 0), ``sigmoid(z)`` for NSF columns; 0 on rows not valid."""
+    safe_max = tl.where(run_max == float("-inf"), 0.0, run_max)
+    weights = tl.where(is_nsf[None, :], tl.sigmoid(z), tl.exp(z - safe_max[None, :]))
+    return tl.where(valid[:, None], weights, 0.0)
+
+
+@triton.jit
+def _score_kernel(
     x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
-    z_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr,
+    z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr,
     E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    e_tile = tl.program_id(0)  # fastest: the feature tiles of a split run together and share its rows in L2
-    j0 = tl.program_id(1) * BLOCK_J
+    """The forward's first pass, per (column tile, split): ``z`` over all Ein, once, written for every row;
+    for pooled columns, the split's max, sum of weights and sum of kept weights."""
+    j0 = tl.program_id(0) * BLOCK_J
+    split = tl.program_id(1)
+    start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
+    cols_j = j0 + tl.arange(0, BLOCK_J)
+    j_ok = cols_j < J
+    is_nsf = cols_j >= nsf_from
+    u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
+    c = tl.load(c_ptr + bag * c_bag_stride + cols_j, mask=j_ok, other=0.0).to(tl.float32)
+    run_max = tl.where(is_nsf, 0.0, float("-inf"))
+    run_sum = tl.zeros((BLOCK_J,), tl.float32)
+    run_mass = tl.zeros((BLOCK_J,), tl.float32)
+    for r0 in range(start, end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < end
+        rows64 = rows.to(tl.int64)
+        valid = _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
+        z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, tl.zeros((BLOCK_N, BLOCK_J), tl.float32),
+                    BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
+        tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
+        if j0 < num_pooled:
+            block_max = tl.max(tl.where(valid[:, None], z, float("-inf")), axis=0)
+            new_max = tl.where(is_nsf, 0.0, tl.maximum(run_max, block_max))
+            alpha = tl.where(is_nsf | (new_max == float("-inf")), 1.0, tl.exp(run_max - new_max))
+            weights = _weights(z, valid, new_max, is_nsf)
+            run_sum = run_sum * alpha + tl.sum(weights, axis=0)
+            weights *= _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
+            run_mass = run_mass * alpha + tl.sum(weights, axis=0)
+            run_max = new_max
+    if j0 < num_pooled:
+        pool_ok = cols_j < num_pooled
+        part = (split * num_pooled + cols_j).to(tl.int64)
+        tl.store(part_max_ptr + part, run_max, mask=pool_ok)
+        tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
+        tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr, valid_ptr, split_start_ptr, split_end_ptr, split_bag_ptr, z_ptr, part_max_ptr, part_acc_ptr,
+    E, J, num_pooled, nsf_from, seed, p_drop, drop_scale,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """The forward's second pass, per (feature tile, pooled column tile, split): the kept weights from the
+    first pass's ``z`` and the split's max, pooled into ``acc = p^T x`` for the feature tile (no score is
+    recomputed)."""
+    e_tile = tl.program_id(0)  # fastest: the feature tiles of a split run together and share its z in L2
+    cols_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     split = tl.program_id(2)
-    pooled_tile = j0 < num_pooled
-    if pooled_tile or e_tile == 0:
-        start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
-        cols_j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = cols_j < J
-        is_nsf = cols_j >= nsf_from
-        cols_e = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
-        e_ok = cols_e < E
-        u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
-        c = tl.load(c_ptr + bag * c_bag_stride + cols_j, mask=j_ok, other=0.0).to(tl.float32)
-        run_max = tl.where(is_nsf, 0.0, float("-inf"))
-        run_sum = tl.zeros((BLOCK_J,), tl.float32)
-        run_mass = tl.zeros((BLOCK_J,), tl.float32)
-        acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
-        for r0 in range(start, end, BLOCK_N):
-            rows = r0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < end
-            rows64 = rows.to(tl.int64)
-            valid = _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
-            z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, tl.zeros((BLOCK_N, BLOCK_J), tl.float32),
-                        BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
-            if e_tile == 0:
-                tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
-            if pooled_tile:
-                block_max = tl.max(tl.where(valid[:, None], z, float("-inf")), axis=0)
-                new_max = tl.where(is_nsf, 0.0, tl.maximum(run_max, block_max))
-                safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-                alpha = tl.where(is_nsf, 1.0, tl.exp(run_max - safe_max))
-                weights = tl.where(is_nsf[None, :], tl.sigmoid(z), tl.exp(z - safe_max[None, :]))
-                weights = tl.where(valid[:, None], weights, 0.0)
-                run_sum = run_sum * alpha + tl.sum(weights, axis=0)
-                weights *= _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
-                run_mass = run_mass * alpha + tl.sum(weights, axis=0)
-                x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
-                acc = _dot(tl.trans(weights), x_tile, acc * alpha[:, None], DOT_FP32, FP32_PRECISION,
-                           x_ptr.dtype.element_ty)
-                run_max = new_max
-        if pooled_tile:
-            pool_ok = cols_j < num_pooled
-            part = (split * num_pooled + cols_j).to(tl.int64)
-            tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
-            if e_tile == 0:
-                tl.store(part_max_ptr + part, run_max, mask=pool_ok)
-                tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
-                tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
+    start, end, _ = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
+    pool_ok = cols_j < num_pooled
+    is_nsf = cols_j >= nsf_from
+    cols_e = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = cols_e < E
+    part = (split * num_pooled + cols_j).to(tl.int64)
+    split_max = tl.load(part_max_ptr + part, mask=pool_ok, other=0.0)
+    acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
+    for r0 in range(start, end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        valid = _row_valid(valid_ptr, rows64, rows < end, HAS_MASK)
+        z = tl.load(z_ptr + rows64[:, None] * J + cols_j[None, :], mask=valid[:, None] & pool_ok[None, :], other=0.0)
+        weights = _weights(z, valid, split_max, is_nsf) * _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale,
+                                                                       DROPOUT)
+        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
+        acc = _dot(tl.trans(weights), x_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
+    tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
 
 
 @triton.jit
@@ -317,10 +351,12 @@ class Plan:
 
 
 def _split_rows(bags: Bags, programs_per_split: int) -> int:
-    """Rows per split: a multiple of BLOCK_N that gives about TARGET_PROGRAMS programs in all."""
+    """Rows per split: a multiple of BLOCK_N that gives about TARGET_PROGRAMS programs in all, and at least
+    :data:`MIN_SPLIT_BLOCKS` blocks, so that a split's fp32 partials (``J x Ein`` pooled, and as many for
+    ``du``) stay small against its rows."""
     blocks = triton.cdiv(bags.x2d.shape[0], BLOCK_N)
     wanted_splits = max(1, TARGET_PROGRAMS // programs_per_split)
-    return BLOCK_N * max(1, triton.cdiv(blocks, wanted_splits))
+    return BLOCK_N * max(MIN_SPLIT_BLOCKS, triton.cdiv(blocks, wanted_splits))
 
 
 def _or(tensor, placeholder):
@@ -340,12 +376,18 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     part_stats = [_blocks.new_buffer(splits, pooled_cols, dtype=torch.float32, device=device) for _ in range(3)]
     table = plan.splits
     column_tiles, feature_tiles = plan.tiles(features)
-    _forward_kernel[(feature_tiles, column_tiles, splits)](
-        x2d, _or(row_valid, x2d), u, c, table.start, table.end, table.bag, z, part_acc, *part_stats,
+    splits_args = (table.start, table.end, table.bag)
+    dropout = dict(**plan.dropout_args(), DROPOUT=plan.dropout_p > 0, **plan.flags(x2d))
+    _score_kernel[(column_tiles, splits)](
+        x2d, _or(row_valid, x2d), u, c, *splits_args, z, *part_stats,
         features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
-        0 if plan.shared_queries else c.stride(0), **plan.dropout_args(),
-        BLOCK_K=plan.cfg.block_k, BLOCK_E=plan.cfg.block_e, DROPOUT=plan.dropout_p > 0, **plan.flags(x2d),
+        0 if plan.shared_queries else c.stride(0), BLOCK_K=plan.cfg.block_k, **dropout,
     )
+    if pooled_cols:
+        _pool_kernel[(feature_tiles, triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
+            x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns, pooled_cols,
+            plan.nsf_from, BLOCK_E=plan.cfg.block_e, **dropout,
+        )
     pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
                                          x2d.dtype, plan.nsf_from, NSF_EPS, plan.cfg.block_e)
     return pooled, mass, z, lse
@@ -433,10 +475,12 @@ def shipped_specializations():
             for has_mask, dropout in ((False, False), (True, True)):
                 valid = "*i1" if has_mask else ptr
                 flags = dict(base, HAS_MASK=has_mask)
-                forward = _forward_signature(ptr, valid)
-                yield (_forward_kernel, forward,
-                       dict(flags, BLOCK_K=cfg.block_k, BLOCK_E=cfg.block_e, DROPOUT=dropout), cfg.num_warps,
-                       tuple(sorted(aligned & forward.keys())))
+                scores = _score_signature(ptr, valid)
+                yield (_score_kernel, scores, dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout), cfg.num_warps,
+                       tuple(sorted(aligned & scores.keys())))
+                pool = _pool_signature(ptr, valid)
+                yield (_pool_kernel, pool, dict(flags, BLOCK_E=cfg.block_e, DROPOUT=dropout), cfg.num_warps,
+                       tuple(sorted(aligned & pool.keys())))
                 score_grad = _score_grad_signature(ptr, valid)
                 for has_dz, store_pk in ((True, True), (False, False)):
                     yield (_score_grad_kernel, score_grad,
@@ -457,11 +501,17 @@ def _table(prefix):
     return {f"{prefix}_{name}_ptr": "*i32" for name in ("start", "end", "bag")}
 
 
-def _forward_signature(ptr, valid):
+def _score_signature(ptr, valid):
     return dict(x_ptr=ptr, valid_ptr=valid, u_ptr=ptr, c_ptr=ptr, **_table("split"), z_ptr="*fp32",
-                part_acc_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32", part_mass_ptr="*fp32",
-                E="i32", J="i32", num_pooled="i32", nsf_from="i32", u_bag_stride="i32", c_bag_stride="i32",
-                seed="i32", p_drop="fp32", drop_scale="fp32")
+                part_max_ptr="*fp32", part_sum_ptr="*fp32", part_mass_ptr="*fp32", E="i32", J="i32",
+                num_pooled="i32", nsf_from="i32", u_bag_stride="i32", c_bag_stride="i32", seed="i32", p_drop="fp32",
+                drop_scale="fp32")
+
+
+def _pool_signature(ptr, valid):
+    return dict(x_ptr=ptr, valid_ptr=valid, **_table("split"), z_ptr="*fp32", part_max_ptr="*fp32",
+                part_acc_ptr="*fp32", E="i32", J="i32", num_pooled="i32", nsf_from="i32", seed="i32", p_drop="fp32",
+                drop_scale="fp32")
 
 
 def _score_grad_signature(ptr, valid):
