@@ -93,6 +93,14 @@ def _split(split_start_ptr, split_end_ptr, split_bag_ptr, split):
 
 
 @triton.jit
+def _split_block(r0, end, valid_ptr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block of a split's rows from ``r0`` (before ``end``): rows (int64), which exist, which are instances."""
+    rows64 = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows64 < end
+    return rows64, row_ok, _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
+
+
+@triton.jit
 def _weights(z, valid, run_max, is_nsf):
     """``(BLOCK_N, BLOCK_J)`` weights of scores ``z`` against the running max: ``exp(z - max)`` for softmax
     columns (``max = -inf`` counts as 0), ``sigmoid(z)`` for NSF columns; 0 on rows not valid."""
@@ -123,10 +131,7 @@ def _score_kernel(
     run_sum = tl.zeros((BLOCK_J,), tl.float32)
     run_mass = tl.zeros((BLOCK_J,), tl.float32)
     for r0 in range(start, end, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < end
-        rows64 = rows.to(tl.int64)
-        valid = _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
+        rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, tl.zeros((BLOCK_N, BLOCK_J), tl.float32),
                     BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
         tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
@@ -169,9 +174,7 @@ def _pool_kernel(
     split_max = tl.load(part_max_ptr + part, mask=pool_ok, other=0.0)
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
     for r0 in range(start, end, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        rows64 = rows.to(tl.int64)
-        valid = _row_valid(valid_ptr, rows64, rows < end, HAS_MASK)
+        rows64, _, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         z = tl.load(z_ptr + rows64[:, None] * J + cols_j[None, :], mask=valid[:, None] & pool_ok[None, :], other=0.0)
         weights = _weights(z, valid, split_max, is_nsf) * _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale,
                                                                        DROPOUT)
@@ -279,10 +282,7 @@ def _weight_grad_kernel(
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
     d_c = tl.zeros((BLOCK_J,), tl.float32)
     for r0 in range(start, end, BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < end
-        rows64 = rows.to(tl.int64)
-        valid = _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
+        rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         d_s = tl.load(ds_ptr + rows64[:, None] * J + cols_j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
         x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
         acc = _dot(tl.trans(d_s), x_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
