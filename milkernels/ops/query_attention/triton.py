@@ -174,7 +174,7 @@ def _pool_kernel(
     split_max = tl.load(part_max_ptr + part, mask=pool_ok, other=0.0)
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
     for r0 in range(start, end, BLOCK_N):
-        rows64, _, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
+        rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         z = tl.load(z_ptr + rows64[:, None] * J + cols_j[None, :], mask=valid[:, None] & pool_ok[None, :], other=0.0)
         weights = _weights(z, valid, split_max, is_nsf) * _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale,
                                                                        DROPOUT)
