@@ -28,6 +28,7 @@ with timm_stub.installed():
     from lin_mil.attention.softmax_attention import Attention
 
 op_module = importlib.import_module("milkernels.ops.linear_attention")  # the attribute is the op function
+projected_module = importlib.import_module("milkernels.ops.linear_attention.projected")
 TRITON_SOURCE = Path(op_module.__file__).with_name("triton.py")
 INPUT_DIM = 20
 ACTS = [nn.ReLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Tanh, nn.Softplus]
@@ -198,16 +199,16 @@ def _refuse_numerator(*args):
 def test_swapped_lin_mil_never_forms_the_numerator(case, monkeypatch, pos_enc):
     """Also with a ``pos_enc`` taking coordinates, which the probe passes, so such a model is fused too."""
     _, after = model_pair(case, **MODELS["d48_h4_cls_relu"], pos_enc=pos_enc)
-    calls, kernel_calls = [], []
+    calls, projected_calls, kernel_calls = [], [], []
     _spy(monkeypatch, fused_module, "lin_mil_attention", calls)
-    _spy(monkeypatch, op_module, "_forward_op", kernel_calls, lambda args, kwargs: args[-2:])
+    _spy(monkeypatch, fused_module, "lin_mil_projected_attention", projected_calls)
+    _spy(monkeypatch, projected_module, "_forward_op", kernel_calls, lambda args, kwargs: args[-1])
     monkeypatch.setattr(op_module, "_numerator_to_caller", _refuse_numerator)
     x = tokens(case, 2, 5)
     logits, att = after(x, coordinates(x))
     (logits.sum() + att.sum()).backward()
-    assert [(c.get("return_numerator", False), c.get("return_map", False)) for c in calls] == [(False, False),
-                                                                                               (False, True)]
-    assert kernel_calls == ([(False, False), (False, True)] if case.backend == "triton" else [])
+    assert calls == [] and [c["return_map"] for c in projected_calls] == [False, True]
+    assert kernel_calls == ([False, True] if case.backend == "triton" else [])
     with pytest.raises(AssertionError, match="numerator was formed"):  # the spies do see a numerator
         after.transformer[0].attn(torch.randn(1, 3, 48, dtype=case.dtype))
     assert calls[-1]["return_numerator"] is True

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import lin_mil_attention
+from ..ops import lin_mil_attention, lin_mil_projected_attention
 from ._empty import no_instances
 
 ACTIVATIONS = {nn.ReLU: "relu", nn.GELU: "gelu", nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh",
@@ -137,13 +137,18 @@ class LinearAttention(nn.Module):
         """The op's name of ``self.act``."""
         return activation_name(self.act)
 
-    def _attend(self, x, mask, cu_seqlens, **outputs):
-        """The op on ``qkv(x)``: the heads' outputs ``(..., C)`` before ``proj``, then what ``outputs`` asks."""
-        qkv = self.qkv(x)
+    def _attend(self, x, mask, cu_seqlens, return_numerator=False, return_map=False):
+        """The op on ``qkv(x)``: the heads' outputs ``(..., C)`` before ``proj``, then the numerator or the map
+        where asked. Without the numerator, the projection runs inside the op, which keeps no ``qkv``."""
         if cu_seqlens is None and no_instances(x):
-            return self._composed(qkv, **outputs)
-        return lin_mil_attention(qkv, self.temperature.to(qkv.dtype), self.num_heads, activation=self.activation,
-                                 mask=mask, cu_seqlens=cu_seqlens, **outputs)
+            return self._composed(self.qkv(x), return_numerator=return_numerator, return_map=return_map)
+        options = dict(activation=self.activation, mask=mask, cu_seqlens=cu_seqlens, return_map=return_map)
+        if return_numerator:
+            qkv = self.qkv(x)
+            return lin_mil_attention(qkv, self.temperature.to(qkv.dtype), self.num_heads, return_numerator=True,
+                                     **options)
+        tau = self.temperature.to(x.dtype)
+        return lin_mil_projected_attention(x, self.qkv.weight, self.qkv.bias, tau, self.num_heads, **options)
 
     def _composed(self, qkv: torch.Tensor, return_numerator: bool = False, return_map: bool = False):
         """Lin-MIL's math in plain torch on ``qkv: (..., N, 3C)``, for inputs without instances: the op's

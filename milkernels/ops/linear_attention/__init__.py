@@ -126,29 +126,36 @@ def _backward_flops(qkv2d, temperature, bounds, row_valid, num_heads, activation
 
 def _check(qkv, num_heads, activation, temperature, denominator):
     check_float("qkv", qkv)
-    if not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if qkv.dim() not in (2, 3):
         raise ValueError(f"qkv must be (N, 3C), (B, N, 3C) or packed (T, 3C), got rank {qkv.dim()} shape {tuple(qkv.shape)}")
-    if qkv.shape[-1] % (3 * num_heads) != 0 or qkv.shape[-1] == 0:
-        raise ValueError(f"qkv's last size must be 3C with C divisible by num_heads={num_heads}, got {qkv.shape[-1]}")
+    check_options(qkv.shape[-1], num_heads, activation, temperature, denominator, qkv)
+
+
+def check_options(width: int, num_heads, activation, temperature, denominator, like: Tensor) -> None:
+    """ValueError unless ``width`` (3C) splits into q, k and v of ``num_heads`` heads and the activation,
+    the denominator and the temperature (a number, or a tensor of one value or one per head on ``like``'s
+    device in its dtype) are ones the op takes."""
+    if not isinstance(num_heads, int) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if width % (3 * num_heads) != 0 or width == 0:
+        raise ValueError(f"qkv's last size must be 3C with C divisible by num_heads={num_heads}, got {width}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
     if denominator not in DENOMINATORS:
         raise ValueError(f"denominator must be 'clamp' or 'eps', got {denominator!r}")
     if temperature is not None and not isinstance(temperature, numbers.Real):
         check_tensor("temperature", temperature)
-        check_same_device(qkv=qkv, temperature=temperature)
+        check_same_device(qkv=like, temperature=temperature)
         if temperature.numel() not in (1, num_heads):
             raise ValueError(f"temperature must be a number, or a tensor of one value or one per head ({num_heads}) "
                              f"such as (H,) or (H, 1, 1), got shape {tuple(temperature.shape)}")
-        if temperature.dtype != qkv.dtype:
-            raise ValueError(f"temperature is {temperature.dtype} but qkv is {qkv.dtype}: give them one dtype")
+        if temperature.dtype != like.dtype:
+            raise ValueError(f"temperature is {temperature.dtype} but qkv is {like.dtype}: give them one dtype")
     if isinstance(temperature, bool):
         raise ValueError("temperature must be a number or a tensor, got a bool")
 
 
-def _per_head(temperature, num_heads: int, like: torch.Tensor):
+def per_head(temperature, num_heads: int, like: torch.Tensor):
     """The temperature as ``(H,)`` in ``like``'s dtype and device: a number is filled in, one value is
     expanded (its gradient summed back), H values are reshaped; None stays None."""
     if temperature is None:
@@ -184,11 +191,10 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     qkv, temperature = autocast_inputs(qkv, temperature)
     _check(qkv, num_heads, activation, temperature, denominator)
     bags = pack_bags(qkv, qkv.shape[-1], mask, cu_seqlens)
-    tau = _per_head(temperature, num_heads, qkv)
+    tau = per_head(temperature, num_heads, qkv)
     options = dict(num_heads=num_heads, activation=activation, denominator=denominator,
                    clamp_min=float(clamp_min), eps=float(eps))
-    backend = _backends.choose(OP_NAME, qkv.device, lambda name: [] if name == "reference" else (
-        _backends.kernel_reasons(name, qkv) + (["no cuda kernel for linear attention"] if name == "cuda" else [])))
+    backend = _backends.choose(OP_NAME, qkv.device, lambda name: backend_reasons(name, qkv))
     if backend == "reference":
         out, numerator, attention_map = reference.linear_attention(bags.x2d, bags, temperature=tau, **options)
     else:
@@ -201,6 +207,13 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     if return_map:
         results.append(bags.rows_to_caller(attention_map))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def backend_reasons(name: str, like: Tensor) -> list[str]:
+    """Why backend ``name`` cannot run the op on tensors like ``like``."""
+    if name == "reference":
+        return []
+    return _backends.kernel_reasons(name, like) + (["no cuda kernel for linear attention"] if name == "cuda" else [])
 
 
 def _numerator_to_caller(bags, numerator):
@@ -221,3 +234,6 @@ def lin_mil_attention(qkv, temperature, num_heads, *, activation="relu", mask=No
     return linear_attention(qkv, num_heads, activation=activation, temperature=temperature, denominator="clamp",
                             clamp_min=100.0, mask=mask, cu_seqlens=cu_seqlens,
                             return_numerator=return_numerator, return_map=return_map)
+
+
+from .projected import lin_mil_projected_attention, projected_linear_attention  # noqa: E402  (uses the above)
