@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import milkernels
 from milkernels.ops import (anchor_kl, cross_attention, dilated_attention, gated_attention_pool,
-                            gated_attention_scores, lin_mil_attention, linear_attention, nsf, query_attention)
+                            gated_attention_scores, lin_mil_attention, linear_attention, nsf, projected_linear_attention,
+                            query_attention)
 from milkernels.ops._bags import pack_bags
 from milkernels.ops._library import NAMESPACE
 from milkernels.ops.cross_attention.local import LocalNeighbourhood
@@ -118,6 +119,14 @@ def test_linear_attention(call):
 def test_lin_mil_attention():
     qkv, temperature = randn(2, 6, 18), randn(3, 1, 1, seed=1)
     assert assert_counts_agree(lambda: [lin_mil_attention(qkv, temperature, 3)]) > 0
+
+
+@pytest.mark.parametrize("bias, return_map", [(True, True), (False, False)], ids=["bias-map", "no-bias-out"])
+def test_projected_linear_attention(bias, return_map):
+    x, weight = randn(2, 6, 5), randn(18, 5, seed=1)
+    qkv_bias = randn(18, seed=2) if bias else None
+    call = lambda: projected_linear_attention(x, weight, qkv_bias, 3, return_map=return_map)  # noqa: E731
+    assert assert_counts_agree(lambda: call() if return_map else [call()]) > 0
 
 
 def dilated_call(shape, segments, rates, dtype=torch.float32, **kwargs):

@@ -18,6 +18,7 @@ import milkernels
 import milkernels.nn.linear_attention as fused_module
 from milkernels.bench import timm_stub
 from milkernels.nn import FusedLinMIL, LinearAttention, SoftmaxAttention
+from milkernels.bench.saved import saved_bytes
 from milkernels.swap import swap_report
 from test_nn import Case
 
@@ -239,6 +240,23 @@ def test_linear_attention_module_matches_lin_mil(case, act):
     torch.testing.assert_close(out_map, expected_out, **tol)
     torch.testing.assert_close(attention_map, expected_numerator.mean(dim=1).mean(dim=-1), **tol)
     torch.testing.assert_close(mine.forward_without_attention(x), expected_out, **tol)
+
+
+@pytest.mark.parametrize("mode", ["forward_without_attention", "forward_with_map"])
+def test_fused_layer_keeps_under_a_third_of_lin_mils(mode):
+    """Issue 12: what the swapped layer saves for backward (``proj``'s input, T x C, and the per-bag state)
+    against Lin-MIL's own layer (``qkv``, its activations, the numerator and more), inputs and parameters
+    excluded."""
+    torch.manual_seed(4)
+    theirs = LinMILAttention(64, num_heads=8, qkv_bias=True)
+    mine = LinearAttention.from_module(copy.deepcopy(theirs))
+    x = torch.randn(2, 300, 64, requires_grad=True)
+    with milkernels.use_backend("triton"):
+        fused = saved_bytes(getattr(mine, mode), x, exclude=mine.parameters())
+    upstream = saved_bytes(theirs, x, exclude=theirs.parameters())
+    state = 2 * 8 * (8 + 1) * 8 * 4
+    assert fused == 2 * 300 * 64 * 4 + state
+    assert fused * 3 <= upstream, (fused, upstream)
 
 
 def test_linear_attention_constructor_refuses_what_the_op_lacks():
