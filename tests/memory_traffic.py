@@ -4,6 +4,7 @@
     with counting() as counts:
         run_some_triton_kernels()
     counts.load_bytes, counts.store_bytes, counts.requested_bytes, counts.dot_flops, counts.launches
+    counts.by_kernel["_score_kernel"].requested_bytes  # the same, of one kernel's launches
 
 Every kernel launched inside the block under the interpreter (``TRITON_INTERPRET=1`` set before triton is
 imported, as ``tests/conftest.py`` does) adds to ``counts``:
@@ -15,6 +16,7 @@ imported, as ``tests/conftest.py`` does) adds to ``counts``:
 - ``dot_flops``: 2*M*N*K for each ``tl.dot`` of (M, K) x (K, N) tiles; 2*B*M*N*K for a batched
   (B, M, K) x (B, K, N) one.
 - ``launches``: kernel launches, one per ``kernel[grid](...)`` however many programs the grid holds.
+- ``by_kernel``: the same counts per kernel, by the jitted function's name.
 
 How: for the length of the block, methods of the interpreter's classes are swapped for wrappers that count
 and then call the method they replaced. ``InterpreterBuilder.create_masked_load`` and
@@ -50,6 +52,13 @@ class Counts:
     store_bytes: int = 0
     dot_flops: int = 0
     launches: int = 0
+    by_kernel: dict = dataclasses.field(default_factory=dict)
+    running: list = dataclasses.field(default_factory=list)  # the Counts of the kernel running, if any
+
+    def add(self, field: str, amount: int) -> None:
+        """Add ``amount`` to ``field`` here and in the running kernel's counts."""
+        for counts in (self, *self.running):
+            setattr(counts, field, getattr(counts, field) + amount)
 
     @property
     def requested_bytes(self) -> int:
@@ -67,7 +76,7 @@ def _count_loads(counts, load):
     """``create_masked_load`` that adds the bytes it loads to ``counts``, then calls ``load``."""
 
     def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
-        counts.load_bytes += _lane_bytes(ptrs, mask)
+        counts.add("load_bytes", _lane_bytes(ptrs, mask))
         return load(self, ptrs, mask, other, cache_policy, is_volatile)
 
     return counted_load
@@ -77,7 +86,7 @@ def _count_stores(counts, store):
     """``create_masked_store`` that adds the bytes it stores to ``counts``, then calls ``store``."""
 
     def counted_store(self, ptrs, value, mask, cache_policy):
-        counts.store_bytes += _lane_bytes(ptrs, mask)
+        counts.add("store_bytes", _lane_bytes(ptrs, mask))
         return store(self, ptrs, value, mask, cache_policy)
 
     return counted_store
@@ -87,18 +96,24 @@ def _count_dots(counts, dot):
     """``create_dot`` that adds the FLOPs of (..., M, K) x (..., K, N) to ``counts``, then calls ``dot``."""
 
     def counted_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        counts.dot_flops += 2 * math.prod(a.data.shape) * b.data.shape[-1]
+        counts.add("dot_flops", 2 * math.prod(a.data.shape) * b.data.shape[-1])
         return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
 
     return counted_dot
 
 
 def _count_launches(counts, launch):
-    """``GridExecutor.__call__`` that counts one launch in ``counts``, then calls ``launch``."""
+    """``GridExecutor.__call__`` that counts one launch in ``counts`` and attributes what the launch does to its
+    kernel, then calls ``launch``."""
 
     def counted_launch(self, *args, **kwargs):
-        counts.launches += 1
-        return launch(self, *args, **kwargs)
+        kernel = counts.by_kernel.setdefault(self.fn.__name__, Counts())
+        counts.running[:] = [kernel]
+        counts.add("launches", 1)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            counts.running.clear()
 
     return counted_launch
 

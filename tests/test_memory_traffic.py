@@ -98,6 +98,19 @@ def test_dot_flops_2d_and_batched():
     torch.testing.assert_close(c3, a3 @ b3)
 
 
+def test_counts_per_kernel_add_up_to_the_total():
+    src, dst = torch.arange(300, dtype=torch.int64), torch.zeros(300, dtype=torch.int32)
+    with counting() as counts:
+        masked_copy(src, dst, block=64)
+        masked_copy(src[:100], dst[:100], block=64)
+        copy_kernel[(1,)](src, dst, BLOCK=16)
+    masked = counts.by_kernel["masked_copy_kernel"]
+    assert (masked.launches, masked.load_bytes, masked.store_bytes) == (2, 400 * 8, 400 * 4)
+    copied = counts.by_kernel["copy_kernel"]
+    assert (copied.launches, copied.load_bytes, copied.store_bytes) == (1, 16 * 8, 16 * 4)
+    assert counts.requested_bytes == masked.requested_bytes + copied.requested_bytes and not counts.running
+
+
 def test_repeated_blocks_count_apart_and_restore_the_methods():
     before = installed()
     src, dst = torch.randn(8), torch.zeros(8)

@@ -40,6 +40,16 @@ def block_table(bounds, block_n: int, device) -> BlockTable:
     return BlockTable(*on_device, start, end)
 
 
+def split_rows(total_rows: int, programs_per_split: int, block_n: int, target_programs: int,
+               min_split_blocks: int) -> int:
+    """Rows per split of a kernel whose programs each loop over a split's whole blocks of ``block_n`` rows:
+    at least ``min_split_blocks`` blocks, and enough that ``total_rows`` take about ``target_programs``
+    programs of ``programs_per_split`` a split (more only for bags shorter than a split). The splits' partials
+    then do not grow with N."""
+    wanted_splits = max(1, target_programs // programs_per_split)
+    return block_n * max(min_split_blocks, -(-total_rows // (wanted_splits * block_n)))
+
+
 def new_buffer(*shape, dtype, device):
     """An uninitialized output buffer. Tests replace it with a NaN-filled one to catch unwritten entries."""
     return torch.empty(*shape, dtype=dtype, device=device)

@@ -30,7 +30,7 @@ from ..._backends import triton_interpreted
 from .. import _blocks, _combine
 from .._bags import Bags
 from .._blocks import BlockTable, block_table, dot_flags
-from ..gated_attention.triton import _dropout_keep, _dropout_mask_kernel, _row_valid
+from ..gated_attention.triton import _dot, _dropout_keep, _dropout_mask_kernel, _row_valid, _split_block
 from .reference import NSF_EPS
 
 BLOCK_N = 64
@@ -54,14 +54,6 @@ def config_for(columns: int, features: int) -> Config:
     block_k = min(64, max(16, triton.next_power_of_2(features)))
     block_e = min(128, max(16, triton.next_power_of_2(features)))
     return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 64 * 128 else 4)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, dtype: tl.constexpr):
-    """acc + a @ b: fp32 operands (tf32x3 on a GPU) for fp32 input, else ``dtype`` on the tensor cores."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=FP32_PRECISION)
-    return tl.dot(a.to(dtype), b.to(dtype), acc)
 
 
 @triton.jit
@@ -90,14 +82,6 @@ def _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT: tl.conste
 def _split(split_start_ptr, split_end_ptr, split_bag_ptr, split):
     """Split ``split``'s first row, end row and bag."""
     return tl.load(split_start_ptr + split), tl.load(split_end_ptr + split), tl.load(split_bag_ptr + split)
-
-
-@triton.jit
-def _split_block(r0, end, valid_ptr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The block of a split's rows from ``r0`` (before ``end``): rows (int64), which exist, which are instances."""
-    rows64 = (r0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows64 < end
-    return rows64, row_ok, _row_valid(valid_ptr, rows64, row_ok, HAS_MASK)
 
 
 @triton.jit
