@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from milkernels import BackendUnavailable
-from milkernels.bench import registry
+from milkernels.bench import registry, traffic
 from milkernels.bench.__main__ import build_parser, config_from_args, main, parse_size
 from milkernels.bench import linear_attention as bench_linear
 from milkernels.bench.gated_attention import GATED_ATTENTION
@@ -65,6 +65,20 @@ def test_tiny_sweep_writes_csv_and_json(tmp_path, device):
         assert (ref["peak_mem_mib"] is None) == (device.type == "cpu")
         triton_row = by_key["triton", pass_]
         assert triton_row["status"] == "ok" or (triton_row["status"] == "skipped" and triton_row["reason"])
+        assert ref["kernel_traffic"] is None and ref["kernel_recompute"] is None
+        assert triton_row["kernel_traffic"] > 1 and 0 < triton_row["kernel_recompute"] <= 1.3, triton_row
+
+
+def test_kernel_factors_count_the_triton_kernels():
+    """The sweep's traffic columns: the gated forward at L = 256, D = 64 requests more than the op's minimum
+    (its score kernel re-reads the weights per row block) and its dot FLOPs are the projections' (the
+    op's FLOPs also count the small head and pooling products, which run without dots)."""
+    factors = traffic.factors_in_subprocess("gated_attention", 512, {"L": 256, "D": 64, "K": 1}, torch.float32)
+    projections = 4 * 512 * 256 * 64
+    assert factors["fwd"]["kernel_recompute"] == pytest.approx(projections / GATED_ATTENTION.flops(
+        512, {"L": 256, "D": 64, "K": 1}, False))
+    assert 1 < factors["fwd"]["kernel_traffic"] < 10
+    assert set(factors["fwd_bwd"]) == {"kernel_traffic", "kernel_recompute"}
 
 
 def test_cpu_defaults_have_no_roofline():

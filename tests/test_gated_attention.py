@@ -14,6 +14,7 @@ from milkernels.ops.gated_attention import triton as kernels
 
 import aot
 import kernel_checks
+from memory_traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
@@ -334,3 +335,41 @@ def test_double_backward_on_the_reference():
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     with milkernels.use_backend("reference"):
         assert torch.autograd.gradgradcheck(lambda *t: gated_attention_pool(*t, mask=mask), [x, *weights])
+
+
+GEMM_BUDGET = 80  # dot FLOPs a requested byte of the score kernel, bf16 (issue 12: an H100's L2 stops being the bound)
+TRAFFIC_BUDGET = 2.0  # requested bytes over the minimum, of the memory-bound kernels
+
+
+def test_traffic_within_budget():
+    """CLAM's shape (L = 1024, D = 256, K = 1), 256 rows, bf16, no dropout. The score kernel: 85.2 dot FLOPs a
+    requested byte (30.0 before: weights re-read per 64 rows, x read per projection and D tile), its dot
+    FLOPs exactly the projections'. The pooling kernel: 1.04x its minimum (x once). The backward's row kernel
+    (no dot: ``H`` and the products with the weights are GEMMs outside): 1.04x its minimum (x and ``H`` read,
+    dx and ``dH`` written once)."""
+    rows, features, hidden, dtype = 256, 1024, 256, torch.bfloat16
+    generator = torch.Generator().manual_seed(30)
+    weights = make_weights(features, hidden, 1, dtype, "cpu", generator=generator)
+    x = torch.randn(rows, features, generator=generator).to(dtype).requires_grad_()
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            pooled, scores = gated_attention_pool(x, *weights)
+        with counting() as backward:
+            (pooled.float().sum() + scores.float().sum()).backward()
+    score, pool = forward.by_kernel["_score_kernel"], forward.by_kernel["_pool_kernel"]
+    assert score.dot_flops == forward.dot_flops == 2 * rows * features * 2 * hidden
+    assert score.dot_flops >= GEMM_BUDGET * score.requested_bytes
+    x_bytes = rows * features * dtype.itemsize
+    assert pool.requested_bytes <= TRAFFIC_BUDGET * x_bytes
+    h_bytes = rows * 2 * hidden * kernels._gemm_dtype(dtype).itemsize
+    assert backward.dot_flops == 0
+    assert backward.by_kernel["_backward_rows_kernel"].requested_bytes <= TRAFFIC_BUDGET * 2 * (x_bytes + h_bytes)
+
+
+def test_partials_do_not_grow_with_the_bag():
+    """The pooling and backward splits are at most about TARGET_PROGRAMS programs, whatever N."""
+    for rows in (10_000, 1_000_000):
+        bags = pack_bags(torch.empty(rows, 1024, device="meta"), 1024, None, None)
+        plan = kernels.Plan.make(bags, 256, 0.0, 0)
+        assert plan.splits.num_blocks * (1024 // plan.cfg.pool_block_l) <= kernels.TARGET_PROGRAMS
+        assert plan.grad_splits.num_blocks <= kernels.TARGET_PROGRAMS

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--warmup", type=_at_least(0), help="untimed calls first (default: 5 on a GPU, 2 on a CPU)")
     sweep.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<stamp>-<device>/)")
     sweep.add_argument("--no-compile", action="store_true", help="leave out reference_compiled")
+    sweep.add_argument("--no-traffic", action="store_true",
+                       help="leave out the triton rows' kernel traffic and recompute factors (counted on the CPU)")
     sweep.add_argument("--peak-tflops", type=float, help="matmul peak for the roofline, overriding the table")
     sweep.add_argument("--peak-gbps", type=float, help="memory bandwidth for the roofline, overriding the table")
     sweep.set_defaults(func=sweep_command)
@@ -154,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(ops=args.ops, impls=impls, sizes=args.sizes or (GPU_SIZES if on_gpu else CPU_SIZES),
                        dtype=DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")], device=device,
                        dims=dict(args.dims), repeats=args.repeats or (30 if on_gpu else 5), warmup=warmup,
-                       peak=device_peak(report.device_name(device), args.peak_tflops, args.peak_gbps))
+                       peak=device_peak(report.device_name(device), args.peak_tflops, args.peak_gbps),
+                       traffic=not args.no_traffic)
 
 
 def _dims_note(op: registry.Op, dims: dict) -> str:

@@ -9,6 +9,11 @@ other exception, ``torch.compile``'s failures included. ``reason`` says why in o
 case never stops the sweep. With a log file, each case's stderr output (inductor's logs, warnings)
 and each error's full traceback go there instead of the terminal.
 
+The triton rows also get ``kernel_traffic`` and ``kernel_recompute``: the bytes its Triton kernels request
+over ``min_bytes``, and their dot FLOPs over ``flops``, counted once per op and pass under the Triton
+interpreter on a bag of :data:`~.traffic.TRAFFIC_ROWS` (:mod:`.traffic`; PyTorch GEMMs around or inside an op
+are in neither).
+
 An ok row is ``noisy`` when its p20-p80 spread is over :data:`~.timing.NOISY_SPREAD` of its
 median, or when its ``fwd_bwd`` measured faster than its ``fwd`` (both rows); ``reason`` says which.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
@@ -28,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .._backends import BackendUnavailable, use_backend
-from . import registry
+from . import registry, traffic
 from .registry import first_line
 from .roofline import Peak, floor_seconds, roofline_pct
 from .timing import NOISY_SPREAD, peak_memory_mib, relative_spread, summarize, time_step
@@ -36,7 +42,7 @@ from .timing import NOISY_SPREAD, peak_memory_mib, relative_spread, summarize, t
 PASSES = ("fwd", "fwd_bwd")
 COLUMNS = ("op", "impl", "n", "pass", "dtype", "dims", "status", "reason", "noisy", "median_ms", "p20_ms", "p80_ms",
            "repeats", "peak_mem_mib", "flops", "min_bytes", "tflops", "gbps", "floor_ms", "roofline_pct",
-           "speedup_vs_eager", "mem_ratio_vs_eager")
+           "speedup_vs_eager", "mem_ratio_vs_eager", "kernel_traffic", "kernel_recompute")
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,8 @@ class SweepConfig:
     """What to run: op and implementation names, bag sizes, dtype, device and timing settings.
 
     ``dims`` overrides the ops' default sizes (a key applies to every op that has it); ``peak`` is
-    None where no roofline is known (a CPU, an unknown GPU).
+    None where no roofline is known (a CPU, an unknown GPU). ``traffic``: count the triton rows' kernel
+    traffic and recompute factors (:mod:`.traffic`, under the interpreter, at its bag size).
     """
 
     ops: tuple
@@ -56,6 +63,7 @@ class SweepConfig:
     repeats: int
     warmup: int
     peak: Peak | None
+    traffic: bool = True
 
 
 def op_dims(op: registry.Op, device: torch.device, overrides: dict) -> dict:
@@ -84,13 +92,24 @@ def run_sweep(cfg: SweepConfig, checkpoint: Callable[[list[dict]], None] | None 
             op = registry.ops()[op_name]
             makers = {name: maker for name, maker in registry.impls(op).items() if name in cfg.impls}
             dims = op_dims(op, cfg.device, cfg.dims)
+            factors = _kernel_factors(op, dims, cfg, log) if cfg.traffic and "triton" in makers else {}
             for n in cfg.sizes:
-                rows += _sweep_case(op, n, dims, makers, cfg, log)
+                rows += _sweep_case(op, n, dims, makers, cfg, log, factors)
                 add_ratios(rows)
                 flag_noisy(rows)
                 if checkpoint is not None:
                     checkpoint(rows)
     return rows
+
+
+def _kernel_factors(op: registry.Op, dims: dict, cfg: SweepConfig, log: TextIO | None) -> dict:
+    """The triton kernels' traffic and recompute factors per pass (:func:`.traffic.factors_in_subprocess` at
+    :data:`.traffic.TRAFFIC_ROWS`); empty, the failure logged, if counting fails."""
+    try:
+        return traffic.factors_in_subprocess(op.name, traffic.TRAFFIC_ROWS, dims, cfg.dtype)
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
+        print(f"{op.name}: {first_line(exc)}", file=log or sys.stderr)
+        return {}
 
 
 def _open_log(log_path: Path | None):
@@ -124,8 +143,9 @@ def _stderr_into(log: TextIO | None, title: str):
         os.close(saved_fd)
 
 
-def _sweep_case(op, n, dims, makers, cfg, log):
-    """The rows of one bag size: the inputs built once, then every implementation and pass on them."""
+def _sweep_case(op, n, dims, makers, cfg, log, factors):
+    """The rows of one bag size: the inputs built once, then every implementation and pass on them; the triton
+    rows get ``factors[pass]``."""
     rows = []
     with _stderr_into(log, f"{op.name} N={n}: building the inputs"):
         try:
@@ -136,6 +156,7 @@ def _sweep_case(op, n, dims, makers, cfg, log):
     for impl, maker in makers.items():
         for pass_ in PASSES:
             row = _blank_row(op, impl, n, pass_, dims, cfg.dtype)
+            row.update(factors.get(pass_, {}) if impl == "triton" else {})
             with _stderr_into(log, _case_text(row)):
                 row.update(_measure(op, maker, inputs, grads, pass_, cfg) if inputs is not None
                            else {"status": "oom", "reason": "building the inputs ran out of memory"})
