@@ -13,6 +13,7 @@ from milkernels.ops.anchor_kl import triton as kernels
 
 import aot
 import kernel_checks
+from memory_traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
@@ -195,3 +196,28 @@ def test_double_backward_on_the_reference():
     mask = make_mask((2, 6), "cpu", seed=14)
     with milkernels.use_backend("reference"):
         assert torch.autograd.gradgradcheck(lambda a, b: anchor_kl(a, b, 0.7, mask=mask), [online, anchor])
+
+
+TRAFFIC_BUDGET = 2.0  # requested bytes over the minimum (issue 12: memory-bound kernels)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_traffic_within_budget(dtype):
+    """ASMIL's loss: 64 rows (8 tokens x 8 heads) over a bag of 4096, the anchor without grad. The forward
+    reads online and anchor once (the row loss follows from the row sums of w and w * online): 1.003x (bf16)
+    / 1.002x (fp32) its minimum (both read, the loss written once; 2.004x / 2.002x when a second pass read
+    them again for the loss terms). The backward, one pass reading both and writing d_online: 1.00x its
+    minimum. No dot. The fp32 partials per (row, chunk) stop growing with N."""
+    rows, n = 64, 4096
+    online, anchor = make_pair((rows, n), dtype, "cpu", seed=40, anchor_grad=False)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            loss = anchor_kl(online, anchor, 0.5)
+        with counting() as backward:
+            loss.backward()
+    tensor_bytes, scalar_bytes = rows * n * dtype.itemsize, dtype.itemsize
+    assert forward.requested_bytes <= 1.1 * (2 * tensor_bytes + scalar_bytes)
+    assert backward.requested_bytes <= TRAFFIC_BUDGET * (3 * tensor_bytes + scalar_bytes)
+    assert forward.dot_flops == backward.dot_flops == 0
+    plan = kernels.rows_kernels.Plan
+    assert plan.make(rows, 10**6).chunks == plan.make(rows, 10**8).chunks

@@ -13,6 +13,7 @@ from milkernels.ops.nsf import triton as kernels
 
 import aot
 import kernel_checks
+from memory_traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
@@ -187,3 +188,26 @@ def test_double_backward_on_the_reference():
     mask = make_mask((2, 6), "cpu", seed=10)
     with milkernels.use_backend("reference"):
         assert torch.autograd.gradgradcheck(lambda s: nsf(s, 0.7, mask=mask), [scores])
+
+
+TRAFFIC_BUDGET = 2.0  # requested bytes over the minimum (issue 12: memory-bound kernels)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_traffic_within_budget(dtype):
+    """ASMIL's anchor scores: 64 rows (8 tokens x 8 heads) over a bag of 4096. The forward reads s twice (row
+    sums, then the output) and writes p: 1.50x its minimum (s read, p written once); the backward reads s
+    and g twice and writes ds: 1.67x its minimum (s, g read, ds written once); bf16 and fp32 alike. No dot.
+    The fp32 partials, one per (row, chunk), stop growing with N: at most TARGET_PROGRAMS / 64 chunks a row."""
+    rows, n = 64, 4096
+    scores = make_scores((rows, n), dtype, "cpu", seed=40)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            p = nsf(scores, 0.5)
+        with counting() as backward:
+            p.backward(torch.randn_like(p))
+    tensor_bytes = rows * n * dtype.itemsize
+    assert forward.requested_bytes <= TRAFFIC_BUDGET * 2 * tensor_bytes
+    assert backward.requested_bytes <= TRAFFIC_BUDGET * 3 * tensor_bytes
+    assert forward.dot_flops == backward.dot_flops == 0
+    assert kernels.Plan.make(rows, 10**6).chunks == kernels.Plan.make(rows, 10**8).chunks

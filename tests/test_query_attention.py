@@ -14,6 +14,7 @@ from milkernels.ops.query_attention import triton as kernels
 
 import aot
 import kernel_checks
+from memory_traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 NORMALIZATIONS = ["softmax", "nsf"]
@@ -345,3 +346,50 @@ def test_double_backward_on_the_reference(normalization):
         return result.out, result.weights
 
     assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+TRAFFIC_BUDGET = 2.0  # requested bytes over the minimum (issue 12: memory-bound kernels)
+GEMM_BUDGET = 80  # dot FLOPs a requested byte (issue 12: the score and pooling products at many tokens)
+# (rows, Ein = E, queries, heads, logits asked, dot FLOPs over the useful ones): ASMIL's 8 FEAT tokens x 8
+# heads (J = 64) with its logits; LiteMIL's one query in 4 heads (J = 4, padded to the 16-column tile)
+TRAFFIC_SHAPES = {"asmil": (2048, 512, 8, 8, True, 1), "litemil": (2048, 256, 1, 4, False, 4)}
+# bounds asserted: bytes over the minimum, forward and backward, and the forward's score and pooling kernels'
+# dot FLOPs a byte (ASMIL); the issue's budget where met, else the figure measured with a 10% margin
+TRAFFIC_BOUNDS = {("asmil", torch.bfloat16): (4.45, 5.1, 25.5), ("asmil", torch.float32): (3.65, 4.05, 13.5),
+                  ("litemil", torch.bfloat16): (2.4, TRAFFIC_BUDGET, None),
+                  ("litemil", torch.float32): (2.35, TRAFFIC_BUDGET, None)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", ["asmil", "litemil"])
+def test_traffic_within_budget(shape, dtype):
+    """One bag of 2048 rows. Minimum: the forward reads x, u, c and writes pooled, mass (and the logits z if
+    asked), the backward reads x, u and the gradients of those outputs and writes dx, du, dc, once each in
+    the input dtype. Measured (bf16 / fp32), bytes over the minimum:
+
+    - ASMIL: forward 4.04 / 3.30, backward 4.63 / 3.67: issue 12's 2x is NOT met. The score and pooling
+      kernels each read x once, but re-read u (as large as a 64-row block of x at J = 64) per block, keep
+      z fp32 and the pooling kernel reads it again per 128-wide feature tile; the backward's dx kernel
+      re-reads ds, pk (fp32) and u, dP per block and feature tile (2.25x alone). Score and pooling kernels:
+      28.4 / 15.1-19.7 dot FLOPs a byte, below the 80 of GEMM-like kernels. Dot FLOPs: the useful ones.
+    - LiteMIL: forward 2.18 / 2.12, NOT within 2x (x read twice: scores, then pooling); backward 1.74 / 1.66,
+      within. Dot FLOPs 4x the useful: J = 4 padded to a 16-column tile (issue 12's tile-padding exception).
+    """
+    rows, features, queries, heads, logits, padding = TRAFFIC_SHAPES[shape]
+    forward_bound, backward_bound, gemm_bound = TRAFFIC_BOUNDS[shape, dtype]
+    inputs = make_inputs(rows, features, features, queries, dtype=dtype, seed=40)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            result = query_attention(*inputs, heads, need_logits=logits)
+        loss = result.out.float().sum() + (result.logits.float().sum() if logits else 0)
+        with counting() as backward:
+            loss.backward()
+    columns = queries * heads
+    x, folded, z = rows * features, columns * (features + 1), rows * columns * logits  # elements
+    assert forward.requested_bytes <= forward_bound * (x + 2 * folded + z) * dtype.itemsize
+    assert backward.requested_bytes <= backward_bound * (2 * x + 3 * folded + z) * dtype.itemsize
+    product = 2 * rows * features * columns  # one (N x Ein) by (Ein x J) product
+    assert forward.dot_flops == padding * 2 * product and backward.dot_flops == padding * 4 * product
+    if gemm_bound:
+        for kernel in ("_score_kernel", "_pool_kernel"):
+            assert forward.by_kernel[kernel].dot_flops >= gemm_bound * forward.by_kernel[kernel].requested_bytes

@@ -2,12 +2,12 @@
 
 Forward, rows ``online, anchor: (R, N)``:
 
-1. ``_kl_partials_kernel``: per (row, chunk) the online max and sum of exp (relative to that max)
-   and the sum of sigmoid(anchor / T), over the valid entries;
-2. fixed-order combines: the online log-sum-exp ``lse (R,)`` (partials rescaled to the row max) and
-   the anchor sums ``S (R,)``;
-3. ``_kl_loss_partials_kernel``: per (row, chunk) ``sum p_anchor * (online - lse)``; their row sums
-   ``row_loss (R,)`` and the total are fixed-order sums too. The loss is ``-total / M``.
+1. ``_kl_partials_kernel``, one pass over both inputs: per (row, chunk) the online max and sum of exp
+   (relative to that max), the sum of ``w = sigmoid(anchor / T)`` and the sum of ``w * online``, over the
+   valid entries;
+2. fixed-order combines: the online log-sum-exp ``lse (R,)`` (partials rescaled to the row max), the
+   anchor sums ``S (R,)`` and ``W = sum w * online``; then ``row_loss = sum p_anchor * (online - lse)
+   = (W - lse * S) / (S + eps)`` and the total, a fixed-order sum too. The loss is ``-total / M``.
 
 Backward, one elementwise pass (``_kl_grad_kernel``) from those row statistics, with
 ``coef = dL_out / M`` and ``P = S / (S + eps)`` (the row's total anchor weight):
@@ -36,17 +36,21 @@ def _exp_below(x, top):
 
 
 @triton.jit
-def _kl_partials_kernel(o_ptr, a_ptr, valid_ptr, part_max_ptr, part_exp_ptr, part_anchor_ptr, inv_t, R, N, C, ITERS,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Per (row, chunk): online max, sum of exp(online - max), sum of sigmoid(anchor / T); valid entries only."""
+def _kl_partials_kernel(o_ptr, a_ptr, valid_ptr, part_max_ptr, part_exp_ptr, part_anchor_ptr, part_weighted_ptr,
+                        inv_t, R, N, C, ITERS, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Per (row, chunk): online max, sum of exp(online - max), sum of w = sigmoid(anchor / T) and sum of
+    w * online; valid entries only."""
     rows = program_rows(BLOCK_R)
     run_max = tl.full((BLOCK_R, BLOCK_N), float("-inf"), tl.float32)
     run_exp = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
     anchor = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
+    weighted = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
     for i in range(ITERS):
         offsets, ok, valid = tile(rows, i, R, N, ITERS, valid_ptr, BLOCK_N, HAS_MASK)
-        anchor += weights(a_ptr, offsets, ok, valid, inv_t)
+        w = weights(a_ptr, offsets, ok, valid, inv_t)
         online = tl.where(valid, load(o_ptr, offsets, ok), float("-inf"))
+        anchor += w
+        weighted += tl.where(valid, w * online, 0.0)
         new_max = tl.maximum(run_max, online)
         run_exp = run_exp * _exp_below(run_max, new_max) + _exp_below(online, new_max)
         run_max = new_max
@@ -54,6 +58,7 @@ def _kl_partials_kernel(o_ptr, a_ptr, valid_ptr, part_max_ptr, part_exp_ptr, par
     store_partials(part_max_ptr, rows, R, C, chunk_max)
     store_partials(part_exp_ptr, rows, R, C, tl.sum(run_exp * _exp_below(run_max, chunk_max[:, None]), axis=1))
     store_partials(part_anchor_ptr, rows, R, C, tl.sum(anchor, axis=1))
+    store_partials(part_weighted_ptr, rows, R, C, tl.sum(weighted, axis=1))
 
 
 @triton.jit
@@ -71,21 +76,6 @@ def _row_lse_kernel(part_max_ptr, part_exp_ptr, lse_ptr, C, BLOCK: tl.constexpr)
         total += _exp_below(chunk_max, row_max) * tl.load(part_exp_ptr + base + c0 + offs, mask=c0 + offs < C, other=0.0)
     row_sum = tl.sum(total, axis=0)
     tl.store(lse_ptr + tl.program_id(0), tl.where(row_sum > 0, row_max + tl.log(tl.where(row_sum > 0, row_sum, 1.0)), 0.0))
-
-
-@triton.jit
-def _kl_loss_partials_kernel(o_ptr, a_ptr, valid_ptr, lse_ptr, row_anchor_ptr, part_ptr, inv_t, R, N, C, ITERS,
-                             BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Per (row, chunk): the sum of p_anchor * log_softmax(online) over the valid entries."""
-    rows = program_rows(BLOCK_R)
-    scale = 1.0 / (row_values(row_anchor_ptr, rows, R) + EPS)
-    lse = row_values(lse_ptr, rows, R)
-    acc = tl.zeros((BLOCK_R, BLOCK_N), tl.float32)
-    for i in range(ITERS):
-        offsets, ok, valid = tile(rows, i, R, N, ITERS, valid_ptr, BLOCK_N, HAS_MASK)
-        p_anchor = weights(a_ptr, offsets, ok, valid, inv_t) * scale
-        acc += tl.where(valid, p_anchor * (load(o_ptr, offsets, ok) - lse), 0.0)
-    store_partials(part_ptr, rows, R, C, tl.sum(acc, axis=1))
 
 
 @triton.jit
@@ -126,13 +116,11 @@ def forward(online: torch.Tensor, anchor: torch.Tensor, valid: torch.Tensor | No
     """
     plan = rows_kernels.Plan.make(*online.shape)
     mask = valid if valid is not None else online
-    part_max, part_exp, part_anchor, part_loss = (rows_kernels.new_partials(plan, online.device) for _ in range(4))
-    _kl_partials_kernel[plan.grid](online, anchor, mask, part_max, part_exp, part_anchor, inv_t,
-                                   C=plan.chunks, **plan.launch_args(valid))
+    partials = [rows_kernels.new_partials(plan, online.device) for _ in range(4)]
+    _kl_partials_kernel[plan.grid](online, anchor, mask, *partials, inv_t, C=plan.chunks, **plan.launch_args(valid))
+    part_max, part_exp, part_anchor, part_weighted = partials
     lse, row_anchor = _row_lse(part_max, part_exp), rows_kernels.row_sums(part_anchor)
-    _kl_loss_partials_kernel[plan.grid](online, anchor, mask, lse, row_anchor, part_loss, inv_t,
-                                        C=plan.chunks, **plan.launch_args(valid))
-    row_loss = rows_kernels.row_sums(part_loss)
+    row_loss = (rows_kernels.row_sums(part_weighted) - lse * row_anchor) / (row_anchor + EPS.value)
     return rows_kernels.row_sums(row_loss[None]), (lse, row_anchor, row_loss)
 
 
@@ -163,8 +151,8 @@ def shipped_specializations():
     specializations = rows_kernels.row_specializations
     yield (_row_lse_kernel, dict(part_max_ptr="*fp32", part_exp_ptr="*fp32", lse_ptr="*fp32", C="i32"),
            dict(BLOCK=COMBINE_BLOCK), rows_kernels.NUM_WARPS)
-    yield from specializations(_kl_partials_kernel, ["o_ptr", "a_ptr"], ["part_max_ptr", "part_exp_ptr", "part_anchor_ptr"])
-    yield from specializations(_kl_loss_partials_kernel, ["o_ptr", "a_ptr"], ["lse_ptr", "row_anchor_ptr", "part_ptr"])
+    yield from specializations(_kl_partials_kernel, ["o_ptr", "a_ptr"],
+                               ["part_max_ptr", "part_exp_ptr", "part_anchor_ptr", "part_weighted_ptr"])
     for need_online, need_anchor in GRAD_FLAGS:
         yield from specializations(_kl_grad_kernel, ["o_ptr", "a_ptr", "d_o_ptr", "d_a_ptr"],
                                    ["lse_ptr", "row_anchor_ptr", "row_loss_ptr", "coef_ptr"],
