@@ -355,7 +355,7 @@ GEMM_BUDGET = 80  # dot FLOPs a requested byte (issue 12: the score and pooling 
 TRAFFIC_SHAPES = {"asmil": (2048, 512, 8, 8, True, 1), "litemil": (2048, 256, 1, 4, False, 4)}
 # bounds asserted: bytes over the minimum, forward and backward, and the forward's score and pooling kernels'
 # dot FLOPs a byte (ASMIL); the issue's budget where met, else the figure measured with a 10% margin
-TRAFFIC_BOUNDS = {("asmil", torch.bfloat16): (4.45, 5.1, 25.5), ("asmil", torch.float32): (3.65, 4.05, 13.5),
+TRAFFIC_BOUNDS = {("asmil", torch.bfloat16): (3.5, 5.1, 33), ("asmil", torch.float32): (3.65, 4.05, 13.5),
                   ("litemil", torch.bfloat16): (2.4, TRAFFIC_BUDGET, None),
                   ("litemil", torch.float32): (2.35, TRAFFIC_BUDGET, None)}
 
@@ -367,11 +367,13 @@ def test_traffic_within_budget(shape, dtype):
     asked), the backward reads x, u and the gradients of those outputs and writes dx, du, dc, once each in
     the input dtype. Measured (bf16 / fp32), bytes over the minimum:
 
-    - ASMIL: forward 4.04 / 3.30, backward 4.63 / 3.67: issue 12's 2x is NOT met. The score and pooling
-      kernels each read x once, but re-read u (as large as a 64-row block of x at J = 64) per block, keep
-      z fp32 and the pooling kernel reads it again per 128-wide feature tile; the backward's dx kernel
-      re-reads ds, pk (fp32) and u, dP per block and feature tile (2.25x alone). Score and pooling kernels:
-      28.4 / 15.1-19.7 dot FLOPs a byte, below the 80 of GEMM-like kernels. Dot FLOPs: the useful ones.
+    - ASMIL: forward 3.19 / 3.30 (bf16 4.04 with 64-row score steps and 128-wide pooling tiles), backward
+      4.63 / 3.67: issue 12's 2x is NOT met. The score and pooling kernels each read x once, but the score
+      kernel re-reads u (as large as 64 rows of x at J = 64) per 128-row step (64 in fp32), z is kept in
+      fp32 and the pooling kernel reads it again per 256-wide feature tile (128 in fp32); the backward's dx
+      kernel re-reads ds, pk (fp32) and u, dP per block and feature tile (2.25x alone). Score and pooling
+      kernels: 36.5 / 15.1-19.7 dot FLOPs a byte, below the 80 of GEMM-like kernels (at J = 64 a pass that
+      reads x once can reach about J = 64 FLOPs a byte in bf16). Dot FLOPs: the useful ones.
     - LiteMIL: forward 2.18 / 2.12, NOT within 2x (x read twice: scores, then pooling); backward 1.74 / 1.66,
       within. Dot FLOPs 4x the useful: J = 4 padded to a 16-column tile (issue 12's tile-padding exception).
     """

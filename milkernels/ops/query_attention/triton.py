@@ -56,6 +56,30 @@ def config_for(columns: int, features: int) -> Config:
     return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 64 * 128 else 4)
 
 
+@dataclass(frozen=True)
+class ForwardTiles:
+    """The forward's row steps and tiles: rows and Ein step of the score kernel, rows and feature tile of the
+    pooling kernel."""
+
+    score_block_n: int
+    score_block_k: int
+    pool_block_n: int
+    pool_block_e: int
+
+
+def forward_tiles(cfg: Config, features: int, dtype, dropout: bool) -> ForwardTiles:
+    """The forward's tiles. At 64 columns in fp16/bf16, the score kernel steps 128 rows without dropout
+    (u, as many bytes as 64 rows of x at J = 64, is read once per step; with dropout's draws 128 rows
+    spilled 36 B on sm_90) and the pooling kernel takes 256 features (the fp32 scores are read once per
+    feature tile); these take 16-wide Ein steps and 32-row pooling steps, where wider ones spilled.
+    Elsewhere (few columns, or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows over the
+    configuration's tiles."""
+    if dtype == torch.float32 or cfg.block_j < 64:
+        return ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
+    score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
+    return ForwardTiles(score_block_n, score_block_k, 32, min(256, max(16, triton.next_power_of_2(features))))
+
+
 @triton.jit
 def _scores(x_ptr, u_ptr, rows64, row_ok, cols_j, j_ok, E, acc,
             BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
@@ -301,6 +325,7 @@ class Plan:
     """
 
     cfg: Config
+    tiles_fwd: ForwardTiles
     splits: BlockTable
     blocks: BlockTable
     num_bags: int
@@ -316,9 +341,10 @@ class Plan:
     def make(bags: Bags, u, nsf_from: int, num_pooled: int, dropout_p: float, seed: int) -> "Plan":
         columns, features = u.shape[1], u.shape[2]
         cfg = config_for(columns, features)
-        programs_per_split = triton.cdiv(columns, cfg.block_j) * triton.cdiv(features, cfg.block_e)
+        tiles_fwd = forward_tiles(cfg, features, bags.x2d.dtype, dropout_p > 0)
+        programs_per_split = triton.cdiv(columns, cfg.block_j) * triton.cdiv(features, tiles_fwd.pool_block_e)
         device = bags.x2d.device
-        return Plan(cfg, block_table(bags.bounds, _split_rows(bags, programs_per_split), device),
+        return Plan(cfg, tiles_fwd, block_table(bags.bounds, _split_rows(bags, programs_per_split), device),
                     block_table(bags.bounds, BLOCK_N, device), bags.num_bags, bags.row_valid is not None,
                     u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
 
@@ -358,19 +384,19 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     z = _blocks.new_buffer(rows, plan.columns, dtype=torch.float32, device=device)
     part_acc = _blocks.new_buffer(splits, pooled_cols, features, dtype=torch.float32, device=device)
     part_stats = [_blocks.new_buffer(splits, pooled_cols, dtype=torch.float32, device=device) for _ in range(3)]
-    table = plan.splits
-    column_tiles, feature_tiles = plan.tiles(features)
+    table, tiles = plan.splits, plan.tiles_fwd
     splits_args = (table.start, table.end, table.bag)
     dropout = dict(**plan.dropout_args(), DROPOUT=plan.dropout_p > 0, **plan.flags(x2d))
-    _score_kernel[(column_tiles, splits)](
+    _score_kernel[(triton.cdiv(plan.columns, plan.cfg.block_j), splits)](
         x2d, _or(row_valid, x2d), u, c, *splits_args, z, *part_stats,
         features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
-        0 if plan.shared_queries else c.stride(0), BLOCK_K=plan.cfg.block_k, **dropout,
+        0 if plan.shared_queries else c.stride(0), **dict(dropout, BLOCK_N=tiles.score_block_n,
+                                                         BLOCK_K=tiles.score_block_k),
     )
     if pooled_cols:
-        _pool_kernel[(feature_tiles, triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
+        _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
             x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns, pooled_cols,
-            plan.nsf_from, BLOCK_E=plan.cfg.block_e, **dropout,
+            plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
         )
     pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
                                          x2d.dtype, plan.nsf_from, NSF_EPS, plan.cfg.block_e)
@@ -460,11 +486,12 @@ def shipped_specializations():
                 valid = "*i1" if has_mask else ptr
                 flags = dict(base, HAS_MASK=has_mask)
                 scores = _score_signature(ptr, valid)
-                yield (_score_kernel, scores, dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout), cfg.num_warps,
-                       tuple(sorted(aligned & scores.keys())))
+                tiles = forward_tiles(cfg, features, dtype, dropout)
+                yield (_score_kernel, scores, dict(flags, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k,
+                       DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & scores.keys())))
                 pool = _pool_signature(ptr, valid)
-                yield (_pool_kernel, pool, dict(flags, BLOCK_E=cfg.block_e, DROPOUT=dropout), cfg.num_warps,
-                       tuple(sorted(aligned & pool.keys())))
+                yield (_pool_kernel, pool, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
+                       DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & pool.keys())))
                 score_grad = _score_grad_signature(ptr, valid)
                 for has_dz, store_pk in ((True, True), (False, False)):
                     yield (_score_grad_kernel, score_grad,
