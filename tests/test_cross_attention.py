@@ -15,7 +15,7 @@ from milkernels.ops.cross_attention import reference
 
 import aot
 import kernel_checks
-from memory_traffic import counting
+from milkernels.bench.traffic import counting
 
 kernels = importlib.import_module("milkernels.ops.cross_attention.triton")
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")

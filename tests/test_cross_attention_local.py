@@ -19,7 +19,7 @@ from milkernels.ops.cross_attention.local import (LocalNeighbourhood, candidate_
 
 import aot
 import kernel_checks
-from memory_traffic import counting
+from milkernels.bench.traffic import counting
 
 local_kernels = importlib.import_module("milkernels.ops.cross_attention.local_triton")
 

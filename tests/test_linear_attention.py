@@ -12,7 +12,7 @@ from milkernels.ops.linear_attention import triton as kernels
 
 import aot
 import kernel_checks
-from memory_traffic import counting
+from milkernels.bench.traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 ACTIVATIONS = ["relu", "gelu", "elu", "leaky_relu", "tanh", "softplus"]

@@ -1,4 +1,4 @@
-"""The memory traffic counter (tests/memory_traffic.py) on hand-written kernels with known bytes, FLOPs and launches."""
+"""The memory traffic counter (milkernels/bench/traffic.py) on hand-written kernels with known bytes, FLOPs and launches."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from triton.runtime import interpreter
 
-from memory_traffic import counting
+from milkernels.bench.traffic import counting
 
 pytestmark = pytest.mark.skipif(not triton.knobs.runtime.interpret, reason="counts under the Triton interpreter only")
 

@@ -13,7 +13,7 @@ from milkernels.ops.nsf import triton as kernels
 
 import aot
 import kernel_checks
-from memory_traffic import counting
+from milkernels.bench.traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 

@@ -14,7 +14,7 @@ from milkernels.ops.query_attention import triton as kernels
 
 import aot
 import kernel_checks
-from memory_traffic import counting
+from milkernels.bench.traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 NORMALIZATIONS = ["softmax", "nsf"]

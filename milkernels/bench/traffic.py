@@ -135,7 +135,7 @@ def _refusal(name):
     """A builder method that raises: ``name`` does work the counter cannot size."""
 
     def refuse(self, *args, **kwargs):
-        raise NotImplementedError(f"memory_traffic.counting cannot count {name}")
+        raise NotImplementedError(f"traffic.counting cannot count {name}")
 
     return refuse
 
@@ -155,7 +155,7 @@ def counting():
     Raises RuntimeError if the Triton interpreter is off (the kernels would run natively, uncounted).
     """
     if not triton.knobs.runtime.interpret:
-        raise RuntimeError("memory_traffic.counting needs the Triton interpreter: set TRITON_INTERPRET=1 "
+        raise RuntimeError("traffic.counting needs the Triton interpreter: set TRITON_INTERPRET=1 "
                            "before triton is imported")
     counts = Counts()
     found = [(owner, name, vars(owner)[name]) for owner, name, _ in _COUNTERS]
