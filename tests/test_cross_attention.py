@@ -154,6 +154,19 @@ def test_split_kv_matches_one_range_and_is_deterministic(monkeypatch):
         torch.testing.assert_close(first, whole, rtol=1e-4, atol=1e-5)
 
 
+def test_norm_grad_partials_do_not_grow_with_the_bag(monkeypatch):
+    """With 3 LayerNorm-gradient programs for 19 blocks of 16 rows (300 rows in two bags), each loops over
+    several blocks: the gradients match the reference, and the kernel writes dy, delta and 3 (2, E) partials."""
+    monkeypatch.setattr(kernels, "NORM_GRAD_PROGRAMS", 3)
+    inputs = make_inputs(150, 40, 48, batch=(2,), seed=11)
+    kernel_checks.compare(attend(2), inputs, torch.float32)
+    with milkernels.use_backend("triton"):
+        out = cross_attention(*inputs, heads=2)
+        with counting() as backward:
+            out.backward(torch.randn_like(out))
+    assert backward.by_kernel["_norm_grad_kernel"].store_bytes == (300 * 48 + 300 * 2 + 3 * 2 * 48) * 4
+
+
 def test_splits_cover_the_other_side():
     assert kernels.num_splits(1, 700) == 3 and kernels.num_splits(1, 5) == 1
     assert kernels.num_splits(kernels.TARGET_PROGRAMS, 10**6) == 1 and kernels.num_splits(0, 10) == 1

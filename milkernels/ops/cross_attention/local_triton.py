@@ -10,7 +10,7 @@ masks each (query, key) pair, so every key outside a query's neighbourhood gets 
 
 - Forward (``_local_forward_kernel``): the dense kernels' online softmax and LayerNorm epilogue; a query with
   no neighbour gets ``attn = 0``, ``lse = -inf`` and ``out = LayerNorm(xq)``.
-- Backward: the dense ``_norm_grad_kernel`` over all rows (row-wise, in any order), then
+- Backward: the dense ``_norm_grad_kernel`` (:func:`.triton.norm_grad`, row-wise over all rows), then
   ``_local_query_grad_kernel`` (``dq`` per query block, over its candidates) and ``_local_key_grad_kernel``
   (``dk``, ``dv`` per key block of the transposed plan, over its candidate queries). Each row belongs to one
   block: no partials, no atomics, deterministic.
@@ -29,10 +29,9 @@ import triton.language as tl
 
 from ..._backends import triton_interpreted
 from .. import _blocks
-from .._blocks import block_table
 from .local import LocalNeighbourhood, candidate_positions, plan
-from .triton import (_CONFIGS, _POINTER_TYPES, _epilogue, _key_grad_step, _load_heads, _mm, _norm_grad_kernel,
-                     _query_grad_step, _query_side, _softmax_step, _store_heads, _table, kernel_flags, padded_heads)
+from .triton import (_CONFIGS, _POINTER_TYPES, _epilogue, _key_grad_step, _load_heads, _mm, _query_grad_step,
+                     _query_side, _softmax_step, _store_heads, kernel_flags, norm_grad, padded_heads)
 
 MAX_EXTENT = 2 ** 30
 _HALF_FORWARD_BLOCK_N = {(1, 256): 32}
@@ -40,10 +39,10 @@ _HALF_FORWARD_BLOCK_N = {(1, 256): 32}
 mask costs registers, and at ``(1, 256)`` the dense tile spills (``tests/aot.py``)."""
 
 
-def local_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool, dots: bool = True) -> dict:
+def local_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool) -> dict:
     """The dense kernels' :func:`.triton.kernel_flags`, with :data:`_HALF_FORWARD_BLOCK_N` applied."""
-    flags = kernel_flags(tile, dtype, interpreted, backward, dots)
-    if dots and not backward and dtype != torch.float32 and tile in _HALF_FORWARD_BLOCK_N:
+    flags = kernel_flags(tile, dtype, interpreted, backward)
+    if not backward and dtype != torch.float32 and tile in _HALF_FORWARD_BLOCK_N:
         flags["BLOCK_N"] = _HALF_FORWARD_BLOCK_N[tile]
     return flags
 
@@ -186,8 +185,8 @@ class LocalLaunch:
         self.heads, self.head_dim = heads, self.width // heads
         self.tile, self.dtype = padded_heads(heads, self.head_dim), xq.dtype
 
-    def flags(self, backward: bool, dots: bool = True) -> dict:
-        return local_flags(self.tile, self.dtype, triton_interpreted(), backward, dots)
+    def flags(self, backward: bool) -> dict:
+        return local_flags(self.tile, self.dtype, triton_interpreted(), backward)
 
     def neighbourhood(self, transposed: bool = False) -> tuple:
         """Coordinates, the row count of the blocked side, patch sizes and radius, as the kernels take them."""
@@ -227,13 +226,9 @@ def backward(xq, q, k, v, weight, attn, mean, rstd, lse, d_out, launch: LocalLau
     d_k, d_v = (_blocks.new_buffer(*k.shape, dtype=k.dtype, device=k.device) for _ in range(2))
     delta = _blocks.new_buffer(launch.query_rows, launch.heads, dtype=torch.float32, device=xq.device)
     flags = launch.flags(backward=True)
-    norm_flags = launch.flags(backward=True, dots=False)
     query_programs, query_blocks = launch.blocks(flags["BLOCK_M"])
-    d_ln = _blocks.new_buffer(query_programs, 2, launch.width, dtype=torch.float32, device=xq.device)
+    d_ln = norm_grad(xq, attn, weight, mean, rstd, d_out, d_xq, delta, launch.heads, launch.tile)
     if query_programs:
-        rows = block_table((0, launch.query_rows), norm_flags["BLOCK_M"], xq.device)
-        _norm_grad_kernel[(rows.num_blocks,)](xq, attn, weight, mean, rstd, d_out, d_xq, delta, d_ln, *_table(rows),
-                                              *launch.sizes(), **norm_flags)
         _local_query_grad_kernel[(query_programs,)](q, k, v, lse, delta, d_xq, d_q, *query_blocks,
                                                     *launch.neighbourhood(), *launch.sizes(), scale, **flags)
     key_programs, key_blocks = launch.blocks(flags["BLOCK_N"], transposed=True)
@@ -241,7 +236,7 @@ def backward(xq, q, k, v, weight, attn, mean, rstd, lse, d_out, launch: LocalLau
         _local_key_grad_kernel[(key_programs,)](q, k, v, lse, delta, d_xq, d_k, d_v, *key_blocks,
                                                 *launch.neighbourhood(transposed=True), *launch.sizes(), scale,
                                                 **flags)
-    return d_xq, d_q, d_k, d_v, d_ln.sum(0)
+    return d_xq, d_q, d_k, d_v, d_ln
 
 
 def _signatures(ptr: str) -> dict:

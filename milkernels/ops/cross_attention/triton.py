@@ -14,9 +14,9 @@ value products are batched ``tl.dot`` over the heads.
 - Split-KV forward, when few query blocks would leave the GPU idle: ``_split_forward_kernel`` runs each
   query block over ``S`` ranges of its bag's keys and writes fp32 partials (running max, sum and
   unnormalized ``A V``); ``_combine_kernel`` merges them in a fixed order and runs the same epilogue.
-- Backward: ``_norm_grad_kernel`` (per query block) writes ``dy = d xq`` (the LayerNorm's gradient, which is
-  also the gradient of ``A V``), ``D = rowsum(dy * attn)`` per head and per-block partials of the weight and
-  bias gradients (summed by torch); ``_query_grad_kernel`` (per query block and key range) writes ``dq``;
+- Backward: ``_norm_grad_kernel`` (at most ``NORM_GRAD_PROGRAMS`` programs, each looping over query blocks)
+  writes ``dy = d xq`` (the LayerNorm's gradient, which is also the gradient of ``A V``), ``D = rowsum(dy *
+  attn)`` per head and per-program partials of the weight and bias gradients (summed by torch); ``_query_grad_kernel`` (per query block and key range) writes ``dq``;
   ``_key_grad_kernel`` (per key block and query range) writes ``dk`` and ``dv``. With several ranges
   they write fp32 partials that torch sums in a fixed order. No atomics: deterministic.
 
@@ -39,6 +39,8 @@ from ..dilated_attention.triton import _mm
 MAX_PADDED_WIDTH = 256
 MAX_HEADS = 8
 TARGET_PROGRAMS = 264  # two per SM on an H100 / H200: below that, split the other side's rows
+NORM_GRAD_PROGRAMS = 2 * TARGET_PROGRAMS  # the LayerNorm backward's programs, each looping over many query blocks
+NORM_GRAD_ROWS = 16  # the LayerNorm backward's rows a block
 MIN_SPLIT_ROWS = 256  # rows of the other side per split, at least
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
@@ -82,8 +84,8 @@ _CONFIGS = {
     (8, 16): Config(32, 32, 8, 32, 32, 8), (8, 32): Config(32, 32, 8, 16, 16, 4),
 }
 """The fp16 and bf16 configuration of each ``(HP, DHP)`` the kernels take: the largest tiles (then the fewest
-warps) that compile for sm_90 without a spill (``tests/aot.py``); the combine and the norm gradient take the
-forward's and the backward's rows and warps (``(8, 16)`` has 8 forward warps: its combine at 4 spills)."""
+warps) that compile for sm_90 without a spill (``tests/aot.py``); the combine takes the forward's rows and warps
+(``(8, 16)`` has 8 forward warps: its combine at 4 spills); the norm gradient its own (:func:`norm_grad_flags`)."""
 
 _FP32_CONFIGS = {
     (1, 16): Config(64, 64, 8, 64, 64, 8), (1, 32): Config(64, 64, 8, 64, 32, 8),
@@ -294,17 +296,15 @@ def _combine_kernel(part_acc_ptr, part_max_ptr, part_sum_ptr, xq_ptr, weight_ptr
 
 
 @triton.jit
-def _norm_grad_kernel(xq_ptr, attn_ptr, weight_ptr, mean_ptr, rstd_ptr, d_out_ptr, d_xq_ptr, delta_ptr, d_ln_ptr,
-                      block_start_ptr, block_end_ptr, block_bag_ptr, H, dh, E,
-                      HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``dy`` (into ``d_xq``), ``delta = rowsum(dy * attn)`` per head, and this block's ``d_ln: (2, E)`` partial
-    (weight gradient, bias gradient)."""
-    rows, row_ok, _ = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_M)
+def _norm_grad_block(xq_ptr, attn_ptr, weight_ptr, mean_ptr, rstd_ptr, d_out_ptr, d_xq_ptr, delta_ptr, rows, row_ok,
+                     H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
+    """``dy`` (into ``d_xq``) and ``delta = rowsum(dy * attn)`` per head of query ``rows``; returns their
+    ``(HP, 1, DHP)`` parts of the weight and bias gradients."""
     attn = _load_heads(attn_ptr, rows, row_ok, H, dh, E, HP, DHP).to(tl.float32)
     y = _load_heads(xq_ptr, rows, row_ok, H, dh, E, HP, DHP).to(tl.float32) + attn
     mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-    cols, in_head = _columns(H, dh, HP, DHP)
+    _, in_head = _columns(H, dh, HP, DHP)
     normed = tl.where(in_head, (y - mean[None, :, None]) * rstd[None, :, None], 0.0)
     d_out = _load_heads(d_out_ptr, rows, row_ok, H, dh, E, HP, DHP).to(tl.float32)
     d_normed = d_out * _load_vector(weight_ptr, H, dh, HP, DHP)
@@ -314,9 +314,27 @@ def _norm_grad_kernel(xq_ptr, attn_ptr, weight_ptr, mean_ptr, rstd_ptr, d_out_pt
                                                   - normed * mean_projection[None, :, None]), 0.0)
     _store_heads(d_xq_ptr, d_y, rows, row_ok, H, dh, E, HP, DHP)
     _store_per_head(delta_ptr, tl.sum(d_y * attn, axis=2), rows, row_ok, H, HP)
+    return tl.sum(d_out * normed, axis=1, keep_dims=True), tl.sum(d_out, axis=1, keep_dims=True)
+
+
+@triton.jit
+def _norm_grad_kernel(xq_ptr, attn_ptr, weight_ptr, mean_ptr, rstd_ptr, d_out_ptr, d_xq_ptr, delta_ptr, d_ln_ptr,
+                      Tq, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """:func:`_norm_grad_block` over every ``num_programs``-th block of ``BLOCK_M`` of the ``Tq`` query rows
+    (row-wise: bags do not matter) from this program's, and this program's ``d_ln: (2, E)`` partial (weight
+    gradient, bias gradient), so the partials do not grow with N."""
+    cols, in_head = _columns(H, dh, HP, DHP)
+    d_weight = tl.zeros((HP, 1, DHP), tl.float32)
+    d_bias = tl.zeros((HP, 1, DHP), tl.float32)
+    for first in range(tl.program_id(0) * BLOCK_M, Tq, tl.num_programs(0) * BLOCK_M):
+        rows = first + tl.arange(0, BLOCK_M)
+        block_weight, block_bias = _norm_grad_block(xq_ptr, attn_ptr, weight_ptr, mean_ptr, rstd_ptr, d_out_ptr,
+                                                    d_xq_ptr, delta_ptr, rows, rows < Tq, H, dh, E, HP, DHP)
+        d_weight += block_weight
+        d_bias += block_bias
     d_ln = d_ln_ptr + tl.program_id(0).to(tl.int64) * 2 * E + cols
-    tl.store(d_ln, tl.sum(d_out * normed, axis=1, keep_dims=True), mask=in_head)
-    tl.store(d_ln + E, tl.sum(d_out, axis=1, keep_dims=True), mask=in_head)
+    tl.store(d_ln, d_weight, mask=in_head)
+    tl.store(d_ln + E, d_bias, mask=in_head)
 
 
 @triton.jit
@@ -446,9 +464,9 @@ class Plan:
         """The forward kernels' :func:`kernel_flags`; without ``dots``, the combine's."""
         return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=False, dots=dots)
 
-    def backward_flags(self, dots: bool = True) -> dict:
-        """The backward kernels' :func:`kernel_flags`; without ``dots``, the norm gradient's."""
-        return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=True, dots=dots)
+    def backward_flags(self) -> dict:
+        """The dq and dk/dv kernels' :func:`kernel_flags`."""
+        return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=True)
 
 
 def _table(table) -> tuple:
@@ -501,12 +519,10 @@ def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan:
     d_xq = _blocks.new_buffer(*xq.shape, dtype=xq.dtype, device=xq.device)
     delta = _blocks.new_buffer(plan.query_rows, plan.heads, dtype=torch.float32, device=xq.device)
     queries, keys = plan.backward_queries, plan.backward_keys
-    d_ln = _blocks.new_buffer(queries.num_blocks, 2, plan.width, dtype=torch.float32, device=xq.device)
     d_q = _split_buffer(plan.query_grad_splits, q)
     d_k, d_v = (_split_buffer(plan.key_grad_splits, k) for _ in range(2))
+    d_ln = norm_grad(xq, attn, weight, mean, rstd, d_out, d_xq, delta, plan.heads, plan.tile)
     if queries.num_blocks:
-        _norm_grad_kernel[(queries.num_blocks,)](xq, attn, weight, mean, rstd, d_out, d_xq, delta, d_ln,
-                                                 *_table(queries), *plan.sizes(), **plan.backward_flags(dots=False))
         _query_grad_kernel[(queries.num_blocks, plan.query_grad_splits)](
             q, k, v, key_valid, lse, delta, d_xq, d_q, *_table(queries), plan.cu_k, plan.query_rows, *plan.sizes(),
             scale, **plan.backward_flags())
@@ -515,8 +531,26 @@ def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan:
             q, k, v, key_valid, lse, delta, d_xq, d_k, d_v, *_table(keys), plan.cu_q, plan.key_rows, *plan.sizes(),
             scale, **plan.backward_flags())
     return (d_xq, _split_total(d_q, plan.query_grad_splits, q), _split_total(d_k, plan.key_grad_splits, k),
-            _split_total(d_v, plan.key_grad_splits, v), d_ln.sum(0))
+            _split_total(d_v, plan.key_grad_splits, v), d_ln)
 
+
+def norm_grad(xq, attn, weight, mean, rstd, d_out, d_xq, delta, heads: int, tile: tuple[int, int]) -> torch.Tensor:
+    """The LayerNorm backward over the ``Tq`` rows of ``xq: (Tq, E)`` in ``heads`` heads, padded to ``tile``:
+    writes ``dy`` into ``d_xq: (Tq, E)`` and ``delta: (Tq, H)``; returns ``d_ln: (2, E)`` float32 (the weight's
+    gradient, then the bias's), summed from at most :data:`NORM_GRAD_PROGRAMS` programs' partials."""
+    rows, width = xq.shape
+    programs = min(triton.cdiv(rows, NORM_GRAD_ROWS), NORM_GRAD_PROGRAMS)
+    d_ln = _blocks.new_buffer(programs, 2, width, dtype=torch.float32, device=xq.device)
+    if programs:
+        _norm_grad_kernel[(programs,)](xq, attn, weight, mean, rstd, d_out, d_xq, delta, d_ln, rows, heads,
+                                       width // heads, width, **norm_grad_flags(tile))
+    return d_ln.sum(0)
+
+
+def norm_grad_flags(tile: tuple[int, int]) -> dict:
+    """``_norm_grad_kernel``'s constexprs and warps on tile ``(HP, DHP)``: :data:`NORM_GRAD_ROWS` rows a block and
+    8 warps for every tile and dtype, which none spills at (32 rows at the backward's warps spilled)."""
+    return dict(HP=tile[0], DHP=tile[1], BLOCK_M=NORM_GRAD_ROWS, num_warps=8)
 
 
 def _signatures(ptr: str, grad_ptr: str) -> dict:
@@ -535,7 +569,8 @@ def _signatures(ptr: str, grad_ptr: str) -> dict:
         _combine_kernel: dict(parts, xq_ptr=ptr, **params, **outputs, **table, num_splits="i32", Tq="i32", **sizes,
                               eps="fp32"),
         _norm_grad_kernel: dict(xq_ptr=ptr, attn_ptr=ptr, weight_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
-                                d_out_ptr=ptr, d_xq_ptr=ptr, delta_ptr="*fp32", d_ln_ptr="*fp32", **table, **sizes),
+                                d_out_ptr=ptr, d_xq_ptr=ptr, delta_ptr="*fp32", d_ln_ptr="*fp32", Tq="i32",
+                                **sizes),
         _query_grad_kernel: dict(rows, **grads, d_q_ptr=grad_ptr, **table, cu_k_ptr="*i32", Tq="i32", **sizes,
                                  scale="fp32"),
         _key_grad_kernel: dict(rows, **grads, d_k_ptr=grad_ptr, d_v_ptr=grad_ptr, **table, cu_q_ptr="*i32",
@@ -556,7 +591,8 @@ def shipped_specializations():
             aligned = ("E", "dh")
             launches = {kernel: kernel_flags(tile, dtype, False, backward, dots) for kernel, backward, dots in (
                 (_forward_kernel, False, True), (_split_forward_kernel, False, True), (_combine_kernel, False, False),
-                (_norm_grad_kernel, True, False), (_query_grad_kernel, True, True), (_key_grad_kernel, True, True))}
+                (_query_grad_kernel, True, True), (_key_grad_kernel, True, True))}
+            launches[_norm_grad_kernel] = norm_grad_flags(tile)
             for grad_ptr in dict.fromkeys((ptr, "*fp32")):
                 signatures = _signatures(ptr, grad_ptr)
                 kernels = launches if grad_ptr == ptr else (_query_grad_kernel, _key_grad_kernel)
