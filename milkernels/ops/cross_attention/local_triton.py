@@ -40,8 +40,9 @@ mask costs registers, and at ``(1, 256)`` the dense tile spills (``tests/aot.py`
 
 
 def local_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool) -> dict:
-    """The dense kernels' :func:`.triton.kernel_flags`, with :data:`_HALF_FORWARD_BLOCK_N` applied."""
-    flags = kernel_flags(tile, dtype, interpreted, backward)
+    """The dense kernels' :func:`.triton.kernel_flags` of the local configurations, with
+    :data:`_HALF_FORWARD_BLOCK_N` applied."""
+    flags = kernel_flags(tile, dtype, interpreted, backward, local=True)
     if not backward and dtype != torch.float32 and tile in _HALF_FORWARD_BLOCK_N:
         flags["BLOCK_N"] = _HALF_FORWARD_BLOCK_N[tile]
     return flags

@@ -100,16 +100,31 @@ _FP32_CONFIGS = {
 160 KiB of shared memory (224 KiB for ``(4, 64)``), else the least spilling; wide rows spill in the backward."""
 
 
-def config_for(tile: tuple[int, int], dtype) -> Config:
-    """The configuration of tile ``(HP, DHP)`` for inputs of ``dtype``."""
-    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[tile]
+_LARGER_DENSE_CONFIGS = {
+    (1, 16): Config(128, 64, 4, 64, 64, 4), (1, 32): Config(128, 64, 4, 64, 64, 4),
+    (1, 64): Config(128, 64, 8, 64, 64, 8), (1, 128): Config(128, 64, 8, 64, 64, 8),
+    (2, 16): Config(128, 64, 8, 64, 64, 4), (2, 32): Config(128, 64, 8, 64, 64, 8),
+}
+"""Where the dense kernels take larger fp16 / bf16 tiles than :data:`_CONFIGS` (which the local ones keep: a
+larger block of Morton-ordered rows brings more candidates to each of its rows): 128 query rows a forward tile
+and, at ``(1, 128)``, 64-row backward tiles, so each K, V element feeds twice the rows (issue 12's dot FLOPs a
+byte); none spills on sm_90 (``(2, 64)`` and wider do at 128 rows)."""
 
 
-def kernel_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool, dots: bool = True) -> dict:
+def config_for(tile: tuple[int, int], dtype, local: bool = False) -> Config:
+    """The configuration of tile ``(HP, DHP)`` for inputs of ``dtype``, of the dense kernels or the ``local``
+    ones."""
+    if dtype == torch.float32:
+        return _FP32_CONFIGS[tile]
+    return _CONFIGS[tile] if local else _LARGER_DENSE_CONFIGS.get(tile, _CONFIGS[tile])
+
+
+def kernel_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool, dots: bool = True,
+                 local: bool = False) -> dict:
     """The constexprs and ``num_warps`` of a launch on tile ``(HP, DHP)``: the forward's or the backward's
     ``BLOCK_M`` and warps and, for the kernels that walk key or query tiles (``dots``), ``BLOCK_N`` and the dot
-    settings for ``dtype``."""
-    cfg = config_for(tile, dtype)
+    settings for ``dtype``; of the dense kernels or the ``local`` ones (:func:`config_for`)."""
+    cfg = config_for(tile, dtype, local)
     block_m, block_n, warps = ((cfg.backward_m, cfg.backward_n, cfg.backward_warps) if backward
                                else (cfg.forward_m, cfg.forward_n, cfg.forward_warps))
     flags = dict(HP=tile[0], DHP=tile[1], BLOCK_M=block_m, num_warps=warps)
