@@ -20,6 +20,14 @@ pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 NORMALIZATIONS = ["softmax", "nsf"]
 
 
+@pytest.fixture(params=["as shipped", "one pass in fp32"])
+def forward_passes(request, monkeypatch):
+    """Runs a test as shipped (fp32: the two-pass forward) and with the one-pass forward, which ships for fp16 /
+    bf16 at up to 16 columns and 256 features, taking fp32 too, so it meets the fp32 tolerances."""
+    if request.param == "one pass in fp32":
+        monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32, torch.float16, torch.bfloat16))
+
+
 def make_inputs(rows, features, width, count, dtype=torch.float32, device="cpu", seed=0, batch=None):
     """Fresh random ``[x, query, wk, bk, wv, bv]`` requiring grad; x is ``(rows, features)`` or, with
     ``batch``, ``(batch, rows, features)``."""
@@ -41,6 +49,7 @@ def all_outputs(x, query, wk, bk, wv, bv, heads, **kwargs):
 
 @pytest.mark.parametrize("rows", [1, 2, 17, 4099])
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.usefixtures("forward_passes")
 def test_one_bag_matches_reference(rows, normalization, device):
     inputs = make_inputs(rows, 12, 8, 2, device=device, seed=rows)
     kernel_checks.compare(all_outputs, inputs, torch.float32, heads=2, normalization=normalization, temperature=0.7)
@@ -61,6 +70,7 @@ def test_half_precision(dtype, normalization, device):
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.usefixtures("forward_passes")
 def test_padded_bags_with_mask_and_per_bag_queries(normalization, device):
     inputs = make_inputs(70, 20, 12, 3, device=device, seed=3, batch=3)
     generator = torch.Generator().manual_seed(3)
@@ -71,6 +81,7 @@ def test_padded_bags_with_mask_and_per_bag_queries(normalization, device):
                           mask=mask.to(device))
 
 
+@pytest.mark.usefixtures("forward_passes")
 def test_masked_rows_are_never_read(device):
     inputs = make_inputs(50, 16, 8, 2, device=device, seed=4, batch=2)
     mask = torch.ones(2, 50, dtype=torch.bool, device=device)
@@ -88,6 +99,7 @@ def test_masked_rows_are_never_read(device):
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.usefixtures("forward_passes")
 def test_bag_with_no_valid_instance(normalization, device):
     """As nn.MultiheadAttention: softmax gives NaN for a bag whose instances are all masked; NSF gives 0."""
     inputs = make_inputs(20, 8, 8, 1, device=device, seed=5, batch=2)
@@ -103,6 +115,7 @@ def test_bag_with_no_valid_instance(normalization, device):
             assert (result.out[1] == 0).all() and (result.weights[1] == 0).all()
 
 
+@pytest.mark.usefixtures("forward_passes")
 def test_packed_bags_equal_separate_calls(device):
     inputs = make_inputs(217, 24, 16, 2, device=device, seed=6)
     cu_seqlens = torch.tensor([0, 1, 66, 200, 217], device=device)
@@ -117,6 +130,7 @@ def test_packed_bags_equal_separate_calls(device):
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.usefixtures("forward_passes")
 def test_splits_of_several_blocks_and_bags_of_several_splits(normalization, device, monkeypatch):
     """Splits of two 64-row blocks: each bag of 400 rows in four splits, the last of 16 rows."""
     monkeypatch.setattr(kernels, "MIN_SPLIT_BLOCKS", 2)
@@ -128,21 +142,26 @@ def test_splits_of_several_blocks_and_bags_of_several_splits(normalization, devi
                           mask=mask.to(device))
 
 
-def test_mixed_columns_pooled_and_score_only(device):
-    """The anchored layout: softmax columns pooled, then NSF columns that give scores only."""
+@pytest.mark.usefixtures("forward_passes")
+@pytest.mark.parametrize("columns, nsf_from, num_pooled", [(20, 8, 12), (14, 5, 9)])
+def test_mixed_columns_pooled_and_score_only(columns, nsf_from, num_pooled, device):
+    """The anchored layout: softmax columns pooled, then NSF columns that give scores only (14 columns: one
+    16-column tile, which the one-pass forward takes)."""
     generator = torch.Generator().manual_seed(9)
     x = torch.randn(150, 30, generator=generator).to(device).requires_grad_()
-    u = (torch.randn(1, 20, 30, generator=generator) * 0.3).to(device).requires_grad_()
-    c = torch.randn(1, 20, generator=generator).to(device).requires_grad_()
+    u = (torch.randn(1, columns, 30, generator=generator) * 0.3).to(device).requires_grad_()
+    c = torch.randn(1, columns, generator=generator).to(device).requires_grad_()
 
     def fn(x, u, c):
-        folded = folded_attention(pack_bags(x, 30), u, c, nsf_from=8, num_pooled=12, need_weights=True)
+        folded = folded_attention(pack_bags(x, 30), u, c, nsf_from=nsf_from, num_pooled=num_pooled,
+                                  need_weights=True)
         return folded.pooled, folded.mass, folded.z, folded.weights
 
     kernel_checks.compare(fn, [x, u, c], torch.float32)
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.usefixtures("forward_passes")
 def test_dropout_matches_reference_with_the_same_mask(normalization, device):
     inputs = make_inputs(200, 16, 8, 2, device=device, seed=10)
     torch.manual_seed(0)
@@ -356,7 +375,7 @@ TRAFFIC_SHAPES = {"asmil": (2048, 512, 8, 8, True, 1), "litemil": (2048, 256, 1,
 # bounds asserted: bytes over the minimum, forward and backward, and the forward's score and pooling kernels'
 # dot FLOPs a byte (ASMIL); the issue's budget where met, else the figure measured with a 10% margin
 TRAFFIC_BOUNDS = {("asmil", torch.bfloat16): (3.5, 5.1, 33), ("asmil", torch.float32): (3.65, 4.05, 13.5),
-                  ("litemil", torch.bfloat16): (2.4, TRAFFIC_BUDGET, None),
+                  ("litemil", torch.bfloat16): (TRAFFIC_BUDGET, TRAFFIC_BUDGET, None),
                   ("litemil", torch.float32): (2.35, TRAFFIC_BUDGET, None)}
 
 
@@ -374,8 +393,10 @@ def test_traffic_within_budget(shape, dtype):
       kernel re-reads ds, pk (fp32) and u, dP per block and feature tile (2.25x alone). Score and pooling
       kernels: 36.5 / 15.1-19.7 dot FLOPs a byte, below the 80 of GEMM-like kernels (at J = 64 a pass that
       reads x once can reach about J = 64 FLOPs a byte in bf16). Dot FLOPs: the useful ones.
-    - LiteMIL: forward 2.18 / 2.12, NOT within 2x (x read twice: scores, then pooling); backward 1.74 / 1.66,
-      within. Dot FLOPs 4x the useful: J = 4 padded to a 16-column tile (issue 12's tile-padding exception).
+    - LiteMIL: forward 1.07 in bf16, within 2x (the one-pass kernel reads each row once, for its scores and
+      its pooling; 2.18 before, with two passes); fp32, two passes (the one-pass tiles spill in tf32x3), 2.12,
+      not within; backward 1.74 / 1.66, within. Dot FLOPs 4x the useful: J = 4 padded to a 16-column tile
+      (issue 12's tile-padding exception).
     """
     rows, features, queries, heads, logits, padding = TRAFFIC_SHAPES[shape]
     forward_bound, backward_bound, gemm_bound = TRAFFIC_BOUNDS[shape, dtype]

@@ -6,7 +6,9 @@ on the tensor cores over all Ein in BLOCK_K steps, once, written to ``z`` (which
 backward reads), and for the pooled columns the split's running max, sum of weights (softmax; NSF columns
 have no max) and sum of weights after dropout (from a Philox seed). ``_pool_kernel``, one program per (tile
 of BLOCK_E features, pooled column tile, split): the weights again from ``z`` and the split's max (no score
-recomputed) and ``acc = p^T x`` for its feature tile. Both write fp32 partials per split;
+recomputed) and ``acc = p^T x`` for its feature tile. With at most 16 columns and
+256 features, ``_one_pass_kernel`` (one program per split) does both over whole rows, reading each row once
+and rescaling ``acc`` as the running max grows. All write fp32 partials per split;
 :func:`milkernels.ops._combine.combine` merges each bag's splits into ``pooled``, ``mass`` (the sum of the
 weights) and the per-column log-normalizer ``lse``. Score-only columns (from ``num_pooled`` on) are only
 scored.
@@ -56,28 +58,40 @@ def config_for(columns: int, features: int) -> Config:
     return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 64 * 128 else 4)
 
 
+ONE_PASS_MAX_FEATURES = 256  # the widest Ein whose whole rows the one-pass forward holds (with 16 columns)
+ONE_PASS_WARPS = 8  # its warps: at 4, 256 features with dropout take 255 registers
+ONE_PASS_DTYPES = (torch.float16, torch.bfloat16)  # fp32's tf32x3 products spill there, even at 16 rows
+
+
 @dataclass(frozen=True)
 class ForwardTiles:
     """The forward's row steps and tiles: rows and Ein step of the score kernel, rows and feature tile of the
-    pooling kernel."""
+    pooling kernel; ``one_pass``: both in :func:`_one_pass_kernel` (its rows ``pool_block_n``, its feature tile
+    ``pool_block_e``, all of Ein)."""
 
     score_block_n: int
     score_block_k: int
     pool_block_n: int
     pool_block_e: int
+    one_pass: bool = False
 
 
 def forward_tiles(cfg: Config, features: int, dtype, dropout: bool) -> ForwardTiles:
-    """The forward's tiles. At 64 columns in fp16/bf16, the score kernel steps 128 rows without dropout
-    (u, as many bytes as 64 rows of x at J = 64, is read once per step; with dropout's draws 128 rows
-    spilled 36 B on sm_90) and the pooling kernel takes 256 features (the fp32 scores are read once per
-    feature tile); these take 16-wide Ein steps and 32-row pooling steps, where wider ones spilled.
-    Elsewhere (few columns, or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows over the
-    configuration's tiles."""
+    """The forward's tiles. In :data:`ONE_PASS_DTYPES` with at most 16 columns and
+    :data:`ONE_PASS_MAX_FEATURES` features (LiteMIL's 4 heads over 256), one pass over 64-row blocks holding
+    whole rows, on :data:`ONE_PASS_WARPS` warps. At 64 columns in fp16/bf16,
+    the score kernel steps 128 rows without dropout (u, as many bytes as 64 rows of x at J = 64, is read once
+    per step; with dropout's draws 128 rows spilled 36 B on sm_90) and the pooling kernel takes 256 features
+    (the fp32 scores are read once per feature tile); these take 16-wide Ein steps and 32-row pooling steps,
+    where wider ones spilled. Elsewhere (or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows
+    over the configuration's tiles."""
+    padded_features = max(16, triton.next_power_of_2(features))
+    if dtype in ONE_PASS_DTYPES and cfg.block_j == 16 and padded_features <= ONE_PASS_MAX_FEATURES:
+        return ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, padded_features, one_pass=True)
     if dtype == torch.float32 or cfg.block_j < 64:
         return ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
     score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
-    return ForwardTiles(score_block_n, score_block_k, 32, min(256, max(16, triton.next_power_of_2(features))))
+    return ForwardTiles(score_block_n, score_block_k, 32, min(256, padded_features))
 
 
 @triton.jit
@@ -188,6 +202,56 @@ def _pool_kernel(
                                                                        DROPOUT)
         x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
         acc = _dot(tl.trans(weights), x_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
+    tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _one_pass_kernel(
+    x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
+    z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr, part_acc_ptr,
+    E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """Both forward passes in one, per split, when every column and feature fits one tile: ``u`` is loaded
+    once, each block of whole rows once for its scores ``z`` (written) and its pooling, and ``acc = p^T x``
+    is rescaled as the running max grows (online softmax). Writes what :func:`_score_kernel` and
+    :func:`_pool_kernel` write."""
+    split = tl.program_id(0)
+    start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
+    cols_j = tl.arange(0, BLOCK_J)
+    j_ok = cols_j < J
+    pool_ok = cols_j < num_pooled
+    is_nsf = cols_j >= nsf_from
+    cols_e = tl.arange(0, BLOCK_E)
+    e_ok = cols_e < E
+    u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
+    u_t = tl.load(u_bag + cols_j.to(tl.int64)[None, :] * E + cols_e[:, None], mask=j_ok[None, :] & e_ok[:, None],
+                  other=0.0)
+    c = tl.load(c_ptr + bag * c_bag_stride + cols_j, mask=j_ok, other=0.0).to(tl.float32)
+    run_max = tl.where(is_nsf, 0.0, float("-inf"))
+    run_sum = tl.zeros((BLOCK_J,), tl.float32)
+    run_mass = tl.zeros((BLOCK_J,), tl.float32)
+    acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
+    for r0 in range(start, end, BLOCK_N):
+        rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
+        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
+        z = _dot(x_tile, u_t, tl.zeros((BLOCK_N, BLOCK_J), tl.float32), DOT_FP32, FP32_PRECISION,
+                 x_ptr.dtype.element_ty) + c[None, :]
+        tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
+        block_max = tl.max(tl.where(valid[:, None], z, float("-inf")), axis=0)
+        new_max = tl.where(is_nsf, 0.0, tl.maximum(run_max, block_max))
+        alpha = tl.where(is_nsf | (new_max == float("-inf")), 1.0, tl.exp(run_max - new_max))
+        weights = tl.where(pool_ok[None, :], _weights(z, valid, new_max, is_nsf), 0.0)
+        run_sum = run_sum * alpha + tl.sum(weights, axis=0)
+        weights *= _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
+        run_mass = run_mass * alpha + tl.sum(weights, axis=0)
+        acc = _dot(tl.trans(weights), x_tile, acc * alpha[:, None], DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
+        run_max = new_max
+    part = (split * num_pooled + cols_j).to(tl.int64)
+    tl.store(part_max_ptr + part, run_max, mask=pool_ok)
+    tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
+    tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
     tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
 
 
@@ -342,7 +406,8 @@ class Plan:
         columns, features = u.shape[1], u.shape[2]
         cfg = config_for(columns, features)
         tiles_fwd = forward_tiles(cfg, features, bags.x2d.dtype, dropout_p > 0)
-        programs_per_split = triton.cdiv(columns, cfg.block_j) * triton.cdiv(features, tiles_fwd.pool_block_e)
+        programs_per_split = 1 if tiles_fwd.one_pass else (triton.cdiv(columns, cfg.block_j)
+                                                           * triton.cdiv(features, tiles_fwd.pool_block_e))
         device = bags.x2d.device
         return Plan(cfg, tiles_fwd, block_table(bags.bounds, _split_rows(bags, programs_per_split), device),
                     block_table(bags.bounds, BLOCK_N, device), bags.num_bags, bags.row_valid is not None,
@@ -387,17 +452,24 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     table, tiles = plan.splits, plan.tiles_fwd
     splits_args = (table.start, table.end, table.bag)
     dropout = dict(**plan.dropout_args(), DROPOUT=plan.dropout_p > 0, **plan.flags(x2d))
-    _score_kernel[(triton.cdiv(plan.columns, plan.cfg.block_j), splits)](
-        x2d, _or(row_valid, x2d), u, c, *splits_args, z, *part_stats,
-        features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
-        0 if plan.shared_queries else c.stride(0), **dict(dropout, BLOCK_N=tiles.score_block_n,
-                                                         BLOCK_K=tiles.score_block_k),
-    )
-    if pooled_cols:
-        _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
-            x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns, pooled_cols,
-            plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
+    queries = (u, c, *splits_args, z, *part_stats)
+    sizes = (features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
+             0 if plan.shared_queries else c.stride(0))
+    if tiles.one_pass:
+        _one_pass_kernel[(splits,)](x2d, _or(row_valid, x2d), *queries, part_acc, *sizes,
+                                    **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
+                                           num_warps=ONE_PASS_WARPS))
+    else:
+        _score_kernel[(triton.cdiv(plan.columns, plan.cfg.block_j), splits)](
+            x2d, _or(row_valid, x2d), *queries, *sizes,
+            **dict(dropout, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k),
         )
+        if pooled_cols:
+            _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j),
+                          splits)](
+                x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns,
+                pooled_cols, plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
+            )
     pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
                                          x2d.dtype, plan.nsf_from, NSF_EPS, plan.cfg.block_e)
     return pooled, mass, z, lse
@@ -465,7 +537,7 @@ def dropout_keep(seed: int, rows: int, columns: int, num_pooled: int, dropout_p:
 
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_SHAPES = ((4, 20), (64, 512), (128, 1024))  # (J, Ein): LiteMIL-like, ASMIL online, ASMIL online + anchor
+_SHAPES = ((4, 20), (4, 256), (64, 512), (128, 1024))  # (J, Ein): odd, LiteMIL, ASMIL online, ASMIL + anchor
 
 
 def shipped_specializations():
@@ -485,13 +557,7 @@ def shipped_specializations():
             for has_mask, dropout in ((False, False), (True, True)):
                 valid = "*i1" if has_mask else ptr
                 flags = dict(base, HAS_MASK=has_mask)
-                scores = _score_signature(ptr, valid)
-                tiles = forward_tiles(cfg, features, dtype, dropout)
-                yield (_score_kernel, scores, dict(flags, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k,
-                       DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & scores.keys())))
-                pool = _pool_signature(ptr, valid)
-                yield (_pool_kernel, pool, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
-                       DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & pool.keys())))
+                yield from _forward_specializations(ptr, valid, cfg, features, dtype, flags, dropout, aligned)
                 score_grad = _score_grad_signature(ptr, valid)
                 for has_dz, store_pk in ((True, True), (False, False)):
                     yield (_score_grad_kernel, score_grad,
@@ -506,6 +572,24 @@ def shipped_specializations():
             yield _combine.specialization(ptr, cfg.block_e, features)
     yield (_bag_sum_kernel, dict(part_ptr="*fp32", bag_first_split_ptr="*i32", out_ptr="*fp32", width="i32"),
            dict(BLOCK_S=_combine.BLOCK_S, BLOCK_W=128), 4)
+
+
+def _forward_specializations(ptr, valid, cfg: Config, features: int, dtype, flags: dict, dropout: bool, aligned):
+    """The forward kernels :func:`forward` launches for one configuration: the one-pass kernel, or the score
+    and pooling kernels."""
+    tiles = forward_tiles(cfg, features, dtype, dropout)
+    scores = _score_signature(ptr, valid)
+    if tiles.one_pass:
+        types = dict(scores, part_acc_ptr="*fp32")
+        one_pass = {name: types[name] for name in _one_pass_kernel.arg_names if name in types}
+        yield (_one_pass_kernel, one_pass, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
+               DROPOUT=dropout), ONE_PASS_WARPS, tuple(sorted(aligned & one_pass.keys())))
+        return
+    yield (_score_kernel, scores, dict(flags, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k,
+           DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & scores.keys())))
+    pool = _pool_signature(ptr, valid)
+    yield (_pool_kernel, pool, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
+           DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & pool.keys())))
 
 
 def _table(prefix):
