@@ -190,11 +190,9 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     """
     qkv, temperature = autocast_inputs(qkv, temperature)
     _check(qkv, num_heads, activation, temperature, denominator)
-    bags = pack_bags(qkv, qkv.shape[-1], mask, cu_seqlens)
-    tau = per_head(temperature, num_heads, qkv)
-    options = dict(num_heads=num_heads, activation=activation, denominator=denominator,
-                   clamp_min=float(clamp_min), eps=float(eps))
-    backend = _backends.choose(OP_NAME, qkv.device, lambda name: backend_reasons(name, qkv))
+    bags, tau, options, backend = prepare_call(qkv, mask, cu_seqlens, temperature, num_heads=num_heads,
+                                               activation=activation, denominator=denominator,
+                                               clamp_min=float(clamp_min), eps=float(eps))
     if backend == "reference":
         out, numerator, attention_map = reference.linear_attention(bags.x2d, bags, temperature=tau, **options)
     else:
@@ -207,6 +205,16 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     if return_map:
         results.append(bags.rows_to_caller(attention_map))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def prepare_call(rows, mask, cu_seqlens, temperature, **options) -> tuple:
+    """``(bags, tau, options, backend)`` for a call on ``rows`` (``(N, W)``, ``(B, N, W)`` or ``(T, W)``): its
+    packed bags, the per-head temperature (:func:`per_head`), the kernel ``options`` (``num_heads``,
+    ``activation``, ``denominator``, ``clamp_min``, ``eps``, in that order) and the backend to run."""
+    bags = pack_bags(rows, rows.shape[-1], mask, cu_seqlens)
+    tau = per_head(temperature, options["num_heads"], rows)
+    backend = _backends.choose(OP_NAME, rows.device, lambda name: backend_reasons(name, rows))
+    return bags, tau, options, backend
 
 
 def backend_reasons(name: str, like: Tensor) -> list[str]:

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _backends
 from .. import _library
-from .._bags import autocast_inputs, check_float, check_same_device, pack_bags
-from . import OP_NAME, _plan, _state_and_normalizer_flops, backend_reasons, check_options, per_head, reference
+from .._bags import autocast_inputs, check_float, check_same_device
+from . import OP_NAME, _plan, _state_and_normalizer_flops, check_options, prepare_call, reference
 
 
 @_library.custom_op("linear_attention_projected_forward")
@@ -149,11 +148,9 @@ def projected_linear_attention(x, weight, bias, num_heads, *, activation="relu",
     x, weight, bias, temperature = autocast_inputs(x, weight, bias, temperature)
     _check_projection(x, weight, bias)
     check_options(weight.shape[0], num_heads, activation, temperature, denominator, x)
-    bags = pack_bags(x, x.shape[-1], mask, cu_seqlens)
-    tau = per_head(temperature, num_heads, x)
-    options = dict(num_heads=num_heads, activation=activation, denominator=denominator,
-                   clamp_min=float(clamp_min), eps=float(eps))
-    backend = _backends.choose(OP_NAME, x.device, lambda name: backend_reasons(name, x))
+    bags, tau, options, backend = prepare_call(x, mask, cu_seqlens, temperature, num_heads=num_heads,
+                                               activation=activation, denominator=denominator,
+                                               clamp_min=float(clamp_min), eps=float(eps))
     if backend == "reference":
         out, _, attention_map = reference.linear_attention(F.linear(bags.x2d, weight, bias), bags, temperature=tau,
                                                            **options)
