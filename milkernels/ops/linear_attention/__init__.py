@@ -191,8 +191,8 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     qkv, temperature = autocast_inputs(qkv, temperature)
     _check(qkv, num_heads, activation, temperature, denominator)
     bags, tau, options, backend = prepare_call(qkv, mask, cu_seqlens, temperature, num_heads=num_heads,
-                                               activation=activation, denominator=denominator,
-                                               clamp_min=float(clamp_min), eps=float(eps))
+                                               activation=activation, denominator=denominator, clamp_min=clamp_min,
+                                               eps=eps)
     if backend == "reference":
         out, numerator, attention_map = reference.linear_attention(bags.x2d, bags, temperature=tau, **options)
     else:
@@ -207,12 +207,15 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def prepare_call(rows, mask, cu_seqlens, temperature, **options) -> tuple:
+def prepare_call(rows, mask, cu_seqlens, temperature, *, num_heads: int, activation: str, denominator: str,
+                 clamp_min: float, eps: float) -> tuple:
     """``(bags, tau, options, backend)`` for a call on ``rows`` (``(N, W)``, ``(B, N, W)`` or ``(T, W)``): its
-    packed bags, the per-head temperature (:func:`per_head`), the kernel ``options`` (``num_heads``,
-    ``activation``, ``denominator``, ``clamp_min``, ``eps``, in that order) and the backend to run."""
+    packed bags, the per-head temperature (:func:`per_head`), the kernel options as the custom ops take them
+    (``num_heads, activation, denominator, clamp_min, eps``, in that order) and the backend to run."""
     bags = pack_bags(rows, rows.shape[-1], mask, cu_seqlens)
-    tau = per_head(temperature, options["num_heads"], rows)
+    tau = per_head(temperature, num_heads, rows)
+    options = dict(num_heads=num_heads, activation=activation, denominator=denominator, clamp_min=float(clamp_min),
+                   eps=float(eps))
     backend = _backends.choose(OP_NAME, rows.device, lambda name: backend_reasons(name, rows))
     return bags, tau, options, backend
 

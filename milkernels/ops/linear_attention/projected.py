@@ -149,8 +149,8 @@ def projected_linear_attention(x, weight, bias, num_heads, *, activation="relu",
     _check_projection(x, weight, bias)
     check_options(weight.shape[0], num_heads, activation, temperature, denominator, x)
     bags, tau, options, backend = prepare_call(x, mask, cu_seqlens, temperature, num_heads=num_heads,
-                                               activation=activation, denominator=denominator,
-                                               clamp_min=float(clamp_min), eps=float(eps))
+                                               activation=activation, denominator=denominator, clamp_min=clamp_min,
+                                               eps=eps)
     if backend == "reference":
         out, _, attention_map = reference.linear_attention(F.linear(bags.x2d, weight, bias), bags, temperature=tau,
                                                            **options)

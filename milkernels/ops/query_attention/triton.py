@@ -1,13 +1,15 @@
 """Learnable-query attention in Triton, folded form: a split-N forward, a combine and a three-kernel backward.
 
-Forward, flash-decoding style, in two passes over each split (a run of a bag's rows). ``_score_kernel``, one
+Forward, flash-decoding style, in two passes over each split (a run of a bag's rows), except at few columns
+in fp16/bf16 (below). ``_score_kernel``, one
 program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, the scores ``z = x u^T + c``
 on the tensor cores over all Ein in BLOCK_K steps, once, written to ``z`` (which the op returns and the
 backward reads), and for the pooled columns the split's running max, sum of weights (softmax; NSF columns
 have no max) and sum of weights after dropout (from a Philox seed). ``_pool_kernel``, one program per (tile
 of BLOCK_E features, pooled column tile, split): the weights again from ``z`` and the split's max (no score
-recomputed) and ``acc = p^T x`` for its feature tile. With at most 16 columns and
-256 features, ``_one_pass_kernel`` (one program per split) does both over whole rows, reading each row once
+recomputed) and ``acc = p^T x`` for its feature tile. In fp16/bf16 with at most 16
+columns and 256 features (fp32 keeps two passes), ``_one_pass_kernel`` (one program per split) does both over
+whole rows, reading each row once
 and rescaling ``acc`` as the running max grows. All write fp32 partials per split;
 :func:`milkernels.ops._combine.combine` merges each bag's splits into ``pooled``, ``mass`` (the sum of the
 weights) and the per-column log-normalizer ``lse``. Score-only columns (from ``num_pooled`` on) are only
