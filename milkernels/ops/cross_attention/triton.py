@@ -15,8 +15,10 @@ value products are batched ``tl.dot`` over the heads.
   query block over ``S`` ranges of its bag's keys and writes fp32 partials (running max, sum and
   unnormalized ``A V``); ``_combine_kernel`` merges them in a fixed order and runs the same epilogue.
 - Backward: ``_norm_grad_kernel`` (at most ``NORM_GRAD_PROGRAMS`` programs, each looping over every
-  ``num_programs``-th block of ``NORM_GRAD_ROWS`` of the query rows, whatever their bags) writes ``dy = d xq`` (the LayerNorm's gradient, which is also the gradient of ``A V``), ``D = rowsum(dy *
-  attn)`` per head and per-program partials of the weight and bias gradients (summed by torch); ``_query_grad_kernel`` (per query block and key range) writes ``dq``;
+  ``num_programs``-th block of ``NORM_GRAD_ROWS`` of the query rows, whatever their bags) writes ``dy = d xq``
+  (the LayerNorm's gradient, which is also the gradient of ``A V``), ``D = rowsum(dy * attn)`` per head and
+  per-program partials of the weight and bias gradients (summed by torch); ``_query_grad_kernel`` (per query
+  block and key range) writes ``dq``;
   ``_key_grad_kernel`` (per key block and query range) writes ``dk`` and ``dv``. With several ranges
   they write fp32 partials that torch sums in a fixed order. No atomics: deterministic.
 

@@ -1,16 +1,14 @@
 """Learnable-query attention in Triton, folded form: a split-N forward, a combine and a three-kernel backward.
 
 Forward, flash-decoding style, in two passes over each split (a run of a bag's rows), except at few columns
-in fp16/bf16 (below). ``_score_kernel``, one
-program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, the scores ``z = x u^T + c``
+in fp16/bf16 (below). ``_score_kernel``, one program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, the scores ``z = x u^T + c``
 on the tensor cores over all Ein in BLOCK_K steps, once, written to ``z`` (which the op returns and the
 backward reads), and for the pooled columns the split's running max, sum of weights (softmax; NSF columns
 have no max) and sum of weights after dropout (from a Philox seed). ``_pool_kernel``, one program per (tile
 of BLOCK_E features, pooled column tile, split): the weights again from ``z`` and the split's max (no score
-recomputed) and ``acc = p^T x`` for its feature tile. In fp16/bf16 with at most 16
-columns and 256 features (fp32 keeps two passes), ``_one_pass_kernel`` (one program per split) does both over
-whole rows, reading each row once
-and rescaling ``acc`` as the running max grows. All write fp32 partials per split;
+recomputed) and ``acc = p^T x`` for its feature tile. In fp16/bf16 with at most 16 columns and 256 features
+(fp32 keeps two passes), ``_one_pass_kernel`` (one program per split) does both over whole rows, reading each
+row once and rescaling ``acc`` as the running max grows. All write fp32 partials per split;
 :func:`milkernels.ops._combine.combine` merges each bag's splits into ``pooled``, ``mass`` (the sum of the
 weights) and the per-column log-normalizer ``lse``. Score-only columns (from ``num_pooled`` on) are only
 scored.
@@ -134,6 +132,21 @@ def _weights(z, valid, run_max, is_nsf):
 
 
 @triton.jit
+def _running_stats(z, valid, is_nsf, run_max, run_sum, run_mass, keep):
+    """A block's scores ``z: (BLOCK_N, BLOCK_J)`` into a split's running max, sum of weights and sum of kept
+    weights (``keep``: the dropout factor): ``(max, alpha, sum, mass, kept)``, ``alpha`` being the rescale of
+    the earlier sums (1 for NSF columns, which have no max) and ``kept`` the block's kept weights against the
+    new max."""
+    block_max = tl.max(tl.where(valid[:, None], z, float("-inf")), axis=0)
+    new_max = tl.where(is_nsf, 0.0, tl.maximum(run_max, block_max))
+    alpha = tl.where(is_nsf | (new_max == float("-inf")), 1.0, tl.exp(run_max - new_max))
+    weights = _weights(z, valid, new_max, is_nsf)
+    kept = weights * keep
+    return (new_max, alpha, run_sum * alpha + tl.sum(weights, axis=0), run_mass * alpha + tl.sum(kept, axis=0),
+            kept)
+
+
+@triton.jit
 def _score_kernel(
     x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
     z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr,
@@ -160,14 +173,9 @@ def _score_kernel(
                     BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
         tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
         if j0 < num_pooled:
-            block_max = tl.max(tl.where(valid[:, None], z, float("-inf")), axis=0)
-            new_max = tl.where(is_nsf, 0.0, tl.maximum(run_max, block_max))
-            alpha = tl.where(is_nsf | (new_max == float("-inf")), 1.0, tl.exp(run_max - new_max))
-            weights = _weights(z, valid, new_max, is_nsf)
-            run_sum = run_sum * alpha + tl.sum(weights, axis=0)
-            weights *= _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
-            run_mass = run_mass * alpha + tl.sum(weights, axis=0)
-            run_max = new_max
+            run_max, _, run_sum, run_mass, _ = _running_stats(
+                z, valid, is_nsf, run_max, run_sum, run_mass,
+                _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT))
     if j0 < num_pooled:
         pool_ok = cols_j < num_pooled
         part = (split * num_pooled + cols_j).to(tl.int64)
@@ -241,15 +249,10 @@ def _one_pass_kernel(
         z = _dot(x_tile, u_t, tl.zeros((BLOCK_N, BLOCK_J), tl.float32), DOT_FP32, FP32_PRECISION,
                  x_ptr.dtype.element_ty) + c[None, :]
         tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
-        block_max = tl.max(tl.where(valid[:, None], z, float("-inf")), axis=0)
-        new_max = tl.where(is_nsf, 0.0, tl.maximum(run_max, block_max))
-        alpha = tl.where(is_nsf | (new_max == float("-inf")), 1.0, tl.exp(run_max - new_max))
-        weights = tl.where(pool_ok[None, :], _weights(z, valid, new_max, is_nsf), 0.0)
-        run_sum = run_sum * alpha + tl.sum(weights, axis=0)
-        weights *= _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
-        run_mass = run_mass * alpha + tl.sum(weights, axis=0)
-        acc = _dot(tl.trans(weights), x_tile, acc * alpha[:, None], DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
-        run_max = new_max
+        run_max, alpha, run_sum, run_mass, kept = _running_stats(
+            z, valid, is_nsf, run_max, run_sum, run_mass,
+            _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT))
+        acc = _dot(tl.trans(kept), x_tile, acc * alpha[:, None], DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
     part = (split * num_pooled + cols_j).to(tl.int64)
     tl.store(part_max_ptr + part, run_max, mask=pool_ok)
     tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
