@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backends
+from ... import _backends, distributed
 from .. import _library
+from .. import _sharded
 from .._bags import Bags, autocast_inputs, bags_in_op, check_float, check_like, pack_bags
 from . import reference
 
@@ -115,6 +116,24 @@ def _(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, pool, sco
     return [torch.empty_like(t) if want else _library.absent(x2d) for t, want in zip(inputs, wanted)]
 
 
+@_library.custom_op("gated_attention_forward_sharded")
+def _sharded_forward_op(x2d: Tensor, wa: Tensor, ba: Optional[Tensor], wb: Optional[Tensor], bb: Optional[Tensor],
+                        wc: Tensor, bc: Optional[Tensor], bounds: list[int], row_valid: Optional[Tensor],
+                        dropout_p: float, seed: Optional[Tensor], group_name: str) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_forward_op` with ``pool`` on a rank's shard ``x2d``, its ``pooled: (B, K, L)`` and ``lse: (B, K)``
+    those of the whole bags across the ranks of process group ``group_name`` (the scores stay the shard's)."""
+    pooled, scores, lse = _forward_op(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, True)
+    pooled, _, lse = _sharded.combine_pools(pooled, None, lse, lse.shape[1], 0.0, group_name, OP_NAME)
+    return pooled, scores, lse
+
+
+@_sharded_forward_op.register_fake
+def _(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, group_name):
+    (rows, features), heads, num_bags = x2d.shape, wc.shape[0], len(bounds) - 1
+    scores = x2d.new_empty(rows, heads, dtype=torch.float32)
+    return x2d.new_empty(num_bags, heads, features), scores, scores.new_empty(num_bags, heads)
+
+
 def _setup_context(ctx, inputs, output):
     x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, pool = inputs
     pooled, scores, lse = output
@@ -136,6 +155,8 @@ def _backward(ctx, d_pooled, d_scores, d_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+_sharded_forward_op.register_autograd(
+    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, (*inputs[:-1], True), output))
 _library.forbid_double_backward(_backward_op, "gated_attention_pool and gated_attention_scores")
 
 
@@ -155,6 +176,12 @@ def _forward_flops(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, se
     (rows, features), hidden, heads = x2d, wa[0], wc[0]
     pooling = 2 * heads * rows * features if pool and _pools_by_matmul(bounds, row_valid) else 0
     return _score_flops(rows, features, hidden, heads, wb is not None) + pooling
+
+
+@_library.flop_formula("gated_attention_forward_sharded")
+def _sharded_forward_flops(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, group_name):
+    """The pooling forward's count on the shard (the combine across ranks has no matmul)."""
+    return _forward_flops(x2d, wa, ba, wb, bb, wc, bc, bounds, row_valid, dropout_p, seed, True)
 
 
 @_library.flop_formula("gated_attention_backward")
@@ -202,16 +229,19 @@ def _cuda_scores_flops(x2d, wa, ba, wb, bb, wc, bc):
     return _score_flops(rows, features, hidden, heads, wb is not None)
 
 
-def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):
-    """Dispatch one call; returns ``(pooled (B, K, L) or None, scores (T, K))``."""
+def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool, group_name=None):
+    """Dispatch one call; returns ``(pooled (B, K, L) or None, scores (T, K))``. With ``group_name``, ``bags`` is a
+    rank's shard and ``pooled`` that of the whole bags across the group's ranks."""
     weights = (wa, ba, wb, bb, wc, bc)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *weights))
     active_p = dropout_p if training else 0.0
     backend = _backends.choose(
         OP_NAME, bags.x2d.device,
-        lambda name: [] if name == "reference" else _kernel_reasons(name, bags, weights, active_p, pool, needs_grad))
+        lambda name: [] if name == "reference" else _kernel_reasons(name, bags, weights, active_p, pool, needs_grad)
+        + (["the cuda backend has no sequence parallelism"] if name == "cuda" and group_name else []))
     if backend == "reference" and pool:
-        return reference.gated_attention_pool(bags.x2d, *weights, bags, dropout_p, training)
+        pooled, scores = reference.gated_attention_pool(bags.x2d, *weights, bags, dropout_p, training)
+        return (_combine_reference(pooled, scores, bags, group_name) if group_name else pooled), scores
     if backend == "reference":
         return None, reference.gated_scores(bags.x2d, *weights, dropout_p, training)
     if backend == "cuda":
@@ -220,13 +250,25 @@ def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool):
         raw = _cuda_scores_op(bags.x2d, *weights)
         return (cuda.pool(bags, raw) if pool else None), raw.to(bags.x2d.dtype)
     contiguous = [t.contiguous() if t is not None else None for t in (bags.x2d, *weights)]
-    pooled, scores, _ = _forward_op(*contiguous, list(bags.bounds), bags.row_valid, active_p,
-                                    _library.dropout_seed(active_p > 0), pool)
+    seed = _library.dropout_seed(active_p > 0)
+    if group_name:
+        pooled, scores, _ = _sharded_forward_op(*contiguous, list(bags.bounds), bags.row_valid, active_p,
+                                                _sharded.rank_seed(seed, distributed.resolve(group_name)),
+                                                group_name)
+        return pooled, scores.to(bags.x2d.dtype)
+    pooled, scores, _ = _forward_op(*contiguous, list(bags.bounds), bags.row_valid, active_p, seed, pool)
     return (pooled if pool else None), scores.to(bags.x2d.dtype)
 
 
+def _combine_reference(pooled, scores, bags: Bags, group_name: str):
+    """The whole bags' pool across the ranks from a shard's reference ``pooled: (B, K, L)`` and ``scores: (T, K)``."""
+    work = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    lse = reference.segment_logsumexp(work, bags.bag_index(), bags.num_bags, bags.row_valid)
+    return _sharded.combine_pools(pooled, None, lse, lse.shape[1], 0.0, group_name, OP_NAME)[0]
+
+
 def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlens=None,
-                         dropout_p: float = 0.0, training: bool = True):
+                         dropout_p: float = 0.0, training: bool = True, process_group=None):
     """Gated attention pooling of a bag (or bags) in one fused pass.
 
     Args:
@@ -235,21 +277,31 @@ def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlen
         wa, wb: ``(D, L)``; ``ba, bb: (D,)`` or None; ``wb = None`` is the ungated form.
         wc: ``(K, D)``; ``bc: (K,)`` or None. K is the number of attention heads.
         dropout_p: dropout on both branches, active when ``training``.
+        process_group: sequence parallelism (:mod:`milkernels.distributed`): ``x`` is this rank's shard of the
+            bags (N may be 0; a packed bag needs a row on every rank), and ``pooled`` is the whole bags' pool,
+            the same on every rank of the group.
 
     x and the weights share one dtype (float32, float16, bfloat16; float64 on the reference); under
     ``torch.autocast`` they are cast to the autocast dtype first.
 
     Returns:
         ``pooled``: ``(K, L)`` for one bag, else ``(B, K, L)``.
-        ``scores``: the raw scores, ``(N, K)``, ``(B, N, K)`` or ``(T, K)``.
+        ``scores``: the raw scores, ``(N, K)``, ``(B, N, K)`` or ``(T, K)`` (the shard's rows).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     x, wa, ba, wb, bb, wc, bc = autocast_inputs(x, wa, ba, wb, bb, wc, bc)
-    features, _, _ = _check_weights(x, wa, ba, wb, bb, wc, bc)
-    bags = pack_bags(x, features, mask, cu_seqlens)
-    pooled, scores = _run(x, wa, ba, wb, bb, wc, bc, bags, dropout_p, training, pool=True)
-    return bags.bags_to_caller(pooled), bags.rows_to_caller(scores)
+    features, hidden, heads = _check_weights(x, wa, ba, wb, bb, wc, bc)
+    if process_group is None:
+        bags = pack_bags(x, features, mask, cu_seqlens)
+        pooled, scores = _run(x, wa, ba, wb, bb, wc, bc, bags, dropout_p, training, pool=True)
+        return bags.bags_to_caller(pooled), bags.rows_to_caller(scores)
+    group_name = distributed.group_name(process_group)
+    shard = _sharded.shard_bags(x, features, mask, cu_seqlens)
+    _sharded.check_shards(distributed.resolve(group_name), OP_NAME, shard.bags, hidden=hidden, heads=heads,
+                          gated=wb is not None)
+    pooled, scores = _run(x, wa, ba, wb, bb, wc, bc, shard.bags, dropout_p, training, True, group_name)
+    return shard.bags_to_caller(pooled), shard.rows_to_caller(scores)
 
 
 def gated_attention_scores(x, wa, ba, wb, bb, wc, bc=None, *, dropout_p: float = 0.0, training: bool = True):

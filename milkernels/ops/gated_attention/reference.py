@@ -35,19 +35,31 @@ def gated_scores(x, wa, ba, wb, bb, wc, bc, dropout_p=0.0, training=True, dropou
     return F.linear(gated, wc, bc)
 
 
-def segment_softmax(scores, bag_index, num_bags, row_valid=None):
-    """Softmax of ``scores: (T, K)`` over the rows of each bag; ``bag_index: (T,)`` names each row's bag.
-
-    Rows where ``row_valid: (T,)`` is False get weight 0. A bag with no valid row gets NaN (0 / 0).
-    """
+def _bag_exponentials(scores, bag_index, num_bags, row_valid):
+    """``(bag_max: (B, K), weights: (T, K), bag_sum: (B, K))``: ``weights = exp(scores - bag_max)`` summed per bag,
+    with rows where ``row_valid`` is False left out; a bag with no valid row has max 0 and sum 0."""
     if row_valid is not None:
         scores = scores.masked_fill(~row_valid[:, None], float("-inf"))
     index = bag_index[:, None].expand_as(scores)
     fill = torch.full((num_bags, scores.shape[1]), float("-inf"), dtype=scores.dtype, device=scores.device)
     bag_max = fill.scatter_reduce(0, index, scores.detach(), "amax").nan_to_num(neginf=0.0)
     weights = torch.exp(scores - bag_max[bag_index])
-    bag_sum = torch.zeros_like(fill).scatter_add(0, index, weights)
+    return bag_max, weights, torch.zeros_like(fill).scatter_add(0, index, weights)
+
+
+def segment_softmax(scores, bag_index, num_bags, row_valid=None):
+    """Softmax of ``scores: (T, K)`` over the rows of each bag; ``bag_index: (T,)`` names each row's bag.
+
+    Rows where ``row_valid: (T,)`` is False get weight 0. A bag with no valid row gets NaN (0 / 0).
+    """
+    _, weights, bag_sum = _bag_exponentials(scores, bag_index, num_bags, row_valid)
     return weights / bag_sum[bag_index]
+
+
+def segment_logsumexp(scores, bag_index, num_bags, row_valid=None):
+    """``(B, K)``: the log of the sum of ``exp(scores)`` over each bag's valid rows; -inf for a bag without one."""
+    bag_max, _, bag_sum = _bag_exponentials(scores, bag_index, num_bags, row_valid)
+    return bag_max + torch.log(bag_sum)
 
 
 def pool(x, weights, bag_index, num_bags, row_valid=None):

@@ -1,0 +1,90 @@
+"""Sequence parallelism on ``torch.distributed``: one bag's rows split across the ranks of a process group.
+
+Each rank holds a contiguous shard of the bag's instances (any size, an empty one included) and calls an op
+with ``process_group=group``. The ops that reduce over the instances (gated attention pooling, query
+attention, linear attention) reduce each shard with their kernels and combine the shards' partial statistics
+with an all-reduce on ``group``, so every rank gets the result of the whole bag:
+
+- pooled outputs (gated and query attention) are the same on every rank;
+- per-instance outputs (scores, linear attention's ``out``) are the rank's own rows.
+
+Gradients follow the convention of data parallelism inside the group: every rank computes the same loss from
+the replicated pooled output, and its backward gives that loss's gradient with respect to its own shard.
+Parameters used on the shard's rows (the attention weights, and any layer before the pooling) therefore hold
+the gradient of their shard only; :func:`all_reduce_gradients` sums them over the group, which makes them the
+whole bag's gradient. Parameters used after the pooling already have the whole gradient on every rank.
+
+Every collective waits at most :data:`COLLECTIVE_TIMEOUT` (the ``MILKERNELS_COLLECTIVE_TIMEOUT`` environment
+variable, in seconds; 300 by default) and then raises a ``RuntimeError`` that names the op, so a rank that
+never joins (a bag given to one rank only) is an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("MILKERNELS_COLLECTIVE_TIMEOUT", "300")))
+
+
+def group_name(process_group) -> str:
+    """The name under which the ops find ``process_group`` (a ``torch.distributed.ProcessGroup``, or
+    ``torch.distributed.group.WORLD``); ValueError unless torch.distributed is initialized and it is one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group given but torch.distributed is not initialized: call "
+                         "torch.distributed.init_process_group first (torchrun does it for you)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise ValueError(f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}")
+    return process_group.group_name
+
+
+def resolve(name: str):
+    """The process group of :func:`group_name`'s ``name``."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(name)
+
+
+def all_reduce(tensor: torch.Tensor, op, group, what: str) -> torch.Tensor:
+    """All-reduce ``tensor`` in place on ``group`` (``op``: a ``torch.distributed.ReduceOp``), waiting at most
+    :data:`COLLECTIVE_TIMEOUT`; ``what`` names the caller in the error. Returns ``tensor``."""
+    work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+    try:
+        work.wait(timeout=COLLECTIVE_TIMEOUT)
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{what}: an all-reduce on process group {group.group_name!r} ({group.size()} ranks) did not complete "
+            f"within {COLLECTIVE_TIMEOUT.total_seconds():.0f} s. Every rank of the group must make the same call "
+            "with its shard of the same bags (an empty shard included); set MILKERNELS_COLLECTIVE_TIMEOUT to wait "
+            f"longer. ({error})") from error
+    return tensor
+
+
+def check_same_sizes(group, what: str, **sizes: int) -> None:
+    """ValueError on every rank unless every rank of ``group`` gives the same ``sizes`` (named ints)."""
+    local = torch.tensor(list(sizes.values()), dtype=torch.float64)
+    extremes = all_reduce(torch.cat([local, -local]), dist.ReduceOp.MAX, group, what)
+    largest, smallest = extremes[:len(sizes)], -extremes[len(sizes):]
+    differ = [name for name, low, high in zip(sizes, smallest.tolist(), largest.tolist()) if low != high]
+    if differ:
+        listing = ", ".join(f"{name} from {int(smallest[i])} to {int(largest[i])}"
+                            for i, name in enumerate(sizes) if name in differ)
+        raise ValueError(f"{what}: the ranks of process group {group.group_name!r} disagree on {listing}; every "
+                         "rank must hold a shard of the same bags, with the same feature sizes and dtype")
+
+
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], process_group) -> None:
+    """Sum the ``.grad`` of ``parameters`` over ``process_group`` (a missing gradient counts as zeros), making
+    the shard gradients of the parameters used before a sequence-parallel pooling the whole bag's gradient."""
+    group = resolve(group_name(process_group))
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        all_reduce(parameter.grad, dist.ReduceOp.SUM, group, "all_reduce_gradients")
+
+
+__all__ = ["COLLECTIVE_TIMEOUT", "all_reduce_gradients"]

@@ -1,0 +1,135 @@
+"""Sequence-parallel ops on a gloo group of 2 and 3 processes: each rank's shard against the whole bag in one
+process, for outputs and every gradient, at N not divisible by the world size and with an empty shard (3 ranks).
+
+Every rank builds the same inputs from one seed, runs the op on the whole bags itself, then on its shard with
+the group, and backpropagates the same loss: the replicated pooled outputs' gradients are the same on every
+rank, the per-row ones are the rank's rows. Shard gradients of the weights are summed over the ranks with
+:func:`milkernels.distributed.all_reduce_gradients` before the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import milkernels
+from milkernels.distributed import all_reduce_gradients
+from sharding import SHARDS, assert_close, bag_rows, device, run_ranks, shard_rows
+
+BACKENDS = ("reference", "triton")
+TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+def _dtype(backend: str) -> torch.dtype:
+    return torch.float64 if backend == "reference" else torch.float32
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
+
+
+def _layouts(rank: int, world_size: int, features: int, dtype):
+    """``(name, whole, shard, part)`` per layout: the inputs (``x`` and its mask or cu_seqlens) of the whole bags
+    and of the rank's shard, and ``part``, which takes the shard's rows of a per-row tensor of the whole bags.
+
+    One bag; two padded bags whose second has no valid row in rank 0's shard; two packed bags with rows of each
+    on every rank."""
+    rows, mine, dev = bag_rows(world_size), shard_rows(rank, world_size), device()
+    one = torch.randn(rows, features, dtype=dtype, device=dev)
+    padded = torch.randn(2, rows, features, dtype=dtype, device=dev)
+    mask = torch.rand(2, rows, device=dev) > 0.3
+    mask[1, shard_rows(0, world_size)] = False
+    mask[:, -1] = True
+    sizes = [[size + 1 for size in SHARDS[world_size]], [2 + r for r in range(world_size)]]
+    firsts = [[sum(bag[:r]) for r in range(world_size + 1)] for bag in sizes]
+    ends = torch.tensor([sum(bag) for bag in sizes]).cumsum(0).tolist()
+    mine_packed = torch.cat([torch.arange(start + first[rank], start + first[rank + 1])
+                             for start, first in zip([0] + ends[:-1], firsts)]).to(dev)
+    packed = torch.randn(ends[-1], features, dtype=dtype, device=dev)
+    return [
+        ("one bag", dict(x=one), dict(x=one[mine]), lambda t: t[mine]),
+        ("padded", dict(x=padded, mask=mask), dict(x=padded[:, mine], mask=mask[:, mine]), lambda t: t[:, mine]),
+        ("packed", dict(x=packed, cu_seqlens=_cu([sum(bag) for bag in sizes], dev)),
+         dict(x=packed[mine_packed], cu_seqlens=_cu([bag[rank] for bag in sizes], dev)), lambda t: t[mine_packed]),
+    ]
+
+
+def _cu(lengths, dev):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+
+
+def _upstream(shape, dtype, dev, seed: int) -> torch.Tensor:
+    """A random upstream gradient that every rank draws alike."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(dev)
+
+
+def check_gated(rank: int, world_size: int, backend: str) -> None:
+    torch.manual_seed(0)
+    dtype, features, hidden, heads = _dtype(backend), 24, 16, 2
+    weights = [torch.randn(hidden, features), torch.randn(hidden), torch.randn(hidden, features), torch.randn(hidden),
+               torch.randn(heads, hidden) / 4, torch.randn(heads)]
+    weights = [w.to(dtype=dtype, device=device()) for w in weights]
+    tolerance = TOLERANCES[dtype]
+    for name, whole, shard, part in _layouts(rank, world_size, features, dtype):
+        d_scores = _upstream((*whole["x"].shape[:-1], heads), dtype, device(), 2)
+        with milkernels.use_backend(backend):
+            expected = _gated_run(whole, weights, None, d_scores)
+            actual = _gated_run(shard, weights, dist.group.WORLD, part(d_scores))
+        all_reduce_gradients(actual["weights"], dist.group.WORLD)
+        what = f"rank {rank} of {world_size}, {backend}, {name}"
+        assert_close(actual["pooled"], expected["pooled"], f"{what}: pooled", **tolerance)
+        assert_close(actual["scores"], part(expected["scores"]), f"{what}: scores", **tolerance)
+        assert_close(actual["x"], part(expected["x"]), f"{what}: d x", **tolerance)
+        for i, (got, want) in enumerate(zip(actual["weights"], expected["weights"])):
+            assert_close(got.grad, want.grad, f"{what}: d weight {i}", **tolerance)
+
+
+def _gated_run(inputs: dict, weights, group, d_scores) -> dict:
+    """Pool, then backpropagate a loss on the pooled bags and on the scores (upstream gradient ``d_scores``)."""
+    x, *leaves = _leaves(inputs["x"], *weights)
+    options = {name: value for name, value in inputs.items() if name != "x"}
+    pooled, scores = milkernels.ops.gated_attention_pool(x, *leaves, process_group=group, **options)
+    d_pooled = _upstream(pooled.shape, pooled.dtype, pooled.device, 1)
+    ((pooled * d_pooled).sum() + (scores * d_scores).sum()).backward()
+    return dict(pooled=pooled.detach(), scores=scores.detach(), x=x.grad, weights=leaves)
+
+
+@pytest.mark.parametrize("world_size", sorted(SHARDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_attention_pool(world_size, backend):
+    run_ranks(world_size, check_gated, backend)
+
+
+def check_disagreeing_ranks(rank: int, world_size: int) -> None:
+    x = torch.randn(5, 24 if rank == 0 else 32, dtype=torch.float64)
+    weights = [torch.randn(8, x.shape[1], dtype=torch.float64), None, None, None, torch.randn(1, 8, dtype=torch.float64),
+               None]
+    with pytest.raises(ValueError, match="disagree on features from 24 to 32"):
+        milkernels.ops.gated_attention_pool(x, *weights, process_group=dist.group.WORLD)
+
+
+def check_bag_on_one_rank(rank: int, world_size: int) -> None:
+    if rank == 0:
+        x = torch.randn(5, 8, dtype=torch.float64)
+        weights = [torch.randn(4, 8, dtype=torch.float64), None, None, None, torch.randn(1, 4, dtype=torch.float64), None]
+        with pytest.raises(RuntimeError, match="did not complete within 3 s"):
+            milkernels.ops.gated_attention_pool(x, *weights, process_group=dist.group.WORLD)
+    else:
+        import time
+
+        time.sleep(10)
+
+
+def test_ranks_that_disagree_get_a_value_error():
+    run_ranks(2, check_disagreeing_ranks)
+
+
+def test_a_rank_that_never_joins_is_an_error_not_a_hang():
+    run_ranks(2, check_bag_on_one_rank, env={"MILKERNELS_COLLECTIVE_TIMEOUT": "3"}, timeout=120)
+
+
+def test_process_group_needs_torch_distributed():
+    with pytest.raises(ValueError, match="not initialized"):
+        milkernels.ops.gated_attention_pool(torch.randn(4, 8), torch.randn(4, 8), None, None, None,
+                                            torch.randn(1, 4), process_group=object())
