@@ -3,8 +3,9 @@ process, for outputs and every gradient, at N not divisible by the world size an
 
 Every rank builds the same inputs from one seed, runs the op on the whole bags itself, then on its shard with
 the group, and backpropagates the same loss: the replicated pooled outputs' gradients are the same on every
-rank, the per-row ones are the rank's rows. Shard gradients of the weights are summed over the ranks with
-:func:`milkernels.distributed.all_reduce_gradients` before the comparison.
+rank, the per-row ones are the rank's rows. The shard gradients of the weights that act on the rows are summed
+over the ranks with :func:`milkernels.distributed.all_reduce_gradients` before the comparison; those acting on
+the pooled result (query attention's wv, bv) are whole on every rank as they are.
 """
 
 from __future__ import annotations
@@ -49,10 +50,24 @@ def _layouts(rank: int, world_size: int, features: int, dtype):
     packed = torch.randn(ends[-1], features, dtype=dtype, device=dev)
     return [
         ("one bag", dict(x=one), dict(x=one[mine]), lambda t: t[mine]),
-        ("padded", dict(x=padded, mask=mask), dict(x=padded[:, mine], mask=mask[:, mine]), lambda t: t[:, mine]),
+        ("padded", dict(x=padded, mask=mask), dict(x=padded[:, mine], mask=mask[:, mine]), _padded_part(mine)),
         ("packed", dict(x=packed, cu_seqlens=_cu([sum(bag) for bag in sizes], dev)),
          dict(x=packed[mine_packed], cu_seqlens=_cu([bag[rank] for bag in sizes], dev)), lambda t: t[mine_packed]),
     ]
+
+
+def _padded_part(mine: slice):
+    """The shard's rows of a per-row tensor of padded bags: axis 1 (``(B, N, ...)``), or the last axis for the
+    per-column results (``(B, H, Q, N)``, see :func:`_columns`)."""
+    return lambda t: t[:, mine]
+
+
+def _columns(part):
+    """``part`` for per-column results, whose rows are the last axis (``(H, Q, N)``, ``(B, H, Q, N)``)."""
+    def columns(t):
+        axis = 1 if t.dim() == 4 else 0
+        return part(t.movedim(-1, axis)).movedim(axis, -1)
+    return columns
 
 
 def _cu(lengths, dev):
@@ -99,6 +114,46 @@ def _gated_run(inputs: dict, weights, group, d_scores) -> dict:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gated_attention_pool(world_size, backend):
     run_ranks(world_size, check_gated, backend)
+
+
+def check_query(rank: int, world_size: int, backend: str, normalization: str) -> None:
+    torch.manual_seed(0)
+    dtype, features, width, heads, count = _dtype(backend), 24, 8, 2, 3
+    weights = [torch.randn(count, width), torch.randn(width, features) / 2, torch.randn(width),
+               torch.randn(width, features) / 2, torch.randn(width)]
+    weights = [w.to(dtype=dtype, device=device()) for w in weights]
+    tolerance = TOLERANCES[dtype]
+    for name, whole, shard, part in _layouts(rank, world_size, features, dtype):
+        with milkernels.use_backend(backend):
+            expected = _query_run(whole, weights, None, heads, normalization)
+            actual = _query_run(shard, weights, dist.group.WORLD, heads, normalization)
+        all_reduce_gradients(actual["weights"][:3], dist.group.WORLD)  # wv and bv act on the pooled values
+        what = f"rank {rank} of {world_size}, {backend}, {normalization}, {name}"
+        assert_close(actual["out"], expected["out"], f"{what}: out", **tolerance)
+        for result in ("attention", "logits"):
+            assert_close(actual[result], _columns(part)(expected[result]), f"{what}: {result}", equal_nan=True,
+                         **tolerance)
+        assert_close(actual["x"], part(expected["x"]), f"{what}: d x", **tolerance)
+        for i, (got, want) in enumerate(zip(actual["weights"], expected["weights"])):
+            assert_close(got.grad, want.grad, f"{what}: d weight {i}", **tolerance)
+
+
+def _query_run(inputs: dict, weights, group, heads: int, normalization: str) -> dict:
+    """Query attention with its weights and logits, and the backward of a loss on its output."""
+    x, *leaves = _leaves(inputs["x"], *weights)
+    options = {name: value for name, value in inputs.items() if name != "x"}
+    result = milkernels.ops.query_attention(x, *leaves, heads, normalization=normalization, temperature=0.7,
+                                            need_weights=True, need_logits=True, process_group=group, **options)
+    (result.out * _upstream(result.out.shape, result.out.dtype, result.out.device, 1)).sum().backward()
+    return dict(out=result.out.detach(), attention=result.weights.detach(), logits=result.logits.detach(), x=x.grad,
+                weights=leaves)
+
+
+@pytest.mark.parametrize("world_size", sorted(SHARDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalization", ("softmax", "nsf"))
+def test_query_attention(world_size, backend, normalization):
+    run_ranks(world_size, check_query, backend, normalization)
 
 
 def check_disagreeing_ranks(rank: int, world_size: int) -> None:

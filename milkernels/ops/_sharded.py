@@ -32,12 +32,23 @@ class Shard:
     empty: bool
     single: bool
 
+    @staticmethod
+    def whole(bags: Bags) -> "Shard":
+        """All of ``bags`` (no sequence parallelism)."""
+        return Shard(bags, False, bags.layout == "single")
+
     def rows_to_caller(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-row results ``(T, ...)`` in the caller's layout (``(0, ...)`` or ``(B, 0, ...)`` when empty)."""
         rows = self.bags.rows_to_caller(rows)
         if not self.empty:
             return rows
         return rows[0, :0] if self.single else rows[:, :0]
+
+    def columns_to_caller(self, columns: torch.Tensor) -> torch.Tensor:
+        """Results ``(..., N)`` already in the caller's layout by rows (last axis), cut back when empty."""
+        if not self.empty:
+            return columns
+        return columns[0, ..., :0] if self.single else columns[..., :0]
 
     def bags_to_caller(self, per_bag: torch.Tensor) -> torch.Tensor:
         """Per-bag results ``(B, ...)`` in the caller's layout."""
@@ -49,13 +60,24 @@ def shard_bags(x: torch.Tensor, features: int, mask=None, cu_seqlens=None) -> Sh
     with ``cu_seqlens``) as a :class:`Shard`; N may be 0, a packed bag may not be empty on a rank."""
     empty = x.dim() in (2, 3) and x.shape[-2] == 0 and cu_seqlens is None
     if not empty:
-        bags = pack_bags(x, features, mask, cu_seqlens)
-        return Shard(bags, False, bags.layout == "single")
+        return Shard.whole(pack_bags(x, features, mask, cu_seqlens))
     padded = x[None] if x.dim() == 2 else x
     filler = padded.new_zeros(padded.shape[0], 1, padded.shape[2])
     bags = pack_bags(torch.cat([padded, filler], dim=1), features,
                      torch.zeros(padded.shape[0], 1, dtype=torch.bool, device=x.device))
     return Shard(bags, True, x.dim() == 2)
+
+
+def shard_call(what: str, x: torch.Tensor, features: int, mask, cu_seqlens, process_group, **sizes: int):
+    """``(shard, group_name)`` of a call of op ``what``: its bags as a :class:`Shard` and the name of its process
+    group, after checking that the group's ranks agree on the bags and ``sizes``; without a group, all the bags
+    and None."""
+    if process_group is None:
+        return Shard.whole(pack_bags(x, features, mask, cu_seqlens)), None
+    group_name = distributed.group_name(process_group)
+    shard = shard_bags(x, features, mask, cu_seqlens)
+    check_shards(distributed.resolve(group_name), what, shard.bags, **sizes)
+    return shard, group_name
 
 
 def check_shards(group, what: str, bags: Bags, **sizes: int) -> None:

@@ -292,14 +292,8 @@ def gated_attention_pool(x, wa, ba, wb, bb, wc, bc=None, *, mask=None, cu_seqlen
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     x, wa, ba, wb, bb, wc, bc = autocast_inputs(x, wa, ba, wb, bb, wc, bc)
     features, hidden, heads = _check_weights(x, wa, ba, wb, bb, wc, bc)
-    if process_group is None:
-        bags = pack_bags(x, features, mask, cu_seqlens)
-        pooled, scores = _run(x, wa, ba, wb, bb, wc, bc, bags, dropout_p, training, pool=True)
-        return bags.bags_to_caller(pooled), bags.rows_to_caller(scores)
-    group_name = distributed.group_name(process_group)
-    shard = _sharded.shard_bags(x, features, mask, cu_seqlens)
-    _sharded.check_shards(distributed.resolve(group_name), OP_NAME, shard.bags, hidden=hidden, heads=heads,
-                          gated=wb is not None)
+    shard, group_name = _sharded.shard_call(OP_NAME, x, features, mask, cu_seqlens, process_group, hidden=hidden,
+                                            heads=heads, gated=wb is not None)
     pooled, scores = _run(x, wa, ba, wb, bb, wc, bc, shard.bags, dropout_p, training, True, group_name)
     return shard.bags_to_caller(pooled), shard.rows_to_caller(scores)
 

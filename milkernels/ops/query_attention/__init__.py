@@ -13,11 +13,11 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ... import _backends
-from .. import _library
+from ... import _backends, distributed
+from .. import _library, _sharded
 from .._bags import Bags, autocast_inputs, bags_in_op, check_float, check_like, check_temperature, pack_bags
 from . import reference
-from .reference import fold_queries, unfold_values
+from .reference import NSF_EPS, fold_queries, unfold_values
 
 OP_NAME = "query_attention"
 NORMALIZATIONS = ("softmax", "nsf")
@@ -101,6 +101,25 @@ def _(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, 
             for shape, like, want in zip(shapes, (x2d, u, u), wanted)]
 
 
+@_library.custom_op("folded_attention_forward_sharded")
+def _sharded_forward_op(x2d: Tensor, u: Tensor, c: Tensor, bounds: list[int], row_valid: Optional[Tensor],
+                        nsf_from: int, num_pooled: int, dropout_p: float, seed: Optional[Tensor],
+                        group_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_forward_op` on a rank's shard ``x2d``, its ``pooled``, ``mass`` and ``lse`` those of the whole
+    bags across the ranks of process group ``group_name`` (the scores ``z`` stay the shard's)."""
+    pooled, mass, z, lse = _forward_op(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
+    pooled, mass, lse = _sharded.combine_pools(pooled, mass, lse, nsf_from, NSF_EPS, group_name, OP_NAME)
+    return pooled, mass, z, lse
+
+
+@_sharded_forward_op.register_fake
+def _(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, group_name):
+    (rows, features), num_bags = x2d.shape, len(bounds) - 1
+    lse = x2d.new_empty(num_bags, num_pooled, dtype=torch.float32)
+    z = x2d.new_empty(rows, u.shape[1], dtype=torch.float32)
+    return x2d.new_empty(num_bags, num_pooled, features), x2d.new_empty(num_bags, num_pooled), z, lse
+
+
 def _setup_context(ctx, inputs, output):
     x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed = inputs
     pooled, mass, z, lse = output
@@ -120,6 +139,9 @@ def _backward(ctx, d_pooled, d_mass, d_z, d_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+_sharded_forward_op.register_autograd(
+    lambda ctx, *grads: (*_backward(ctx, *grads), None),
+    setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs[:-1], output))
 _library.forbid_double_backward(_backward_op, OP_NAME)
 
 
@@ -129,6 +151,12 @@ def _forward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p
     (P columns)."""
     rows, features = x2d
     return 2 * rows * features * (u[1] + num_pooled)
+
+
+@_library.flop_formula("folded_attention_forward_sharded")
+def _sharded_forward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, group_name):
+    """The forward's count on the shard (the combine across ranks has no matmul)."""
+    return _forward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
 
 
 @_library.flop_formula("folded_attention_backward")
@@ -183,28 +211,49 @@ def _check_folded(bags: Bags, u, c, nsf_from, num_pooled, dropout_p):
 
 
 def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropout_p: float = 0.0,
-                     training: bool = True, need_weights: bool = False) -> Folded:
+                     training: bool = True, need_weights: bool = False, group_name: str | None = None) -> Folded:
     """Attention pooling of packed ``bags`` (from :func:`milkernels.ops._bags.pack_bags`) with folded queries.
 
     ``u: (Bu, J, Ein)`` and ``c: (Bu, J)``, Bu = 1 (all bags) or B, give the scores
     ``z = x u^T + c`` of J columns. Columns from ``nsf_from`` on are normalized with NSF, the others
     with softmax, over the rows of each bag; the first ``num_pooled`` columns are pooled (with dropout
     ``dropout_p`` on their weights when ``training``), the rest give scores only. See :class:`Folded`.
+    With ``group_name`` (:func:`milkernels.distributed.group_name`), ``bags`` is a rank's shard, ``pooled`` and
+    ``mass`` are the whole bags' and the weights (without dropout) are detached.
     """
     _check_folded(bags, u, c, nsf_from, num_pooled, dropout_p)
     active_p = dropout_p if training else 0.0
+    if group_name and need_weights and active_p > 0:
+        raise ValueError("need_weights with dropout is not available under a process_group: ask for the weights "
+                         "in eval mode or without dropout")
     backend = _backends.choose(OP_NAME, bags.x2d.device, lambda name: _reasons(name, bags))
+    if backend == "reference" and group_name:
+        pooled, mass, z, _ = reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p,
+                                                        training)
+        lse = reference.log_normalizer(z[:, :num_pooled], bags, nsf_from)
+        pooled, mass, lse = _sharded.combine_pools(pooled, mass, lse, nsf_from, NSF_EPS, group_name, OP_NAME)
+        return Folded(pooled, mass, z, _shard_weights(z, lse, bags, nsf_from) if need_weights else None)
     if backend == "reference":
         return Folded(*reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p, training))
     seed = _library.dropout_seed(active_p > 0)
-    pooled, mass, z, _ = _forward_op(bags.x2d.contiguous(), u.contiguous(), c.contiguous(), list(bags.bounds),
-                                     bags.row_valid, nsf_from, num_pooled, active_p, seed)
+    inputs = (bags.x2d.contiguous(), u.contiguous(), c.contiguous(), list(bags.bounds), bags.row_valid, nsf_from,
+              num_pooled, active_p)
+    if group_name:
+        pooled, mass, z, lse = _sharded_forward_op(*inputs, _sharded.rank_seed(seed, distributed.resolve(group_name)),
+                                                   group_name)
+        return Folded(pooled, mass, z, _shard_weights(z, lse, bags, nsf_from) if need_weights else None)
+    pooled, mass, z, _ = _forward_op(*inputs, seed)
     weights = None
     if need_weights:
         keep = _dropout_keep_op(z.detach(), num_pooled, active_p, seed) if seed is not None else None
         probabilities = reference.normalize(z[:, :num_pooled], bags, nsf_from)
         weights = reference.apply_dropout(probabilities, active_p, True, keep).to(bags.x2d.dtype)
     return Folded(pooled, mass, z, weights)
+
+
+def _shard_weights(z, lse, bags: Bags, nsf_from: int):
+    """The weights ``(T, P)`` of a shard's rows ``z: (T, J)`` under the whole bags' ``lse: (B, P)``, detached."""
+    return reference.weights_from_lse(z.detach(), lse.detach(), bags, nsf_from).to(bags.x2d.dtype)
 
 
 def _reasons(backend: str, bags: Bags) -> list[str]:
@@ -264,7 +313,8 @@ def columns_to_caller(columns, bags: Bags, num_heads: int, fill=None):
 
 def query_attention(x, query, wk, bk, wv, bv, num_heads: int, *, normalization: str = "softmax",
                     temperature: float = 1.0, mask=None, cu_seqlens=None, dropout_p: float = 0.0,
-                    training: bool = True, need_weights: bool = False, need_logits: bool = False):
+                    training: bool = True, need_weights: bool = False, need_logits: bool = False,
+                    process_group=None):
     """Multi-head attention from learned queries to the instances of a bag, in one fused pass.
 
     Args:
@@ -275,21 +325,28 @@ def query_attention(x, query, wk, bk, wv, bv, num_heads: int, *, normalization: 
         wk, wv: ``(E, Ein)``; ``bk, bv: (E,)`` or None. ``E = num_heads * dh``.
         normalization: ``"softmax"`` or ``"nsf"`` (normalized sigmoid), of ``logits / temperature``.
         dropout_p: dropout on the attention weights, active when ``training`` (as nn.MultiheadAttention).
+        process_group: sequence parallelism (:mod:`milkernels.distributed`): ``x`` is this rank's shard of the
+            bags (N may be 0; a packed bag needs a row on every rank); ``out`` is the whole bags', the same on
+            every rank; the weights and logits are the shard's rows, the weights detached (and refused with
+            dropout).
 
     x, query and the weights share one dtype (float32, float16, bfloat16; float64 on the reference);
     under ``torch.autocast`` they are cast to its dtype. Returns a :class:`QueryAttentionOutput`.
     """
     x, query, wk, bk, wv, bv = autocast_inputs(x, query, wk, bk, wv, bv)
-    features, _ = _check(x, query, wk, bk, wv, bv, num_heads, normalization, temperature)
-    bags = pack_bags(x, features, mask, cu_seqlens)
+    features, width = _check(x, query, wk, bk, wv, bv, num_heads, normalization, temperature)
+    shard, group_name = _sharded.shard_call(OP_NAME, x, features, mask, cu_seqlens, process_group, width=width,
+                                            heads=num_heads)
+    bags = shard.bags
     u, c = fold_queries(_queries(query, bags), wk, bk, num_heads, float(temperature))
     columns = u.shape[1]
     nsf_from = 0 if normalization == "nsf" else columns
     folded = folded_attention(bags, u, c, nsf_from=nsf_from, num_pooled=columns, dropout_p=dropout_p,
-                              training=training, need_weights=need_weights)
-    out = bags.bags_to_caller(unfold_values(folded.pooled, folded.mass, wv, bv, num_heads))
-    weights = columns_to_caller(folded.weights, bags, num_heads) if need_weights else None
+                              training=training, need_weights=need_weights, group_name=group_name)
+    out = shard.bags_to_caller(unfold_values(folded.pooled, folded.mass, wv, bv, num_heads))
+    weights = shard.columns_to_caller(columns_to_caller(folded.weights, bags, num_heads)) if need_weights else None
     logits = None
     if need_logits:
         logits = columns_to_caller((folded.z * temperature).to(x.dtype), bags, num_heads, fill=float("-inf"))
+        logits = shard.columns_to_caller(logits)
     return QueryAttentionOutput(out, weights, logits)

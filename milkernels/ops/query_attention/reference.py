@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..gated_attention.reference import segment_softmax
+from ..gated_attention.reference import segment_logsumexp, segment_softmax
 
 NSF_EPS = 1e-8
 
@@ -82,6 +82,29 @@ def normalize(z, bags, nsf_from: int):
     if nsf_from < z.shape[1]:
         parts.append(segment_nsf(work[:, nsf_from:], bag_index, bags.num_bags, bags.row_valid))
     return torch.cat(parts, dim=1).to(z.dtype)
+
+
+def log_normalizer(z, bags, nsf_from: int):
+    """``lse: (B, J)`` of ``z: (T, J)`` over each bag's valid rows: ``log sum exp(z)`` for columns before
+    ``nsf_from`` (-inf without a valid row), ``log(sum sigmoid(z) + 1e-8)`` from there on; at least float32."""
+    work = z.to(torch.promote_types(z.dtype, torch.float32))
+    bag_index = bags.bag_index()
+    softmax = segment_logsumexp(work[:, :nsf_from], bag_index, bags.num_bags, bags.row_valid)
+    sig = torch.sigmoid(work[:, nsf_from:])
+    if bags.row_valid is not None:
+        sig = sig.masked_fill(~bags.row_valid[:, None], 0.0)
+    sums = torch.zeros(bags.num_bags, sig.shape[1], dtype=sig.dtype, device=sig.device).index_add(0, bag_index, sig)
+    return torch.cat([softmax, torch.log(sums + NSF_EPS)], dim=1)
+
+
+def weights_from_lse(z, lse, bags, nsf_from: int):
+    """The weights ``p: (T, P)`` of ``z: (T, J)`` given each bag's ``lse: (B, P)`` (:func:`log_normalizer`'s, possibly
+    over more rows than these): ``exp(z - lse)`` before ``nsf_from``, ``sigmoid(z) exp(-lse)`` after; masked rows 0."""
+    work = z[:, :lse.shape[1]].to(lse.dtype)
+    row_lse = lse[bags.bag_index()]
+    nsf = torch.arange(lse.shape[1], device=z.device) >= nsf_from
+    weights = torch.where(nsf, torch.sigmoid(work) * torch.exp(-row_lse), torch.exp(work - row_lse))
+    return weights if bags.row_valid is None else weights.masked_fill(~bags.row_valid[:, None], 0.0)
 
 
 def apply_dropout(weights, dropout_p: float, training: bool, keep=None):
