@@ -87,4 +87,18 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], process_group
         all_reduce(parameter.grad, dist.ReduceOp.SUM, group, "all_reduce_gradients")
 
 
-__all__ = ["COLLECTIVE_TIMEOUT", "all_reduce_gradients"]
+def set_process_group(model: torch.nn.Module, process_group) -> list[str]:
+    """Make every sequence-parallel milkernels module in ``model`` (a ``process_group`` attribute: gated attention
+    pooling, query attention, linear attention) use ``process_group`` (None: back to whole bags on each rank).
+    Returns their names in ``model``."""
+    if process_group is not None:
+        group_name(process_group)
+    names = []
+    for name, module in model.named_modules():
+        if hasattr(type(module), "process_group"):
+            module.process_group = process_group
+            names.append(name)
+    return names
+
+
+__all__ = ["COLLECTIVE_TIMEOUT", "all_reduce_gradients", "set_process_group"]

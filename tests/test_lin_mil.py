@@ -203,7 +203,7 @@ def test_swapped_lin_mil_never_forms_the_numerator(case, monkeypatch, pos_enc):
     calls, projected_calls, kernel_calls = [], [], []
     _spy(monkeypatch, fused_module, "lin_mil_attention", calls)
     _spy(monkeypatch, fused_module, "lin_mil_projected_attention", projected_calls)
-    _spy(monkeypatch, projected_module, "_forward_op", kernel_calls, lambda args, kwargs: args[-1])
+    _spy(monkeypatch, projected_module, "_forward_op", kernel_calls, lambda args, kwargs: args[-2])  # want_map
     monkeypatch.setattr(op_module, "_numerator_to_caller", _refuse_numerator)
     x = tokens(case, 2, 5)
     logits, att = after(x, coordinates(x))

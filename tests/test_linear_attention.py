@@ -279,7 +279,7 @@ def op_inputs(masked: bool, with_temperature: bool):
     qkv2d = torch.randn(23, 96, generator=generator).requires_grad_()
     temperature = (torch.rand(2, generator=generator) + 0.5).requires_grad_() if with_temperature else None
     row_valid = torch.rand(23, generator=generator) > 0.3 if masked else None
-    return [qkv2d, temperature, [0, 9, 23], row_valid, 2, "gelu", "clamp", 100.0, 1e-6, True, True]
+    return [qkv2d, temperature, [0, 9, 23], row_valid, 2, "gelu", "clamp", 100.0, 1e-6, True, True, None]
 
 
 @pytest.mark.parametrize("masked, with_temperature", [(True, True), (False, False)])
@@ -291,7 +291,7 @@ def test_opcheck(masked, with_temperature):
     detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args[:9]]
     for cotangents in ([out, numerator, attention_map], [out, None, None]):
         grads = [torch.randn_like(t) if t is not None else None for t in cotangents]
-        torch.library.opcheck(torch.ops.milkernels.linear_attention_backward, [*detached, state, *grads])
+        torch.library.opcheck(torch.ops.milkernels.linear_attention_backward, [*detached, state, *grads, None])
 
 
 def lin_mil_loss(qkv, temperature, mask):

@@ -100,14 +100,15 @@ def test_opcheck(masked):
     x, weight, bias, temperature = (t.detach().requires_grad_() for t in make_inputs((23, 10), 16, 2, seed=5))
     row_valid = torch.rand(23, generator=torch.Generator().manual_seed(5)) > 0.3 if masked else None
     options = [[0, 9, 23], row_valid, 2, "gelu", "clamp", 100.0, 1e-6]
-    forward_args = [x, weight, bias if masked else None, temperature if masked else None, *options, True]
+    forward_args = [x, weight, bias if masked else None, temperature if masked else None, *options, True, None]
     torch.library.opcheck(torch.ops.milkernels.linear_attention_projected_forward, forward_args)
     with torch.no_grad():
         out, attention_map, state = torch.ops.milkernels.linear_attention_projected_forward(*forward_args)
-    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args[:-1]]
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in forward_args[:-2]]
     for cotangents in ([out, attention_map], [out, None], [None, attention_map]):
         grads = [torch.randn_like(t) if t is not None else None for t in cotangents]
-        torch.library.opcheck(torch.ops.milkernels.linear_attention_projected_backward, [*detached, state, *grads])
+        torch.library.opcheck(torch.ops.milkernels.linear_attention_projected_backward,
+                              [*detached, state, *grads, None])
 
 
 def projected_loss(x, weight, bias, temperature, mask):

@@ -156,6 +156,71 @@ def test_query_attention(world_size, backend, normalization):
     run_ranks(world_size, check_query, backend, normalization)
 
 
+def check_linear(rank: int, world_size: int, backend: str, projected: bool) -> None:
+    torch.manual_seed(0)
+    dtype, features, channels, heads = _dtype(backend), 24, 16, 2
+    weights = [torch.randn(3 * channels, features) / 4, torch.randn(3 * channels), torch.rand(heads) + 0.5]
+    weights = [w.to(dtype=dtype, device=device()) for w in weights]
+    tolerance = TOLERANCES[dtype]
+    for name, whole, shard, part in _layouts(rank, world_size, features, dtype):
+        d_out = _upstream((*whole["x"].shape[:-1], channels), dtype, device(), 1)
+        with milkernels.use_backend(backend):
+            expected = _linear_run(whole, weights, None, heads, projected, d_out)
+            actual = _linear_run(shard, weights, dist.group.WORLD, heads, projected, part(d_out))
+        all_reduce_gradients(actual["weights"], dist.group.WORLD)
+        what = f"rank {rank} of {world_size}, {backend}, {'projected' if projected else 'qkv'}, {name}"
+        for result in ("out", "map", "x"):
+            assert_close(actual[result], part(expected[result]), f"{what}: {result}", **tolerance)
+        for i, (got, want) in enumerate(zip(actual["weights"], expected["weights"])):
+            assert_close(got.grad, want.grad, f"{what}: d weight {i}", **tolerance)
+
+
+def _linear_run(inputs: dict, weights, group, heads: int, projected: bool, d_out) -> dict:
+    """Linear attention (the projection in the op, or before it) with its map, and a backward from ``d_out``
+    and the map's sum."""
+    x, weight, bias, temperature = _leaves(inputs["x"], *weights)
+    options = {name: value for name, value in inputs.items() if name != "x"}
+    options.update(activation="softplus", temperature=temperature, denominator="eps", return_map=True,
+                   process_group=group)
+    if projected:
+        out, attention_map = milkernels.ops.projected_linear_attention(x, weight, bias, heads, **options)
+    else:
+        out, attention_map = milkernels.ops.linear_attention(torch.nn.functional.linear(x, weight, bias), heads,
+                                                             **options)
+    ((out * d_out).sum() + attention_map.sum()).backward()
+    return dict(out=out.detach(), map=attention_map.detach(), x=x.grad, weights=[weight, bias, temperature])
+
+
+@pytest.mark.parametrize("world_size", sorted(SHARDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("projected", (False, True), ids=("qkv", "projected"))
+def test_linear_attention(world_size, backend, projected):
+    run_ranks(world_size, check_linear, backend, projected)
+
+
+def check_query_dropout(rank: int, world_size: int, backend: str) -> None:
+    """With dropout, the shard's weights (after dropout) are the ones its pooled output used."""
+    torch.manual_seed(0)
+    dtype, features, width, heads = _dtype(backend), 24, 8, 2
+    query, wk, bk, wv, bv = (t.to(dtype=dtype, device=device()) for t in (
+        torch.randn(3, width), torch.randn(width, features) / 2, torch.randn(width), torch.randn(width, features),
+        torch.randn(width)))
+    x = torch.randn(SHARDS[world_size][rank], features, dtype=dtype, device=device())
+    with milkernels.use_backend(backend):
+        result = milkernels.ops.query_attention(x, query, wk, bk, wv, bv, heads, dropout_p=0.4, need_weights=True,
+                                                process_group=dist.group.WORLD)
+    values = torch.nn.functional.linear(x, wv, bv).reshape(-1, heads, width // heads)      # (N, H, dh)
+    pooled = torch.einsum("hqn,nhd->qhd", result.weights, values).reshape(3, width)
+    dist.all_reduce(pooled)
+    assert_close(result.out, pooled, f"rank {rank} of {world_size}, {backend}", **TOLERANCES[dtype])
+    assert x.shape[0] == 0 or bool((result.weights == 0).any()), "no weight was dropped"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_attention_dropout(backend):
+    run_ranks(3, check_query_dropout, backend)
+
+
 def check_disagreeing_ranks(rank: int, world_size: int) -> None:
     x = torch.randn(5, 24 if rank == 0 else 32, dtype=torch.float64)
     weights = [torch.randn(8, x.shape[1], dtype=torch.float64), None, None, None, torch.randn(1, 8, dtype=torch.float64),

@@ -111,7 +111,18 @@ class GatedAttention(_GatedAttentionBase):
 
 
 class GatedAttentionPool(_GatedAttentionBase):
-    """Gated attention pooling in one fused pass; the constructor and children of :class:`GatedAttention`."""
+    """Gated attention pooling in one fused pass; the constructor and children of :class:`GatedAttention`.
+
+    ``process_group`` (keyword, or set the attribute, e.g. with :func:`milkernels.distributed.set_process_group`)
+    makes it sequence parallel: ``x`` is this rank's shard of the bags and ``pooled`` the whole bags'
+    (:mod:`milkernels.distributed`); the weights' gradients are then the shard's, to be summed over the group.
+    """
+
+    process_group = None
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,11 +138,12 @@ class GatedAttentionPool(_GatedAttentionBase):
 
         Bags without instances (``(0, L)``, ``(B, 0, L)``) pool to zeros; packed bags need one instance each.
         """
-        if cu_seqlens is None and no_instances(x):
+        if self.process_group is None and cu_seqlens is None and no_instances(x):
             scores = self._composed_scores(x)
             return softmax_pool(scores, x), scores
         return gated_attention_pool(x, *self._op_args(), mask=mask, cu_seqlens=cu_seqlens,
-                                    dropout_p=self.dropout_p, training=self.training)
+                                    dropout_p=self.dropout_p, training=self.training,
+                                    process_group=self.process_group)
 
 
 class TorchmilAttentionPool(nn.Module):
@@ -141,7 +153,10 @@ class TorchmilAttentionPool(nn.Module):
     ``fc2.weight`` and ``fc_gated.module.*``. ``fc1`` and ``fc_gated`` are torchmil ``LazyLinear``
     wrappers whose initialized ``.module`` is a ``Linear(in_dim, att_dim)``; ``fc2 = Linear(att_dim, 1)``.
     ``act_layer`` (Tanh) and ``act_gated`` (Sigmoid) are kept as children; the fused op applies both itself.
+    Setting ``process_group`` makes it sequence parallel, as :class:`GatedAttentionPool`.
     """
+
+    process_group = None
 
     def __init__(self, fc1: nn.Module, fc2: nn.Linear, act_layer: nn.Module,
                  fc_gated: nn.Module | None = None, act_gated: nn.Module | None = None):
@@ -163,11 +178,11 @@ class TorchmilAttentionPool(nn.Module):
         result: ``z`` zeros, ``f`` empty."""
         if X.dim() != 3:
             raise ValueError(f"X must be (batch_size, bag_size, in_dim), got shape {tuple(X.shape)}")
-        if no_instances(X):
+        if self.process_group is None and no_instances(X):
             scores = self._composed_scores(X)
             pooled = softmax_pool(scores, X)
         else:
-            pooled, scores = gated_attention_pool(X, *self._op_args(), mask=mask)
+            pooled, scores = gated_attention_pool(X, *self._op_args(), mask=mask, process_group=self.process_group)
         z = pooled[:, 0]
         return (z, scores[..., 0]) if return_att else z
 

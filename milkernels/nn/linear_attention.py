@@ -77,7 +77,13 @@ class LinearAttention(nn.Module):
 
     Children and parameters as Lin-MIL's: ``temperature: (H, 1, 1)``, ``qkv = Linear(C, 3C)``,
     ``attn_drop``, ``proj = Linear(C, C)``, ``proj_drop``, ``qk_mul``, ``kv_mul``, ``extra_mul``, ``act``.
+
+    Setting ``process_group`` (:func:`milkernels.distributed.set_process_group`) makes it sequence parallel:
+    ``x`` is this rank's shard of the bags, S and z are summed over the group, the outputs are the shard's rows,
+    and the parameters' gradients are the shard's, to be summed over the group (:mod:`milkernels.distributed`).
     """
+
+    process_group = None
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, att_act=nn.ReLU, attn_drop=0.,
                  proj_drop=0.):
@@ -140,9 +146,10 @@ class LinearAttention(nn.Module):
     def _attend(self, x, mask, cu_seqlens, return_numerator=False, return_map=False):
         """The op on ``qkv(x)``: the heads' outputs ``(..., C)`` before ``proj``, then the numerator or the map
         where asked. Without the numerator, the projection runs inside the op, which keeps no ``qkv``."""
-        if cu_seqlens is None and no_instances(x):
+        if self.process_group is None and cu_seqlens is None and no_instances(x):
             return self._composed(self.qkv(x), return_numerator=return_numerator, return_map=return_map)
-        options = dict(activation=self.activation, mask=mask, cu_seqlens=cu_seqlens, return_map=return_map)
+        options = dict(activation=self.activation, mask=mask, cu_seqlens=cu_seqlens, return_map=return_map,
+                       process_group=self.process_group)
         if return_numerator:
             qkv = self.qkv(x)
             return lin_mil_attention(qkv, self.temperature.to(qkv.dtype), self.num_heads, return_numerator=True,

@@ -65,6 +65,15 @@ def fusable_tensors(*tensors: torch.Tensor) -> bool:
             and all(t.dtype == first.dtype and t.device == first.device for t in tensors))
 
 
+def sharded_without_fused_path(module: nn.Module, sharded: bool) -> bool:
+    """False, or ValueError when ``sharded`` (a process group is set) since only the fused path is sequence
+    parallel; ``module.fused_when`` says when it runs."""
+    if sharded:
+        raise ValueError(f"{type(module).__name__} has a process_group, but this call cannot take the fused path, "
+                         f"the only sequence-parallel one: it runs when {module.fused_when}")
+    return False
+
+
 class MultiheadAttention(nn.MultiheadAttention):
     """``torch.nn.MultiheadAttention`` with a fused path for learned queries attending to bags.
 
@@ -84,6 +93,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     fused_when = (f"key is value (with at least one row), attn_mask is None, is_causal is False and the query "
                   f"has 1 to {MAX_FUSED_QUERIES} rows")
+    process_group = None  # set: sequence parallel (milkernels.distributed), on the fused path only
 
     @property
     def fused_path_possible(self) -> bool:
@@ -120,8 +130,10 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def _takes_fused_path(self, query, key, value, key_padding_mask, attn_mask, is_causal) -> bool:
         """Whether this call takes the fused path (the conditions in the class docstring)."""
-        return (key is value and attn_mask is None and not is_causal and self.fused_path_possible
-                and self._fusable_inputs(query, key, key_padding_mask))
+        sharded = self.process_group is not None
+        fused = (key is value and attn_mask is None and not is_causal and self.fused_path_possible
+                 and self._fusable_inputs(query, key, key_padding_mask))
+        return fused or sharded_without_fused_path(self, sharded)
 
     def _fusable_inputs(self, query, key, key_padding_mask) -> bool:
         """Whether the fused path takes these inputs (shapes, dtypes, a bool or no padding mask)."""
@@ -130,7 +142,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not fusable_tensors(query, key, *self._projections()[0]):
             return False
         q, x = self._batch_first(query), self._batch_first(key)
-        if (q.shape[0] != x.shape[0] or not 0 < q.shape[1] <= MAX_FUSED_QUERIES or x.shape[1] == 0
+        empty = x.shape[1] == 0 and self.process_group is None
+        if (q.shape[0] != x.shape[0] or not 0 < q.shape[1] <= MAX_FUSED_QUERIES or empty
                 or q.shape[2] != self.embed_dim or x.shape[2] != self.kdim):
             return False
         mask_shape = x.shape[:2] if key.dim() == 3 else x.shape[1:2]
@@ -161,7 +174,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             q = q[0]  # one set of queries for every bag: projected once, (L, E)
         mask = None if key_padding_mask is None else ~key_padding_mask.reshape(x.shape[:2])
         result = query_attention(x, F.linear(q, wq, bq), wk, bk, wv, bv, self.num_heads, mask=mask,
-                                 dropout_p=self.dropout, training=self.training, need_weights=need_weights)
+                                 dropout_p=self.dropout, training=self.training, need_weights=need_weights,
+                                 process_group=self.process_group)
         out = F.linear(result.out, self.out_proj.weight, self.out_proj.bias)              # (B, L, E)
         weights = result.weights                                                            # (B, H, L, S)
         if need_weights and average_attn_weights:
@@ -184,6 +198,7 @@ class QueryAttention(nn.Module):
     """
 
     fused_when = "k is v and q, k are one bag (1, ., E) with at least one query and one instance"
+    process_group = None  # set: sequence parallel (milkernels.distributed), on the fused path only
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1, dropout: float = 0.1,
                  softmax: bool = True):
@@ -218,15 +233,19 @@ class QueryAttention(nn.Module):
         return out[0], logits[0]
 
     def _takes_fused_path(self, q, k, v) -> bool:
-        """``k is v``, both ``q`` and ``k`` one bag ``(1, ., E)`` (neither empty), one float dtype and device."""
-        return (k is v and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == 1 and q.shape[1] > 0
-                and k.shape[1] > 0 and fusable_tensors(q, k, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        """``k is v``, both ``q`` and ``k`` one bag ``(1, ., E)`` (neither empty, but for a rank's shard under a
+        process group), one float dtype and device."""
+        sharded = self.process_group is not None
+        fused = (k is v and q.dim() == k.dim() == 3 and q.shape[0] == k.shape[0] == 1 and q.shape[1] > 0
+                 and (k.shape[1] > 0 or sharded)
+                 and fusable_tensors(q, k, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        return fused or sharded_without_fused_path(self, sharded)
 
     def _fused(self, q: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``q: (Q, E)``, ``x: (N, E)`` through :func:`query_attention`."""
         result = query_attention(x, self.q_proj(q), self.k_proj.weight, self.k_proj.bias, self.v_proj.weight,
                                  self.v_proj.bias, self.num_heads, normalization="softmax" if self.softmax else "nsf",
-                                 need_logits=True)
+                                 need_logits=True, process_group=self.process_group)
         return self._finish(result.out), result.logits
 
     def _composed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,11 +44,12 @@ class Shard:
             return rows
         return rows[0, :0] if self.single else rows[:, :0]
 
-    def columns_to_caller(self, columns: torch.Tensor) -> torch.Tensor:
-        """Results ``(..., N)`` already in the caller's layout by rows (last axis), cut back when empty."""
+    def cut(self, per_row: torch.Tensor, axis: int = -1) -> torch.Tensor:
+        """A per-row result already in the caller's layout (rows along ``axis``, counted from the end, as in
+        ``(B, H, Q, N)``), cut back to no row when the shard is empty."""
         if not self.empty:
-            return columns
-        return columns[0, ..., :0] if self.single else columns[..., :0]
+            return per_row
+        return (per_row[0] if self.single else per_row).narrow(axis, 0, 0)
 
     def bags_to_caller(self, per_bag: torch.Tensor) -> torch.Tensor:
         """Per-bag results ``(B, ...)`` in the caller's layout."""

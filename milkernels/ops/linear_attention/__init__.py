@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backends
-from .. import _library
+from ... import _backends, distributed
+from .. import _library, _sharded
 from .._bags import autocast_inputs, bags_in_op, check_float, check_same_device, check_tensor, pack_bags
 from . import reference
 
@@ -33,23 +33,24 @@ def _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_mi
 @_library.custom_op("linear_attention_forward")
 def _forward_op(qkv2d: Tensor, temperature: Optional[Tensor], bounds: list[int], row_valid: Optional[Tensor],
                 num_heads: int, activation: str, denominator: str, clamp_min: float, eps: float, want_numerator: bool,
-                want_map: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                want_map: bool, group_name: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The triton forward on packed rows ``qkv2d: (T, 3C)`` with bag ``bounds`` (B + 1 ints).
 
     Returns ``out: (T, C)``, ``numerator: (T, H, dh)`` and ``map: (T,)`` in qkv's dtype (the last two
-    empty unless asked for), and ``state: (B, H, dh + 1, dh)`` float32 (S and z per bag and head).
+    empty unless asked for), and ``state: (B, H, dh + 1, dh)`` float32 (S and z per bag and head). With
+    ``group_name`` (sequence parallelism), ``qkv2d`` is a rank's shard and the state is summed over the ranks.
     """
     from . import triton as kernels
 
     plan = _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps)
     out, numerator, attention_map, (state,) = kernels.forward(qkv2d, temperature, row_valid, plan, want_numerator,
-                                                              want_map)
+                                                              want_map, sum_shards(group_name))
     return tuple(_library.owned([out, numerator, attention_map, state], qkv2d))
 
 
 @_forward_op.register_fake
 def _(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps, want_numerator,
-      want_map):
+      want_map, group_name):
     rows, channels = qkv2d.shape[0], qkv2d.shape[1] // 3
     head_dim = channels // num_heads
     numerator = qkv2d.new_empty(rows, num_heads, head_dim) if want_numerator else _library.absent(qkv2d)
@@ -61,26 +62,30 @@ def _(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator,
 @_library.custom_op("linear_attention_backward")
 def _backward_op(qkv2d: Tensor, temperature: Optional[Tensor], bounds: list[int], row_valid: Optional[Tensor],
                  num_heads: int, activation: str, denominator: str, clamp_min: float, eps: float, state: Tensor,
-                 d_out: Optional[Tensor], d_numerator: Optional[Tensor], d_map: Optional[Tensor]) -> list[Tensor]:
+                 d_out: Optional[Tensor], d_numerator: Optional[Tensor], d_map: Optional[Tensor],
+                 group_name: Optional[str]) -> list[Tensor]:
     """``[d_qkv: (T, 3C), d_temperature: (H,)]`` (the latter empty without a temperature) from the upstream
-    gradients of out, numerator and map (any may be None); ``state`` is the forward's."""
+    gradients of out, numerator and map (any may be None); ``state`` is the forward's. With ``group_name``, the
+    state's gradient is summed over the ranks, and the temperature's is the rank's share."""
     from . import triton as kernels
 
     plan = _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps)
-    grads = kernels.backward(qkv2d, temperature, row_valid, (state,), plan, d_out, d_numerator, d_map)
+    grads = kernels.backward(qkv2d, temperature, row_valid, (state,), plan, d_out, d_numerator, d_map,
+                             sum_shards(group_name))
     return _library.owned(grads, qkv2d)
 
 
 @_backward_op.register_fake
 def _(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps, state, d_out,
-      d_numerator, d_map):
+      d_numerator, d_map, group_name):
     return [torch.empty_like(qkv2d), torch.empty_like(temperature) if temperature is not None else _library.absent(qkv2d)]
 
 
 def _setup_context(ctx, inputs, output):
-    qkv2d, temperature, bounds, row_valid, *options, _, _ = inputs
+    qkv2d, temperature, bounds, row_valid, *options, _, _, group_name = inputs
     ctx.save_for_backward(qkv2d, temperature, row_valid, output[3])
     ctx.options = (bounds, *options)
+    ctx.group_name = group_name
     ctx.mark_non_differentiable(output[3])
     ctx.set_materialize_grads(False)
 
@@ -89,12 +94,21 @@ def _backward(ctx, d_out, d_numerator, d_map, d_state):
     qkv2d, temperature, row_valid, state = ctx.saved_tensors
     bounds, *options = ctx.options
     d_qkv, d_temperature = _backward_op(qkv2d, temperature, bounds, row_valid, *options, state, d_out, d_numerator,
-                                        d_map)
-    return (d_qkv, d_temperature if ctx.needs_input_grad[1] else None, *[None] * 9)
+                                        d_map, ctx.group_name)
+    return (d_qkv, d_temperature if ctx.needs_input_grad[1] else None, *[None] * 10)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_backward_op, OP_NAME)
+
+
+def sum_shards(group_name: Optional[str]):
+    """What the kernels call to sum a per-bag state (or its gradient) over the ranks of process group
+    ``group_name`` in place; None without one."""
+    if group_name is None:
+        return None
+    group = distributed.resolve(group_name)
+    return lambda state: distributed.all_reduce(state, torch.distributed.ReduceOp.SUM, group, OP_NAME)
 
 
 def _state_and_normalizer_flops(qkv2d, num_heads) -> tuple[int, int]:
@@ -106,14 +120,14 @@ def _state_and_normalizer_flops(qkv2d, num_heads) -> tuple[int, int]:
 
 @_library.flop_formula("linear_attention_forward")
 def _forward_flops(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps,
-                   want_numerator, want_map):
+                   want_numerator, want_map, group_name):
     """``k^T v``, ``q S`` and ``q . z``; the reference forms the numerator and the map whether asked for or not."""
     return sum(_state_and_normalizer_flops(qkv2d, num_heads))
 
 
 @_library.flop_formula("linear_attention_backward")
 def _backward_flops(qkv2d, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps, state,
-                    d_out, d_numerator, d_map):
+                    d_out, d_numerator, d_map, group_name):
     """Both gradients of ``k^T v`` and ``q S`` (any output's gradient reaches them) and of ``q . z`` (out's does).
 
     Counts a gradient for qkv, which the op always computes: where only the temperature takes one, the
@@ -167,7 +181,7 @@ def per_head(temperature, num_heads: int, like: torch.Tensor):
 
 def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, denominator="eps",
                      clamp_min: float = 100.0, eps: float = 1e-6, mask=None, cu_seqlens=None,
-                     return_numerator: bool = False, return_map: bool = False):
+                     return_numerator: bool = False, return_map: bool = False, process_group=None):
     """Non-causal linear attention over bags, from the packed projection ``qkv = [q | k | v]``.
 
     Args:
@@ -179,6 +193,9 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
         temperature: scales S per head: a number, a tensor of one value (0-d) or of H values (``(H,)``,
             Lin-MIL's ``(H, 1, 1)``, any shape), or None (no scaling).
         denominator: ``"eps"``: q.z + eps (the standard form); ``"clamp"``: max(q.z, clamp_min) (Lin-MIL).
+        process_group: sequence parallelism (:mod:`milkernels.distributed`): ``qkv`` is this rank's shard of the
+            bags (N may be 0; a packed bag needs a row on every rank); S and z are summed over the ranks, and the
+            outputs are the shard's rows.
 
     qkv and the temperature share one dtype; under ``torch.autocast`` both are cast to its dtype first.
 
@@ -190,34 +207,46 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     """
     qkv, temperature = autocast_inputs(qkv, temperature)
     _check(qkv, num_heads, activation, temperature, denominator)
-    bags, tau, options, backend = prepare_call(qkv, mask, cu_seqlens, temperature, num_heads=num_heads,
-                                               activation=activation, denominator=denominator, clamp_min=clamp_min,
-                                               eps=eps)
+    shard, group_name, tau, options, backend = prepare_call(
+        qkv, mask, cu_seqlens, temperature, process_group, num_heads=num_heads, activation=activation,
+        denominator=denominator, clamp_min=clamp_min, eps=eps)
+    bags = shard.bags
     if backend == "reference":
-        out, numerator, attention_map = reference.linear_attention(bags.x2d, bags, temperature=tau, **options)
+        out, numerator, attention_map = reference.linear_attention(bags.x2d, bags, temperature=tau,
+                                                                   sum_shards=reference_sum(group_name), **options)
     else:
         out, numerator, attention_map, _ = _forward_op(
             bags.x2d.contiguous(), tau.contiguous() if tau is not None else None, list(bags.bounds), bags.row_valid,
-            *options.values(), return_numerator, return_map)
-    results = [bags.rows_to_caller(out)]
+            *options.values(), return_numerator, return_map, group_name)
+    results = [shard.rows_to_caller(out)]
     if return_numerator:
-        results.append(_numerator_to_caller(bags, numerator))
+        results.append(shard.cut(_numerator_to_caller(bags, numerator), axis=-2))
     if return_map:
-        results.append(bags.rows_to_caller(attention_map))
+        results.append(shard.rows_to_caller(attention_map))
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def prepare_call(rows, mask, cu_seqlens, temperature, *, num_heads: int, activation: str, denominator: str,
-                 clamp_min: float, eps: float) -> tuple:
-    """``(bags, tau, options, backend)`` for a call on ``rows`` (``(N, W)``, ``(B, N, W)`` or ``(T, W)``): its
-    packed bags, the per-head temperature (:func:`per_head`), the kernel options as the custom ops take them
-    (``num_heads, activation, denominator, clamp_min, eps``, in that order) and the backend to run."""
-    bags = pack_bags(rows, rows.shape[-1], mask, cu_seqlens)
+def prepare_call(rows, mask, cu_seqlens, temperature, process_group, *, num_heads: int, activation: str,
+                 denominator: str, clamp_min: float, eps: float) -> tuple:
+    """``(shard, group_name, tau, options, backend)`` for a call on ``rows`` (``(N, W)``, ``(B, N, W)`` or
+    ``(T, W)``): its packed bags as a :class:`~milkernels.ops._sharded.Shard`, the name of its process group
+    (None without one), the per-head temperature (:func:`per_head`), the kernel options as the custom ops take
+    them (``num_heads, activation, denominator, clamp_min, eps``, in that order) and the backend to run."""
+    shard, group_name = _sharded.shard_call(OP_NAME, rows, rows.shape[-1], mask, cu_seqlens, process_group,
+                                            heads=num_heads, activations=ACTIVATIONS.index(activation),
+                                            denominators=DENOMINATORS.index(denominator))
     tau = per_head(temperature, num_heads, rows)
     options = dict(num_heads=num_heads, activation=activation, denominator=denominator, clamp_min=float(clamp_min),
                    eps=float(eps))
     backend = _backends.choose(OP_NAME, rows.device, lambda name: backend_reasons(name, rows))
-    return bags, tau, options, backend
+    return shard, group_name, tau, options, backend
+
+
+def reference_sum(group_name: Optional[str]):
+    """The reference's differentiable sum of the per-bag states over the ranks of ``group_name``; None without."""
+    if group_name is None:
+        return None
+    return lambda states: _sharded.SumOfShards.apply(states, group_name, OP_NAME)
 
 
 def backend_reasons(name: str, like: Tensor) -> list[str]:
@@ -238,13 +267,13 @@ def _numerator_to_caller(bags, numerator):
 
 
 def lin_mil_attention(qkv, temperature, num_heads, *, activation="relu", mask=None, cu_seqlens=None,
-                      return_numerator=False, return_map=False):
+                      return_numerator=False, return_map=False, process_group=None):
     """Lin-MIL's ``LinearAttention`` core: :func:`linear_attention` with a temperature (Lin-MIL's ``(H, 1, 1)``
     parameter, a number, a 0-d tensor or ``(H,)``) and the denominator clamped at 100: the reference's math,
     equal to it up to floating-point rounding."""
     return linear_attention(qkv, num_heads, activation=activation, temperature=temperature, denominator="clamp",
                             clamp_min=100.0, mask=mask, cu_seqlens=cu_seqlens,
-                            return_numerator=return_numerator, return_map=return_map)
+                            return_numerator=return_numerator, return_map=return_map, process_group=process_group)
 
 
 from .projected import lin_mil_projected_attention, projected_linear_attention  # noqa: E402  (uses the above)

@@ -19,26 +19,29 @@ from torch import Tensor
 
 from .. import _library
 from .._bags import autocast_inputs, check_float, check_same_device
-from . import OP_NAME, _plan, _state_and_normalizer_flops, check_options, prepare_call, reference
+from . import (OP_NAME, _plan, _state_and_normalizer_flops, check_options, prepare_call, reference, reference_sum,
+               sum_shards)
 
 
 @_library.custom_op("linear_attention_projected_forward")
 def _forward_op(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: Optional[Tensor],
                 bounds: list[int], row_valid: Optional[Tensor], num_heads: int, activation: str, denominator: str,
-                clamp_min: float, eps: float, want_map: bool) -> tuple[Tensor, Tensor, Tensor]:
+                clamp_min: float, eps: float, want_map: bool, group_name: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     """``(out: (T, C), map: (T,) or empty, state: (B, H, dh + 1, dh) float32)`` of packed rows ``x2d: (T, L)``
-    through ``qkv = x2d weight^T + bias`` (``weight: (3C, L)``), made here and not returned."""
+    through ``qkv = x2d weight^T + bias`` (``weight: (3C, L)``), made here and not returned; with ``group_name``,
+    the state is summed over the ranks (sequence parallelism)."""
     from . import triton as kernels
 
     qkv2d = F.linear(x2d, weight, bias)
     plan = _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps)
-    out, _, attention_map, (state,) = kernels.forward(qkv2d, temperature, row_valid, plan, False, want_map)
+    out, _, attention_map, (state,) = kernels.forward(qkv2d, temperature, row_valid, plan, False, want_map,
+                                                      sum_shards(group_name))
     return tuple(_library.owned([out, attention_map, state], x2d))
 
 
 @_forward_op.register_fake
 def _(x2d, weight, bias, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps,
-      want_map):
+      want_map, group_name):
     rows, channels = x2d.shape[0], weight.shape[0] // 3
     head_dim = channels // num_heads
     attention_map = x2d.new_empty(rows) if want_map else _library.absent(x2d)
@@ -50,13 +53,14 @@ def _(x2d, weight, bias, temperature, bounds, row_valid, num_heads, activation, 
 def _backward_op(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], temperature: Optional[Tensor],
                  bounds: list[int], row_valid: Optional[Tensor], num_heads: int, activation: str, denominator: str,
                  clamp_min: float, eps: float, state: Tensor, d_out: Optional[Tensor],
-                 d_map: Optional[Tensor]) -> list[Tensor]:
+                 d_map: Optional[Tensor], group_name: Optional[str]) -> list[Tensor]:
     """``[d_x2d, d_weight, d_bias, d_temperature]`` (the last two empty where absent), ``qkv`` made again."""
     from . import triton as kernels
 
     qkv2d = F.linear(x2d, weight, bias)
     plan = _plan(qkv2d, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps)
-    d_qkv, d_temperature = kernels.backward(qkv2d, temperature, row_valid, (state,), plan, d_out, None, d_map)
+    d_qkv, d_temperature = kernels.backward(qkv2d, temperature, row_valid, (state,), plan, d_out, None, d_map,
+                                            sum_shards(group_name))
     del qkv2d
     d_bias = d_qkv.sum(0) if bias is not None else None
     return _library.owned([d_qkv @ weight, d_qkv.t() @ x2d, d_bias, d_temperature], x2d)
@@ -64,15 +68,16 @@ def _backward_op(x2d: Tensor, weight: Tensor, bias: Optional[Tensor], temperatur
 
 @_backward_op.register_fake
 def _(x2d, weight, bias, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min, eps, state,
-      d_out, d_map):
+      d_out, d_map, group_name):
     present = [t if t is not None else _library.absent(x2d) for t in (bias, temperature)]
     return [torch.empty_like(x2d), torch.empty_like(weight)] + [torch.empty_like(t) for t in present]
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, weight, bias, temperature, bounds, row_valid, *options, _ = inputs
+    x2d, weight, bias, temperature, bounds, row_valid, *options, _, group_name = inputs
     ctx.save_for_backward(x2d, weight, bias, temperature, row_valid, output[2])
     ctx.options = (bounds, *options)
+    ctx.group_name = group_name
     ctx.mark_non_differentiable(output[2])
     ctx.set_materialize_grads(False)
 
@@ -80,9 +85,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, d_out, d_map, d_state):
     x2d, weight, bias, temperature, row_valid, state = ctx.saved_tensors
     bounds, *options = ctx.options
-    grads = _backward_op(x2d, weight, bias, temperature, bounds, row_valid, *options, state, d_out, d_map)
+    grads = _backward_op(x2d, weight, bias, temperature, bounds, row_valid, *options, state, d_out, d_map,
+                         ctx.group_name)
     present = [grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad)]
-    return (*present, *[None] * 8)
+    return (*present, *[None] * 9)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -96,14 +102,14 @@ def _projection_flops(x2d, weight) -> int:
 
 @_library.flop_formula("linear_attention_projected_forward")
 def _forward_flops(x2d, weight, bias, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min,
-                   eps, want_map):
+                   eps, want_map, group_name):
     """The projection and the attention's forward (``linear_attention_forward``'s count on ``qkv``)."""
     return _projection_flops(x2d, weight) + sum(_state_and_normalizer_flops((x2d[0], weight[0]), num_heads))
 
 
 @_library.flop_formula("linear_attention_projected_backward")
 def _backward_flops(x2d, weight, bias, temperature, bounds, row_valid, num_heads, activation, denominator, clamp_min,
-                    eps, state, d_out, d_map):
+                    eps, state, d_out, d_map, group_name):
     """Both gradients of the projection and the attention's backward (the projection made again is not
     counted, as no kernel's recompute is)."""
     products, normalizer = _state_and_normalizer_flops((x2d[0], weight[0]), num_heads)
@@ -131,7 +137,7 @@ def _check_projection(x, weight, bias) -> None:
 
 def projected_linear_attention(x, weight, bias, num_heads, *, activation="relu", temperature=None,
                                denominator="eps", clamp_min: float = 100.0, eps: float = 1e-6, mask=None,
-                               cu_seqlens=None, return_map: bool = False):
+                               cu_seqlens=None, return_map: bool = False, process_group=None):
     """:func:`~milkernels.ops.linear_attention` of ``qkv = x weight^T + bias``, keeping no ``qkv`` for the backward.
 
     Args:
@@ -148,25 +154,26 @@ def projected_linear_attention(x, weight, bias, num_heads, *, activation="relu",
     x, weight, bias, temperature = autocast_inputs(x, weight, bias, temperature)
     _check_projection(x, weight, bias)
     check_options(weight.shape[0], num_heads, activation, temperature, denominator, x)
-    bags, tau, options, backend = prepare_call(x, mask, cu_seqlens, temperature, num_heads=num_heads,
-                                               activation=activation, denominator=denominator, clamp_min=clamp_min,
-                                               eps=eps)
+    shard, group_name, tau, options, backend = prepare_call(
+        x, mask, cu_seqlens, temperature, process_group, num_heads=num_heads, activation=activation,
+        denominator=denominator, clamp_min=clamp_min, eps=eps)
+    bags = shard.bags
     if backend == "reference":
         out, _, attention_map = reference.linear_attention(F.linear(bags.x2d, weight, bias), bags, temperature=tau,
-                                                           **options)
+                                                           sum_shards=reference_sum(group_name), **options)
     else:
         out, attention_map, _ = _forward_op(bags.x2d.contiguous(), weight.contiguous(),
                                             bias.contiguous() if bias is not None else None,
                                             tau.contiguous() if tau is not None else None, list(bags.bounds),
-                                            bags.row_valid, *options.values(), return_map)
-    out = bags.rows_to_caller(out)
-    return (out, bags.rows_to_caller(attention_map)) if return_map else out
+                                            bags.row_valid, *options.values(), return_map, group_name)
+    out = shard.rows_to_caller(out)
+    return (out, shard.rows_to_caller(attention_map)) if return_map else out
 
 
 def lin_mil_projected_attention(x, weight, bias, temperature, num_heads, *, activation="relu", mask=None,
-                                cu_seqlens=None, return_map=False):
+                                cu_seqlens=None, return_map=False, process_group=None):
     """Lin-MIL's ``LinearAttention`` from its input ``x`` (before ``proj``): :func:`projected_linear_attention`
     with the temperature and the denominator clamped at 100, as :func:`~milkernels.ops.lin_mil_attention`."""
     return projected_linear_attention(x, weight, bias, num_heads, activation=activation, temperature=temperature,
                                       denominator="clamp", clamp_min=100.0, mask=mask, cu_seqlens=cu_seqlens,
-                                      return_map=return_map)
+                                      return_map=return_map, process_group=process_group)

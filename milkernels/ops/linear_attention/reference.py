@@ -29,10 +29,11 @@ ACTIVATIONS = {
 
 
 def linear_attention(qkv, bags, num_heads, activation="relu", temperature=None, denominator="clamp",
-                     clamp_min=100.0, eps=1e-6):
+                     clamp_min=100.0, eps=1e-6, sum_shards=None):
     """``(out: (T, C), numerator: (T, H, dh), attention_map: (T,))`` for the packed rows of ``bags``.
 
-    ``temperature: (H,)`` or None (1); ``denominator`` is ``"clamp"`` or ``"eps"``.
+    ``temperature: (H,)`` or None (1); ``denominator`` is ``"clamp"`` or ``"eps"``. ``sum_shards`` (sequence
+    parallelism) sums the per-bag states ``(B, H, dh + 1, dh)`` (S, then z) over the ranks, differentiably.
     """
     total, width = qkv.shape
     head_dim = width // 3 // num_heads
@@ -43,15 +44,16 @@ def linear_attention(qkv, bags, num_heads, activation="relu", temperature=None, 
         k = torch.where(bags.row_valid[:, None], k, 0.0)
         v = torch.where(bags.row_valid[:, None], v, 0.0)
     tau = temperature.reshape(num_heads, 1, 1) if temperature is not None else 1.0
-    bounds = bags.bounds
-    numerators, denominators = [], []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        q_bag, k_bag, v_bag = q[:, start:stop], k[:, start:stop], v[:, start:stop]
-        state = tau * (k_bag.transpose(1, 2) @ v_bag)  # (H, dh, dh)
-        numerators.append(q_bag @ state)
-        denominators.append(q_bag @ k_bag.sum(1)[:, :, None])  # (H, n, 1)
-    numerator = torch.cat(numerators, dim=1)
-    q_dot_z = torch.cat(denominators, dim=1)
+    spans = list(zip(bags.bounds[:-1], bags.bounds[1:]))
+    states = [torch.cat([tau * (k[:, start:stop].transpose(1, 2) @ v[:, start:stop]),  # (H, dh, dh)
+                         k[:, start:stop].sum(1)[:, None]], dim=1) for start, stop in spans]
+    states = torch.stack(states)  # (B, H, dh + 1, dh)
+    if sum_shards is not None:
+        states = sum_shards(states)
+    numerator = torch.cat([q[:, start:stop] @ state[:, :head_dim] for (start, stop), state in zip(spans, states)],
+                          dim=1)
+    q_dot_z = torch.cat([q[:, start:stop] @ state[:, head_dim, :, None] for (start, stop), state in zip(spans, states)],
+                        dim=1)  # (H, T, 1)
     denom = q_dot_z.clamp_min(clamp_min) if denominator == "clamp" else q_dot_z + eps
     out = numerator / denom
     if bags.row_valid is not None:

@@ -390,10 +390,11 @@ def _tau(temperature, plan, like):
     return temperature if temperature is not None else torch.ones(plan.num_heads, dtype=like.dtype, device=like.device)
 
 
-def forward(qkv2d, temperature, row_valid, plan: Plan, want_numerator: bool, want_map: bool):
+def forward(qkv2d, temperature, row_valid, plan: Plan, want_numerator: bool, want_map: bool, sum_shards=None):
     """``(out: (T, C), numerator: (T, H, dh) or None, map: (T,) or None, saved: (state,))``.
 
-    ``row_valid: (T,)`` bool, or None without a mask.
+    ``row_valid: (T,)`` bool, or None without a mask. ``sum_shards``, under sequence parallelism, sums a
+    ``(B, H, dh + 1, dh)`` fp32 state over the ranks in place.
     ``state: (B, H, dh + 1, dh)`` fp32 holds S (before the temperature) and z per bag and head.
     """
     total, channels = qkv2d.shape[0], qkv2d.shape[1] // 3
@@ -402,6 +403,8 @@ def forward(qkv2d, temperature, row_valid, plan: Plan, want_numerator: bool, wan
     partials = _partials(plan, device)
     _state_kernel[plan.grid()](*plan.rows_args(qkv2d, row_valid), partials, channels, heads, dh, **flags)
     state = plan.reduce(partials, dh + 1)
+    if sum_shards is not None:
+        sum_shards(state)
     out = _blocks.new_buffer(total, channels, dtype=qkv2d.dtype, device=device)
     numerator = _blocks.new_buffer(total, heads, dh, dtype=qkv2d.dtype, device=device) if want_numerator else out
     head_maps = _blocks.new_buffer(total, heads, dtype=torch.float32, device=device) if want_map else out
@@ -414,8 +417,11 @@ def forward(qkv2d, temperature, row_valid, plan: Plan, want_numerator: bool, wan
     return out, numerator if want_numerator else None, attention_map, (state,)
 
 
-def backward(qkv2d, temperature, row_valid, saved, plan: Plan, d_out, d_numerator, d_map):
-    """``(d_qkv: (T, 3C), d_temperature: (H,) or None)`` from the upstream gradients (any may be None)."""
+def backward(qkv2d, temperature, row_valid, saved, plan: Plan, d_out, d_numerator, d_map, sum_shards=None):
+    """``(d_qkv: (T, 3C), d_temperature: (H,) or None)`` from the upstream gradients (any may be None).
+
+    With ``sum_shards`` (see :func:`forward`), the state's gradient is summed over the ranks before the keys'
+    and values' gradients; the temperature's stays the rank's share, as the projection's."""
     (state,) = saved
     channels = qkv2d.shape[1] // 3
     heads, dh, device = plan.num_heads, plan.head_dim, qkv2d.device
@@ -430,6 +436,8 @@ def backward(qkv2d, temperature, row_valid, saved, plan: Plan, d_out, d_numerato
         HAS_DOUT=d_out is not None, HAS_DNUMERATOR=d_numerator is not None, HAS_DMAP=d_map is not None, **flags)
     d_scaled = plan.reduce(partials, dh + 1)  # dS' (w.r.t. tau S) and dz
     d_state = d_scaled.clone()
+    if sum_shards is not None:
+        sum_shards(d_state)
     d_state[:, :, :dh] *= tau.float().reshape(1, heads, 1, 1)
     _key_grad_kernel[plan.grid()](*plan.rows_args(qkv2d, row_valid), d_state, d_qkv, channels, heads, dh, **flags)
     d_temperature = None

@@ -219,30 +219,18 @@ def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropou
     with softmax, over the rows of each bag; the first ``num_pooled`` columns are pooled (with dropout
     ``dropout_p`` on their weights when ``training``), the rest give scores only. See :class:`Folded`.
     With ``group_name`` (:func:`milkernels.distributed.group_name`), ``bags`` is a rank's shard, ``pooled`` and
-    ``mass`` are the whole bags' and the weights (without dropout) are detached.
+    ``mass`` are the whole bags' and the weights are detached.
     """
     _check_folded(bags, u, c, nsf_from, num_pooled, dropout_p)
     active_p = dropout_p if training else 0.0
-    if group_name and need_weights and active_p > 0:
-        raise ValueError("need_weights with dropout is not available under a process_group: ask for the weights "
-                         "in eval mode or without dropout")
     backend = _backends.choose(OP_NAME, bags.x2d.device, lambda name: _reasons(name, bags))
-    if backend == "reference" and group_name:
-        pooled, mass, z, _ = reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p,
-                                                        training)
-        lse = reference.log_normalizer(z[:, :num_pooled], bags, nsf_from)
-        pooled, mass, lse = _sharded.combine_pools(pooled, mass, lse, nsf_from, NSF_EPS, group_name, OP_NAME)
-        return Folded(pooled, mass, z, _shard_weights(z, lse, bags, nsf_from) if need_weights else None)
+    if group_name:
+        return _sharded_folded(backend, bags, u, c, nsf_from, num_pooled, active_p, need_weights, group_name)
     if backend == "reference":
         return Folded(*reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p, training))
     seed = _library.dropout_seed(active_p > 0)
-    inputs = (bags.x2d.contiguous(), u.contiguous(), c.contiguous(), list(bags.bounds), bags.row_valid, nsf_from,
-              num_pooled, active_p)
-    if group_name:
-        pooled, mass, z, lse = _sharded_forward_op(*inputs, _sharded.rank_seed(seed, distributed.resolve(group_name)),
-                                                   group_name)
-        return Folded(pooled, mass, z, _shard_weights(z, lse, bags, nsf_from) if need_weights else None)
-    pooled, mass, z, _ = _forward_op(*inputs, seed)
+    pooled, mass, z, _ = _forward_op(bags.x2d.contiguous(), u.contiguous(), c.contiguous(), list(bags.bounds),
+                                     bags.row_valid, nsf_from, num_pooled, active_p, seed)
     weights = None
     if need_weights:
         keep = _dropout_keep_op(z.detach(), num_pooled, active_p, seed) if seed is not None else None
@@ -251,9 +239,30 @@ def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropou
     return Folded(pooled, mass, z, weights)
 
 
-def _shard_weights(z, lse, bags: Bags, nsf_from: int):
-    """The weights ``(T, P)`` of a shard's rows ``z: (T, J)`` under the whole bags' ``lse: (B, P)``, detached."""
-    return reference.weights_from_lse(z.detach(), lse.detach(), bags, nsf_from).to(bags.x2d.dtype)
+def _sharded_folded(backend: str, bags: Bags, u, c, nsf_from: int, num_pooled: int, active_p: float,
+                    need_weights: bool, group_name: str) -> Folded:
+    """:func:`folded_attention` on a rank's shard: the whole bags' pooled and mass, the shard's z, and its
+    weights (after the dropout the pooling drew, detached) under the whole bags' normalizers."""
+    seed = _sharded.rank_seed(_library.dropout_seed(active_p > 0), distributed.resolve(group_name))
+    keep = None
+    if backend == "reference":
+        if active_p > 0:
+            keep = torch.rand(bags.x2d.shape[0], num_pooled, device=bags.x2d.device) >= active_p
+        pooled, mass, z, _ = reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p, True,
+                                                        keep)
+        lse = reference.log_normalizer(z[:, :num_pooled], bags, nsf_from)
+        pooled, mass, lse = _sharded.combine_pools(pooled, mass, lse, nsf_from, NSF_EPS, group_name, OP_NAME)
+    else:
+        pooled, mass, z, lse = _sharded_forward_op(bags.x2d.contiguous(), u.contiguous(), c.contiguous(),
+                                                   list(bags.bounds), bags.row_valid, nsf_from, num_pooled, active_p,
+                                                   seed, group_name)
+        if need_weights and seed is not None:
+            keep = _dropout_keep_op(z.detach(), num_pooled, active_p, seed)
+    weights = None
+    if need_weights:
+        weights = reference.weights_from_lse(z.detach(), lse.detach(), bags, nsf_from)
+        weights = reference.apply_dropout(weights, active_p, True, keep).to(bags.x2d.dtype)
+    return Folded(pooled, mass, z, weights)
 
 
 def _reasons(backend: str, bags: Bags) -> list[str]:
@@ -327,8 +336,7 @@ def query_attention(x, query, wk, bk, wv, bv, num_heads: int, *, normalization: 
         dropout_p: dropout on the attention weights, active when ``training`` (as nn.MultiheadAttention).
         process_group: sequence parallelism (:mod:`milkernels.distributed`): ``x`` is this rank's shard of the
             bags (N may be 0; a packed bag needs a row on every rank); ``out`` is the whole bags', the same on
-            every rank; the weights and logits are the shard's rows, the weights detached (and refused with
-            dropout).
+            every rank; the weights and logits are the shard's rows, the weights detached.
 
     x, query and the weights share one dtype (float32, float16, bfloat16; float64 on the reference);
     under ``torch.autocast`` they are cast to its dtype. Returns a :class:`QueryAttentionOutput`.
@@ -344,9 +352,9 @@ def query_attention(x, query, wk, bk, wv, bv, num_heads: int, *, normalization: 
     folded = folded_attention(bags, u, c, nsf_from=nsf_from, num_pooled=columns, dropout_p=dropout_p,
                               training=training, need_weights=need_weights, group_name=group_name)
     out = shard.bags_to_caller(unfold_values(folded.pooled, folded.mass, wv, bv, num_heads))
-    weights = shard.columns_to_caller(columns_to_caller(folded.weights, bags, num_heads)) if need_weights else None
+    weights = shard.cut(columns_to_caller(folded.weights, bags, num_heads)) if need_weights else None
     logits = None
     if need_logits:
         logits = columns_to_caller((folded.z * temperature).to(x.dtype), bags, num_heads, fill=float("-inf"))
-        logits = shard.columns_to_caller(logits)
+        logits = shard.cut(logits)
     return QueryAttentionOutput(out, weights, logits)
