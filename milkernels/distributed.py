@@ -21,14 +21,29 @@ never joins (a bag given to one rank only) is an error, not a hang.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime
 import os
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("MILKERNELS_COLLECTIVE_TIMEOUT", "300")))
+_counters: list[collections.Counter] = []
+
+
+@contextlib.contextmanager
+def counting_communication() -> Iterator[collections.Counter]:
+    """Count, inside the block, the bytes this rank puts into the ops' collectives: yields a Counter from the op's
+    name to bytes (the all-reduced tensors' sizes; a ring all-reduce sends about twice that over the wire)."""
+    counts = collections.Counter()
+    _counters.append(counts)
+    try:
+        yield counts
+    finally:
+        _counters.remove(counts)
 
 
 def group_name(process_group) -> str:
@@ -52,6 +67,8 @@ def resolve(name: str):
 def all_reduce(tensor: torch.Tensor, op, group, what: str) -> torch.Tensor:
     """All-reduce ``tensor`` in place on ``group`` (``op``: a ``torch.distributed.ReduceOp``), waiting at most
     :data:`COLLECTIVE_TIMEOUT`; ``what`` names the caller in the error. Returns ``tensor``."""
+    for counts in _counters:
+        counts[what] += tensor.numel() * tensor.element_size()
     work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
     try:
         work.wait(timeout=COLLECTIVE_TIMEOUT)
@@ -101,4 +118,4 @@ def set_process_group(model: torch.nn.Module, process_group) -> list[str]:
     return names
 
 
-__all__ = ["COLLECTIVE_TIMEOUT", "all_reduce_gradients", "set_process_group"]
+__all__ = ["COLLECTIVE_TIMEOUT", "all_reduce_gradients", "counting_communication", "set_process_group"]

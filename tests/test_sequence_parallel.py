@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 import milkernels
-from milkernels.distributed import all_reduce_gradients
+from milkernels.distributed import all_reduce_gradients, counting_communication
 from sharding import SHARDS, assert_close, bag_rows, device, run_ranks, shard_rows
 
 BACKENDS = ("reference", "triton")
@@ -219,6 +219,44 @@ def check_query_dropout(rank: int, world_size: int, backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_query_attention_dropout(backend):
     run_ranks(3, check_query_dropout, backend)
+
+
+def _communicated(run) -> int:
+    """Bytes this rank put into collectives during ``run()`` (a forward and its backward)."""
+    with counting_communication() as counts:
+        run()
+    return sum(counts.values())
+
+
+def check_communication(rank: int, world_size: int, backend: str) -> None:
+    """Each op's all-reduced bytes per rank, forward and backward, against the minimum: the partial statistics
+    of one rank in fp32, a pool and its normalizer per (bag, column) for the pooling ops, S and z per (bag, head)
+    for linear attention in the forward and their gradient in the backward."""
+    torch.manual_seed(0)
+    bags, features, heads, width, count, channels = 2, 256, 2, 8, 3, 64
+    x = torch.randn(bags, SHARDS[world_size][rank], features, requires_grad=True)
+    gated = [torch.randn(32, features), None, torch.randn(32, features), None, torch.randn(heads, 32), None]
+    query = [torch.randn(count, width), torch.randn(width, features), None, torch.randn(width, features), None]
+    qkv = torch.randn(bags, SHARDS[world_size][rank], 3 * channels, requires_grad=True)
+    group = dist.group.WORLD
+    head_dim = channels // heads
+    runs = {
+        "gated": (lambda: milkernels.ops.gated_attention_pool(x, *gated, process_group=group)[0].sum().backward(),
+                  bags * heads * (features + 1)),
+        "query": (lambda: milkernels.ops.query_attention(x, *query, heads, process_group=group).out.sum().backward(),
+                  bags * heads * count * (features + 1)),
+        "linear": (lambda: milkernels.ops.linear_attention(qkv, heads, process_group=group).sum().backward(),
+                   2 * bags * heads * (head_dim + 1) * head_dim),
+    }
+    with milkernels.use_backend(backend):
+        for name, (run, minimum_floats) in runs.items():
+            ratio = _communicated(run) / (4 * minimum_floats)
+            assert 1.0 <= ratio <= 1.1, f"rank {rank}, {backend}, {name}: {ratio:.3f}x the minimal bytes"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_communicated_bytes_near_the_minimum(backend):
+    run_ranks(2, check_communication, backend)
 
 
 def check_disagreeing_ranks(rank: int, world_size: int) -> None:
