@@ -8,11 +8,14 @@ with an all-reduce on ``group``, so every rank gets the result of the whole bag:
 - pooled outputs (gated and query attention) are the same on every rank;
 - per-instance outputs (scores, linear attention's ``out``) are the rank's own rows.
 
-Gradients follow the convention of data parallelism inside the group: every rank computes the same loss from
-the replicated pooled output, and its backward gives that loss's gradient with respect to its own shard.
-Parameters used on the shard's rows (the attention weights, and any layer before the pooling) therefore hold
-the gradient of their shard only; :func:`all_reduce_gradients` sums them over the group, which makes them the
-whole bag's gradient. Parameters used after the pooling already have the whole gradient on every rank.
+Gradients treat the group as a data-parallel group, as ``DistributedDataParallel`` does: the group's loss is
+the mean of the ranks' losses. A loss on the replicated pooled output, computed alike on every rank, is then
+the whole bag's loss; a loss term on a rank's own rows should be multiplied by the world size W to count each
+instance once. The backward of each cross-rank sum is the sum of the ranks' upstream gradients (the adjoint of
+the forward's all-reduce), so the gradient that reaches a rank's rows is W times its share, and **averaging
+the parameters' gradients over the group gives every parameter the whole bag's gradient**: wrap the model in
+``DistributedDataParallel(model, process_group=group)``, or call :func:`all_reduce_gradients` after the
+backward.
 
 Every collective waits at most :data:`COLLECTIVE_TIMEOUT` (the ``MILKERNELS_COLLECTIVE_TIMEOUT`` environment
 variable, in seconds; 300 by default) and then raises a ``RuntimeError`` that names the op, so a rank that
@@ -95,13 +98,15 @@ def check_same_sizes(group, what: str, **sizes: int) -> None:
 
 
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], process_group) -> None:
-    """Sum the ``.grad`` of ``parameters`` over ``process_group`` (a missing gradient counts as zeros), making
-    the shard gradients of the parameters used before a sequence-parallel pooling the whole bag's gradient."""
+    """Average the ``.grad`` of ``parameters`` over ``process_group`` (a missing gradient counts as zeros), as
+    ``DistributedDataParallel`` does: after a sequence-parallel backward, each then holds the whole bag's
+    gradient (see the module doc)."""
     group = resolve(group_name(process_group))
     for parameter in parameters:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
         all_reduce(parameter.grad, dist.ReduceOp.SUM, group, "all_reduce_gradients")
+        parameter.grad /= group.size()
 
 
 def set_process_group(model: torch.nn.Module, process_group) -> list[str]:

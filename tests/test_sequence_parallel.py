@@ -2,13 +2,15 @@
 process, for outputs and every gradient, at N not divisible by the world size and with an empty shard (3 ranks).
 
 Every rank builds the same inputs from one seed, runs the op on the whole bags itself, then on its shard with
-the group, and backpropagates the same loss: the replicated pooled outputs' gradients are the same on every
-rank, the per-row ones are the rank's rows. The shard gradients of the weights that act on the rows are summed
-over the ranks with :func:`milkernels.distributed.all_reduce_gradients` before the comparison; those acting on
-the pooled result (query attention's wv, bv) are whole on every rank as they are.
+the group, and backpropagates its part of the whole loss as :mod:`milkernels.distributed` has it: the loss on the
+replicated pooled outputs as it is, the per-row terms on its own rows times the world size W. Then the
+parameters' gradients, averaged over the group, are the whole bags' gradients, and the gradient of the rank's
+rows is W times the whole bag's.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -90,18 +92,19 @@ def check_gated(rank: int, world_size: int, backend: str) -> None:
         d_scores = _upstream((*whole["x"].shape[:-1], heads), dtype, device(), 2)
         with milkernels.use_backend(backend):
             expected = _gated_run(whole, weights, None, d_scores)
-            actual = _gated_run(shard, weights, dist.group.WORLD, part(d_scores))
+            actual = _gated_run(shard, weights, dist.group.WORLD, part(d_scores) * world_size)
         all_reduce_gradients(actual["weights"], dist.group.WORLD)
         what = f"rank {rank} of {world_size}, {backend}, {name}"
         assert_close(actual["pooled"], expected["pooled"], f"{what}: pooled", **tolerance)
         assert_close(actual["scores"], part(expected["scores"]), f"{what}: scores", **tolerance)
-        assert_close(actual["x"], part(expected["x"]), f"{what}: d x", **tolerance)
+        assert_close(actual["x"] / world_size, part(expected["x"]), f"{what}: d x", **tolerance)
         for i, (got, want) in enumerate(zip(actual["weights"], expected["weights"])):
             assert_close(got.grad, want.grad, f"{what}: d weight {i}", **tolerance)
 
 
 def _gated_run(inputs: dict, weights, group, d_scores) -> dict:
-    """Pool, then backpropagate a loss on the pooled bags and on the scores (upstream gradient ``d_scores``)."""
+    """Pool, then backpropagate a loss on the pooled bags and on the scores (upstream gradient ``d_scores``, the
+    rows' part of the loss, times W on a shard)."""
     x, *leaves = _leaves(inputs["x"], *weights)
     options = {name: value for name, value in inputs.items() if name != "x"}
     pooled, scores = milkernels.ops.gated_attention_pool(x, *leaves, process_group=group, **options)
@@ -127,13 +130,13 @@ def check_query(rank: int, world_size: int, backend: str, normalization: str) ->
         with milkernels.use_backend(backend):
             expected = _query_run(whole, weights, None, heads, normalization)
             actual = _query_run(shard, weights, dist.group.WORLD, heads, normalization)
-        all_reduce_gradients(actual["weights"][:3], dist.group.WORLD)  # wv and bv act on the pooled values
+        all_reduce_gradients(actual["weights"], dist.group.WORLD)
         what = f"rank {rank} of {world_size}, {backend}, {normalization}, {name}"
         assert_close(actual["out"], expected["out"], f"{what}: out", **tolerance)
         for result in ("attention", "logits"):
             assert_close(actual[result], _columns(part)(expected[result]), f"{what}: {result}", equal_nan=True,
                          **tolerance)
-        assert_close(actual["x"], part(expected["x"]), f"{what}: d x", **tolerance)
+        assert_close(actual["x"] / world_size, part(expected["x"]), f"{what}: d x", **tolerance)
         for i, (got, want) in enumerate(zip(actual["weights"], expected["weights"])):
             assert_close(got.grad, want.grad, f"{what}: d weight {i}", **tolerance)
 
@@ -165,19 +168,20 @@ def check_linear(rank: int, world_size: int, backend: str, projected: bool) -> N
     for name, whole, shard, part in _layouts(rank, world_size, features, dtype):
         d_out = _upstream((*whole["x"].shape[:-1], channels), dtype, device(), 1)
         with milkernels.use_backend(backend):
-            expected = _linear_run(whole, weights, None, heads, projected, d_out)
-            actual = _linear_run(shard, weights, dist.group.WORLD, heads, projected, part(d_out))
+            expected = _linear_run(whole, weights, None, heads, projected, d_out, 1)
+            actual = _linear_run(shard, weights, dist.group.WORLD, heads, projected, part(d_out), world_size)
         all_reduce_gradients(actual["weights"], dist.group.WORLD)
         what = f"rank {rank} of {world_size}, {backend}, {'projected' if projected else 'qkv'}, {name}"
-        for result in ("out", "map", "x"):
+        for result in ("out", "map"):
             assert_close(actual[result], part(expected[result]), f"{what}: {result}", **tolerance)
+        assert_close(actual["x"] / world_size, part(expected["x"]), f"{what}: d x", **tolerance)
         for i, (got, want) in enumerate(zip(actual["weights"], expected["weights"])):
             assert_close(got.grad, want.grad, f"{what}: d weight {i}", **tolerance)
 
 
-def _linear_run(inputs: dict, weights, group, heads: int, projected: bool, d_out) -> dict:
+def _linear_run(inputs: dict, weights, group, heads: int, projected: bool, d_out, scale: int) -> dict:
     """Linear attention (the projection in the op, or before it) with its map, and a backward from ``d_out``
-    and the map's sum."""
+    and the map's sum, per-row terms both, times ``scale``."""
     x, weight, bias, temperature = _leaves(inputs["x"], *weights)
     options = {name: value for name, value in inputs.items() if name != "x"}
     options.update(activation="softplus", temperature=temperature, denominator="eps", return_map=True,
@@ -187,7 +191,7 @@ def _linear_run(inputs: dict, weights, group, heads: int, projected: bool, d_out
     else:
         out, attention_map = milkernels.ops.linear_attention(torch.nn.functional.linear(x, weight, bias), heads,
                                                              **options)
-    ((out * d_out).sum() + attention_map.sum()).backward()
+    (((out * d_out).sum() + attention_map.sum()) * scale).backward()
     return dict(out=out.detach(), map=attention_map.detach(), x=x.grad, weights=[weight, bias, temperature])
 
 
@@ -230,8 +234,8 @@ def _communicated(run) -> int:
 
 def check_communication(rank: int, world_size: int, backend: str) -> None:
     """Each op's all-reduced bytes per rank, forward and backward, against the minimum: the partial statistics
-    of one rank in fp32, a pool and its normalizer per (bag, column) for the pooling ops, S and z per (bag, head)
-    for linear attention in the forward and their gradient in the backward."""
+    of one rank in fp32 and their gradient, a pool and its normalizer per (bag, column) for the pooling ops (the
+    pool's gradient in the backward), S and z per (bag, head) for linear attention."""
     torch.manual_seed(0)
     bags, features, heads, width, count, channels = 2, 256, 2, 8, 3, 64
     x = torch.randn(bags, SHARDS[world_size][rank], features, requires_grad=True)
@@ -242,9 +246,9 @@ def check_communication(rank: int, world_size: int, backend: str) -> None:
     head_dim = channels // heads
     runs = {
         "gated": (lambda: milkernels.ops.gated_attention_pool(x, *gated, process_group=group)[0].sum().backward(),
-                  bags * heads * (features + 1)),
+                  bags * heads * (2 * features + 1)),
         "query": (lambda: milkernels.ops.query_attention(x, *query, heads, process_group=group).out.sum().backward(),
-                  bags * heads * count * (features + 1)),
+                  bags * heads * count * (2 * features + 1)),
         "linear": (lambda: milkernels.ops.linear_attention(qkv, heads, process_group=group).sum().backward(),
                    2 * bags * heads * (head_dim + 1) * head_dim),
     }
@@ -257,6 +261,56 @@ def check_communication(rank: int, world_size: int, backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_communicated_bytes_near_the_minimum(backend):
     run_ranks(2, check_communication, backend)
+
+
+class ShardableModel(torch.nn.Module):
+    """Lin-MIL's linear attention, then gated attention pooling and learned queries (LiteMIL's
+    nn.MultiheadAttention) side by side, then a classifier: every sequence-parallel module of milkernels.nn."""
+
+    def __init__(self, in_dim: int = 12, dim: int = 16):
+        super().__init__()
+        self.embed = torch.nn.Linear(in_dim, dim)
+        self.linear_attention = milkernels.nn.LinearAttention(dim, num_heads=2)
+        self.pool = milkernels.nn.GatedAttentionPool(L=dim, D=8, n_classes=1)
+        self.queries = torch.nn.Parameter(torch.randn(1, 2, dim))
+        self.query_attention = milkernels.nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.classifier = torch.nn.Linear(3 * dim, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (N, in_dim)`` -> logits ``(1, 2)``."""
+        h = self.embed(x)
+        h = (h + self.linear_attention.forward_without_attention(h[None])[0])[None]
+        pooled, _ = self.pool(h[0])
+        attended, _ = self.query_attention(self.queries, h, h, need_weights=False)
+        return self.classifier(torch.cat([pooled.flatten(), attended.flatten()])[None])
+
+
+def check_model_under_ddp(rank: int, world_size: int, backend: str) -> None:
+    """One bag sharded over the group and a DDP model on the group train like the model on the whole bag."""
+    torch.manual_seed(0)
+    dtype = _dtype(backend)
+    whole = ShardableModel().to(dtype)
+    sharded = copy.deepcopy(whole)
+    assert len(milkernels.distributed.set_process_group(sharded, dist.group.WORLD)) == 3
+    sharded = torch.nn.parallel.DistributedDataParallel(sharded, process_group=dist.group.WORLD)
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1) for model in (whole, sharded)]
+    for step in range(2):
+        generator = torch.Generator().manual_seed(step)
+        bag = torch.randn(bag_rows(world_size), 12, generator=generator, dtype=dtype)
+        label = torch.randint(0, 2, (1,), generator=generator)
+        with milkernels.use_backend(backend):
+            for model, rows, optimizer in zip((whole, sharded), (bag, bag[shard_rows(rank, world_size)]), optimizers):
+                torch.nn.functional.cross_entropy(model(rows), label).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+    for (name, want), got in zip(whole.named_parameters(), sharded.module.parameters()):
+        assert_close(got, want, f"rank {rank} of {world_size}, {backend}: {name}", **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("world_size", sorted(SHARDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_modules_train_under_ddp_like_the_whole_bag(world_size, backend):
+    run_ranks(world_size, check_model_under_ddp, backend)
 
 
 def check_disagreeing_ranks(rank: int, world_size: int) -> None:

@@ -115,7 +115,7 @@ class GatedAttentionPool(_GatedAttentionBase):
 
     ``process_group`` (keyword, or set the attribute, e.g. with :func:`milkernels.distributed.set_process_group`)
     makes it sequence parallel: ``x`` is this rank's shard of the bags and ``pooled`` the whole bags'
-    (:mod:`milkernels.distributed`); the weights' gradients are then the shard's, to be summed over the group.
+    (:mod:`milkernels.distributed`); average the gradients over the group (DDP does) for the whole bag's.
     """
 
     process_group = None

@@ -79,8 +79,8 @@ class LinearAttention(nn.Module):
     ``attn_drop``, ``proj = Linear(C, C)``, ``proj_drop``, ``qk_mul``, ``kv_mul``, ``extra_mul``, ``act``.
 
     Setting ``process_group`` (:func:`milkernels.distributed.set_process_group`) makes it sequence parallel:
-    ``x`` is this rank's shard of the bags, S and z are summed over the group, the outputs are the shard's rows,
-    and the parameters' gradients are the shard's, to be summed over the group (:mod:`milkernels.distributed`).
+    ``x`` is this rank's shard of the bags, S and z are summed over the group and the outputs are the shard's rows;
+    average the gradients over the group (DDP does) for the whole bag's (:mod:`milkernels.distributed`).
     """
 
     process_group = None

@@ -95,22 +95,9 @@ def rank_seed(seed: torch.Tensor | None, group) -> torch.Tensor | None:
     return (seed + 1_000_003 * dist.get_rank(group)) % (2**31 - 1)
 
 
-class _SumOfReplicated(torch.autograd.Function):
-    """The sum of ``tensor`` over the ranks; every rank then holds the same value and takes the same upstream
-    gradient, which is the gradient of each rank's share: the backward is the identity."""
-
-    @staticmethod
-    def forward(ctx, tensor, group_name: str, what: str):
-        return distributed.all_reduce(tensor.clone(), dist.ReduceOp.SUM, distributed.resolve(group_name), what)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
-
-
 class SumOfShards(torch.autograd.Function):
-    """The sum of ``tensor`` over the ranks, whose result each rank uses for its own rows: the backward sums the
-    upstream gradients over the ranks too."""
+    """The sum of ``tensor`` over the ranks, differentiable: the backward sums the upstream gradients over the
+    ranks too (the group's loss being the mean of the ranks' losses, see :mod:`milkernels.distributed`)."""
 
     @staticmethod
     def forward(ctx, tensor, group_name: str, what: str):
@@ -125,12 +112,24 @@ class SumOfShards(torch.autograd.Function):
         return summed, None, None
 
 
+def sum_gradients(group_name: str, what: str, *grads):
+    """The upstream gradients of the whole bags' pooled results (``None`` where absent) summed over the ranks in
+    one all-reduce: the adjoint of the forward's sum, with which the kernels' backward then runs."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return grads
+    flat = torch.cat([g.reshape(g.shape[0], -1).to(torch.promote_types(g.dtype, torch.float32)) for g in present],
+                     dim=1)
+    distributed.all_reduce(flat, dist.ReduceOp.SUM, distributed.resolve(group_name), what)
+    sums = iter(flat.split([g[0].numel() for g in present], dim=1))
+    return tuple(next(sums).reshape(g.shape).to(g.dtype) if g is not None else None for g in grads)
+
+
 def combine_pools(pooled, mass, lse, nsf_from: int, nsf_eps: float, group_name: str, what: str):
     """The whole bag's ``(pooled: (B, P, E), mass: (B, P) or None, lse: (B, P))`` from this rank's
     normalized ``pooled`` and ``mass`` (x's dtype) and its log normalizer ``lse: (B, P)``; columns from
-    ``nsf_from`` on are NSF's (``nsf_eps`` its epsilon). Differentiable (autograd through the shards' values,
-    the identity through the sum), and used inside the kernels' ops with autograd off. It computes in float32, or
-    float64 for float64 inputs."""
+    ``nsf_from`` on are NSF's (``nsf_eps`` its epsilon). Differentiable (the reference's path), and used inside
+    the kernels' ops with autograd off. It computes in float32, or float64 for float64 inputs."""
     group, work = distributed.resolve(group_name), torch.promote_types(pooled.dtype, torch.float32)
     nsf = torch.arange(lse.shape[1], device=lse.device) >= nsf_from
     shift = lse.detach().to(work).masked_fill(nsf, 0.0)
@@ -142,7 +141,7 @@ def combine_pools(pooled, mass, lse, nsf_from: int, nsf_eps: float, group_name: 
     parts = [torch.where(present, pooled.to(work) * scale[..., None], 0.0).flatten(1), weight]
     if mass is not None:
         parts.append(torch.where(present[..., 0], mass.to(work) * scale, 0.0))
-    total = _SumOfReplicated.apply(torch.cat(parts, dim=1), group_name, what)
+    total = SumOfShards.apply(torch.cat(parts, dim=1), group_name, what)
     sums = total.split([pooled.shape[1] * pooled.shape[2], lse.shape[1]] + ([lse.shape[1]] if mass is not None
                                                                             else []), dim=1)
     normalizer = sums[1] + nsf_eps * nsf

@@ -155,8 +155,17 @@ def _backward(ctx, d_pooled, d_scores, d_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
-_sharded_forward_op.register_autograd(
-    _backward, setup_context=lambda ctx, inputs, output: _setup_context(ctx, (*inputs[:-1], True), output))
+def _sharded_setup_context(ctx, inputs, output):
+    _setup_context(ctx, (*inputs[:-1], True), output)
+    ctx.group_name = inputs[-1]
+
+
+def _sharded_backward(ctx, d_pooled, d_scores, d_lse):
+    (d_pooled,) = _sharded.sum_gradients(ctx.group_name, OP_NAME, d_pooled)
+    return _backward(ctx, d_pooled, d_scores, d_lse)
+
+
+_sharded_forward_op.register_autograd(_sharded_backward, setup_context=_sharded_setup_context)
 _library.forbid_double_backward(_backward_op, "gated_attention_pool and gated_attention_scores")
 
 

@@ -139,9 +139,17 @@ def _backward(ctx, d_pooled, d_mass, d_z, d_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
-_sharded_forward_op.register_autograd(
-    lambda ctx, *grads: (*_backward(ctx, *grads), None),
-    setup_context=lambda ctx, inputs, output: _setup_context(ctx, inputs[:-1], output))
+def _sharded_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs[:-1], output)
+    ctx.group_name = inputs[-1]
+
+
+def _sharded_backward(ctx, d_pooled, d_mass, d_z, d_lse):
+    d_pooled, d_mass = _sharded.sum_gradients(ctx.group_name, OP_NAME, d_pooled, d_mass)
+    return (*_backward(ctx, d_pooled, d_mass, d_z, d_lse), None)
+
+
+_sharded_forward_op.register_autograd(_sharded_backward, setup_context=_sharded_setup_context)
 _library.forbid_double_backward(_backward_op, OP_NAME)
 
 
