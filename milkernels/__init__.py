@@ -2,14 +2,14 @@
 
 Public API: the ops under :mod:`milkernels.ops`, the drop-in modules under :mod:`milkernels.nn`,
 :func:`swap` for model surgery, :func:`profile` for a model on a bag layer by layer (as given against
-swapped), the model zoo under :mod:`milkernels.zoo`, and backend control with :func:`use_backend` and
-:func:`backends`.
+swapped), the model zoo under :mod:`milkernels.zoo`, sequence parallelism under :mod:`milkernels.distributed`,
+and backend control with :func:`use_backend` and :func:`backends`.
 """
 
 from ._backends import BackendUnavailable, backends, use_backend
-from . import nn, ops
+from . import distributed, nn, ops
 from .swap import SwapReport, swap, swap_report
 from .bench.profile import profile
 
-__all__ = ["BackendUnavailable", "backends", "nn", "ops", "profile", "swap", "swap_report", "SwapReport", "use_backend"]
+__all__ = ["BackendUnavailable", "backends", "distributed", "nn", "ops", "profile", "swap", "swap_report", "SwapReport", "use_backend"]
 __version__ = "0.1.0"

@@ -84,9 +84,10 @@ def all_reduce(tensor: torch.Tensor, op, group, what: str) -> torch.Tensor:
     return tensor
 
 
-def check_same_sizes(group, what: str, **sizes: int) -> None:
-    """ValueError on every rank unless every rank of ``group`` gives the same ``sizes`` (named ints)."""
-    local = torch.tensor(list(sizes.values()), dtype=torch.float64)
+def check_same_sizes(group, what: str, device: torch.device, **sizes: int) -> None:
+    """ValueError on every rank unless every rank of ``group`` gives the same ``sizes`` (named ints); the check's
+    all-reduce runs on ``device`` (the data's: NCCL takes CUDA tensors only)."""
+    local = torch.tensor(list(sizes.values()), dtype=torch.float64, device=device)
     extremes = all_reduce(torch.cat([local, -local]), dist.ReduceOp.MAX, group, what)
     largest, smallest = extremes[:len(sizes)], -extremes[len(sizes):]
     differ = [name for name, low, high in zip(sizes, smallest.tolist(), largest.tolist()) if low != high]

@@ -84,7 +84,7 @@ def shard_call(what: str, x: torch.Tensor, features: int, mask, cu_seqlens, proc
 def check_shards(group, what: str, bags: Bags, **sizes: int) -> None:
     """ValueError on every rank unless all ranks of ``group`` hold as many bags, of the same dtype, and give the
     same ``sizes``."""
-    distributed.check_same_sizes(group, what, bags=bags.num_bags, features=bags.x2d.shape[1],
+    distributed.check_same_sizes(group, what, bags.x2d.device, bags=bags.num_bags, features=bags.x2d.shape[1],
                                  dtype=FLOAT_DTYPES.index(bags.x2d.dtype), **sizes)
 
 
