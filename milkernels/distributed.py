@@ -88,14 +88,13 @@ def check_same_sizes(group, what: str, device: torch.device, **sizes: int) -> No
     """ValueError on every rank unless every rank of ``group`` gives the same ``sizes`` (named ints); the check's
     all-reduce runs on ``device`` (the data's: NCCL takes CUDA tensors only)."""
     local = torch.tensor(list(sizes.values()), dtype=torch.float64, device=device)
-    extremes = all_reduce(torch.cat([local, -local]), dist.ReduceOp.MAX, group, what)
-    largest, smallest = extremes[:len(sizes)], -extremes[len(sizes):]
-    differ = [name for name, low, high in zip(sizes, smallest.tolist(), largest.tolist()) if low != high]
+    extremes = all_reduce(torch.cat([local, -local]), dist.ReduceOp.MAX, group, what).tolist()
+    largest, smallest = extremes[:len(sizes)], [-value for value in extremes[len(sizes):]]
+    differ = [f"{name} from {int(low)} to {int(high)}" for name, low, high in zip(sizes, smallest, largest)
+              if low != high]
     if differ:
-        listing = ", ".join(f"{name} from {int(smallest[i])} to {int(largest[i])}"
-                            for i, name in enumerate(sizes) if name in differ)
-        raise ValueError(f"{what}: the ranks of process group {group.group_name!r} disagree on {listing}; every "
-                         "rank must hold a shard of the same bags, with the same feature sizes and dtype")
+        raise ValueError(f"{what}: the ranks of process group {group.group_name!r} disagree on {', '.join(differ)}; "
+                         "every rank must hold a shard of the same bags, with the same feature sizes and dtype")
 
 
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], process_group) -> None:

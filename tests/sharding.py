@@ -57,7 +57,10 @@ def run_ranks(world_size: int, check, *args, timeout: float = 600.0, env: dict |
             process.start()
     finally:
         for name, value in saved.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
     failures = _collect(results, world_size, timeout)
     for process in processes:
         process.join(timeout=5)

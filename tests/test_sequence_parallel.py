@@ -52,16 +52,10 @@ def _layouts(rank: int, world_size: int, features: int, dtype):
     packed = torch.randn(ends[-1], features, dtype=dtype, device=dev)
     return [
         ("one bag", dict(x=one), dict(x=one[mine]), lambda t: t[mine]),
-        ("padded", dict(x=padded, mask=mask), dict(x=padded[:, mine], mask=mask[:, mine]), _padded_part(mine)),
+        ("padded", dict(x=padded, mask=mask), dict(x=padded[:, mine], mask=mask[:, mine]), lambda t: t[:, mine]),
         ("packed", dict(x=packed, cu_seqlens=_cu([sum(bag) for bag in sizes], dev)),
          dict(x=packed[mine_packed], cu_seqlens=_cu([bag[rank] for bag in sizes], dev)), lambda t: t[mine_packed]),
     ]
-
-
-def _padded_part(mine: slice):
-    """The shard's rows of a per-row tensor of padded bags: axis 1 (``(B, N, ...)``), or the last axis for the
-    per-column results (``(B, H, Q, N)``, see :func:`_columns`)."""
-    return lambda t: t[:, mine]
 
 
 def _columns(part):

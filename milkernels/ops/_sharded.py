@@ -88,11 +88,17 @@ def check_shards(group, what: str, bags: Bags, **sizes: int) -> None:
                                  dtype=FLOAT_DTYPES.index(bags.x2d.dtype), **sizes)
 
 
-def rank_seed(seed: torch.Tensor | None, group) -> torch.Tensor | None:
-    """The dropout seed of this rank: ``seed`` moved by the rank, so that shards draw independent masks."""
+def rank_seed(seed: torch.Tensor | None, group_name: str) -> torch.Tensor | None:
+    """The dropout seed of this rank of ``group_name``: ``seed`` moved by the rank, so that shards draw
+    independent masks."""
     if seed is None:
         return None
-    return (seed + 1_000_003 * dist.get_rank(group)) % (2**31 - 1)
+    return (seed + 1_000_003 * dist.get_rank(distributed.resolve(group_name))) % (2**31 - 1)
+
+
+def sum_over_ranks(tensor: torch.Tensor, group_name: str, what: str) -> torch.Tensor:
+    """``tensor`` summed in place over the ranks of ``group_name`` (op ``what`` in errors and counts)."""
+    return distributed.all_reduce(tensor, dist.ReduceOp.SUM, distributed.resolve(group_name), what)
 
 
 class SumOfShards(torch.autograd.Function):
@@ -102,14 +108,11 @@ class SumOfShards(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, group_name: str, what: str):
         ctx.options = (group_name, what)
-        return distributed.all_reduce(tensor.clone(), dist.ReduceOp.SUM, distributed.resolve(group_name), what)
+        return sum_over_ranks(tensor.clone(), group_name, what)
 
     @staticmethod
     def backward(ctx, grad):
-        group_name, what = ctx.options
-        summed = distributed.all_reduce(grad.contiguous().clone(), dist.ReduceOp.SUM,
-                                        distributed.resolve(group_name), what)
-        return summed, None, None
+        return sum_over_ranks(grad.contiguous().clone(), *ctx.options), None, None
 
 
 def sum_gradients(group_name: str, what: str, *grads):
@@ -120,7 +123,7 @@ def sum_gradients(group_name: str, what: str, *grads):
         return grads
     flat = torch.cat([g.reshape(g.shape[0], -1).to(torch.promote_types(g.dtype, torch.float32)) for g in present],
                      dim=1)
-    distributed.all_reduce(flat, dist.ReduceOp.SUM, distributed.resolve(group_name), what)
+    sum_over_ranks(flat, group_name, what)
     sums = iter(flat.split([g[0].numel() for g in present], dim=1))
     return tuple(next(sums).reshape(g.shape).to(g.dtype) if g is not None else None for g in grads)
 

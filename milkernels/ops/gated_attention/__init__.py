@@ -12,9 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backends, distributed
-from .. import _library
-from .. import _sharded
+from ... import _backends
+from .. import _library, _sharded
 from .._bags import Bags, autocast_inputs, bags_in_op, check_float, check_like, pack_bags
 from . import reference
 
@@ -155,6 +154,8 @@ def _backward(ctx, d_pooled, d_scores, d_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _sharded_setup_context(ctx, inputs, output):
     _setup_context(ctx, (*inputs[:-1], True), output)
     ctx.group_name = inputs[-1]
@@ -166,6 +167,7 @@ def _sharded_backward(ctx, d_pooled, d_scores, d_lse):
 
 
 _sharded_forward_op.register_autograd(_sharded_backward, setup_context=_sharded_setup_context)
+
 _library.forbid_double_backward(_backward_op, "gated_attention_pool and gated_attention_scores")
 
 
@@ -262,8 +264,7 @@ def _run(x, wa, ba, wb, bb, wc, bc, bags: Bags, dropout_p, training, pool, group
     seed = _library.dropout_seed(active_p > 0)
     if group_name:
         pooled, scores, _ = _sharded_forward_op(*contiguous, list(bags.bounds), bags.row_valid, active_p,
-                                                _sharded.rank_seed(seed, distributed.resolve(group_name)),
-                                                group_name)
+                                                _sharded.rank_seed(seed, group_name), group_name)
         return pooled, scores.to(bags.x2d.dtype)
     pooled, scores, _ = _forward_op(*contiguous, list(bags.bounds), bags.row_valid, active_p, seed, pool)
     return (pooled if pool else None), scores.to(bags.x2d.dtype)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backends, distributed
+from ... import _backends
 from .. import _library, _sharded
 from .._bags import autocast_inputs, bags_in_op, check_float, check_same_device, check_tensor, pack_bags
 from . import reference
@@ -107,8 +107,7 @@ def sum_shards(group_name: Optional[str]):
     ``group_name`` in place; None without one."""
     if group_name is None:
         return None
-    group = distributed.resolve(group_name)
-    return lambda state: distributed.all_reduce(state, torch.distributed.ReduceOp.SUM, group, OP_NAME)
+    return lambda state: _sharded.sum_over_ranks(state, group_name, OP_NAME)
 
 
 def _state_and_normalizer_flops(qkv2d, num_heads) -> tuple[int, int]:

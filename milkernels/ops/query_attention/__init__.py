@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from ... import _backends, distributed
+from ... import _backends
 from .. import _library, _sharded
 from .._bags import Bags, autocast_inputs, bags_in_op, check_float, check_like, check_temperature, pack_bags
 from . import reference
@@ -139,6 +139,8 @@ def _backward(ctx, d_pooled, d_mass, d_z, d_lse):
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _sharded_setup_context(ctx, inputs, output):
     _setup_context(ctx, inputs[:-1], output)
     ctx.group_name = inputs[-1]
@@ -150,6 +152,7 @@ def _sharded_backward(ctx, d_pooled, d_mass, d_z, d_lse):
 
 
 _sharded_forward_op.register_autograd(_sharded_backward, setup_context=_sharded_setup_context)
+
 _library.forbid_double_backward(_backward_op, OP_NAME)
 
 
@@ -251,7 +254,7 @@ def _sharded_folded(backend: str, bags: Bags, u, c, nsf_from: int, num_pooled: i
                     need_weights: bool, group_name: str) -> Folded:
     """:func:`folded_attention` on a rank's shard: the whole bags' pooled and mass, the shard's z, and its
     weights (after the dropout the pooling drew, detached) under the whole bags' normalizers."""
-    seed = _sharded.rank_seed(_library.dropout_seed(active_p > 0), distributed.resolve(group_name))
+    seed = _sharded.rank_seed(_library.dropout_seed(active_p > 0), group_name)
     keep = None
     if backend == "reference":
         if active_p > 0:

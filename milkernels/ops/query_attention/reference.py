@@ -62,12 +62,17 @@ def unfold_values(pooled, mass, wv, bv, num_heads: int):
     return out.reshape(batch, count, num_heads * head_dim)
 
 
-def segment_nsf(z, bag_index, num_bags, row_valid=None):
-    """NSF of ``z: (T, J)`` over the rows of each bag (``bag_index: (T,)``); rows where ``row_valid`` is False get 0."""
+def _sigmoid_sums(z, bag_index, num_bags, row_valid):
+    """``(sig: (T, J), sums: (B, J))``: ``sigmoid(z)`` (0 where ``row_valid`` is False) and its sum per bag."""
     sig = torch.sigmoid(z)
     if row_valid is not None:
         sig = sig.masked_fill(~row_valid[:, None], 0.0)
-    sums = torch.zeros(num_bags, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, bag_index, sig)
+    return sig, torch.zeros(num_bags, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, bag_index, sig)
+
+
+def segment_nsf(z, bag_index, num_bags, row_valid=None):
+    """NSF of ``z: (T, J)`` over the rows of each bag (``bag_index: (T,)``); rows where ``row_valid`` is False get 0."""
+    sig, sums = _sigmoid_sums(z, bag_index, num_bags, row_valid)
     return sig / (sums + NSF_EPS)[bag_index]
 
 
@@ -90,10 +95,7 @@ def log_normalizer(z, bags, nsf_from: int):
     work = z.to(torch.promote_types(z.dtype, torch.float32))
     bag_index = bags.bag_index()
     softmax = segment_logsumexp(work[:, :nsf_from], bag_index, bags.num_bags, bags.row_valid)
-    sig = torch.sigmoid(work[:, nsf_from:])
-    if bags.row_valid is not None:
-        sig = sig.masked_fill(~bags.row_valid[:, None], 0.0)
-    sums = torch.zeros(bags.num_bags, sig.shape[1], dtype=sig.dtype, device=sig.device).index_add(0, bag_index, sig)
+    _, sums = _sigmoid_sums(work[:, nsf_from:], bag_index, bags.num_bags, bags.row_valid)
     return torch.cat([softmax, torch.log(sums + NSF_EPS)], dim=1)
 
 
