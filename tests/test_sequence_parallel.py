@@ -324,7 +324,7 @@ def check_bag_on_one_rank(rank: int, world_size: int) -> None:
     else:
         import time
 
-        time.sleep(10)
+        time.sleep(6)
 
 
 def test_ranks_that_disagree_get_a_value_error():
