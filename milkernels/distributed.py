@@ -39,8 +39,9 @@ _counters: list[collections.Counter] = []
 
 @contextlib.contextmanager
 def counting_communication() -> Iterator[collections.Counter]:
-    """Count, inside the block, the bytes this rank puts into the ops' collectives: yields a Counter from the op's
-    name to bytes (the all-reduced tensors' sizes; a ring all-reduce sends about twice that over the wire)."""
+    """Count, inside the block, the bytes of the ops' collectives on this rank: yields a Counter from the op's name
+    to bytes: the all-reduced tensors' sizes (a ring all-reduce sends about twice that over the wire) and the
+    bytes an all-to-all brings to this rank."""
     counts = collections.Counter()
     _counters.append(counts)
     try:
@@ -70,18 +71,36 @@ def resolve(name: str):
 def all_reduce(tensor: torch.Tensor, op, group, what: str) -> torch.Tensor:
     """All-reduce ``tensor`` in place on ``group`` (``op``: a ``torch.distributed.ReduceOp``), waiting at most
     :data:`COLLECTIVE_TIMEOUT`; ``what`` names the caller in the error. Returns ``tensor``."""
+    _count(what, tensor)
+    _wait(dist.all_reduce(tensor, op=op, group=group, async_op=True), "an all-reduce", group, what)
+    return tensor
+
+
+def all_to_all(output: torch.Tensor, tensor: torch.Tensor, output_splits: list[int], input_splits: list[int], group,
+               what: str) -> torch.Tensor:
+    """Send ``tensor``'s rows ``input_splits[d]`` (in rank order along dim 0) to rank ``d`` of ``group`` and receive
+    into ``output``'s rows ``output_splits[s]`` those of rank ``s``, waiting at most :data:`COLLECTIVE_TIMEOUT`.
+    Counted as the bytes this rank receives. Returns ``output``."""
+    _count(what, output)
+    _wait(dist.all_to_all_single(output, tensor, output_splits, input_splits, group=group, async_op=True),
+          "an all-to-all", group, what)
+    return output
+
+
+def _count(what: str, tensor: torch.Tensor) -> None:
     for counts in _counters:
         counts[what] += tensor.numel() * tensor.element_size()
-    work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+
+
+def _wait(work, collective: str, group, what: str) -> None:
     try:
         work.wait(timeout=COLLECTIVE_TIMEOUT)
     except RuntimeError as error:
         raise RuntimeError(
-            f"{what}: an all-reduce on process group {group.group_name!r} ({group.size()} ranks) did not complete "
+            f"{what}: {collective} on process group {group.group_name!r} ({group.size()} ranks) did not complete "
             f"within {COLLECTIVE_TIMEOUT.total_seconds():.0f} s. Every rank of the group must make the same call "
             "with its shard of the same bags (an empty shard included); set MILKERNELS_COLLECTIVE_TIMEOUT to wait "
             f"longer. ({error})") from error
-    return tensor
 
 
 def check_same_sizes(group, what: str, device: torch.device, **sizes: int) -> None:

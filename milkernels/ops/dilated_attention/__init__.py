@@ -16,8 +16,9 @@ from torch import Tensor
 
 from ... import _backends
 from .. import _library
-from .._bags import autocast_inputs, check_float, check_same_device, pack_bags
-from . import reference
+from ... import distributed
+from .._bags import FLOAT_DTYPES, autocast_inputs, check_float, check_same_device, pack_bags
+from . import reference, sharded
 
 OP_NAME = "dilated_attention"
 MODES = ("torchscale", "exact")
@@ -177,7 +178,7 @@ def _backward_flops(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid
 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "torchscale", softmax_scale=None,
-                      mask=None, cu_seqlens=None, return_lse: bool = False):
+                      mask=None, cu_seqlens=None, return_lse: bool = False, process_group=None):
     """LongNet dilated attention of ``q, k, v`` over the branches ``zip(segment_lengths, dilation_rates)``.
 
     Args:
@@ -191,6 +192,11 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "
             must divide its ``w_i``).
         softmax_scale: the score scale, ``dh ** -0.5`` by default.
         return_lse: also return the merged log-sum-exp ``(..., H)`` float32.
+        process_group: sequence parallelism (:mod:`milkernels.distributed`, :mod:`.sharded`): ``q, k, v`` are this
+            rank's contiguous shard ``(n, H, dh)`` or ``(B, n, H, dh)`` of bags of N positions, the ranks'
+            shards in rank order (any sizes, an empty one included; packed bags are not taken); the result is
+            this rank's rows of the whole bags'. Every branch must have ``r`` dividing ``min(w, N)`` or ``w >= N``
+            (otherwise torchscale moves outputs between segments, and so between ranks).
 
     Returns:
         ``out`` in q's shape and dtype; with ``return_lse`` also ``lse: (B, N, H)``, ``(N, H)`` or
@@ -201,6 +207,9 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "
     q, k, v = autocast_inputs(q, k, v)
     heads, head_dim = q.shape[-2:]
     scale = float(softmax_scale) if softmax_scale is not None else head_dim ** -0.5
+    if process_group is not None:
+        out, lse = _sharded_call(q, k, v, mask, cu_seqlens, segments, rates, scale, mode, process_group)
+        return (out, lse) if return_lse else out
     bags = pack_bags(q.flatten(-2), heads * head_dim, mask, cu_seqlens)
     q2, k2, v2 = (t.reshape(-1, heads, head_dim) for t in (q, k, v))
     backend = _backends.choose(OP_NAME, q.device, lambda name: _reasons(name, q, bags.bounds, segments, rates, mode))
@@ -211,3 +220,27 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "
                                list(rates), bags.row_valid, scale, mode)
     out = bags.rows_to_caller(out).reshape(q.shape)
     return (out, bags.rows_to_caller(lse.float())) if return_lse else out
+
+
+def _sharded_call(q, k, v, mask, cu_seqlens, segments, rates, scale, mode, process_group):
+    """:func:`dilated_attention` of this rank's shard of bags sharded over ``process_group``: ``(out, lse)``."""
+    if cu_seqlens is not None:
+        raise ValueError("a process_group takes one bag (n, H, dh) or padded bags (B, n, H, dh), not packed bags")
+    name = distributed.group_name(process_group)
+    group = distributed.resolve(name)
+    padded = q if q.dim() == 4 else q[None]
+    bags, rows, heads, head_dim = padded.shape
+    distributed.check_same_sizes(group, OP_NAME, q.device, bags=bags, heads=heads, head_dim=head_dim,
+                                 dtype=FLOAT_DTYPES.index(q.dtype), mode=MODES.index(mode), masked=mask is not None,
+                                 scale=scale, branches=len(segments), **{f"w{i}": w for i, w in enumerate(segments)},
+                                 **{f"r{i}": r for i, r in enumerate(rates)})
+    bounds = sharded.shard_bounds(rows, group, q.device)
+    length = bounds[-1]
+    shifted = [f"(w={w}, r={r})" for w, r in zip(segments, rates) if mode == "torchscale" and w < length and w % r]
+    if shifted:
+        raise ValueError(f"sequence-parallel dilated attention needs each r to divide its w or w >= N (N={length}), "
+                         f"got {', '.join(shifted)}: torchscale moves such branches' outputs between segments")
+    backend = _backends.choose(OP_NAME, q.device, lambda name: _reasons(name, q, [0, length], segments, rates, mode))
+    padded_k, padded_v = (t if t.dim() == 4 else t[None] for t in (k, v))
+    out, lse = sharded.attend(padded, padded_k, padded_v, mask, segments, rates, scale, mode, name, backend, bounds)
+    return (out, lse.float()) if q.dim() == 4 else (out[0], lse[0].float())

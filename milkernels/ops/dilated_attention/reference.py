@@ -57,6 +57,15 @@ def branch_rows(length: int, segment: int, rate: int, group: int, device) -> tup
     return source.clamp(max=length - 1), real, target
 
 
+def segment_spans(segments, rates, length: int, mode: str) -> list[int]:
+    """The segment lengths as the kernels take them on bags of at most ``length`` rows: each ``w`` longer than
+    ``length`` cut to one segment of ``length`` (torchscale's ``min(w, N)``), a multiple of ``r`` in exact mode;
+    the result is the same."""
+    if mode == "exact":
+        return [min(w, r * -(-length // r)) for w, r in zip(segments, rates)]
+    return [min(w, length) for w in segments]
+
+
 def _gather(x, source, real, heads):
     """``x[source, heads]`` with padding rows zeroed: ``(S, Lsp, Hg, dh)``."""
     return x[source][:, :, heads] * real[..., None, None].to(x.dtype)

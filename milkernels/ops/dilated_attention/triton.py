@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..._backends import triton_interpreted
 from .._blocks import dot_flags, new_buffer
+from .reference import segment_spans
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
@@ -340,16 +341,18 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
     _store_rows(d_v_ptr, d_v, keys, key_exists, start, head, H, dh, BLOCK_DH)
 
 
-def residue_blocks(bounds, period: int, block: int, device) -> list[torch.Tensor]:
-    """The programs' blocks: per block the bag's start row and length, the residue ``c`` modulo ``period``
-    and the first ``j`` of its positions ``c + period * j``; four ``(num_blocks,)`` int32 tensors."""
+def residue_blocks(spans, period: int, block: int, device) -> list[torch.Tensor]:
+    """The programs' blocks over ``spans``, per bag ``(start row, length N, first position, stop position)``: per
+    block the bag's start row and length, the residue ``c`` modulo ``period`` and the first ``j`` of its positions
+    ``c + period * j``, which start at the first position; four ``(num_blocks,)`` int32 tensors. A block's last
+    positions may pass the stop position (not the bag's end)."""
     entries = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        length = stop - start
+    for start, length, first_position, stop_position in spans:
         for residue in range(min(period, length)):
-            rows = -(-(length - residue) // period)
-            entries += [(start, length, residue, first) for first in range(0, rows, block)]
-    return list(torch.tensor(entries, dtype=torch.int32).t().contiguous().to(device))
+            first = max(0, -(-(first_position - residue) // period))
+            stop = -(-(stop_position - residue) // period)
+            entries += [(start, length, residue, j) for j in range(first, stop, block)]
+    return list(torch.tensor(entries, dtype=torch.int32).reshape(-1, 4).t().contiguous().to(device))
 
 
 def num_warps(block: int, block_dh: int) -> int:
@@ -358,33 +361,30 @@ def num_warps(block: int, block_dh: int) -> int:
     return 8 if block == 64 or block_dh == 256 else 4
 
 
-def _clamped(segments, rates, longest_bag: int, mode: str) -> list[int]:
-    """The segment lengths as the kernels take them (int32): each ``w`` longer than every bag cut to one segment
-    of the longest bag, a multiple of ``r`` in exact mode; the result is the same."""
-    if mode == "exact":
-        return [min(w, r * -(-longest_bag // r)) for w, r in zip(segments, rates)]
-    return [min(w, longest_bag) for w in segments]
-
-
 class Plan:
-    """What every launch of one call shares: the blocks, the branches on the device and the constexprs."""
+    """What every launch of one call shares: the query and key blocks, the branches on the device and the
+    constexprs. ``window`` (sequence parallelism, :mod:`.sharded`): ``[bags, N, offset, query start, query stop,
+    key start, key stop]``; then ``q``'s rows are ``bags`` equal windows of a bag of N positions, from position
+    ``offset`` on, and the blocks cover those query and key positions; else every row of the bags ``bounds``."""
 
-    def __init__(self, q, bounds, segments, rates, mode: str, row_valid):
+    def __init__(self, q, bounds, segments, rates, mode: str, row_valid, window=None):
         self.rows, self.heads, self.head_dim = q.shape
         self.period = math.lcm(*rates)
-        longest = longest_bag(bounds)
+        if window is None:
+            longest = longest_bag(bounds)
+            query_spans = key_spans = [(start, stop - start, 0, stop - start)
+                                       for start, stop in zip(bounds[:-1], bounds[1:])]
+        else:
+            longest, query_spans, key_spans = window_spans(self.rows, window)
         self.block = block_size(self.head_dim, segments, rates, longest, mode)
-        self.blocks = residue_blocks(bounds, self.period, self.block, q.device)
+        self.query_blocks = residue_blocks(query_spans, self.period, self.block, q.device)
+        self.key_blocks = residue_blocks(key_spans, self.period, self.block, q.device)
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
-                         for values in (_clamped(segments, rates, longest, mode), rates)]
+                         for values in (segment_spans(segments, rates, longest, mode), rates)]
         self.row_valid = row_valid
         block_dh = padded_head_dim(self.head_dim)
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block, BLOCK_DH=block_dh,
                           **dot_flags(q.dtype, triton_interpreted()), num_warps=num_warps(self.block, block_dh))
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.blocks[0].numel(), self.heads
 
     def sizes(self) -> tuple:
         return self.heads, self.head_dim, self.period, self.branches[0].numel()
@@ -393,23 +393,45 @@ class Plan:
         return self.row_valid if self.row_valid is not None else like
 
 
+def window_spans(rows: int, window) -> tuple:
+    """``(N, query spans, key spans)`` of :class:`Plan`'s ``window`` on ``rows`` rows (spans as
+    :func:`residue_blocks` takes them: a bag's start row is negative where the window starts past position 0)."""
+    bags, length, offset, query_start, query_stop, key_start, key_stop = window
+    starts = [bag * (rows // bags) - offset for bag in range(bags)]
+    return (length, [(start, length, query_start, query_stop) for start in starts],
+            [(start, length, key_start, key_stop) for start in starts])
+
+
+def _grid(blocks, plan: Plan) -> tuple[int, int]:
+    return blocks[0].numel(), plan.heads
+
+
 def forward(q, k, v, plan: Plan, scale: float):
-    """``out: (T, H, dh)`` in q's dtype and ``lse: (T, H)`` float32 of contiguous ``q, k, v: (T, H, dh)``."""
+    """``out: (T, H, dh)`` in q's dtype and ``lse: (T, H)`` float32 of contiguous ``q, k, v: (T, H, dh)`` (the
+    rows of the plan's query blocks)."""
     out = new_buffer(*q.shape, dtype=q.dtype, device=q.device)
     lse = new_buffer(plan.rows, plan.heads, dtype=torch.float32, device=q.device)
-    _forward_kernel[plan.grid](q, k, v, plan.valid(q), out, lse, *plan.blocks, *plan.branches, *plan.sizes(), scale,
-                               **plan.flags)
+    grid = _grid(plan.query_blocks, plan)
+    if grid[0]:
+        _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, *plan.query_blocks, *plan.branches, *plan.sizes(),
+                              scale, **plan.flags)
     return out, lse
 
 
 def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
-    """``(dq, dk, dv)``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out`` and ``lse`` and ``d_out``."""
+    """``(dq, dk, dv)``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out`` and ``lse`` and ``d_out``
+    (``dq`` on the rows of the plan's query blocks, ``dk`` and ``dv`` on those of its key blocks)."""
     d_q, d_k, d_v = (new_buffer(*q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     branches = 1 if plan.flags["EXACT"] else plan.branches[0].numel()
     delta = new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
-    common = (*plan.blocks, *plan.branches, plan.rows, *plan.sizes(), scale)
-    _query_grad_kernel[plan.grid](q, k, v, plan.valid(q), out, lse, d_out, d_q, delta, *common, **plan.flags)
-    _key_grad_kernel[plan.grid](q, k, v, plan.valid(q), lse, d_out, delta, d_k, d_v, *common, **plan.flags)
+    common = (*plan.branches, plan.rows, *plan.sizes(), scale)
+    query_grid, key_grid = _grid(plan.query_blocks, plan), _grid(plan.key_blocks, plan)
+    if query_grid[0]:
+        _query_grad_kernel[query_grid](q, k, v, plan.valid(q), out, lse, d_out, d_q, delta, *plan.query_blocks,
+                                       *common, **plan.flags)
+    if key_grid[0]:
+        _key_grad_kernel[key_grid](q, k, v, plan.valid(q), lse, d_out, delta, d_k, d_v, *plan.key_blocks, *common,
+                                   **plan.flags)
     return d_q, d_k, d_v
 
 
