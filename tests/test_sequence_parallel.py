@@ -11,6 +11,8 @@ rows is W times the whole bag's.
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 
 import pytest
 import torch
@@ -255,6 +257,120 @@ def check_communication(rank: int, world_size: int, backend: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_communicated_bytes_near_the_minimum(backend):
     run_ranks(2, check_communication, backend)
+
+
+DILATED = ([8, 16, 64], [1, 2, 4])  # segments that cross the shards' bounds, and one (64 > N) over every rank
+
+
+def check_dilated(rank: int, world_size: int, backend: str, mode: str) -> None:
+    """Dilated attention on one bag and on two padded bags (with a key mask in exact mode): the rank's rows of the
+    whole bags' out, lse and gradients (its loss times W, as the module doc has it)."""
+    torch.manual_seed(0)
+    dtype, heads, head_dim, rows = _dtype(backend), 4, 8, shard_rows(rank, world_size)
+    for bags in (None, 2):
+        shape = (bag_rows(world_size), heads, head_dim) if bags is None else (bags, bag_rows(world_size), heads, head_dim)
+        q, k, v, d_out = (torch.randn(shape, dtype=dtype, device=device()) for _ in range(4))
+        mask = torch.rand(shape[:2], device=device()) > 0.3 if bags and mode == "exact" else None
+        part = (lambda t: t[rows]) if bags is None else (lambda t: t[:, rows])
+        whole, mine = _leaves(q, k, v), _leaves(part(q), part(k), part(v))
+        with milkernels.use_backend(backend):
+            out, lse = milkernels.ops.dilated_attention(*whole, *DILATED, mode=mode, mask=mask, return_lse=True)
+            mine_out, mine_lse = milkernels.ops.dilated_attention(
+                *mine, *DILATED, mode=mode, mask=None if mask is None else part(mask), return_lse=True,
+                process_group=dist.group.WORLD)
+        (out * d_out).sum().backward()
+        (world_size * mine_out * part(d_out)).sum().backward()
+        what, tolerance = f"rank {rank} of {world_size}, {backend}, {mode}, bags {bags}", TOLERANCES[dtype]
+        assert_close(mine_out, part(out), f"{what}: out", **tolerance)
+        assert_close(mine_lse, part(lse), f"{what}: lse", **tolerance)
+        for name, got, want in zip("qkv", mine, whole):
+            assert_close(got.grad, world_size * part(want.grad), f"{what}: d{name}", **tolerance)
+
+
+@pytest.mark.parametrize("world_size", sorted(SHARDS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ("torchscale", "exact"))
+def test_dilated_attention(world_size, backend, mode):
+    run_ranks(world_size, check_dilated, backend, mode)
+
+
+def _dilated_needs(rank: int, world_size: int, heads: int) -> tuple[int, int]:
+    """``(over branches, once)``: how many (position, head) keys the rank's queries reach on other ranks in
+    torchscale mode with :data:`DILATED`, counted per branch, and each once; from the definition, one by one."""
+    length, mine = bag_rows(world_size), range(*shard_rows(rank, world_size).indices(bag_rows(world_size)))
+    per_branch, distinct = 0, set()
+    for w, r in zip(*DILATED):
+        span, group_size = min(w, length), -(-heads // r)
+        for position, head in itertools.product(range(length), range(heads)):
+            group = head // group_size
+            reached = any(query // span == position // span and query % r == group for query in mine)
+            if position not in mine and position % r == group and reached:
+                per_branch += 1
+                distinct.add((position, head))
+    return per_branch, len(distinct)
+
+
+def check_dilated_communication(rank: int, world_size: int, backend: str) -> None:
+    """The bytes a rank receives: in the forward, the keys and values its queries reach on other ranks, each once,
+    at most 1.5x the minimum (those keys and values per branch) with the agreement check; in the backward, their
+    gradients go back, as many bytes over the group."""
+    torch.manual_seed(0)
+    dtype, heads, head_dim = _dtype(backend), 4, 64
+    q, k, v = (torch.randn(SHARDS[world_size][rank], heads, head_dim, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    per_branch, distinct = (2 * head_dim * dtype.itemsize * count for count in _dilated_needs(rank, world_size, heads))
+    with milkernels.use_backend(backend), counting_communication() as counts:
+        out = milkernels.ops.dilated_attention(q, k, v, *DILATED, process_group=dist.group.WORLD)
+        forward = counts["dilated_attention"]
+        out.sum().backward()
+    backward = counts["dilated_attention"] - forward
+    checks = forward - distinct
+    assert 0 < checks <= 512, f"rank {rank}: {forward} bytes received, {distinct} of them keys and values"
+    assert forward <= 1.5 * per_branch, f"rank {rank}, {backend}: {forward / per_branch:.3f}x the minimal bytes"
+    totals = torch.tensor([float(backward), float(distinct)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    assert totals[0] == totals[1], f"the backward returned {totals[0]} bytes of gradients for {totals[1]} of keys"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dilated_communication_near_the_minimum(backend):
+    run_ranks(2, check_dilated_communication, backend)
+
+
+@pytest.mark.parametrize("mode", ("torchscale", "exact"))
+def test_dilated_window_holds_every_position_the_kernels_reach(mode):
+    """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels'
+    query and key blocks (whose last rows pass the shard), and the keys its queries reach lie in its key range."""
+    from milkernels.ops.dilated_attention import reference, sharded
+    from milkernels.ops.dilated_attention import triton as kernels
+
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(high):
+        return int(torch.randint(1, high + 1, (), generator=generator))
+
+    for _ in range(40):
+        length, world_size, heads, head_dim = draw(300), draw(4), draw(8), (8, 100)[draw(2) - 1]
+        cuts = sorted(torch.randint(0, length + 1, (world_size - 1,), generator=generator).tolist())
+        bounds = [0, *cuts, length]
+        rates = [draw(4) for _ in range(draw(3))]
+        segments = [r * draw(24) for r in rates]
+        spans = reference.segment_spans(segments, rates, length, mode)
+        block = kernels.block_size(head_dim, segments, rates, length, mode)
+        for rank in range(world_size):
+            view = sharded.window(bounds, rank, spans, block * math.lcm(*rates))
+            window = view.kernel_window(1)
+            _, query_spans, key_spans = kernels.window_spans(view.rows, window)
+            for blocks in (kernels.residue_blocks(query_spans, math.lcm(*rates), block, "cpu"),
+                           kernels.residue_blocks(key_spans, math.lcm(*rates), block, "cpu")):
+                _, _, residue, first = blocks
+                positions = residue[:, None] + math.lcm(*rates) * (first[:, None] + torch.arange(block))
+                positions = positions[positions < length]
+                for span in spans:
+                    starts = positions // span * span
+                    assert (starts >= view.start).all() and ((starts + span).clamp(max=length) <= view.stop).all()
+            queries = sharded.needed(torch.arange(length), heads, view.queries, spans, rates).any(1).nonzero()
+            assert ((queries >= view.key_start) & (queries < view.key_stop)).all()
 
 
 class ShardableModel(torch.nn.Module):
