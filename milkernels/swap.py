@@ -63,11 +63,10 @@ CLAM's ungated ``Attn_Net``; a MultiheadAttention with ``add_bias_kv``, ``add_ze
 vdim`` (its fused path would never run); a Lin-MIL ``act`` with non-default arguments
 (``LeakyReLU(0.2)``, ``ELU(alpha=0.5)``, ``GELU('tanh')``...) or of another class; a ``Lin_MIL`` with a
 hooked submodule (its blocks' attention is still swapped), another ``pool``, a ``nystrom`` block or a
-dilated block whose upstream attention cannot be run by the probe here (no ``flash_attn_func``, or
-``args.seq_parallel`` with several processes); a dilated attention with ``xpos``, ``dropout >
-0``, ``args.seq_parallel`` under a ``torch.distributed`` world size above 1, or whose upstream kernel
-(``flash_attn_func``) is missing here (:mod:`milkernels.swap_dilated`; hooks on its children do not count,
-it calls them). :func:`swap_report` lists what is fused, what is replaced but fused on
+dilated block whose upstream attention cannot be run by the probe here (no ``flash_attn_func``); a dilated
+attention with ``xpos``, ``dropout > 0``, or whose upstream kernel (``flash_attn_func``) is missing here
+(:mod:`milkernels.swap_dilated`; hooks on its children do not count, it calls them; ``args.seq_parallel``
+keeps none: the replacement shards the bag over the default group, as upstream does). :func:`swap_report` lists what is fused, what is replaced but fused on
 some calls only (and when), and why the others stay. Hooks or parametrizations added after the swap are
 not seen by the fused op either.
 
@@ -241,7 +240,8 @@ def _family(module: nn.Module) -> Family | None:
         return Family(_dilated_problem, swap_dilated.replacement, swap_dilated.probe_calls,
                       swap_dilated.contract(module), probe_context=swap_dilated.probe_context, calls_children=True)
     if type(module).__name__ == "Lin_MIL" and {"projection", "transformer", "mlp_head"} <= names:
-        return Family(_lin_mil_problem, _lin_mil_view, _lin_mil_probe_calls, LIN_MIL_CONTRACT, _fuse_lin_mil)
+        return Family(_lin_mil_problem, _lin_mil_view, _lin_mil_probe_calls, LIN_MIL_CONTRACT, _fuse_lin_mil,
+                      probe_context=swap_dilated.without_seq_parallel)
     if BLOCK_CHILDREN <= names and _block_type(module) not in FUSED_BLOCK_TYPES:
         return Family(_block_type_problem)
     return None

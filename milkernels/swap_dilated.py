@@ -13,15 +13,15 @@ are float32 on the GPU (flash-attention takes 16-bit inputs only).
 
 It stays as it is, with the reason, when: ``xpos`` is set (the op has no XPOS); ``dropout > 0`` (upstream's
 flash path drops attention weights on every call, eval mode included, and the op has no dropout);
-``args.seq_parallel`` while ``torch.distributed`` is initialized with a world size above 1 (upstream then
-gathers keys and values of other ranks; with one process the flag changes nothing, so it does not count);
 ``args.flash_attention`` is False (upstream asserts it); upstream's attention kernel is missing
 (``flash_attn_func`` is None where it was defined: no flash-attn or xformers, or no CUDA), so its forward
 cannot run, let alone be checked; the branches or heads are outside what the op takes. A ``Lin_MIL``
-holding a dilated block whose attention cannot be probed (a missing kernel, ``seq_parallel`` with several
-processes) stays too, as its own probe would run that attention. What cannot be
-known at swap time (``incremental_state``, ``is_causal``, ``attn_mask``, seq-parallel gathering once a
-process group appears) is decided per call by the replacement, which runs upstream's own forward for
+holding a dilated block whose attention cannot be probed (a missing kernel) stays too, as its own probe would
+run that attention. ``args.seq_parallel`` does not keep a module: the probes run with it off
+(:func:`without_seq_parallel`), on one process, and the replacement keeps its meaning (upstream's gathering
+across the default group, as the sequence-parallel op). What cannot be
+known at swap time (``incremental_state``, ``is_causal``, ``attn_mask``, shards that upstream's seq-parallel
+gathering does not line up with) is decided per call by the replacement, which runs upstream's own forward for
 such calls (:mod:`milkernels.nn.dilated_attention`).
 """
 
@@ -33,7 +33,7 @@ import inspect
 import torch
 from torch import nn
 
-from .nn.dilated_attention import DilatedAttention, LinMILDilatedAttention, distributed_world_size
+from .nn.dilated_attention import DilatedAttention, LinMILDilatedAttention
 from .ops.dilated_attention import MAX_HEAD_DIM, check_branches
 
 REQUIRED_CHILDREN = {"q_proj", "k_proj", "v_proj", "out_proj", "dropout_module"}
@@ -78,13 +78,7 @@ def replacement(module: nn.Module) -> DilatedAttention:
 
 
 def unprobed_problem(module: nn.Module) -> str:
-    """Why ``module``'s own forward cannot be run by a probe here, or ``""``: its attention kernel is missing,
-    or it would gather keys and values across ranks (a collective the other processes are not in)."""
-    world = distributed_world_size()
-    if getattr(module.args, "seq_parallel", False) and world > 1:
-        return (f"args.seq_parallel with torch.distributed running {world} processes: upstream gathers keys and "
-                "values from the other ranks for segments longer than the local sequence, the op sees the local "
-                "sequence only")
+    """Why ``module``'s own forward cannot be run by a probe here, or ``""``: its attention kernel is missing."""
     attention_ops = getattr(type(module), "attention_ops", None)
     namespace = getattr(attention_ops, "__globals__", {})
     if "flash_attn_func" in namespace and namespace["flash_attn_func"] is None:
@@ -130,11 +124,29 @@ def _probe_like(module: nn.Module) -> tuple:
 
 
 def probe_context(module: nn.Module):
-    """float16 autocast where the parameters are float32 on the GPU (flash-attention wants 16-bit inputs)."""
+    """float16 autocast where the parameters are float32 on the GPU (flash-attention wants 16-bit inputs), and
+    :func:`without_seq_parallel`."""
+    stack = contextlib.ExitStack()
     dtype, device = _probe_like(module)
     if device.type == "cuda" and dtype == torch.float32:
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+        stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+    stack.enter_context(without_seq_parallel(module))
+    return stack
+
+
+@contextlib.contextmanager
+def without_seq_parallel(model: nn.Module):
+    """``args.seq_parallel`` False, inside the block, on every dilated attention of ``model``: a probe compares one
+    process's results, and must not start a collective that the other processes are not in."""
+    args = [module.args for module in model.modules() if is_dilated_attention(module)]
+    saved = [getattr(a, "seq_parallel", False) for a in args]
+    for a in args:
+        a.seq_parallel = False
+    try:
+        yield
+    finally:
+        for a, value in zip(args, saved):
+            a.seq_parallel = value
 
 
 def probe_calls(module: nn.Module) -> list:

@@ -461,19 +461,32 @@ def test_modules_left_alone_with_the_reason(flash, name):
     assert milkernels.swap(module) is module
 
 
-def test_seq_parallel_blocks_the_swap_only_with_more_than_one_process(flash, monkeypatch):
+def test_seq_parallel_does_not_block_the_swap(flash, monkeypatch):
+    """The probes run with ``args.seq_parallel`` off (one process compares), which is set back after."""
     model = build_lin_mil(depth=1)
     assert model.transformer[0].attn.args.seq_parallel  # lin-mil's default
-    _distributed(monkeypatch, 1)
-    assert set(swap_report(model).swappable) == {"", "transformer.0.attn"}
     _distributed(monkeypatch, 2)
-    report = swap_report(model)
-    assert report.swappable == {} and set(report.skipped) == {"", "transformer.0.attn"}
-    reason = "args.seq_parallel with torch.distributed running 2 processes: upstream gathers keys and values"
-    assert reason in report.skipped["transformer.0.attn"]
-    assert f"transformer.0.attn: {reason}" in report.skipped[""]  # its probe would run the collective
+    assert set(swap_report(model).swappable) == {"", "transformer.0.attn"}
     after = milkernels.swap(model)
-    assert type(after.transformer[0].attn) is upstream.DilatedAttention and not isinstance(after, FusedLinMIL)
+    assert isinstance(after, FusedLinMIL) and type(after.transformer[0].attn) is LinMILDilatedAttention
+    assert after.transformer[0].attn.args.seq_parallel
+
+
+@pytest.mark.parametrize("segments, rates, length, world, aligned", [
+    ([8, 32], [1, 2], 16, 2, True),      # 32 gathered over both shards, 8 local
+    ([8, 64], [1, 2], 16, 2, True),      # 64 >= the bag: one segment over every shard
+    ([8, 48], [1, 2], 16, 4, False),     # 48 splits a bag of 64 into a segment and a part that upstream leaves short
+    ([8, 32], [1, 4], 18, 2, False),     # 32 is no multiple of 18
+    ([6, 32], [1, 2], 16, 2, False),     # 6 does not divide a shard: its local segments cross the shards
+    ([8, 32], [4, 2], 16, 2, True),      # r = 4 divides the local segment 8
+    ([8, 32], [1, 32], 16, 2, False),    # r = 32 does not divide a shard of 16
+])
+def test_seq_parallel_problem(segments, rates, length, world, aligned):
+    """Where torchscale's gathering is the whole bag's attention (what the sequence-parallel op computes)."""
+    from milkernels.nn.dilated_attention import seq_parallel_problem
+
+    problem = seq_parallel_problem(SimpleNamespace(segment_length=segments, dilated_ratio=rates), length, world)
+    assert (problem == "") == aligned, problem
 
 
 def test_missing_upstream_kernel_is_the_reason(monkeypatch):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import milkernels
 from milkernels.distributed import all_reduce_gradients, counting_communication
+from milkernels.zoo.gigapath import LongNetArgs
 from sharding import SHARDS, assert_close, bag_rows, device, run_ranks, shard_rows
 
 BACKENDS = ("reference", "triton")
@@ -337,6 +338,57 @@ def test_dilated_communication_near_the_minimum(backend):
     run_ranks(2, check_dilated_communication, backend)
 
 
+def check_swapped_seq_parallel(rank: int, world_size: int, backend: str) -> None:
+    """lin-mil's DilatedAttention (torchscale's, ``seq_parallel=True``; its flash kernel, and its all-gather, which
+    allocates on CUDA, in plain torch) gathers keys across the default group; swapped, it gives each rank the same
+    rows, those of the whole bag."""
+    from test_dilated_attention_nn import flash_stand_in, lin_mil_attention, upstream
+
+    def all_gather_stand_in(x):
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous(), group=upstream.get_data_parallel_group())
+        return torch.cat(parts)
+
+    # this process's own copy of lin-mil
+    upstream.flash_attn_func, upstream.all_gather_func = flash_stand_in, all_gather_stand_in
+    module = lin_mil_attention([8, 32], [1, 2], 16, 4, _dtype(backend))   # branch 32 > a shard: gathered
+    assert module.args.seq_parallel
+    bag = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(1)).to(_dtype(backend))
+    rows = slice(16 * rank, 16 * (rank + 1))
+    with milkernels.swap_dilated.without_seq_parallel(module):
+        whole = module(bag)[0][:, rows]
+    gathered = module(bag[:, rows])[0]
+    swapped = milkernels.swap(copy.deepcopy(module))
+    assert isinstance(swapped, milkernels.nn.LinMILDilatedAttention) and swapped.args.seq_parallel
+    with milkernels.use_backend(backend):
+        fused = swapped(bag[:, rows])[0]
+    tolerance = TOLERANCES[torch.float32]  # the stand-in computes in float32 at least, the triton path too
+    assert_close(gathered, whole, f"rank {rank}: upstream's gathering against the whole bag", **tolerance)
+    assert_close(fused, gathered, f"rank {rank}, {backend}: swapped against upstream's gathering", **tolerance)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swapped_torchscale_seq_parallel_matches_upstream(backend):
+    run_ranks(2, check_swapped_seq_parallel, backend)
+
+
+def check_dilated_refusals(rank: int, world_size: int) -> None:
+    q = torch.randn(6, 2, 4, dtype=torch.float64)
+    group = dist.group.WORLD
+    with pytest.raises(ValueError, match="not packed bags"):
+        milkernels.ops.dilated_attention(q, q, q, [4], [2], cu_seqlens=torch.tensor([0, 6]), process_group=group)
+    with pytest.raises(ValueError, match=r"got \(w=6, r=4\): torchscale moves"):
+        milkernels.ops.dilated_attention(q, q, q, [6, 4], [4, 2], process_group=group)
+    module = milkernels.nn.DilatedAttention(LongNetArgs([4], [2]), 8, 2, dropout=0.1, self_attention=True,
+                                            process_group=group)
+    with pytest.raises(ValueError, match="has a process_group, but this call cannot take the fused path"):
+        module(q.flatten(1)[None].float(), q.flatten(1)[None].float(), q.flatten(1)[None].float())
+
+
+def test_dilated_refusals_are_value_errors():
+    run_ranks(2, check_dilated_refusals)
+
+
 @pytest.mark.parametrize("mode", ("torchscale", "exact"))
 def test_dilated_window_holds_every_position_the_kernels_reach(mode):
     """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels'
@@ -374,13 +426,16 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode):
 
 
 class ShardableModel(torch.nn.Module):
-    """Lin-MIL's linear attention, then gated attention pooling and learned queries (LiteMIL's
-    nn.MultiheadAttention) side by side, then a classifier: every sequence-parallel module of milkernels.nn."""
+    """Lin-MIL's linear attention and LongNet's dilated attention (torchscale's), then gated attention pooling and
+    learned queries (LiteMIL's nn.MultiheadAttention) side by side, then a classifier: every sequence-parallel
+    module of milkernels.nn."""
 
     def __init__(self, in_dim: int = 12, dim: int = 16):
         super().__init__()
         self.embed = torch.nn.Linear(in_dim, dim)
         self.linear_attention = milkernels.nn.LinearAttention(dim, num_heads=2)
+        self.dilated_attention = milkernels.nn.DilatedAttention(LongNetArgs([8, 64], [1, 2]), dim, 2,
+                                                                self_attention=True, subln=True)
         self.pool = milkernels.nn.GatedAttentionPool(L=dim, D=8, n_classes=1)
         self.queries = torch.nn.Parameter(torch.randn(1, 2, dim))
         self.query_attention = milkernels.nn.MultiheadAttention(dim, 2, batch_first=True)
@@ -390,6 +445,7 @@ class ShardableModel(torch.nn.Module):
         """``x: (N, in_dim)`` -> logits ``(1, 2)``."""
         h = self.embed(x)
         h = (h + self.linear_attention.forward_without_attention(h[None])[0])[None]
+        h = h + self.dilated_attention(h, h, h)[0]
         pooled, _ = self.pool(h[0])
         attended, _ = self.query_attention(self.queries, h, h, need_weights=False)
         return self.classifier(torch.cat([pooled.flatten(), attended.flatten()])[None])
@@ -401,7 +457,7 @@ def check_model_under_ddp(rank: int, world_size: int, backend: str) -> None:
     dtype = _dtype(backend)
     whole = ShardableModel().to(dtype)
     sharded = copy.deepcopy(whole)
-    assert len(milkernels.distributed.set_process_group(sharded, dist.group.WORLD)) == 3
+    assert len(milkernels.distributed.set_process_group(sharded, dist.group.WORLD)) == 4
     sharded = torch.nn.parallel.DistributedDataParallel(sharded, process_group=dist.group.WORLD)
     optimizers = [torch.optim.SGD(model.parameters(), lr=0.1) for model in (whole, sharded)]
     for step in range(2):

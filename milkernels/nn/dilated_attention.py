@@ -13,10 +13,12 @@ Linear works), runs the op over the branches ``zip(args.segment_length, args.dil
 ``head_dim ** -0.5``, then ``inner_attn_ln`` and ``out_proj``. It runs unless the call or the module needs
 what the op does not have (:attr:`DilatedAttention.fused_when`): ``incremental_state``, ``attn_mask`` or
 ``is_causal``; key and value not of the query's shape; ``xpos``; attention dropout in training; keys and
-values gathered across ranks (``args.seq_parallel`` while ``torch.distributed`` runs more than one process
-and a segment is longer than the sequence). Such a call runs the forward of the class the module was made
-from by :meth:`DilatedAttention.from_module` (upstream's own code, on this module's state), and raises
-NotImplementedError on a module built here, which has no upstream to fall back on.
+values gathered across ranks where upstream's gathering is not the whole bag's attention (``args.seq_parallel``
+while ``torch.distributed`` runs more than one process and a segment is longer than the sequence, on shards the
+branches do not line up with: :func:`seq_parallel_problem`). Such a call runs the forward of the class the
+module was made from by :meth:`DilatedAttention.from_module` (upstream's own code, on this module's state), and
+raises NotImplementedError on a module built here, which has no upstream to fall back on. Where the branches
+line up, ``args.seq_parallel`` runs the sequence-parallel op on the default group, whose result is upstream's.
 
 Upstream's behavior that is kept: ``key_padding_mask`` is accepted and ignored (torchscale's flash-attention
 path never reads it; padded positions are keys like the others); ``rel_pos`` must be None (upstream asserts
@@ -44,8 +46,8 @@ from ._empty import no_instances
 from .query_attention import share_state
 
 FUSED_WHEN = ("incremental_state and attn_mask are None, is_causal is False, xpos is None, no attention "
-              "dropout applies (dropout is 0 or eval mode) and no keys are gathered across ranks (args.seq_parallel "
-              "with a torch.distributed world size above 1)")
+              "dropout applies (dropout is 0 or eval mode) and, where args.seq_parallel gathers keys across ranks, "
+              "torchscale's gathering is the whole bag's attention (see seq_parallel_problem)")
 
 
 def distributed_world_size() -> int:
@@ -61,6 +63,26 @@ def gathers_across_ranks(args, length: int) -> bool:
             and any(w > length for w in args.segment_length))
 
 
+def seq_parallel_problem(args, length: int, world_size: int) -> str:
+    """Why torchscale's gathering, on ``world_size`` shards of ``length`` positions, is not dilated attention on the
+    whole bag of ``world_size * length`` (so not what the sequence-parallel op computes), or ``""``. It is where
+    every branch's segments and dilation line up with the shards: ``w`` a multiple of ``length`` that is a
+    multiple of ``r``, and the bag a whole number of segments or one (``w > length``, gathered); or ``length`` a
+    multiple of ``w``, itself a multiple of ``r`` (local)."""
+    total = world_size * length
+    if length == 0:
+        return ""  # every rank's shard is empty (upstream's are of one size): nothing is gathered
+    for w, r in zip(args.segment_length, args.dilated_ratio):
+        if w > length:
+            aligned = w % length == 0 and length % r == 0 and (w >= total or total % w == 0)
+        else:
+            aligned = length % w == 0 and w % r == 0
+        if not aligned:
+            return (f"branch (w={w}, r={r}) does not line up with {world_size} shards of {length} positions, where "
+                    "torchscale's gathering is not the whole bag's attention")
+    return ""
+
+
 class DilatedAttention(nn.Module):
     """torchscale's ``DilatedAttention`` (LongNet) with its core on :func:`milkernels.ops.dilated_attention`.
 
@@ -73,14 +95,23 @@ class DilatedAttention(nn.Module):
 
     Children, in torchscale's order: ``k_proj``, ``v_proj``, ``q_proj``, ``out_proj = Linear(E, E)``,
     ``inner_attn_ln`` (or None), ``dropout_module = Dropout(dropout)``; ``xpos`` is None.
+
+    Sequence parallelism (:mod:`milkernels.distributed`): with ``process_group`` (keyword, or the attribute, e.g.
+    set by :func:`milkernels.distributed.set_process_group`) each rank's ``query`` is its shard of the bags, and
+    the result its rows of the whole bags' attention. Without one, ``args.seq_parallel`` keeps torchscale's
+    meaning: where a segment is longer than the local sequence and ``torch.distributed`` runs several processes,
+    the shards are those of the default group, as upstream's ``gather_kv`` takes them.
     """
+
+    process_group = None
 
     fused_when = "key and value have the query's shape, " + FUSED_WHEN
     unfused_path = "upstream's forward (from_module) or NotImplementedError"
 
     def __init__(self, args, embed_dim: int, num_heads: int, dropout: float = 0.0, self_attention: bool = False,
-                 encoder_decoder_attention: bool = False, subln: bool = False):
+                 encoder_decoder_attention: bool = False, subln: bool = False, *, process_group=None):
         super().__init__()
+        self.process_group = process_group
         if getattr(args, "multiway", False):
             raise NotImplementedError("args.multiway: milkernels builds no MultiwayNetwork; build the upstream "
                                       "module and use DilatedAttention.from_module")
@@ -168,10 +199,14 @@ class DilatedAttention(nn.Module):
              f"key {tuple(key.shape)} or value {tuple(value.shape)} differs from query {tuple(query.shape)}"),
             (self.xpos is not None, "xpos is set"),
             (self.dropout > 0 and self.training, f"dropout={self.dropout} in training mode"),
-            (gathers_across_ranks(self.args, query.shape[1]),
-             "args.seq_parallel gathers keys and values across ranks"),
         ]
-        return next((reason for failed, reason in checks if failed), "")
+        problem = next((reason for failed, reason in checks if failed), "")
+        if not problem and self.process_group is None and gathers_across_ranks(self.args, query.shape[1]):
+            problem = seq_parallel_problem(self.args, query.shape[1], distributed_world_size())
+        if problem and self.process_group is not None:
+            raise ValueError(f"{type(self).__name__} has a process_group, but this call cannot take the fused path, "
+                             f"the only sequence-parallel one ({problem}): it runs when {self.fused_when}")
+        return problem
 
     def _upstream_forward(self, problem: str, inputs: tuple, options: dict):
         """``type(upstream).forward`` on this module's state (a throw-away instance of that class sharing this
@@ -185,14 +220,23 @@ class DilatedAttention(nn.Module):
         given = {name: value for name, value in options.items() if value is not None and value is not False}
         return cls.forward(view, *inputs, **given)
 
+    def _process_group(self, length: int):
+        """The group the op shards the bags over: :attr:`process_group`, else the default group where
+        ``args.seq_parallel`` gathers across ranks (:func:`gathers_across_ranks`), else None."""
+        if self.process_group is not None:
+            return self.process_group
+        return torch.distributed.group.WORLD if gathers_across_ranks(self.args, length) else None
+
     def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The fused path: ``out_proj(inner_attn_ln(dilated attention of the projections)): (B, N, E)``."""
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        if no_instances(q):
+        group = self._process_group(query.shape[1])
+        if group is None and no_instances(q):
             attn = 0 * (q + k + v)  # upstream cannot take it: the empty result, every projection in the graph
         else:
             heads = [t.unflatten(-1, (self.num_heads, -1)) for t in (q, k, v)]       # (B, N, H, head_dim)
-            attn = dilated_attention(*heads, self.segment_lengths, self.dilation_rates, mode="torchscale").flatten(-2)
+            attn = dilated_attention(*heads, self.segment_lengths, self.dilation_rates, mode="torchscale",
+                                     process_group=group).flatten(-2)
         if self.inner_attn_ln is not None:
             attn = self.inner_attn_ln(attn)
         return self.out_proj(attn)
