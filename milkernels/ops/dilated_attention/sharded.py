@@ -262,3 +262,24 @@ def _backward(ctx, d_out, d_lse):
 
 _window_forward_op.register_autograd(_backward, setup_context=_setup_context)
 _library.forbid_double_backward(_window_backward_op, OP_NAME)
+
+
+def _window_matmul_flops(q, window, segments, rates, mode) -> int:
+    """What the reference path of the same call computes: every position of the window's ``bags`` bags of N
+    (:func:`_reference`), so the counts do not depend on the backend."""
+    from . import _forward_matmul_flops
+
+    bags, length = window[:2]
+    return _forward_matmul_flops(q, [bag * length for bag in range(bags + 1)], segments, rates, mode)
+
+
+@_library.flop_formula("dilated_attention_window_forward")
+def _window_forward_flops(q, k, v, window, segments, rates, row_valid, scale, mode):
+    """The reference's score and value products over the whole bags (:func:`_window_matmul_flops`)."""
+    return _window_matmul_flops(q, window, segments, rates, mode)
+
+
+@_library.flop_formula("dilated_attention_window_backward")
+def _window_backward_flops(q, k, v, out, lse, d_out, window, segments, rates, row_valid, scale, mode):
+    """Twice the forward's, as the single-process op's."""
+    return 2 * _window_matmul_flops(q, window, segments, rates, mode)
