@@ -343,3 +343,20 @@ def test_lin_mil_peers_run_lin_mil_s_module(monkeypatch):
     monkeypatch.setattr(bench_linear, "LIN_MIL_MODULE", "no_such_lin_mil")
     with pytest.raises(registry.Skip, match="^cannot import no_such_lin_mil"):
         LIN_MIL_LAYER.peers["lin_mil"](LIN_MIL_LAYER)(*inputs)
+
+
+def test_world_size_sweeps_the_sequence_parallel_ops_on_spawned_ranks(tmp_path):
+    """``--world-size 2`` on the CPU: gloo ranks, one bag split across them; every op and pass is ok, with its
+    slowest rank's latency and the bytes its collectives moved (the backward's added to the forward's)."""
+    ops = "gated_attention,linear_attention_core,dilated_attention"
+    code = main(["sweep", "--world-size", "2", "--ops", ops, "--impls", "reference", "--sizes", "64", "--repeats",
+                 "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 0
+    meta, rows = _read_csv(tmp_path / "sharded.csv")
+    assert meta["world_size"] == "2"
+    by_key = {(row["op"], row["pass"]): row for row in rows}
+    assert set(by_key) == {(op, p) for op in ops.split(",") for p in ("fwd", "fwd_bwd")}
+    for op in ops.split(","):
+        forward, both = by_key[op, "fwd"], by_key[op, "fwd_bwd"]
+        assert forward["status"] == both["status"] == "ok", (forward, both)
+        assert 0 < float(forward["median_ms"]) and 0 < int(forward["comm_bytes"]) < int(both["comm_bytes"])

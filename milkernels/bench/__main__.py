@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import complexity, complexity_report, profile_cli, registry, report
+from . import complexity, complexity_report, profile_cli, registry, report, sharded_sweep
 from .roofline import device_peak
 from .sweep import SweepConfig, dims_text, flop_check, op_dims, run_sweep
 
@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="leave out the triton rows' kernel traffic and recompute factors (counted on the CPU)")
     sweep.add_argument("--peak-tflops", type=float, help="matmul peak for the roofline, overriding the table")
     sweep.add_argument("--peak-gbps", type=float, help="memory bandwidth for the roofline, overriding the table")
+    sweep.add_argument("--world-size", type=_at_least(1), default=1,
+                       help="above 1: the sequence-parallel ops (gated attention, linear attention, dilated attention) "
+                            "with one bag split over this many spawned ranks (one GPU each, else gloo on the CPU), "
+                            "their latency and communicated bytes, into sharded.csv")
     sweep.set_defaults(func=sweep_command)
     _add_complexity(commands)
     profile_cli.add_parser(commands, parse_size, DTYPES, default_out)
@@ -182,10 +186,25 @@ def sweep_command(args: argparse.Namespace, command: str) -> int:
     meta = report.metadata(cfg, {name: _dims_note(ops[name], dims[name]) for name in cfg.ops},
                            {name: flop_check(ops[name], dims[name]) for name in cfg.ops}, command)
     out = args.out or default_out(meta, cfg.device)
+    if args.world_size > 1:
+        return _sharded_sweep(cfg, args.world_size, meta, out)
     rows = run_sweep(cfg, checkpoint=lambda rows_so_far: report.write_results(out, meta, rows_so_far),
                      log_path=out / report.SWEEP_LOG)
     print(report.format_table(rows, meta))
     print("\n" + report.outcome_text(rows, out))
+    return 1 if any(row["status"] == "error" for row in rows) else 0
+
+
+def _sharded_sweep(cfg: SweepConfig, world_size: int, meta: dict, out: Path) -> int:
+    """The sequence-parallel sweep (:mod:`.sharded_sweep`): ``sharded.csv`` and ``.json`` in ``out``, a table;
+    1 if a case failed with an error."""
+    rows = sharded_sweep.run_sharded_sweep(cfg, world_size)
+    report.write_table(out, "sharded", {**meta, "world_size": world_size}, sharded_sweep.COLUMNS, rows)
+    for row in rows:
+        figures = (f"{row['median_ms']:10.3f} ms {row['comm_bytes']:>12} B" if row["status"] == "ok"
+                   else f"{row['status']}: {row['reason']}")
+        print(f"{row['op']:24} {row['impl']:10} N={row['n']:<8} {row['pass']:8} W={world_size}  {figures}")
+    print(f"\nwrote {out / 'sharded.csv'}")
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
 
