@@ -14,9 +14,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import _backends
+from ... import _backends, distributed
 from .. import _library
-from ... import distributed
 from .._bags import FLOAT_DTYPES, autocast_inputs, check_float, check_same_device, pack_bags
 from . import reference, sharded
 
@@ -100,11 +99,6 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], segments: li
     return kernels.forward(q, k, v, _plan(q, bounds, segments, rates, mode, row_valid), scale)
 
 
-@_forward_op.register_fake
-def _(q, k, v, bounds, segments, rates, row_valid, scale, mode):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
-
-
 @_library.custom_op("dilated_attention_backward")
 def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, bounds: list[int],
                  segments: list[int], rates: list[int], row_valid: Optional[Tensor], scale: float,
@@ -116,28 +110,66 @@ def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_ou
     return list(kernels.backward(q, k, v, out, lse, d_out.contiguous(), plan, scale))
 
 
-@_backward_op.register_fake
-def _(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid, scale, mode):
+@_library.custom_op("dilated_attention_window_forward")
+def _window_forward_op(q: Tensor, k: Tensor, v: Tensor, window: list[int], segments: list[int], rates: list[int],
+                       row_valid: Optional[Tensor], scale: float, mode: str) -> tuple[Tensor, Tensor]:
+    """The triton forward of a sequence-parallel rank's queries on the rows ``q, k, v: (bags * rows, H, dh)`` of
+    its window (:meth:`.sharded.Window.kernel_window`): ``out`` (q's dtype) and ``lse`` (float32), 0 and ``-inf``
+    on the rows that are not its queries."""
+    from . import triton as kernels
+
+    out, lse = kernels.forward(q, k, v, kernels.Plan(q, None, segments, rates, mode, row_valid, window), scale)
+    return sharded.cleared(out, window, *window[3:5], 0.0), sharded.cleared(lse, window, *window[3:5], -math.inf)
+
+
+@_library.custom_op("dilated_attention_window_backward")
+def _window_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, window: list[int],
+                        segments: list[int], rates: list[int], row_valid: Optional[Tensor], scale: float,
+                        mode: str) -> list[Tensor]:
+    """``[dq, dk, dv]`` of :func:`_window_forward_op`, each ``(bags * rows, H, dh)`` in q's dtype: dq on the
+    window's queries, dk and dv on the keys they reach, 0 elsewhere."""
+    from . import triton as kernels
+
+    plan = kernels.Plan(q, None, segments, rates, mode, row_valid, window)
+    d_q, d_k, d_v = kernels.backward(q, k, v, out, lse, d_out.contiguous(), plan, scale)
+    return [sharded.cleared(d_q, window, *window[3:5], 0.0)] + [sharded.cleared(t, window, *window[5:7], 0.0)
+                                                                 for t in (d_k, d_v)]
+
+
+def _forward_fake(q, k, v, where, segments, rates, row_valid, scale, mode):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+def _backward_fake(q, k, v, out, lse, d_out, where, segments, rates, row_valid, scale, mode):
     return [torch.empty_like(q) for _ in range(3)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bounds, segments, rates, row_valid, scale, mode = inputs
+    q, k, v, where, segments, rates, row_valid, scale, mode = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, row_valid)
-    ctx.options = (bounds, segments, rates, scale, mode)
+    ctx.options = (where, segments, rates, scale, mode)
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, d_out, d_lse):
-    q, k, v, out, lse, row_valid = ctx.saved_tensors
-    bounds, segments, rates, scale, mode = ctx.options
-    d_q, d_k, d_v = _backward_op(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid, scale, mode)
-    return d_q, d_k, d_v, None, None, None, None, None, None
+def _register(forward_op, backward_op) -> None:
+    """Fakes and autograd of a forward op and its backward op (arguments: q, k, v, then where the rows are: the
+    bags' ``bounds`` or a ``window``, then the branches, mask, scale and mode)."""
+
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, row_valid = ctx.saved_tensors
+        where, segments, rates, scale, mode = ctx.options
+        d_q, d_k, d_v = backward_op(q, k, v, out, lse, d_out, where, segments, rates, row_valid, scale, mode)
+        return d_q, d_k, d_v, None, None, None, None, None, None
+
+    forward_op.register_fake(_forward_fake)
+    backward_op.register_fake(_backward_fake)
+    forward_op.register_autograd(backward, setup_context=_setup_context)
+    _library.forbid_double_backward(backward_op, OP_NAME)
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
-_library.forbid_double_backward(_backward_op, OP_NAME)
+_register(_forward_op, _backward_op)
+_register(_window_forward_op, _window_backward_op)
 
 
 def _bag_flops(length: int, heads: int, head_dim: int, segments, rates, mode: str) -> int:
@@ -175,6 +207,25 @@ def _backward_flops(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid
     skips some of these products, which these arguments cannot tell.
     """
     return 2 * _forward_matmul_flops(q, bounds, segments, rates, mode)
+
+
+def _window_matmul_flops(q, window, segments, rates, mode) -> int:
+    """What the reference path of the same call computes: every position of the window's ``bags`` bags of N
+    (:func:`.sharded.attend`), so the counts do not depend on the backend."""
+    bags, length = window[:2]
+    return _forward_matmul_flops(q, [bag * length for bag in range(bags + 1)], segments, rates, mode)
+
+
+@_library.flop_formula("dilated_attention_window_forward")
+def _window_forward_flops(q, k, v, window, segments, rates, row_valid, scale, mode):
+    """The reference's score and value products over the whole bags (:func:`_window_matmul_flops`)."""
+    return _window_matmul_flops(q, window, segments, rates, mode)
+
+
+@_library.flop_formula("dilated_attention_window_backward")
+def _window_backward_flops(q, k, v, out, lse, d_out, window, segments, rates, row_valid, scale, mode):
+    """Twice the forward's, as the single-process op's."""
+    return 2 * _window_matmul_flops(q, window, segments, rates, mode)
 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "torchscale", softmax_scale=None,
@@ -242,5 +293,6 @@ def _sharded_call(q, k, v, mask, cu_seqlens, segments, rates, scale, mode, proce
                          f"got {', '.join(shifted)}: torchscale moves such branches' outputs between segments")
     backend = _backends.choose(OP_NAME, q.device, lambda name: _reasons(name, q, [0, length], segments, rates, mode))
     padded_k, padded_v = (t if t.dim() == 4 else t[None] for t in (k, v))
-    out, lse = sharded.attend(padded, padded_k, padded_v, mask, segments, rates, scale, mode, name, backend, bounds)
+    out, lse = sharded.attend(padded, padded_k, padded_v, mask, segments, rates, scale, mode, name, backend, bounds,
+                              _window_forward_op)
     return (out, lse.float()) if q.dim() == 4 else (out[0], lse[0].float())

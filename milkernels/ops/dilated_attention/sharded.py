@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -32,7 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import distributed
-from .. import _library
 from . import reference
 
 OP_NAME = "dilated_attention"
@@ -151,10 +149,12 @@ def exchange(local: Tensor, view: Window, spans, rates, group_name: str) -> Tens
     return buffer.permute(2, 0, 1, 3)
 
 
-def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: str, backend: str, bounds):
+def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: str, backend: str, bounds,
+           window_op):
     """This rank's ``(out: (B, n, H, dh), lse: (B, n, H))`` for its shard ``q, k, v: (B, n, H, dh)`` (``mask: (B,
     n)`` or None, exact mode only) of bags sharded over the ranks of ``group_name`` at ``bounds``
-    (:func:`shard_bounds`)."""
+    (:func:`shard_bounds`); the triton path runs ``window_op`` (the custom op
+    ``milkernels::dilated_attention_window_forward``) on the window."""
     bags, _, heads, head_dim = q.shape
     group = distributed.resolve(group_name)
     spans = reference.segment_spans(segments, rates, bounds[-1], mode)
@@ -167,7 +167,7 @@ def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: 
     q_window = F.pad(q, (0, 0, 0, 0, first - view.start, view.stop - stop))
     if backend == "reference":
         return _reference(q_window, k_window, v_window, valid, view, segments, rates, scale, mode)
-    out, lse = _window_forward_op(*(t.flatten(0, 1) for t in (q_window, k_window, v_window)), view.kernel_window(bags),
+    out, lse = window_op(*(t.flatten(0, 1) for t in (q_window, k_window, v_window)), view.kernel_window(bags),
                                   list(segments), list(rates), None if valid is None else valid.flatten(),
                                   scale, mode)
     queries = slice(first - view.start, stop - view.start)
@@ -200,86 +200,10 @@ def _reference(q, k, v, valid, view: Window, segments, rates, scale, mode):
     return out.unflatten(0, (bags, length))[:, queries], lse.unflatten(0, (bags, length))[:, queries]
 
 
-def _cleared(rows: Tensor, window: list[int], first: int, stop: int, value: float) -> Tensor:
+def cleared(rows: Tensor, window: list[int], first: int, stop: int, value: float) -> Tensor:
     """``rows: (bags * window rows, ...)`` with every row outside positions ``[first, stop)`` set to ``value``."""
     per_bag = rows.view(window[0], -1, *rows.shape[1:])
     offset = window[2]
     per_bag[:, :max(first - offset, 0)] = value
     per_bag[:, max(stop - offset, 0):] = value
     return rows
-
-
-@_library.custom_op("dilated_attention_window_forward")
-def _window_forward_op(q: Tensor, k: Tensor, v: Tensor, window: list[int], segments: list[int], rates: list[int],
-                       row_valid: Optional[Tensor], scale: float, mode: str) -> tuple[Tensor, Tensor]:
-    """The triton forward of the queries of a :class:`Window` (``window``: :meth:`Window.kernel_window`) on its
-    rows ``q, k, v: (bags * rows, H, dh)``: ``out`` (q's dtype) and ``lse`` (float32), 0 and ``-inf`` on the rows
-    that are not the window's queries."""
-    from . import triton as kernels
-
-    plan = kernels.Plan(q, None, segments, rates, mode, row_valid, window)
-    out, lse = kernels.forward(q, k, v, plan, scale)
-    return _cleared(out, window, *window[3:5], 0.0), _cleared(lse, window, *window[3:5], -math.inf)
-
-
-@_window_forward_op.register_fake
-def _(q, k, v, window, segments, rates, row_valid, scale, mode):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
-
-
-@_library.custom_op("dilated_attention_window_backward")
-def _window_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, window: list[int],
-                        segments: list[int], rates: list[int], row_valid: Optional[Tensor], scale: float,
-                        mode: str) -> list[Tensor]:
-    """``[dq, dk, dv]`` of :func:`_window_forward_op`, each ``(bags * rows, H, dh)`` in q's dtype: dq on the
-    window's queries, dk and dv on the keys they reach, 0 elsewhere."""
-    from . import triton as kernels
-
-    plan = kernels.Plan(q, None, segments, rates, mode, row_valid, window)
-    d_q, d_k, d_v = kernels.backward(q, k, v, out, lse, d_out.contiguous(), plan, scale)
-    return [_cleared(d_q, window, *window[3:5], 0.0)] + [_cleared(t, window, *window[5:7], 0.0) for t in (d_k, d_v)]
-
-
-@_window_backward_op.register_fake
-def _(q, k, v, out, lse, d_out, window, segments, rates, row_valid, scale, mode):
-    return [torch.empty_like(q) for _ in range(3)]
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, window, segments, rates, row_valid, scale, mode = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_valid)
-    ctx.options = (window, segments, rates, scale, mode)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, d_out, d_lse):
-    q, k, v, out, lse, row_valid = ctx.saved_tensors
-    window, segments, rates, scale, mode = ctx.options
-    d_q, d_k, d_v = _window_backward_op(q, k, v, out, lse, d_out, window, segments, rates, row_valid, scale, mode)
-    return d_q, d_k, d_v, None, None, None, None, None, None
-
-
-_window_forward_op.register_autograd(_backward, setup_context=_setup_context)
-_library.forbid_double_backward(_window_backward_op, OP_NAME)
-
-
-def _window_matmul_flops(q, window, segments, rates, mode) -> int:
-    """What the reference path of the same call computes: every position of the window's ``bags`` bags of N
-    (:func:`_reference`), so the counts do not depend on the backend."""
-    from . import _forward_matmul_flops
-
-    bags, length = window[:2]
-    return _forward_matmul_flops(q, [bag * length for bag in range(bags + 1)], segments, rates, mode)
-
-
-@_library.flop_formula("dilated_attention_window_forward")
-def _window_forward_flops(q, k, v, window, segments, rates, row_valid, scale, mode):
-    """The reference's score and value products over the whole bags (:func:`_window_matmul_flops`)."""
-    return _window_matmul_flops(q, window, segments, rates, mode)
-
-
-@_library.flop_formula("dilated_attention_window_backward")
-def _window_backward_flops(q, k, v, out, lse, d_out, window, segments, rates, row_valid, scale, mode):
-    """Twice the forward's, as the single-process op's."""
-    return 2 * _window_matmul_flops(q, window, segments, rates, mode)

@@ -15,8 +15,9 @@ of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % L
 - Backward: a query kernel writes ``dq`` and the per-row ``D`` (``exact``: ``dout . out``;
   ``torchscale``: ``D_i = dout . out_i`` per branch, from sums over the branch's keys in the same pass,
   since upstream's merge weights take no gradient: ``dS = P (dP - D_i)`` with ``P = exp(s - lse)``);
-  a key kernel, one program per key block, walks the queries of each branch it belongs to and writes
-  ``dk`` and ``dv``. No atomics: deterministic.
+  a key kernel, one program per key block, walks the queries of each branch it belongs to (those at
+  positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``. No
+  atomics: deterministic.
 
 Supported: every branch with ``r`` dividing ``sl = min(w, N)`` or a single segment (``w >= N``);
 otherwise torchscale shifts the rows of later segments, which only the reference reproduces
@@ -36,6 +37,7 @@ from .._blocks import dot_flags, new_buffer
 from .reference import segment_spans
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+ALL_POSITIONS = 2**30  # the key kernel's query range stop on whole bags: past every bag (and int32-safe)
 
 
 def block_size(head_dim: int, segments, rates, longest_bag: int, mode: str) -> int:
@@ -124,6 +126,13 @@ def _kept_rows(t, sl, r, g, lsp):
     """Segment and bag position of kept-row index ``t`` of a branch."""
     segment = t // lsp
     return segment, segment * sl + (t - segment * lsp) * r + g
+
+
+@triton.jit
+def _kept_index(position, sl, r, g, lsp):
+    """The kept-row index of a branch's first kept row at or after bag position ``position``."""
+    segment = position // sl
+    return segment * lsp + tl.minimum(tl.maximum(tl.cdiv(position - segment * sl - g, r), 0), lsp)
 
 
 @triton.jit
@@ -300,7 +309,7 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
 @triton.jit
 def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_ptr, d_k_ptr, d_v_ptr,
                      start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
-                     T, H, dh, R, num_branches, scale,
+                     T, H, dh, R, num_branches, scale, query_start, query_stop,
                      EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
                      DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
     head = tl.program_id(1)
@@ -315,8 +324,11 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
         if residue % r == g:
             key_segment = keys // sl
-            t_end = tl.minimum((last_key // sl + 1) * lsp, real_end)
-            for t0 in range(tl.min(keys // sl, axis=0) * lsp, t_end, BLOCK):
+            # the queries of the keys' segments, those at positions [query_start, query_stop) only
+            t_end = tl.minimum(tl.minimum((last_key // sl + 1) * lsp, real_end),
+                               _kept_index(query_stop, sl, r, g, lsp))
+            t_start = tl.maximum(tl.min(keys // sl, axis=0) * lsp, _kept_index(query_start, sl, r, g, lsp))
+            for t0 in range(t_start, t_end, BLOCK):
                 t = t0 + tl.arange(0, BLOCK)
                 query_segment, queries = _kept_rows(t, sl, r, g, lsp)
                 query_ok = _row_valid(valid_ptr, queries, t < t_end, start, HAS_MASK)
@@ -374,8 +386,10 @@ class Plan:
             longest = longest_bag(bounds)
             query_spans = key_spans = [(start, stop - start, 0, stop - start)
                                        for start, stop in zip(bounds[:-1], bounds[1:])]
+            self.queries = (0, ALL_POSITIONS)
         else:
             longest, query_spans, key_spans = window_spans(self.rows, window)
+            self.queries = tuple(window[3:5])
         self.block = block_size(self.head_dim, segments, rates, longest, mode)
         self.query_blocks = residue_blocks(query_spans, self.period, self.block, q.device)
         self.key_blocks = residue_blocks(key_spans, self.period, self.block, q.device)
@@ -431,7 +445,7 @@ def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
                                        *common, **plan.flags)
     if key_grid[0]:
         _key_grad_kernel[key_grid](q, k, v, plan.valid(q), lse, d_out, delta, d_k, d_v, *plan.key_blocks, *common,
-                                   **plan.flags)
+                                   *plan.queries, **plan.flags)
     return d_q, d_k, d_v
 
 
@@ -472,4 +486,5 @@ def shipped_specializations():
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
                                                 delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
                 yield (_key_grad_kernel, dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_k_ptr=ptr,
-                                              d_v_ptr=ptr, **blocks, T="i32", **sizes), flags, warps, aligned)
+                                              d_v_ptr=ptr, **blocks, T="i32", **sizes, query_start="i32",
+                                              query_stop="i32"), flags, warps, aligned)
