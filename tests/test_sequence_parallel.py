@@ -338,6 +338,27 @@ def test_dilated_communication_near_the_minimum(backend):
     run_ranks(2, check_dilated_communication, backend)
 
 
+@pytest.mark.parametrize("mode, masked", [("torchscale", False), ("exact", True)])
+def test_window_ops_pass_opcheck(mode, masked):
+    """The window custom ops on rank 1 of shards (20, 17), two bags: fake, autograd and schema checks."""
+    from milkernels.ops.dilated_attention import reference, sharded
+    from milkernels.ops.dilated_attention import triton as kernels
+
+    segments, rates = [8, 16], [1, 2]
+    spans = reference.segment_spans(segments, rates, 37, mode)
+    view = sharded.window([0, 20, 37], 1, spans, kernels.block_size(8, segments, rates, 37, mode) * 2)
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2 * view.rows, 3, 8, generator=generator, requires_grad=True) for _ in range(3))
+    row_valid = torch.rand(2 * view.rows, generator=generator) > 0.3 if masked else None
+    args = [q, k, v, view.kernel_window(2), segments, rates, row_valid, 0.25, mode]
+    torch.library.opcheck(torch.ops.milkernels.dilated_attention_window_forward, args)
+    with torch.no_grad():
+        out, lse = torch.ops.milkernels.dilated_attention_window_forward(*args)
+    detached = [t.detach() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.milkernels.dilated_attention_window_backward,
+                          [*detached, out, lse, torch.randn_like(out), *args[3:]])
+
+
 def check_swapped_seq_parallel(rank: int, world_size: int, backend: str) -> None:
     """lin-mil's DilatedAttention (torchscale's, ``seq_parallel=True``; its flash kernel, and its all-gather, which
     allocates on CUDA, in plain torch) gathers keys across the default group; swapped, it gives each rank the same
