@@ -348,7 +348,7 @@ def test_lin_mil_peers_run_lin_mil_s_module(monkeypatch):
 def test_world_size_sweeps_the_sequence_parallel_ops_on_spawned_ranks(tmp_path):
     """``--world-size 2`` on the CPU: gloo ranks, one bag split across them; every op and pass is ok, with its
     slowest rank's latency and the bytes its collectives moved (the backward's added to the forward's)."""
-    ops = "gated_attention,linear_attention_core,dilated_attention"
+    ops = "gated_attention,litemil_pool,linear_attention_core,dilated_attention"
     code = main(["sweep", "--world-size", "2", "--ops", ops, "--impls", "reference", "--sizes", "64", "--repeats",
                  "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)])
     assert code == 0

@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--peak-tflops", type=float, help="matmul peak for the roofline, overriding the table")
     sweep.add_argument("--peak-gbps", type=float, help="memory bandwidth for the roofline, overriding the table")
     sweep.add_argument("--world-size", type=_at_least(1), default=1,
-                       help="above 1: the sequence-parallel ops (gated attention, linear attention, dilated attention) "
-                            "with one bag split over this many spawned ranks (one GPU each, else gloo on the CPU), "
-                            "their latency and communicated bytes, into sharded.csv")
+                       help="above 1: the sequence-parallel ops (gated attention, LiteMIL pooling, linear attention, "
+                            "dilated attention) with one bag split over this many spawned ranks (one GPU each, else "
+                            "gloo on the CPU), their latency and communicated bytes, into sharded.csv")
     sweep.set_defaults(func=sweep_command)
     _add_complexity(commands)
     profile_cli.add_parser(commands, parse_size, DTYPES, default_out)

@@ -176,19 +176,22 @@ def _mha_module(cls: type, dim: int, heads: int, dtype: torch.dtype, device: tor
     return cls(dim, heads, batch_first=True).to(device=device, dtype=dtype)
 
 
-def _mha_pool(cls: type, x, query, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias):
-    """``cls``'s forward from the learned query to the bag ``x: (1, N, D)``: ``(1, 1, D)``."""
+def _mha_pool(cls: type, x, query, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, process_group=None):
+    """``cls``'s forward from the learned query to the bag ``x: (1, N, D)``: ``(1, 1, D)`` (with a
+    ``process_group``, milkernels' module, sequence parallel: ``x`` is this rank's shard)."""
     module = _mha_module(cls, x.shape[-1], in_proj_bias.shape[1], x.dtype, x.device)
+    if process_group is not None:
+        module.process_group = process_group
     state = {"in_proj_weight": in_proj_weight, "in_proj_bias": in_proj_bias.flatten(),
              "out_proj.weight": out_proj_weight, "out_proj.bias": out_proj_bias}
     return functional_call(module, state, (query, x, x), {"need_weights": False})[0]
 
 
-def litemil_pool(*inputs):
+def litemil_pool(*inputs, process_group=None):
     """:class:`milkernels.nn.query_attention.MultiheadAttention` on the inputs (imported on the first call)."""
     from ..nn.query_attention import MultiheadAttention
 
-    return _mha_pool(MultiheadAttention, *inputs)
+    return _mha_pool(MultiheadAttention, *inputs, process_group=process_group)
 
 
 def build_pool(n: int, dims: dict, dtype: torch.dtype, device: torch.device) -> tuple:

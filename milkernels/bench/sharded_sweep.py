@@ -25,6 +25,7 @@ from .._backends import BackendUnavailable, use_backend
 from ..ops import dilated_attention, gated_attention_pool, lin_mil_attention
 from . import registry
 from .dilated_attention import branches_of
+from .query_attention import litemil_pool
 from .sweep import PASSES, SweepConfig, dims_text, fwd_bwd_step, forward_step, grad_outputs, op_dims
 from .timing import summarize, time_step
 
@@ -47,9 +48,14 @@ def _dilated(inputs, group):
     return dilated_attention(q, k, v, *branches_of(markers), process_group=group)
 
 
+def _litemil(inputs, group):
+    return litemil_pool(*inputs, process_group=group)
+
+
 SHARDED: dict[str, tuple[dict, Callable]] = {
     # op: ({input index: its row axis}, the op on a rank's inputs with a process group)
     "gated_attention": ({0: 0}, _gated),
+    "litemil_pool": ({0: 1}, _litemil),
     "linear_attention_core": ({0: 1}, _linear),
     "dilated_attention": ({0: 1, 1: 1, 2: 1}, _dilated),
 }

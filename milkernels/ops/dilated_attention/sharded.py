@@ -168,8 +168,7 @@ def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: 
     if backend == "reference":
         return _reference(q_window, k_window, v_window, valid, view, segments, rates, scale, mode)
     out, lse = window_op(*(t.flatten(0, 1) for t in (q_window, k_window, v_window)), view.kernel_window(bags),
-                                  list(segments), list(rates), None if valid is None else valid.flatten(),
-                                  scale, mode)
+                         list(segments), list(rates), None if valid is None else valid.flatten(), scale, mode)
     queries = slice(first - view.start, stop - view.start)
     return out.unflatten(0, (bags, -1))[:, queries], lse.unflatten(0, (bags, -1))[:, queries]
 
@@ -185,8 +184,7 @@ def _overshoot(backend: str, head_dim: int, segments, rates, length: int, mode: 
 
 def _reference(q, k, v, valid, view: Window, segments, rates, scale, mode):
     """:func:`attend` on the reference: a bag of N positions, zero outside the window."""
-    bags, _, heads, head_dim = q.shape
-    length = view.bounds[-1]
+    bags, length = q.shape[0], view.bounds[-1]
     padding = (0, 0, 0, 0, view.start, length - view.stop)
     whole = [F.pad(t, padding).flatten(0, 1) for t in (q, k, v)]
     row_valid = None
