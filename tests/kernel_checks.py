@@ -78,3 +78,13 @@ def assert_double_backward_raises(fn, inputs, public_name, **kwargs):
     penalty = sum(g.square().sum() for g in grads)
     with pytest.raises(RuntimeError, match=rf"milkernels\.{public_name}: double backward .* is not supported"):
         penalty.backward()
+
+
+def opcheck_attention_ops(forward_op, backward_op, args):
+    """``torch.library.opcheck`` of an attention forward op on ``args = [q, k, v, *options]`` (returning ``(out,
+    lse)``), then of its backward op on ``[q, k, v, out, lse, d_out, *options]``."""
+    torch.library.opcheck(forward_op, args)
+    with torch.no_grad():
+        out, lse = forward_op(*args)
+    detached = [t.detach() for t in args[:3]]
+    torch.library.opcheck(backward_op, [*detached, out, lse, torch.randn_like(out), *args[3:]])

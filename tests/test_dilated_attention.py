@@ -230,12 +230,8 @@ def test_opcheck(mode, masked):
     q, k, v = make_qkv((23, 3, 16), seed=12)
     row_valid = torch.rand(23) > 0.3 if masked else None
     args = [q, k, v, [0, 9, 23], [8, 16], [1, 2], row_valid, 0.25, mode]
-    torch.library.opcheck(torch.ops.milkernels.dilated_attention_forward, args)
-    with torch.no_grad():
-        out, lse = torch.ops.milkernels.dilated_attention_forward(*args)
-    detached = [t.detach() for t in (q, k, v)]
-    torch.library.opcheck(torch.ops.milkernels.dilated_attention_backward,
-                          [*detached, out, lse, torch.randn_like(out), *args[3:]])
+    kernel_checks.opcheck_attention_ops(torch.ops.milkernels.dilated_attention_forward,
+                                        torch.ops.milkernels.dilated_attention_backward, args)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import milkernels
 from milkernels.distributed import all_reduce_gradients, counting_communication
 from milkernels.zoo.gigapath import LongNetArgs
+import kernel_checks
 from sharding import SHARDS, assert_close, bag_rows, device, run_ranks, shard_rows
 
 BACKENDS = ("reference", "triton")
@@ -351,12 +352,8 @@ def test_window_ops_pass_opcheck(mode, masked):
     q, k, v = (torch.randn(2 * view.rows, 3, 8, generator=generator, requires_grad=True) for _ in range(3))
     row_valid = torch.rand(2 * view.rows, generator=generator) > 0.3 if masked else None
     args = [q, k, v, view.kernel_window(2), segments, rates, row_valid, 0.25, mode]
-    torch.library.opcheck(torch.ops.milkernels.dilated_attention_window_forward, args)
-    with torch.no_grad():
-        out, lse = torch.ops.milkernels.dilated_attention_window_forward(*args)
-    detached = [t.detach() for t in (q, k, v)]
-    torch.library.opcheck(torch.ops.milkernels.dilated_attention_window_backward,
-                          [*detached, out, lse, torch.randn_like(out), *args[3:]])
+    kernel_checks.opcheck_attention_ops(torch.ops.milkernels.dilated_attention_window_forward,
+                                        torch.ops.milkernels.dilated_attention_window_backward, args)
 
 
 def check_swapped_seq_parallel(rank: int, world_size: int, backend: str) -> None:
