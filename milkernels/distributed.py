@@ -130,7 +130,8 @@ def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], process_group
 
 def set_process_group(model: torch.nn.Module, process_group) -> list[str]:
     """Make every sequence-parallel milkernels module in ``model`` (a ``process_group`` attribute: gated attention
-    pooling, query attention, linear attention) use ``process_group`` (None: back to whole bags on each rank).
+    pooling, query attention, linear attention, dilated attention) use ``process_group`` (None: back to whole bags
+    on each rank).
     Returns their names in ``model``."""
     if process_group is not None:
         group_name(process_group)

@@ -123,15 +123,16 @@ def _probe_like(module: nn.Module) -> tuple:
     return torch.float16, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@contextlib.contextmanager
 def probe_context(module: nn.Module):
     """float16 autocast where the parameters are float32 on the GPU (flash-attention wants 16-bit inputs), and
-    :func:`without_seq_parallel`."""
-    stack = contextlib.ExitStack()
+    :func:`without_seq_parallel`; entered by the ``with`` that takes it, not before."""
     dtype, device = _probe_like(module)
-    if device.type == "cuda" and dtype == torch.float32:
-        stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
-    stack.enter_context(without_seq_parallel(module))
-    return stack
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda" and dtype == torch.float32:
+            stack.enter_context(torch.autocast("cuda", dtype=torch.float16))
+        stack.enter_context(without_seq_parallel(module))
+        yield
 
 
 @contextlib.contextmanager

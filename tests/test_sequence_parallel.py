@@ -403,6 +403,32 @@ def check_dilated_refusals(rank: int, world_size: int) -> None:
         module(q.flatten(1)[None].float(), q.flatten(1)[None].float(), q.flatten(1)[None].float())
 
 
+def check_dilated_edge_cases(rank: int, world_size: int) -> None:
+    group, rows = dist.group.WORLD, shard_rows(rank, world_size)
+    q = torch.randn(1, bag_rows(world_size), 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    weights = torch.tensor([1.0, -1.0, 0.0, 0.5]).repeat(10)[:bag_rows(world_size)][None].to(torch.float64)
+    results = [milkernels.ops.dilated_attention(q[:, rows], q[:, rows], q[:, rows], [8], [2], mode="exact",
+                                                mask=mask[:, rows], process_group=group)
+               for mask in (weights, weights != 0)]
+    assert_close(results[0], results[1], f"rank {rank}: a float mask counts its nonzero entries")
+    with pytest.raises(ValueError, match=r"mask must have shape \(B, n\)"):
+        milkernels.ops.dilated_attention(q[:, rows], q[:, rows], q[:, rows], [8], [2], mode="exact",
+                                         mask=weights[:, :3], process_group=group)
+    for empty in (q[:0, rows], q[:, :0]):
+        out = milkernels.ops.dilated_attention(empty, empty, empty, [8], [2], process_group=group)
+        assert out.shape == empty.shape
+    mine = q[:, rows].clone().requires_grad_(rank == 0)
+    with pytest.raises(ValueError, match="disagree on grad"):
+        milkernels.ops.dilated_attention(mine, mine, mine, [8], [2], process_group=group)
+
+
+def test_dilated_edge_cases():
+    """A float key mask counts its nonzero entries, as without a group; a mask of another shape is a
+    ValueError; bags without rows on any rank give empty results; ranks that disagree on taking gradients
+    (the backward's exchange is a collective) get a ValueError."""
+    run_ranks(2, check_dilated_edge_cases)
+
+
 def test_dilated_refusals_are_value_errors():
     run_ranks(2, check_dilated_refusals)
 

@@ -281,12 +281,21 @@ def _sharded_call(q, k, v, mask, cu_seqlens, segments, rates, scale, mode, proce
     group = distributed.resolve(name)
     padded = q if q.dim() == 4 else q[None]
     bags, rows, heads, head_dim = padded.shape
+    if mask is not None:
+        check_same_device(q=q, mask=mask)
+        if tuple(mask.shape) != (bags, rows):
+            raise ValueError(f"mask must have shape (B, n) = {(bags, rows)}, got {tuple(mask.shape)}")
+    # the backward's exchange is a collective: every rank must take it, or none
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     distributed.check_same_sizes(group, OP_NAME, q.device, bags=bags, heads=heads, head_dim=head_dim,
                                  dtype=FLOAT_DTYPES.index(q.dtype), mode=MODES.index(mode), masked=mask is not None,
-                                 scale=scale, branches=len(segments), **{f"w{i}": w for i, w in enumerate(segments)},
+                                 grad=grad, scale=scale, branches=len(segments),
+                                 **{f"w{i}": w for i, w in enumerate(segments)},
                                  **{f"r{i}": r for i, r in enumerate(rates)})
     bounds = sharded.shard_bounds(rows, group, q.device)
     length = bounds[-1]
+    if bags == 0 or length == 0:  # every rank's shard is empty: nothing to exchange
+        return q * 0, q.new_full(q.shape[:-1], -math.inf, dtype=torch.float32)
     shifted = [f"(w={w}, r={r})" for w, r in zip(segments, rates) if mode == "torchscale" and w < length and w % r]
     if shifted:
         raise ValueError(f"sequence-parallel dilated attention needs each r to divide its w or w >= N (N={length}), "

@@ -1,7 +1,7 @@
 """Sequence-parallel dilated attention: every bag's N positions split into contiguous shards over the ranks of a
 process group (the contract is :mod:`milkernels.distributed`'s).
 
-Rank ``ρ`` holds positions ``[a_ρ, a_ρ+1)`` of every bag (the bounds come from one all-reduce of the shard sizes).
+Rank ``ρ`` holds positions ``[a_ρ, a_(ρ+1))`` of every bag (the bounds come from one all-reduce of the shard sizes).
 In branch ``i`` (segments of ``sl_i`` positions, :func:`.reference.segment_spans` of the bag's N; rate ``r_i``;
 head ``h`` in group ``g_i(h) = h // ceil(H / r_i)``), the query at position ``p`` of head ``h`` attends, when
 ``p = g_i(h) (mod r_i)``, to the keys of its segment at the positions ``= g_i(h) (mod r_i)``. So a rank needs from
@@ -159,7 +159,7 @@ def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: 
     group = distributed.resolve(group_name)
     spans = reference.segment_spans(segments, rates, bounds[-1], mode)
     view = window(bounds, group.rank(), spans, _overshoot(backend, head_dim, segments, rates, bounds[-1], mode))
-    parts = [k, v] if mask is None else [k, v, mask[..., None, None].to(k.dtype).expand(-1, -1, heads, 1)]
+    parts = [k, v] if mask is None else [k, v, mask[..., None, None].ne(0).to(k.dtype).expand(-1, -1, heads, 1)]
     buffer = exchange(torch.cat(parts, dim=-1), view, spans, rates, group_name)
     k_window, v_window = (t.contiguous() for t in buffer[..., :2 * head_dim].split(head_dim, dim=-1))
     valid = None if mask is None else buffer[..., -1].amax(dim=-1) > 0                 # (B, rows)
