@@ -19,7 +19,7 @@ $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
 
 bench: $(STAMP)
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \

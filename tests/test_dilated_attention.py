@@ -93,6 +93,22 @@ def test_half_precision(mode, dtype):
     kernel_checks.compare(lambda *t: dilated_attention(*t, *SMALL, mode=mode), [q, k, v], dtype)
 
 
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 48), (torch.float32, 48), (torch.float32, 40)])
+def test_head_dim_as_two_tiles(mode, dtype, head_dim, monkeypatch):
+    """dh of 33 to 48 in fp16/bf16 on 64-row blocks runs as tiles of 32 and 16 (GigaPath's 48 is 48 columns, not 64);
+    fp32 takes them here too, for a tighter comparison, and dh = 40 leaves 8 of the tail's columns masked."""
+    assert kernels.head_tiles(48, torch.bfloat16, 64) == (32, 16) and kernels.head_tiles(48, torch.float32, 64)[1] == 0
+    if dtype == torch.float32:
+        monkeypatch.setattr(kernels, "head_tiles", lambda head_dim, dtype, block: (32, 16))
+    q, k, v = make_qkv((2, 130, 2, head_dim), dtype=dtype, seed=head_dim)
+    branches = ([128, 256], [1, 2])  # 64-row blocks in both modes: every segment holds 64 positions of each residue
+    assert kernels.block_size(head_dim, *branches, 130, mode) == 64
+    return_lse = dtype == torch.float32  # compare checks every output in the inputs' dtype; lse is fp32
+    kernel_checks.compare(lambda *t: dilated_attention(*t, *branches, mode=mode, return_lse=return_lse), [q, k, v],
+                          dtype)
+
+
 def test_exact_padded_bags_with_mask():
     q, k, v = make_qkv((3, 50, 4, 16), seed=4)
     mask = torch.ones(3, 50, dtype=torch.bool)
@@ -259,10 +275,12 @@ def test_double_backward_on_the_reference():
 
 GEMM_FLOPS_PER_BYTE = 80  # issue 12: tl.dot FLOPs per requested byte of a flash kernel in bf16 (H100's L2 bound)
 MARGIN = 1.1  # where a budget is not met, how much worse than measured a figure may get before the test fails
+RECOMPUTE_BUDGET = 1.3  # issue 12: dot FLOPs over the useful ones
 MEASURED_FLOPS_PER_BYTE = {  # dot FLOPs per requested byte at test_traffic_within_budget's shape
-    torch.bfloat16: dict(_forward_kernel=78.6, _query_grad_kernel=145.7, _key_grad_kernel=141.2),
+    torch.bfloat16: dict(_forward_kernel=59.0, _query_grad_kernel=109.3, _key_grad_kernel=105.9),
     torch.float32: dict(_forward_kernel=39.3, _query_grad_kernel=73.0, _key_grad_kernel=71.9),
 }
+MEASURED_RECOMPUTE = {torch.bfloat16: (1.0, 2.0), torch.float32: (4 / 3, 8 / 3)}  # dot over useful FLOPs: fwd, bwd
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -270,13 +288,13 @@ def test_traffic_within_budget(dtype):
     """Torchscale mode on one bag of 1024 rows, H = 2 heads of Prov-GigaPath's dh = 48, branches [512, 1024] x
     [1, 2] (GigaPath's rule from 512 to 1024).
 
-    Issue 12's budgets. 80 dot FLOPs per requested byte: forward bf16 78.6, not met (fp32 39.3); dq 145.7 and dk/dv
-    141.2, met (fp32 73.0, 71.9), but only by counting padding and recomputed products: per useful FLOP the
-    forward does 59 a byte, the backward 54. Dot FLOPs within 1.3x of the useful 4 dh per attended pair (backward
-    8 dh): not met, forward 1.33x, backward 2.67x: dh = 48 runs as a 64-wide tile (4/3), and the backward forms 8
-    products of each tile pair where 4 are useful: both kernels recompute S and dP, and the dq kernel takes both
-    dS K and P K (each branch's D_i is known only after its pass). Where not met, the measured figure is held
-    within 10%."""
+    Issue 12's budgets, in bf16. Dot FLOPs within 1.3x of the useful 4 dh per attended pair (backward 8 dh):
+    forward met, 1.00x (dh = 48 runs as tiles of 32 and 16; as one 64-wide tile, as fp32 still does, 1.33x);
+    backward not met, 2.00x (fp32 2.67x): it forms 8 products of each tile pair where 4 are useful, since both
+    kernels recompute S and dP and the dq kernel takes both dS K and P K (each branch's D_i is known only after
+    its pass). 80 dot FLOPs per requested byte: the forward 59.0, not met (k and v are read once per 64 query
+    rows; fp32 39.3 with its padding); dq 109.3 and dk/dv 105.9, met, but only by counting the recomputed
+    products (fp32 73.0, 71.9). Where not met, the measured figure is held within 10%."""
     length, heads, head_dim, segments, rates = 1024, 2, 48, [512, 1024], [1, 2]
     q, k, v = make_qkv((length, heads, head_dim), dtype=dtype, seed=21)
     with milkernels.use_backend("triton"):
@@ -288,8 +306,10 @@ def test_traffic_within_budget(dtype):
     for name, measured in MEASURED_FLOPS_PER_BYTE[dtype].items():
         counts = (forward.by_kernel | backward.by_kernel)[name]
         assert counts.dot_flops >= min(GEMM_FLOPS_PER_BYTE, measured / MARGIN) * counts.requested_bytes, name
-    assert forward.dot_flops <= MARGIN * 4 / 3 * useful
-    assert backward.dot_flops <= MARGIN * 8 / 3 * 2 * useful
+    forward_recompute, backward_recompute = MEASURED_RECOMPUTE[dtype]
+    assert forward.dot_flops == forward_recompute * useful
+    assert forward.dot_flops <= RECOMPUTE_BUDGET * useful or dtype == torch.float32
+    assert backward.dot_flops <= MARGIN * backward_recompute * 2 * useful
 
 
 test_compiles_for_sm90 = aot.sm90_test(kernels)

@@ -19,6 +19,10 @@ of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % L
   positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``. No
   atomics: deterministic.
 
+Head dim: a tile of the next power of two, or two tiles side by side (:func:`head_tiles`: 32 + 16 for
+Prov-GigaPath's dh = 48 in fp16/bf16), so that the products take 48 columns, not 64; every q, k, v, out and
+gradient tile is then a pair ``(main, tail)`` and every product over or into the head dim two products.
+
 Supported: every branch with ``r`` dividing ``sl = min(w, N)`` or a single segment (``w >= N``);
 otherwise torchscale shifts the rows of later segments, which only the reference reproduces
 (:func:`unsupported_branches`).
@@ -54,8 +58,18 @@ def block_size(head_dim: int, segments, rates, longest_bag: int, mode: str) -> i
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """The head dim as a tile width: the next power of two, at least 32."""
+    """The head dim as one tile width: the next power of two, at least 32."""
     return max(32, triton.next_power_of_2(head_dim))
+
+
+def head_tiles(head_dim: int, dtype, block: int) -> tuple[int, int]:
+    """The head dim as the widths ``(main, tail)`` of two tiles side by side: ``(32, 16)`` for 32 < dh <= 48
+    (Prov-GigaPath's 48) in fp16/bf16 on 64-row blocks, 48 columns where one padded tile has 64. Else
+    ``(padded_head_dim, 0)``: there the two tiles spill on sm_90 (fp32's tf32x3 products; the torchscale dq
+    kernel on 32-row blocks)."""
+    if 32 < head_dim <= 48 and dtype in (torch.float16, torch.bfloat16) and block == 64:
+        return 32, 16
+    return padded_head_dim(head_dim), 0
 
 
 def longest_bag(bounds) -> int:
@@ -171,19 +185,61 @@ def _counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
 
 
 @triton.jit
-def _load_rows(ptr, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr):
-    """Rows ``start + rows`` of head ``head`` from ``(T, H, dh)``: ``(len(rows), BLOCK_DH)``; 0 where not ok."""
-    d = tl.arange(0, BLOCK_DH)
+def _load_columns(ptr, rows, ok, start, head, H, dh, FIRST: tl.constexpr, WIDTH: tl.constexpr):
+    """Columns ``FIRST .. FIRST + WIDTH`` of rows ``start + rows`` of head ``head`` from ``(T, H, dh)``:
+    ``(len(rows), WIDTH)``; 0 where not ok or past dh."""
+    d = FIRST + tl.arange(0, WIDTH)
     offsets = ((start + rows).to(tl.int64) * H + head) * dh
     return tl.load(ptr + offsets[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < dh), other=0.0)
 
 
 @triton.jit
-def _store_rows(ptr, value, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr):
-    d = tl.arange(0, BLOCK_DH)
+def _load_rows(ptr, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
+    """Rows ``start + rows`` of head ``head`` from ``(T, H, dh)`` as the tiles ``(main, tail)``: columns
+    ``[0, BLOCK_DH)`` and ``[BLOCK_DH, BLOCK_DH + TAIL_DH)`` (a zero tile of 16 never read when TAIL_DH is 0)."""
+    main = _load_columns(ptr, rows, ok, start, head, H, dh, 0, BLOCK_DH)
+    if TAIL_DH > 0:
+        tail = _load_columns(ptr, rows, ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    else:
+        tail = tl.zeros([rows.shape[0], 16], main.dtype)
+    return main, tail
+
+
+@triton.jit
+def _store_columns(ptr, value, rows, ok, start, head, H, dh, FIRST: tl.constexpr, WIDTH: tl.constexpr):
+    d = FIRST + tl.arange(0, WIDTH)
     offsets = ((start + rows).to(tl.int64) * H + head) * dh
     tl.store(ptr + offsets[:, None] + d[None, :], value.to(ptr.dtype.element_ty),
              mask=ok[:, None] & (d[None, :] < dh))
+
+
+@triton.jit
+def _store_rows(ptr, main, tail, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
+    """Write the tiles ``(main, tail)`` of :func:`_load_rows` to rows ``start + rows`` of head ``head``."""
+    _store_columns(ptr, main, rows, ok, start, head, H, dh, 0, BLOCK_DH)
+    if TAIL_DH > 0:
+        _store_columns(ptr, tail, rows, ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+
+
+@triton.jit
+def _mm_t(a, a_tail, b, b_tail, like_ptr, TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr,
+          FP32_PRECISION: tl.constexpr):
+    """``a @ b^T`` over the head dim of two tiled rows (:func:`_load_rows`): ``(len(a), len(b))`` fp32."""
+    product = _mm(a, tl.trans(b), like_ptr, DOT_FP32, FP32_PRECISION)
+    if TAIL_DH > 0:
+        product += _mm(a_tail, tl.trans(b_tail), like_ptr, DOT_FP32, FP32_PRECISION)
+    return product
+
+
+@triton.jit
+def _mm_rows(p, b, b_tail, like_ptr, TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """``p @ b`` for tiled rows ``b`` (:func:`_load_rows`), as the tiles ``(main, tail)`` in fp32."""
+    main = _mm(p, b, like_ptr, DOT_FP32, FP32_PRECISION)
+    if TAIL_DH > 0:
+        tail = _mm(p, b_tail, like_ptr, DOT_FP32, FP32_PRECISION)
+    else:
+        tail = tl.zeros([p.shape[0], 16], tl.float32)
+    return main, tail
 
 
 @triton.jit
@@ -194,34 +250,37 @@ def _row_valid(valid_ptr, rows, ok, start, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, rows_ok, q, q_ptr, k_ptr, v_ptr, valid_ptr, segment_ptr,
-              rate_ptr, start, head, H, dh, scale, EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
-              BLOCK_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+def _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, rows_ok, q, q_tail, q_ptr, k_ptr, v_ptr, valid_ptr,
+              segment_ptr, rate_ptr, start, head, H, dh, scale, EXACT: tl.constexpr, HAS_MASK: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr,
+              FP32_PRECISION: tl.constexpr):
     """The keys ``t0 .. t0 + BLOCK`` (kept-row indices, below ``t_end``) of branch ``i`` for the block's rows:
-    ``k, v: (BLOCK, BLOCK_DH)``, the scaled scores ``q k^T: (BLOCK, BLOCK)`` and which pairs count (same
-    segment, key real and unmasked, row in ``rows_ok``; in exact mode not already given by an earlier branch)."""
+    ``k, v`` as tiles ``(main, tail)`` (:func:`_load_rows`), the scaled scores ``q k^T: (BLOCK, BLOCK)`` and which
+    pairs count (same segment, key real and unmasked, row in ``rows_ok``; in exact mode not already given by an
+    earlier branch)."""
     key_segment, keys = _kept_rows(t0 + tl.arange(0, BLOCK), sl, r, g, lsp)
     key_ok = _row_valid(valid_ptr, keys, t0 + tl.arange(0, BLOCK) < t_end, start, HAS_MASK)
-    k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
-    v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
-    scores = _mm(q, tl.trans(k), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+    k, k_tail = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    v, v_tail = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    scores = _mm_t(q, q_tail, k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION) * scale
     allowed = ((rows // sl)[:, None] == key_segment[None, :]) & key_ok[None, :] & rows_ok[:, None]
     if EXACT:
         allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
-    return k, v, scores, allowed
+    return k, k_tail, v, v_tail, scores, allowed
 
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr, length_ptr, residue_ptr, first_ptr,
                     segment_ptr, rate_ptr, H, dh, R, num_branches, scale,
                     EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
-                    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+                    TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
     head = tl.program_id(1)
     start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
-    q = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH)
+    q, q_tail = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
     m = tl.full([BLOCK], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    acc_tail = tl.zeros(q_tail.shape, tl.float32)
     last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
     for i in range(0, num_branches):
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
@@ -232,23 +291,29 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr,
                 alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
                 l = l * alpha + zeros * tl.exp(-tl.where(zeros > 0, m_new, 0.0))
                 acc = acc * alpha[:, None]
+                acc_tail = acc_tail * alpha[:, None]
                 m = m_new
             t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
             for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
-                k, v, scores, allowed = _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, row_ok, q, q_ptr, k_ptr,
-                                                  v_ptr, valid_ptr, segment_ptr, rate_ptr, start, head, H, dh, scale,
-                                                  EXACT, HAS_MASK, BLOCK, BLOCK_DH, DOT_FP32, FP32_PRECISION)
+                k, k_tail, v, v_tail, scores, allowed = _key_tile(
+                    t0, t_end, i, sl, r, g, lsp, residue, rows, row_ok, q, q_tail, q_ptr, k_ptr, v_ptr, valid_ptr,
+                    segment_ptr, rate_ptr, start, head, H, dh, scale, EXACT, HAS_MASK, BLOCK, BLOCK_DH, TAIL_DH,
+                    DOT_FP32, FP32_PRECISION)
                 scores = tl.where(allowed, scores, float("-inf"))
                 m_new = tl.maximum(m, tl.max(scores, axis=1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.exp(scores - m_safe[:, None])
                 alpha = tl.exp(m - m_safe)
                 l = l * alpha + tl.sum(p, axis=1)
-                acc = acc * alpha[:, None] + _mm(p, v, q_ptr, DOT_FP32, FP32_PRECISION)
+                pv, pv_tail = _mm_rows(p, v, v_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
+                acc = acc * alpha[:, None] + pv
+                acc_tail = acc_tail * alpha[:, None] + pv_tail
                 m = m_new
     has_keys = _row_valid(valid_ptr, rows, row_ok, start, HAS_MASK) & (l > 0)
-    out = tl.where(has_keys[:, None], acc / tl.where(has_keys, l, 1.0)[:, None], 0.0)
-    _store_rows(out_ptr, out, rows, row_ok, start, head, H, dh, BLOCK_DH)
+    l_safe = tl.where(has_keys, l, 1.0)[:, None]
+    out = tl.where(has_keys[:, None], acc / l_safe, 0.0)
+    out_tail = tl.where(has_keys[:, None], acc_tail / l_safe, 0.0)
+    _store_rows(out_ptr, out, out_tail, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
     lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
     tl.store(lse_ptr + (start + rows).to(tl.int64) * H + head, lse, mask=row_ok)
 
@@ -258,22 +323,27 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
                        start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
                        T, H, dh, R, num_branches, scale,
                        EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
-                       DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+                       TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
     head = tl.program_id(1)
     start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     live = _row_valid(valid_ptr, rows, row_ok, start, HAS_MASK)
-    q = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH)
-    d_out = _load_rows(d_out_ptr, rows, live, start, head, H, dh, BLOCK_DH).to(tl.float32)
+    q, q_tail = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    d_out, d_out_tail = _load_rows(d_out_ptr, rows, live, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    d_out, d_out_tail = d_out.to(tl.float32), d_out_tail.to(tl.float32)
     lse = tl.load(lse_ptr + (start + rows).to(tl.int64) * H + head, mask=row_ok, other=float("-inf"))
     live &= lse > float("-inf")
     lse = tl.where(live, lse, 0.0)
     delta_rows = (start + rows).to(tl.int64) * H + head
     # exact mode's D = dout . out; in torchscale mode the shift that each branch's D_i is taken relative to
     # (close to all of them), so the bf16/fp16 products below round small differences, not large terms
-    delta = tl.sum(d_out * _load_rows(out_ptr, rows, live, start, head, H, dh, BLOCK_DH).to(tl.float32), axis=1)
+    out, out_tail = _load_rows(out_ptr, rows, live, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    delta = tl.sum(d_out * out.to(tl.float32), axis=1)
+    if TAIL_DH > 0:
+        delta += tl.sum(d_out_tail * out_tail.to(tl.float32), axis=1)
     if EXACT:
         tl.store(delta_ptr + delta_rows, delta, mask=row_ok)
     d_q = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    d_q_tail = tl.zeros(q_tail.shape, tl.float32)
     last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
     for i in range(0, num_branches):
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
@@ -282,28 +352,37 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
                 mass = tl.where(live, _zero_keys(rows, length, sl, r, g, lsp) * tl.exp(-lse), 0.0)
                 weighted = -delta * mass  # the zero keys' p (dP - delta), with dP = 0
                 a = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+                a_tail = tl.zeros(q_tail.shape, tl.float32)
                 b = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+                b_tail = tl.zeros(q_tail.shape, tl.float32)
             t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
             for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
-                k, v, scores, allowed = _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, live, q, q_ptr, k_ptr,
-                                                  v_ptr, valid_ptr, segment_ptr, rate_ptr, start, head, H, dh, scale,
-                                                  EXACT, HAS_MASK, BLOCK, BLOCK_DH, DOT_FP32, FP32_PRECISION)
+                k, k_tail, v, v_tail, scores, allowed = _key_tile(
+                    t0, t_end, i, sl, r, g, lsp, residue, rows, live, q, q_tail, q_ptr, k_ptr, v_ptr, valid_ptr,
+                    segment_ptr, rate_ptr, start, head, H, dh, scale, EXACT, HAS_MASK, BLOCK, BLOCK_DH, TAIL_DH,
+                    DOT_FP32, FP32_PRECISION)
                 p = tl.where(allowed, tl.exp(scores - lse[:, None]), 0.0)
-                d_p = _mm(d_out, tl.trans(v), q_ptr, DOT_FP32, FP32_PRECISION)
+                d_p = _mm_t(d_out, d_out_tail, v, v_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
                 d_s = p * (d_p - delta[:, None])
+                d_s_k, d_s_k_tail = _mm_rows(d_s, k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
                 if EXACT:
-                    d_q += _mm(d_s, k, q_ptr, DOT_FP32, FP32_PRECISION)
+                    d_q += d_s_k
+                    d_q_tail += d_s_k_tail
                 else:
                     mass += tl.sum(p, axis=1)
                     weighted += tl.sum(d_s, axis=1)
-                    a += _mm(d_s, k, q_ptr, DOT_FP32, FP32_PRECISION)
-                    b += _mm(p, k, q_ptr, DOT_FP32, FP32_PRECISION)
+                    p_k, p_k_tail = _mm_rows(p, k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
+                    a += d_s_k
+                    a_tail += d_s_k_tail
+                    b += p_k
+                    b_tail += p_k_tail
             if not EXACT:
                 # D_i = delta + weighted / mass, and dq_i = sum p (dP - D_i) k = a - (D_i - delta) b
                 shift = tl.where(mass > 0, weighted / tl.where(mass > 0, mass, 1.0), 0.0)
                 d_q += a - shift[:, None] * b
+                d_q_tail += a_tail - shift[:, None] * b_tail
                 tl.store(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + delta_rows, delta + shift, mask=row_ok)
-    _store_rows(d_q_ptr, d_q * scale, rows, row_ok, start, head, H, dh, BLOCK_DH)
+    _store_rows(d_q_ptr, d_q * scale, d_q_tail * scale, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
 
 
 @triton.jit
@@ -311,14 +390,16 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                      start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
                      T, H, dh, R, num_branches, scale, query_start, query_stop,
                      EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
-                     DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+                     TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
     head = tl.program_id(1)
     start, length, residue, keys, key_exists = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     key_ok = _row_valid(valid_ptr, keys, key_exists, start, HAS_MASK)
-    k = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
-    v = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH)
+    k, k_tail = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    v, v_tail = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
     d_k = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    d_k_tail = tl.zeros(k_tail.shape, tl.float32)
     d_v = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    d_v_tail = tl.zeros(k_tail.shape, tl.float32)
     last_key = tl.max(tl.where(key_exists, keys, 0), axis=0)
     for i in range(0, num_branches):
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
@@ -332,8 +413,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                 t = t0 + tl.arange(0, BLOCK)
                 query_segment, queries = _kept_rows(t, sl, r, g, lsp)
                 query_ok = _row_valid(valid_ptr, queries, t < t_end, start, HAS_MASK)
-                q = _load_rows(q_ptr, queries, query_ok, start, head, H, dh, BLOCK_DH)
-                d_out = _load_rows(d_out_ptr, queries, query_ok, start, head, H, dh, BLOCK_DH)
+                q, q_tail = _load_rows(q_ptr, queries, query_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+                d_out, d_out_tail = _load_rows(d_out_ptr, queries, query_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
                 query_rows = (start + queries).to(tl.int64) * H + head
                 lse = tl.load(lse_ptr + query_rows, mask=query_ok, other=float("-inf"))
                 query_ok &= lse > float("-inf")
@@ -341,16 +422,21 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                     delta = tl.load(delta_ptr + query_rows, mask=query_ok, other=0.0)
                 else:
                     delta = tl.load(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + query_rows, mask=query_ok, other=0.0)
-                scores_t = _mm(k, tl.trans(q), q_ptr, DOT_FP32, FP32_PRECISION) * scale
+                scores_t = _mm_t(k, k_tail, q, q_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION) * scale
                 allowed = (key_segment[:, None] == query_segment[None, :]) & key_ok[:, None] & query_ok[None, :]
                 if EXACT:
                     allowed &= ~_counted_before(i, queries[None, :], keys[:, None], segment_ptr, rate_ptr, head, H)
                 p_t = tl.where(allowed, tl.exp(scores_t - tl.where(query_ok, lse, 0.0)[None, :]), 0.0)
-                d_v += _mm(p_t, d_out, q_ptr, DOT_FP32, FP32_PRECISION)
-                d_p_t = _mm(v, tl.trans(d_out), q_ptr, DOT_FP32, FP32_PRECISION)
-                d_k += _mm(p_t * (d_p_t - delta[None, :]), q, q_ptr, DOT_FP32, FP32_PRECISION)
-    _store_rows(d_k_ptr, d_k * scale, keys, key_exists, start, head, H, dh, BLOCK_DH)
-    _store_rows(d_v_ptr, d_v, keys, key_exists, start, head, H, dh, BLOCK_DH)
+                p_t_d_out, p_t_d_out_tail = _mm_rows(p_t, d_out, d_out_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
+                d_v += p_t_d_out
+                d_v_tail += p_t_d_out_tail
+                d_p_t = _mm_t(v, v_tail, d_out, d_out_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
+                d_s_q, d_s_q_tail = _mm_rows(p_t * (d_p_t - delta[None, :]), q, q_tail, q_ptr, TAIL_DH, DOT_FP32,
+                                             FP32_PRECISION)
+                d_k += d_s_q
+                d_k_tail += d_s_q_tail
+    _store_rows(d_k_ptr, d_k * scale, d_k_tail * scale, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    _store_rows(d_v_ptr, d_v, d_v_tail, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH)
 
 
 def residue_blocks(spans, period: int, block: int, device) -> list[torch.Tensor]:
@@ -396,9 +482,10 @@ class Plan:
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
                          for values in (segment_spans(segments, rates, longest, mode), rates)]
         self.row_valid = row_valid
-        block_dh = padded_head_dim(self.head_dim)
+        block_dh, tail_dh = head_tiles(self.head_dim, q.dtype, self.block)
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block, BLOCK_DH=block_dh,
-                          **dot_flags(q.dtype, triton_interpreted()), num_warps=num_warps(self.block, block_dh))
+                          TAIL_DH=tail_dh, **dot_flags(q.dtype, triton_interpreted()),
+                          num_warps=num_warps(self.block, padded_head_dim(self.head_dim)))
 
     def sizes(self) -> tuple:
         return self.heads, self.head_dim, self.period, self.branches[0].numel()
@@ -475,9 +562,10 @@ def shipped_specializations():
             for exact, has_mask in _AOT_MODES:
                 if not _launched(dtype, head_dim, block, exact):
                     continue
-                flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block, BLOCK_DH=padded_head_dim(head_dim),
+                block_dh, tail_dh = head_tiles(head_dim, dtype, block)
+                flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block, BLOCK_DH=block_dh, TAIL_DH=tail_dh,
                              **dot_flags(dtype, interpreted=False))
-                warps = num_warps(block, flags["BLOCK_DH"])
+                warps = num_warps(block, padded_head_dim(head_dim))
                 blocks = dict(start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
                               segment_ptr="*i32", rate_ptr="*i32")
                 sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
