@@ -97,16 +97,26 @@ def test_half_precision(mode, dtype):
 @pytest.mark.parametrize("dtype, head_dim", [(torch.float16, 48), (torch.float32, 48), (torch.float32, 40)])
 def test_head_dim_as_two_tiles(mode, dtype, head_dim, monkeypatch):
     """dh of 33 to 48 in fp16/bf16 on 64-row blocks runs as tiles of 32 and 16 (GigaPath's 48 is 48 columns, not 64);
-    fp32 takes them here too, for a tighter comparison, and dh = 40 leaves 8 of the tail's columns masked."""
-    assert kernels.head_tiles(48, torch.bfloat16, 64) == (32, 16) and kernels.head_tiles(48, torch.float32, 64)[1] == 0
+    fp32 takes them here too, for a tighter comparison, and dh = 40 leaves 8 of the tail's columns masked. Scores
+    all negative, and the branch with zero-padded keys second, so those keys raise the running max and rescale
+    what the first branch accumulated."""
     if dtype == torch.float32:
         monkeypatch.setattr(kernels, "head_tiles", lambda head_dim, dtype, block: (32, 16))
-    q, k, v = make_qkv((2, 130, 2, head_dim), dtype=dtype, seed=head_dim)
-    branches = ([128, 256], [1, 2])  # 64-row blocks in both modes: every segment holds 64 positions of each residue
+    q, k, v = make_qkv((2, 130, 2, head_dim), seed=head_dim)
+    q, k, v = [t.detach().to(dtype).requires_grad_() for t in (q.abs(), -k.abs(), v)]
+    branches = ([256, 128], [2, 1])  # 64-row blocks in both modes: every segment holds 64 positions of each residue
     assert kernels.block_size(head_dim, *branches, 130, mode) == 64
     return_lse = dtype == torch.float32  # compare checks every output in the inputs' dtype; lse is fp32
     kernel_checks.compare(lambda *t: dilated_attention(*t, *branches, mode=mode, return_lse=return_lse), [q, k, v],
                           dtype)
+
+
+def test_head_tiles_split_only_33_to_48_in_half_precision_on_64_row_blocks():
+    for dtype in (torch.float16, torch.bfloat16):
+        assert [kernels.head_tiles(head_dim, dtype, 64) for head_dim in (16, 32, 33, 48, 49, 64, 96)] == [
+            (32, 0), (32, 0), (32, 16), (32, 16), (64, 0), (64, 0), (128, 0)]
+        assert kernels.head_tiles(48, dtype, 32) == (64, 0)
+    assert kernels.head_tiles(48, torch.float32, 64) == (64, 0)
 
 
 def test_exact_padded_bags_with_mask():

@@ -20,7 +20,7 @@ of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % L
   atomics: deterministic.
 
 Head dim: a tile of the next power of two, or two tiles side by side (:func:`head_tiles`: 32 + 16 for
-Prov-GigaPath's dh = 48 in fp16/bf16), so that the products take 48 columns, not 64; every q, k, v, out and
+Prov-GigaPath's dh = 48 in fp16/bf16 on 64-row blocks), so that the products take 48 columns, not 64; every q, k, v, out and
 gradient tile is then a pair ``(main, tail)`` and every product over or into the head dim two products.
 
 Supported: every branch with ``r`` dividing ``sl = min(w, N)`` or a single segment (``w >= N``);
@@ -196,7 +196,8 @@ def _load_columns(ptr, rows, ok, start, head, H, dh, FIRST: tl.constexpr, WIDTH:
 @triton.jit
 def _load_rows(ptr, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
     """Rows ``start + rows`` of head ``head`` from ``(T, H, dh)`` as the tiles ``(main, tail)``: columns
-    ``[0, BLOCK_DH)`` and ``[BLOCK_DH, BLOCK_DH + TAIL_DH)`` (a zero tile of 16 never read when TAIL_DH is 0)."""
+    ``[0, BLOCK_DH)`` and ``[BLOCK_DH, BLOCK_DH + TAIL_DH)`` (when TAIL_DH is 0, a zero tile of 16
+    columns, never loaded, stored or multiplied)."""
     main = _load_columns(ptr, rows, ok, start, head, H, dh, 0, BLOCK_DH)
     if TAIL_DH > 0:
         tail = _load_columns(ptr, rows, ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
@@ -536,8 +537,9 @@ def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
     return d_q, d_k, d_v
 
 
-_AOT_SHAPES = ((16, 48, 64), (16, 48, 32), (8, 32, 64), (8, 32, 32), (8, 128, 32), (4, 256, 32))
-"""(H, dh, rows per program): GigaPath's, and every head-dim tile (32, 64, 128, 256) with each block it takes."""
+_AOT_SHAPES = ((16, 48, 64), (16, 48, 32), (16, 64, 64), (8, 32, 64), (8, 32, 32), (8, 128, 32), (4, 256, 32))
+"""(H, dh, rows per program): GigaPath's (in fp16/bf16 on 64-row blocks as tiles of 32 and 16), and every one-tile
+head dim (32, 64, 128, 256) with each block it takes."""
 _AOT_MODES = ((False, False), (True, False), (True, True))  # (EXACT, HAS_MASK): torchscale takes no mask
 
 
@@ -552,10 +554,11 @@ def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
-    dtypes, head dims padded to 32, 64, 128 and 256 with each block size they take, torchscale mode and
-    exact mode with and without a mask (where :func:`_launched`); ``aligned`` names H and dh where the
-    example shape has them as multiples of 16.
+    dtypes, the head tiles (:func:`head_tiles`) of 32, 32 + 16, 64, 128 and 256 columns with each block size
+    they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once;
+    ``aligned`` names H and dh where the example shape has them as multiples of 16.
     """
+    seen = set()
     for dtype, ptr in _POINTER_TYPES.items():
         for heads, head_dim, block in _AOT_SHAPES:
             aligned = tuple(name for name, size in (("H", heads), ("dh", head_dim)) if size % 16 == 0)
@@ -566,6 +569,9 @@ def shipped_specializations():
                 flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block, BLOCK_DH=block_dh, TAIL_DH=tail_dh,
                              **dot_flags(dtype, interpreted=False))
                 warps = num_warps(block, padded_head_dim(head_dim))
+                if (dtype, tuple(flags.items()), aligned) in seen:  # fp32 takes one 64-wide tile at dh 48 and 64
+                    continue
+                seen.add((dtype, tuple(flags.items()), aligned))
                 blocks = dict(start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
                               segment_ptr="*i32", rate_ptr="*i32")
                 sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
