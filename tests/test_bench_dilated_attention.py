@@ -108,7 +108,7 @@ def test_cpu_sweep_runs_end_to_end(tmp_path):
     impls = ("reference", "triton", "sdpa_dense")
     code = main(["sweep", "--ops", "dilated_attention", "--impls", ",".join(impls), "--sizes", "50,128",
                  "--dims", "H=4,dh=8,W_min=16,W_max=64,M=3", "--repeats", "2", "--warmup", "1", "--device", "cpu",
-                 "--out", str(tmp_path)])
+                 "--out", str(tmp_path), "--no-traffic"])  # the traffic columns: tests/test_bench.py (2 min here)
     assert code == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["metadata"]["flop_check"]["dilated_attention"] == {"n": 128, "fwd": 1.0, "fwd_bwd": 1.0}
