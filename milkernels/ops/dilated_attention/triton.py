@@ -20,8 +20,9 @@ of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % L
   atomics: deterministic.
 
 Head dim: a tile of the next power of two, or two tiles side by side (:func:`head_tiles`: 32 + 16 for
-Prov-GigaPath's dh = 48 in fp16/bf16 on 64-row blocks), so that the products take 48 columns, not 64; every q, k, v, out and
-gradient tile is then a pair ``(main, tail)`` and every product over or into the head dim two products.
+Prov-GigaPath's dh = 48 in fp16/bf16 on 64-row blocks), so that the products take 48 columns, not 64; every
+q, k, v, out and gradient tile is then a pair ``(main, tail)`` and every product over or into the head dim
+two products.
 
 Supported: every branch with ``r`` dividing ``sl = min(w, N)`` or a single segment (``w >= N``);
 otherwise torchscale shifts the rows of later segments, which only the reference reproduces
@@ -569,9 +570,10 @@ def shipped_specializations():
                 flags = dict(EXACT=exact, HAS_MASK=has_mask, BLOCK=block, BLOCK_DH=block_dh, TAIL_DH=tail_dh,
                              **dot_flags(dtype, interpreted=False))
                 warps = num_warps(block, padded_head_dim(head_dim))
-                if (dtype, tuple(flags.items()), aligned) in seen:  # fp32 takes one 64-wide tile at dh 48 and 64
+                key = (dtype, tuple(flags.items()), aligned)
+                if key in seen:  # fp32 takes one 64-wide tile at dh 48 and 64
                     continue
-                seen.add((dtype, tuple(flags.items()), aligned))
+                seen.add(key)
                 blocks = dict(start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
                               segment_ptr="*i32", rate_ptr="*i32")
                 sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
