@@ -41,8 +41,14 @@ def dots_kernel(a, b, c, a3, b3, c3):
 
 
 @triton.jit
-def atomic_add_kernel(dst):
-    tl.atomic_add(dst + tl.arange(0, 4), 1.0)
+def atomic_add_kernel(dst, n):
+    offsets = tl.arange(0, 4)
+    tl.atomic_add(dst + offsets, 1.0, mask=offsets < n, sem="relaxed")
+
+
+@triton.jit
+def compare_and_swap_kernel(dst):
+    tl.atomic_cas(dst, 0.0, 1.0)
 
 
 def masked_copy(src, dst, block):
@@ -149,13 +155,21 @@ def test_methods_restored_after_an_exception():
     assert (counts.launches, counts.load_bytes) == (1, 32)
 
 
-def test_atomics_refused_rather_than_miscounted():
+def test_atomic_adds_count_their_lanes_read_and_written():
     dst = torch.zeros(4)
-    with pytest.raises(Exception, match="cannot count create_atomic_rmw"):
+    with counting() as counts:
+        atomic_add_kernel[(2,)](dst, 3)
+    assert (counts.load_bytes, counts.store_bytes, counts.launches) == (2 * 3 * 4, 2 * 3 * 4, 1)
+    assert torch.equal(dst, torch.tensor([2.0, 2.0, 2.0, 0.0]))
+
+
+def test_compare_and_swap_refused_rather_than_miscounted():
+    dst = torch.zeros(1)
+    with pytest.raises(Exception, match="cannot count create_atomic_cas"):
         with counting():
-            atomic_add_kernel[(1,)](dst)
-    atomic_add_kernel[(1,)](dst)
-    assert torch.equal(dst, torch.ones(4))
+            compare_and_swap_kernel[(1,)](dst)
+    compare_and_swap_kernel[(1,)](dst)
+    assert torch.equal(dst, torch.ones(1))
 
 
 def test_refuses_to_count_without_the_interpreter(monkeypatch):

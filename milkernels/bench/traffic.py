@@ -23,10 +23,12 @@ How: for the length of the block, methods of the interpreter's classes are swapp
 and then call the method they replaced. ``InterpreterBuilder.create_masked_load`` and
 ``create_masked_store`` see every load and store exactly once: the unmasked ``create_load`` and
 ``create_store`` call them with an all-true mask, as do the atomic loads and stores, and the tensor
-descriptor loads and stores call them with the descriptor's bounds as the mask. ``create_dot`` sees the
-dots and ``GridExecutor.__call__`` the launches. Work the counter cannot size raises NotImplementedError
-rather than going uncounted: ``create_atomic_rmw`` and ``create_atomic_cas`` (read-modify-write) and
-``create_dot_scaled`` (packed operands). Block pointers (``tl.make_block_ptr``) are gone from this Triton:
+descriptor loads and stores call them with the descriptor's bounds as the mask. ``create_atomic_rmw`` (an
+atomic add and the like) counts its lanes' bytes as read and as written: the read-modify-write the memory system
+does, though the GPU sends the bytes only one way (a ``red``), so this is the upper figure. ``create_dot`` sees
+the dots and ``GridExecutor.__call__`` the launches. Work the counter cannot size raises NotImplementedError
+rather than going uncounted: ``create_atomic_cas`` (a compare-and-swap's traffic depends on the loop around it)
+and ``create_dot_scaled`` (packed operands). Block pointers (``tl.make_block_ptr``) are gone from this Triton:
 they raise by themselves.
 
 Leaving the block puts back the methods it found, on an exception too. Blocks nest: each counts what runs
@@ -54,7 +56,7 @@ import triton
 from triton.runtime import interpreter
 
 _BUILDER = interpreter.InterpreterBuilder
-_REFUSED = ("create_atomic_rmw", "create_atomic_cas", "create_dot_scaled")
+_REFUSED = ("create_atomic_cas", "create_dot_scaled")
 
 
 @dataclasses.dataclass
@@ -105,6 +107,19 @@ def _count_stores(counts, store):
     return counted_store
 
 
+def _count_atomic_adds(counts, rmw):
+    """``create_atomic_rmw`` that adds the bytes it reads and writes (each lane whose mask is true, once each way) to
+    ``counts``, then calls ``rmw``."""
+
+    def counted_rmw(self, rmw_op, ptrs, value, mask, sem, scope):
+        lane_bytes = _lane_bytes(ptrs, mask)
+        counts.add("load_bytes", lane_bytes)
+        counts.add("store_bytes", lane_bytes)
+        return rmw(self, rmw_op, ptrs, value, mask, sem, scope)
+
+    return counted_rmw
+
+
 def _count_dots(counts, dot):
     """``create_dot`` that adds the FLOPs of (..., M, K) x (..., K, N) to ``counts``, then calls ``dot``."""
 
@@ -143,6 +158,7 @@ def _refusal(name):
 _COUNTERS = (
     (_BUILDER, "create_masked_load", _count_loads),
     (_BUILDER, "create_masked_store", _count_stores),
+    (_BUILDER, "create_atomic_rmw", _count_atomic_adds),
     (_BUILDER, "create_dot", _count_dots),
     (interpreter.GridExecutor, "__call__", _count_launches),
 )

@@ -1,5 +1,5 @@
 """Cross-attention with a residual LayerNorm in Triton: a flash forward with the norm in its epilogue and a
-deterministic four-kernel backward.
+two-kernel backward with an atomic dq (three kernels, deterministic, on request and in fp32).
 
 Layout. Rows are packed bags, ``xq, q: (Tq, E)`` and ``k, v: (Tk, E)`` (contiguous). A program holds every head
 of its rows as one 3-D tile ``(HP, rows, DHP)``: head ``h``, head column ``d`` is column ``h * dh + d``, with
@@ -17,10 +17,12 @@ value products are batched ``tl.dot`` over the heads.
 - Backward: ``_norm_grad_kernel`` (at most ``NORM_GRAD_PROGRAMS`` programs, each looping over every
   ``num_programs``-th block of ``NORM_GRAD_ROWS`` of the query rows, whatever their bags) writes ``dy = d xq``
   (the LayerNorm's gradient, which is also the gradient of ``A V``), ``D = rowsum(dy * attn)`` per head and
-  per-program partials of the weight and bias gradients (summed by torch); ``_query_grad_kernel`` (per query
-  block and key range) writes ``dq``;
-  ``_key_grad_kernel`` (per key block and query range) writes ``dk`` and ``dv``. With several ranges
-  they write fp32 partials that torch sums in a fixed order. No atomics: deterministic.
+  per-program partials of the weight and bias gradients (summed by torch); ``_key_grad_kernel`` (per key block
+  and query range) writes ``dk`` and ``dv``, and in fp16 / bf16 adds each query tile's ``dS K`` atomically to an
+  fp32 ``dq``: five products a tile (S, dP, dV, dK, dQ), FlashAttention-2's. Under
+  ``torch.use_deterministic_algorithms``, and always in fp32, ``dq`` comes instead from ``_query_grad_kernel``
+  (per query block and key range), which forms S and dP again (seven products) with no atomics. With several
+  ranges the kernels write fp32 partials that torch sums in a fixed order.
 
 Supported: ``HP * DHP <= 256`` and at most 8 heads (:func:`unsupported_shape`); other shapes run on the reference.
 """
@@ -113,6 +115,14 @@ and, at ``(1, 128)``, 64-row backward tiles, so each K, V element feeds twice th
 byte); none spills on sm_90 (``(2, 64)`` and wider do at 128 rows)."""
 
 
+_ATOMIC_KEY_TILES = {(1, 128): (16, 128)}
+"""``(BLOCK_M, BLOCK_N)`` of the fp16 / bf16 key kernel with the atomic ``dq`` (:func:`atomic_dq`) where they differ
+from the backward's: at ``(1, 128)`` (E = 128 in one head) 128 keys a program, so each query tile's atomic ``dq``
+adds and its q, dO reads feed twice the keys (bf16, 256 queries over 1024 keys: 79.7 dot FLOPs a requested byte
+where 64 x 64 gave 45.5); 16 query rows a step keep it from spilling on sm_90 (32 spill 104 B). Every other tile
+compiles the atomic kernel without a spill at the backward's tiles."""
+
+
 def config_for(tile: tuple[int, int], dtype, local: bool = False) -> Config:
     """The configuration of tile ``(HP, DHP)`` for inputs of ``dtype``, of the dense kernels or the ``local``
     ones."""
@@ -122,13 +132,16 @@ def config_for(tile: tuple[int, int], dtype, local: bool = False) -> Config:
 
 
 def kernel_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool, dots: bool = True,
-                 local: bool = False) -> dict:
+                 local: bool = False, atomic: bool = False) -> dict:
     """The constexprs and ``num_warps`` of a launch on tile ``(HP, DHP)``: the forward's or the backward's
     ``BLOCK_M`` and warps and, for the kernels that walk key or query tiles (``dots``), ``BLOCK_N`` and the dot
-    settings for ``dtype``; of the dense kernels or the ``local`` ones (:func:`config_for`)."""
+    settings for ``dtype``; of the dense kernels or the ``local`` ones (:func:`config_for`), or of the key kernel
+    with the ``atomic`` dq (:data:`_ATOMIC_KEY_TILES`)."""
     cfg = config_for(tile, dtype, local)
     block_m, block_n, warps = ((cfg.backward_m, cfg.backward_n, cfg.backward_warps) if backward
                                else (cfg.forward_m, cfg.forward_n, cfg.forward_warps))
+    if atomic:
+        block_m, block_n = _ATOMIC_KEY_TILES.get(tile, (block_m, block_n))
     flags = dict(HP=tile[0], DHP=tile[1], BLOCK_M=block_m, num_warps=warps)
     return dict(flags, BLOCK_N=block_n, **dot_flags(dtype, interpreted)) if dots else flags
 
@@ -153,6 +166,14 @@ def _store_heads(ptr, value, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.const
     cols, in_head = _columns(H, dh, HP, DHP)
     tl.store(ptr + rows.to(tl.int64)[None, :, None] * E + cols, value.to(ptr.dtype.element_ty),
              mask=in_head & ok[None, :, None])
+
+
+@triton.jit
+def _add_heads(ptr, value, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
+    """Add ``value: (HP, len(rows), DHP)`` to rows ``rows`` of the float32 ``(T, E)`` at ``ptr``, atomically."""
+    cols, in_head = _columns(H, dh, HP, DHP)
+    tl.atomic_add(ptr + rows.to(tl.int64)[None, :, None] * E + cols, value, mask=in_head & ok[None, :, None],
+                  sem="relaxed")
 
 
 @triton.jit
@@ -377,10 +398,19 @@ def _query_grad_step(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr
                      FP32_PRECISION: tl.constexpr):
     """One key tile's part of ``dq / scale`` for ``q, d_attn: (HP, BLOCK_M, DHP)`` over ``k, v: (HP, BLOCK_N,
     DHP)``; ``allowed`` broadcasts to ``(HP, BLOCK_M, BLOCK_N)``: which (query, key) pairs attend."""
+    _, d_scores = _score_grad(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr, DOT_FP32, FP32_PRECISION)
+    return _mm(d_scores, k, like_ptr, DOT_FP32, FP32_PRECISION)
+
+
+@triton.jit
+def _score_grad(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr, DOT_FP32: tl.constexpr,
+                FP32_PRECISION: tl.constexpr):
+    """The attention ``P`` and the scores' gradient ``dS = P * (dP - D)``, ``(HP, BLOCK_M, BLOCK_N)``, of one
+    query tile over one key tile: :func:`_query_grad_step`'s arguments."""
     scores = _mm(q, tl.trans(k, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
     p = tl.where(live[:, :, None] & allowed, tl.exp(scores - lse[:, :, None]), 0.0)
     d_p = _mm(d_attn, tl.trans(v, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
-    return _mm(p * (d_p - delta[:, :, None]), k, like_ptr, DOT_FP32, FP32_PRECISION)
+    return p, p * (d_p - delta[:, :, None])
 
 
 @triton.jit
@@ -418,11 +448,13 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d
 
 
 @triton.jit
-def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_attn_ptr, d_k_ptr, d_v_ptr,
+def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_attn_ptr, d_q_ptr, d_k_ptr, d_v_ptr,
                      block_start_ptr, block_end_ptr, block_bag_ptr, cu_q_ptr, Tk, H, dh, E, scale,
                      HP: tl.constexpr, DHP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
-    """``dk`` and ``dv`` of a block of key rows over one range of its bag's queries (split ``program_id(1)``)."""
+                     DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """``dk`` and ``dv`` of a block of key rows over one range of its bag's queries (split ``program_id(1)``).
+    With ``ATOMIC_DQ``, also each query tile's part of ``dq``, ``dS K``, added atomically to the float32
+    ``d_q_ptr`` (``(Tq, E)``, zeroed): five products a tile, where this kernel and ``_query_grad_kernel`` take seven."""
     keys, key_exists, bag = _own_rows(block_start_ptr, block_end_ptr, block_bag_ptr, BLOCK_N)
     key_ok = _valid_keys(key_valid_ptr, keys, key_exists)
     lo, hi = _split_range(cu_q_ptr, bag, BLOCK_M)
@@ -435,8 +467,16 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_a
         row_ok = rows < hi
         q, d_attn, live, lse, delta = _query_side(q_ptr, d_attn_ptr, lse_ptr, delta_ptr, rows, row_ok, H, dh, E, HP,
                                                   DHP)
-        d_k, d_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, key_ok[None, :, None], d_k, d_v, scale, q_ptr,
-                                  DOT_FP32, FP32_PRECISION)
+        if ATOMIC_DQ:
+            p, d_scores = _score_grad(q, k, v, d_attn, live, lse, delta, key_ok[None, None, :], scale, q_ptr,
+                                      DOT_FP32, FP32_PRECISION)
+            d_v += _mm(tl.trans(p, 0, 2, 1), d_attn, q_ptr, DOT_FP32, FP32_PRECISION)
+            d_k += _mm(tl.trans(d_scores, 0, 2, 1), q, q_ptr, DOT_FP32, FP32_PRECISION)
+            d_q = _mm(d_scores, k, q_ptr, DOT_FP32, FP32_PRECISION)
+            _add_heads(d_q_ptr, d_q * scale, rows, row_ok, H, dh, E, HP, DHP)
+        else:
+            d_k, d_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, key_ok[None, :, None], d_k, d_v, scale,
+                                      q_ptr, DOT_FP32, FP32_PRECISION)
     split_rows = tl.program_id(1).to(tl.int64) * Tk
     _store_heads(d_k_ptr + split_rows * E, d_k * scale, keys, key_exists, H, dh, E, HP, DHP)
     _store_heads(d_v_ptr + split_rows * E, d_v, keys, key_exists, H, dh, E, HP, DHP)
@@ -468,7 +508,8 @@ class Plan:
         self.cu_q, self.cu_k = (torch.tensor(b, dtype=torch.int32, device=device) for b in (bounds_q, bounds_k))
         self.forward_queries = block_table(bounds_q, config.forward_m, device)
         self.backward_queries = block_table(bounds_q, config.backward_m, device)
-        self.backward_keys = block_table(bounds_k, config.backward_n, device)
+        self.atomic_dq = atomic_dq(self.dtype)
+        self.backward_keys = block_table(bounds_k, self.backward_flags(self.atomic_dq)["BLOCK_N"], device)
         longest_q, longest_k = longest_bag(bounds_q), longest_bag(bounds_k)
         self.forward_splits = num_splits(self.forward_queries.num_blocks, longest_k)
         self.query_grad_splits = num_splits(self.backward_queries.num_blocks, longest_k)
@@ -481,9 +522,9 @@ class Plan:
         """The forward kernels' :func:`kernel_flags`; without ``dots``, the combine's."""
         return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=False, dots=dots)
 
-    def backward_flags(self) -> dict:
-        """The dq and dk/dv kernels' :func:`kernel_flags`."""
-        return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=True)
+    def backward_flags(self, atomic: bool = False) -> dict:
+        """The dq and dk/dv kernels' :func:`kernel_flags`; the key kernel's with the ``atomic`` dq."""
+        return kernel_flags(self.tile, self.dtype, triton_interpreted(), backward=True, atomic=atomic)
 
 
 def _table(table) -> tuple:
@@ -530,25 +571,50 @@ def forward(xq, q, k, v, key_valid, weight, bias, plan: Plan, scale: float, eps:
     return out, attn, mean, rstd, lse
 
 
+def atomic_dq(dtype: torch.dtype) -> bool:
+    """Whether the backward on inputs of ``dtype`` adds ``dq`` atomically inside the dk/dv kernel (five products a
+    tile; float additions in an order that varies between runs) rather than in its own kernel (seven,
+    deterministic): in fp16 and bf16, unless ``torch.use_deterministic_algorithms`` is on. fp32 keeps the two
+    kernels: its atomic kernel spills on sm_90 where they do not (three tf32 products per dot)."""
+    return dtype != torch.float32 and not torch.are_deterministic_algorithms_enabled()
+
+
 def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan: Plan, scale: float):
     """``(d_xq, d_q, d_k, d_v, d_ln)``: the first four in their input's shape and dtype, ``d_ln: (2, E)`` float32
-    (the LayerNorm weight's gradient, then the bias's), from the forward's saved tensors and ``d_out``."""
+    (the LayerNorm weight's gradient, then the bias's), from the forward's saved tensors and ``d_out``. ``dq`` comes
+    from the kernels :func:`atomic_dq` picks."""
     d_xq = _blocks.new_buffer(*xq.shape, dtype=xq.dtype, device=xq.device)
     delta = _blocks.new_buffer(plan.query_rows, plan.heads, dtype=torch.float32, device=xq.device)
-    queries, keys = plan.backward_queries, plan.backward_keys
-    d_q = _split_buffer(plan.query_grad_splits, q)
     d_k, d_v = (_split_buffer(plan.key_grad_splits, k) for _ in range(2))
     d_ln = norm_grad(xq, attn, weight, mean, rstd, d_out, d_xq, delta, plan.heads, plan.tile)
+    query_side = (q, k, v, key_valid, lse, delta, d_xq)
+    if plan.atomic_dq:
+        d_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        _key_grads(query_side, d_q, d_k, d_v, plan, scale, atomic=True)
+        return d_xq, d_q.to(q.dtype), *_key_totals(d_k, d_v, k, v, plan), d_ln
+    queries = plan.backward_queries
+    d_q = _split_buffer(plan.query_grad_splits, q)
     if queries.num_blocks:
         _query_grad_kernel[(queries.num_blocks, plan.query_grad_splits)](
-            q, k, v, key_valid, lse, delta, d_xq, d_q, *_table(queries), plan.cu_k, plan.query_rows, *plan.sizes(),
-            scale, **plan.backward_flags())
+            *query_side, d_q, *_table(queries), plan.cu_k, plan.query_rows, *plan.sizes(), scale,
+            **plan.backward_flags())
+    _key_grads(query_side, lse, d_k, d_v, plan, scale, atomic=False)
+    return d_xq, _split_total(d_q, plan.query_grad_splits, q), *_key_totals(d_k, d_v, k, v, plan), d_ln
+
+
+def _key_grads(query_side: tuple, d_q, d_k, d_v, plan: Plan, scale: float, atomic: bool) -> None:
+    """Launch ``_key_grad_kernel`` over ``query_side`` (q, k, v, key_valid, lse, delta, d_attn) into the buffers
+    ``d_k, d_v`` and, if ``atomic``, adding into the zeroed float32 ``d_q`` (else any float32 tensor, unused)."""
+    keys = plan.backward_keys
     if keys.num_blocks:
         _key_grad_kernel[(keys.num_blocks, plan.key_grad_splits)](
-            q, k, v, key_valid, lse, delta, d_xq, d_k, d_v, *_table(keys), plan.cu_q, plan.key_rows, *plan.sizes(),
-            scale, **plan.backward_flags())
-    return (d_xq, _split_total(d_q, plan.query_grad_splits, q), _split_total(d_k, plan.key_grad_splits, k),
-            _split_total(d_v, plan.key_grad_splits, v), d_ln)
+            *query_side, d_q, d_k, d_v, *_table(keys), plan.cu_q, plan.key_rows, *plan.sizes(), scale,
+            ATOMIC_DQ=atomic, **plan.backward_flags(atomic))
+
+
+def _key_totals(d_k, d_v, k, v, plan: Plan) -> tuple:
+    """``(dk, dv)`` in ``k``'s and ``v``'s dtype from the key kernel's buffers (:func:`_split_total`)."""
+    return _split_total(d_k, plan.key_grad_splits, k), _split_total(d_v, plan.key_grad_splits, v)
 
 
 def norm_grad(xq, attn, weight, mean, rstd, d_out, d_xq, delta, heads: int, tile: tuple[int, int]) -> torch.Tensor:
@@ -590,8 +656,8 @@ def _signatures(ptr: str, grad_ptr: str) -> dict:
                                 **sizes),
         _query_grad_kernel: dict(rows, **grads, d_q_ptr=grad_ptr, **table, cu_k_ptr="*i32", Tq="i32", **sizes,
                                  scale="fp32"),
-        _key_grad_kernel: dict(rows, **grads, d_k_ptr=grad_ptr, d_v_ptr=grad_ptr, **table, cu_q_ptr="*i32",
-                               Tk="i32", **sizes, scale="fp32"),
+        _key_grad_kernel: dict(rows, **grads, d_q_ptr="*fp32", d_k_ptr=grad_ptr, d_v_ptr=grad_ptr, **table,
+                               cu_q_ptr="*i32", Tk="i32", **sizes, scale="fp32"),
     }
 
 
@@ -601,7 +667,8 @@ def shipped_specializations():
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them, for the three
     dtypes and every ``(HP, DHP)`` tile (:data:`_CONFIGS`): the forward, the split forward and its combine, and
     the four backward kernels, the dq and dk/dv ones writing the gradient's dtype (one split) and, for fp16 and
-    bf16, also float32 partials. ``aligned``: E and dh, multiples of 16 where the head size is.
+    bf16, also float32 partials; for fp16 and bf16, the dk/dv kernel with the atomic dq too, writing either.
+    ``aligned``: E and dh, multiples of 16 where the head size is.
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for tile in _CONFIGS:
@@ -610,10 +677,15 @@ def shipped_specializations():
                 (_forward_kernel, False, True), (_split_forward_kernel, False, True), (_combine_kernel, False, False),
                 (_query_grad_kernel, True, True), (_key_grad_kernel, True, True))}
             launches[_norm_grad_kernel] = norm_grad_flags(tile)
+            launches[_key_grad_kernel].update(ATOMIC_DQ=False)
+            atomic = dict(kernel_flags(tile, dtype, False, backward=True, atomic=True), ATOMIC_DQ=True)
             for grad_ptr in dict.fromkeys((ptr, "*fp32")):
                 signatures = _signatures(ptr, grad_ptr)
                 kernels = launches if grad_ptr == ptr else (_query_grad_kernel, _key_grad_kernel)
-                for kernel in kernels:
-                    flags = dict(launches[kernel])
+                runs = [(kernel, launches[kernel]) for kernel in kernels]
+                if dtype != torch.float32:
+                    runs.append((_key_grad_kernel, atomic))
+                for kernel, launch in runs:
+                    flags = dict(launch)
                     warps = flags.pop("num_warps")
                     yield kernel, signatures[kernel], flags, warps, aligned
