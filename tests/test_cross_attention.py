@@ -151,9 +151,8 @@ def deterministic():
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
-def test_split_kv_matches_one_range_and_is_deterministic(monkeypatch, deterministic):
-    """A few queries over many keys run split (3 key ranges); bitwise the same twice, and close to one range.
-    Deterministic mode: by default ``dq`` is added atomically, in an order a GPU does not fix."""
+def test_split_kv_matches_one_range_and_is_deterministic(monkeypatch):
+    """A few queries over many keys run split (3 key ranges); bitwise the same twice, and close to one range."""
     inputs = make_inputs(17, 700, 32, seed=7)
     with milkernels.use_backend("triton"):
         split = [kernel_checks.outputs_and_grads(attend(2), inputs) for _ in range(2)]
@@ -181,6 +180,18 @@ def test_deterministic_mode_runs_the_dq_kernel(splits, monkeypatch, deterministi
         kernel_checks.outputs_and_grads(attend(4, key_padding_mask=padding), inputs)
     assert deterministic_run.by_kernel["_query_grad_kernel"].launches == 1
     assert "_query_grad_kernel" not in default_run.by_kernel
+
+
+def test_atomic_dq_in_half_precision():
+    """fp16's default backward (atomic dq) at E = 128 in one head (16 x 128 key-kernel tiles): two padded bags of
+    300 queries over 200 keys, the second with key padding, the queries split 2 ways per key block (fp32 dk, dv
+    partials); outputs and every gradient within the fp16 tolerance, and no dq kernel."""
+    inputs = make_inputs(300, 200, 128, batch=(2,), dtype=torch.float16, seed=22)
+    padding = torch.zeros(2, 200, dtype=torch.bool)
+    padding[1, 70:] = True
+    with counting() as run:
+        kernel_checks.compare(attend(1, key_padding_mask=padding), inputs, torch.float16)
+    assert "_query_grad_kernel" not in run.by_kernel and run.by_kernel["_key_grad_kernel"].launches == 1
 
 
 @pytest.mark.parametrize("queries, keys, heads, width", [(300, 700, 1, 128), (600, 40, 4, 72)])

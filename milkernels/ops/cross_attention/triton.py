@@ -116,11 +116,11 @@ byte); none spills on sm_90 (``(2, 64)`` and wider do at 128 rows)."""
 
 
 _ATOMIC_KEY_TILES = {(1, 128): (16, 128)}
-"""``(BLOCK_M, BLOCK_N)`` of the fp16 / bf16 key kernel with the atomic ``dq`` (:func:`atomic_dq`) where they differ
-from the backward's: at ``(1, 128)`` (E = 128 in one head) 128 keys a program, so each query tile's atomic ``dq``
-adds and its q, dO reads feed twice the keys (bf16, 256 queries over 1024 keys: 79.7 dot FLOPs a requested byte
-where 64 x 64 gave 45.5); 16 query rows a step keep it from spilling on sm_90 (32 spill 104 B). Every other tile
-compiles the atomic kernel without a spill at the backward's tiles."""
+"""``(BLOCK_M, BLOCK_N)`` of the key kernel with the atomic ``dq`` (:func:`atomic_dq`: fp16 / bf16; fp32 only where
+a test forces it) where they differ from the backward's: at ``(1, 128)`` (E = 128 in one head) 128 keys a
+program, so each query tile's atomic ``dq`` adds and its q, dO reads feed twice the keys (bf16, 256 queries over
+1024 keys: 79.7 dot FLOPs a requested byte where 64 x 64 gave 45.5); 16 query rows a step keep it from spilling
+on sm_90 (32 spill 104 B). Every other tile compiles the atomic kernel without a spill at the backward's tiles."""
 
 
 def config_for(tile: tuple[int, int], dtype, local: bool = False) -> Config:
@@ -575,7 +575,9 @@ def atomic_dq(dtype: torch.dtype) -> bool:
     """Whether the backward on inputs of ``dtype`` adds ``dq`` atomically inside the dk/dv kernel (five products a
     tile; float additions in an order that varies between runs) rather than in its own kernel (seven,
     deterministic): in fp16 and bf16, unless ``torch.use_deterministic_algorithms`` is on. fp32 keeps the two
-    kernels: its atomic kernel spills on sm_90 where they do not (three tf32 products per dot)."""
+    kernels: compiled for sm_90 in a trial at the backward's tiles, its atomic kernel spilled at ``(1, 128)``
+    (380 B) and ``(2, 64)`` (16 B), where the two kernels do not, and more where they already spill (three tf32
+    products per dot)."""
     return dtype != torch.float32 and not torch.are_deterministic_algorithms_enabled()
 
 
@@ -598,13 +600,13 @@ def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan:
         _query_grad_kernel[(queries.num_blocks, plan.query_grad_splits)](
             *query_side, d_q, *_table(queries), plan.cu_k, plan.query_rows, *plan.sizes(), scale,
             **plan.backward_flags())
-    _key_grads(query_side, lse, d_k, d_v, plan, scale, atomic=False)
+    _key_grads(query_side, torch.empty(0, dtype=torch.float32, device=q.device), d_k, d_v, plan, scale, atomic=False)
     return d_xq, _split_total(d_q, plan.query_grad_splits, q), *_key_totals(d_k, d_v, k, v, plan), d_ln
 
 
 def _key_grads(query_side: tuple, d_q, d_k, d_v, plan: Plan, scale: float, atomic: bool) -> None:
     """Launch ``_key_grad_kernel`` over ``query_side`` (q, k, v, key_valid, lse, delta, d_attn) into the buffers
-    ``d_k, d_v`` and, if ``atomic``, adding into the zeroed float32 ``d_q`` (else any float32 tensor, unused)."""
+    ``d_k, d_v`` and, if ``atomic``, adding into the zeroed float32 ``d_q`` (else an empty float32 tensor, unused)."""
     keys = plan.backward_keys
     if keys.num_blocks:
         _key_grad_kernel[(keys.num_blocks, plan.key_grad_splits)](
