@@ -294,9 +294,10 @@ def test_kernels_save_the_attention_output_and_row_statistics():
     assert fused * 4 < composed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16's backward takes the atomic dq
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(masked):
-    xq, q, k, v, weight, bias = (t.detach().requires_grad_() for t in make_inputs(11, 23, 24, seed=10))
+def test_opcheck(masked, dtype):
+    xq, q, k, v, weight, bias = (t.detach().requires_grad_() for t in make_inputs(11, 23, 24, dtype=dtype, seed=10))
     key_valid = torch.rand(23) > 0.3 if masked else None
     params = [weight, bias] if masked else [None, None]
     args = [xq, q, k, v, *params, key_valid, [0, 4, 11], [0, 9, 23], 3, 0.25, 1e-5]
@@ -317,6 +318,8 @@ def test_compiles_without_graph_break(backend):
     kernel_checks.assert_compiles_without_graph_break(fn, [*make_inputs(10, 30, 32, batch=(2,), seed=11), padding],
                                                       backend)
     kernel_checks.assert_compiles_without_graph_break(attend(1), make_inputs(10, 30, 32, seed=12), backend)
+    half = make_inputs(10, 30, 32, dtype=torch.float16, seed=12)  # on triton, the backward's atomic dq
+    kernel_checks.assert_compiles_without_graph_break(attend(1), half, backend)
 
 
 def test_double_backward_raises_on_triton():
