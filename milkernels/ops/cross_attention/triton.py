@@ -155,25 +155,31 @@ def _columns(H, dh, HP: tl.constexpr, DHP: tl.constexpr):
 
 
 @triton.jit
+def _head_elements(ptr, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
+    """The pointers to rows ``rows`` of a ``(T, E)`` array split into heads, ``(HP, len(rows), DHP)``, and which of
+    them exist: in a head and on a row that is ok."""
+    cols, in_head = _columns(H, dh, HP, DHP)
+    return ptr + rows.to(tl.int64)[None, :, None] * E + cols, in_head & ok[None, :, None]
+
+
+@triton.jit
 def _load_heads(ptr, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
     """Rows ``rows`` of ``(T, E)`` split into heads, ``(HP, len(rows), DHP)``; 0 outside the heads and rows not ok."""
-    cols, in_head = _columns(H, dh, HP, DHP)
-    return tl.load(ptr + rows.to(tl.int64)[None, :, None] * E + cols, mask=in_head & ok[None, :, None], other=0.0)
+    pointers, exists = _head_elements(ptr, rows, ok, H, dh, E, HP, DHP)
+    return tl.load(pointers, mask=exists, other=0.0)
 
 
 @triton.jit
 def _store_heads(ptr, value, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
-    cols, in_head = _columns(H, dh, HP, DHP)
-    tl.store(ptr + rows.to(tl.int64)[None, :, None] * E + cols, value.to(ptr.dtype.element_ty),
-             mask=in_head & ok[None, :, None])
+    pointers, exists = _head_elements(ptr, rows, ok, H, dh, E, HP, DHP)
+    tl.store(pointers, value.to(ptr.dtype.element_ty), mask=exists)
 
 
 @triton.jit
 def _add_heads(ptr, value, rows, ok, H, dh, E, HP: tl.constexpr, DHP: tl.constexpr):
     """Add ``value: (HP, len(rows), DHP)`` to rows ``rows`` of the float32 ``(T, E)`` at ``ptr``, atomically."""
-    cols, in_head = _columns(H, dh, HP, DHP)
-    tl.atomic_add(ptr + rows.to(tl.int64)[None, :, None] * E + cols, value, mask=in_head & ok[None, :, None],
-                  sem="relaxed")
+    pointers, exists = _head_elements(ptr, rows, ok, H, dh, E, HP, DHP)
+    tl.atomic_add(pointers, value, mask=exists, sem="relaxed")
 
 
 @triton.jit
@@ -467,7 +473,7 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_a
         row_ok = rows < hi
         q, d_attn, live, lse, delta = _query_side(q_ptr, d_attn_ptr, lse_ptr, delta_ptr, rows, row_ok, H, dh, E, HP,
                                                   DHP)
-        if ATOMIC_DQ:
+        if ATOMIC_DQ:  # S = Q K^T untransposed: K and V only enter as B operands (the transposed form spills)
             p, d_scores = _score_grad(q, k, v, d_attn, live, lse, delta, key_ok[None, None, :], scale, q_ptr,
                                       DOT_FP32, FP32_PRECISION)
             d_v += _mm(tl.trans(p, 0, 2, 1), d_attn, q_ptr, DOT_FP32, FP32_PRECISION)
@@ -592,7 +598,7 @@ def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan:
     query_side = (q, k, v, key_valid, lse, delta, d_xq)
     if plan.atomic_dq:
         d_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        _key_grads(query_side, d_q, d_k, d_v, plan, scale, atomic=True)
+        _key_grads(query_side, d_q, d_k, d_v, plan, scale)
         return d_xq, d_q.to(q.dtype), *_key_totals(d_k, d_v, k, v, plan), d_ln
     queries = plan.backward_queries
     d_q = _split_buffer(plan.query_grad_splits, q)
@@ -600,18 +606,19 @@ def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan:
         _query_grad_kernel[(queries.num_blocks, plan.query_grad_splits)](
             *query_side, d_q, *_table(queries), plan.cu_k, plan.query_rows, *plan.sizes(), scale,
             **plan.backward_flags())
-    _key_grads(query_side, torch.empty(0, dtype=torch.float32, device=q.device), d_k, d_v, plan, scale, atomic=False)
+    _key_grads(query_side, torch.empty(0, dtype=torch.float32, device=q.device), d_k, d_v, plan, scale)
     return d_xq, _split_total(d_q, plan.query_grad_splits, q), *_key_totals(d_k, d_v, k, v, plan), d_ln
 
 
-def _key_grads(query_side: tuple, d_q, d_k, d_v, plan: Plan, scale: float, atomic: bool) -> None:
+def _key_grads(query_side: tuple, d_q, d_k, d_v, plan: Plan, scale: float) -> None:
     """Launch ``_key_grad_kernel`` over ``query_side`` (q, k, v, key_valid, lse, delta, d_attn) into the buffers
-    ``d_k, d_v`` and, if ``atomic``, adding into the zeroed float32 ``d_q`` (else an empty float32 tensor, unused)."""
+    ``d_k, d_v`` and, with the plan's atomic dq, adding into the zeroed float32 ``d_q`` (else an empty float32
+    tensor, unused)."""
     keys = plan.backward_keys
     if keys.num_blocks:
         _key_grad_kernel[(keys.num_blocks, plan.key_grad_splits)](
             *query_side, d_q, d_k, d_v, *_table(keys), plan.cu_q, plan.key_rows, *plan.sizes(), scale,
-            ATOMIC_DQ=atomic, **plan.backward_flags(atomic))
+            ATOMIC_DQ=plan.atomic_dq, **plan.backward_flags(plan.atomic_dq))
 
 
 def _key_totals(d_k, d_v, k, v, plan: Plan) -> tuple:
