@@ -31,6 +31,15 @@ def poisoned_buffers(monkeypatch):
     monkeypatch.setattr(_blocks, "new_buffer", poisoned)
 
 
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for the test (warn only, for torch's own CPU ops)."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "aot: ahead-of-time sm_90 compiles of the shipped Triton specializations "
                                        "(tests/aot.py; about 30 min on 2 cores; deselect with -m 'not aot')")

@@ -142,15 +142,6 @@ def test_no_keys_gives_the_norm_of_the_residual(backend):
     assert all(g.isfinite().all() for g in grads) and not grads[1].any()
 
 
-@pytest.fixture
-def deterministic():
-    """``torch.use_deterministic_algorithms(True)`` for the test (warn only, for torch's own CPU ops)."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 def test_split_kv_matches_one_range_and_is_deterministic(monkeypatch):
     """A few queries over many keys run split (3 key ranges); bitwise the same twice, and close to one range."""
     inputs = make_inputs(17, 700, 32, seed=7)

@@ -129,6 +129,66 @@ def test_exact_padded_bags_with_mask():
     assert not out[~mask].any(), "a masked position's output is 0"
 
 
+def padded_mask(batch: int, length: int) -> torch.Tensor:
+    """A mask with the second bag padded from row ``length - 40`` on and every 9th row of the first masked."""
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, ::9] = False
+    mask[1, length - 40:] = False
+    return mask
+
+
+def backward_kernels(fn, inputs) -> set:
+    """The kernels that one forward and backward of ``fn`` launch on the triton backend."""
+    with milkernels.use_backend("triton"), counting() as counts:
+        kernel_checks.outputs_and_grads(fn, inputs)
+    return set(counts.by_kernel)
+
+
+ATOMIC_KERNELS = {"_forward_kernel", "_delta_kernel", "_key_grad_kernel"}
+TWO_KERNELS = {"_forward_kernel", "_query_grad_kernel", "_key_grad_kernel"}
+WIDE_KEYS = ([256, 512], [1, 2])  # 128 keys of residue period 2 fit in each segment (:func:`kernels.key_tiles`)
+
+
+def test_key_tiles():
+    assert kernels.key_tiles(64, False, 2, 256) == (64, 64)
+    assert kernels.key_tiles(32, False, 16, 10**6) == (32, 32)
+    assert kernels.key_tiles(64, True, 2, 256) == (128, 16)
+    assert kernels.key_tiles(64, True, 16, 1024) == (64, 32)  # Prov-GigaPath: 128 keys span 2 segments of 1024
+
+
+@pytest.mark.parametrize("branches", [WIDE_KEYS, SMALL], ids=["128-keys", "64-keys"])
+def test_atomic_dq_in_fp32(branches, monkeypatch):
+    """Exact mode's backward with the atomic dq (fp16 / bf16 by default) forced in fp32 for a tight comparison: two
+    padded bags with a mask, 3 heads of dh 40, 128 or 64 keys a program; outputs and every gradient, and only the
+    delta and key kernels run on the backward."""
+    monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
+    q, k, v = make_qkv((2, 300, 3, 40), seed=30)
+    fn = with_lse(*branches, mode="exact", mask=padded_mask(2, 300))
+    kernel_checks.compare(fn, [q, k, v], torch.float32)
+    assert backward_kernels(fn, [q, k, v]) == ATOMIC_KERNELS
+
+
+@pytest.mark.parametrize("branches", [WIDE_KEYS, SMALL], ids=["128-keys", "64-keys"])
+def test_atomic_dq_in_half_precision(branches):
+    """fp16 exact mode takes the atomic dq by default: GigaPath's dh 48 (tiles of 32 and 16), two padded bags with a
+    mask, 128 or 64 keys a program; outputs and every gradient within fp16's tolerance. Torchscale mode keeps the
+    query kernel."""
+    q, k, v = make_qkv((2, 300, 2, 48), dtype=torch.float16, seed=31)
+    fn = lambda *t: dilated_attention(*t, *branches, mode="exact", mask=padded_mask(2, 300))  # noqa: E731
+    kernel_checks.compare(fn, [q, k, v], torch.float16)
+    assert backward_kernels(fn, [q, k, v]) == ATOMIC_KERNELS
+    assert backward_kernels(lambda *t: dilated_attention(*t, *branches), [q, k, v]) == TWO_KERNELS  # torchscale
+
+
+def test_deterministic_mode_runs_the_query_kernel(deterministic):
+    """fp16 exact mode under ``torch.use_deterministic_algorithms``: dq from the query kernel, no atomics; outputs
+    and every gradient match the reference. (Torchscale mode and fp32 always take the query kernel.)"""
+    q, k, v = make_qkv((2, 300, 2, 48), dtype=torch.float16, seed=32)
+    fn = lambda *t: dilated_attention(*t, *WIDE_KEYS, mode="exact", mask=padded_mask(2, 300))  # noqa: E731
+    kernel_checks.compare(fn, [q, k, v], torch.float16)
+    assert backward_kernels(fn, [q, k, v]) == TWO_KERNELS
+
+
 @pytest.mark.parametrize("mode", ["torchscale", "exact"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_packed_bags_equal_separate_calls(mode, backend):
@@ -320,6 +380,35 @@ def test_traffic_within_budget(dtype):
     assert forward.dot_flops == forward_recompute * useful
     assert forward.dot_flops <= RECOMPUTE_BUDGET * useful or dtype == torch.float32
     assert backward.dot_flops <= MARGIN * backward_recompute * 2 * useful
+
+
+EXACT_BACKWARD = {  # per deterministic: products a tile pair over the forward's 2, dot FLOPs per requested byte
+    False: (5, dict(_key_grad_kernel=94.8)),
+    True: (7, dict(_query_grad_kernel=82.0, _key_grad_kernel=105.9)),
+}
+
+
+@pytest.mark.parametrize("deterministic_mode", [False, True], ids=["atomic", "deterministic"])
+def test_exact_backward_traffic(deterministic_mode, request):
+    """Exact mode in bf16 on test_traffic_within_budget's bag and branches (128 keys a program with the atomic dq).
+    The atomic dq forms 5 products of each tile pair where the forward forms 2: issue 12's 1.3x budget met (1.25x);
+    its key kernel 94.8 dot FLOPs per requested byte with its float32 atomic adds counted as read and written (the
+    upper figure). Deterministic: 7 products (1.75x); dq 82.0, dk/dv 105.9. The atomic backward requests fewer
+    bytes in all (8.37 MB against 11.23 MB)."""
+    if deterministic_mode:
+        request.getfixturevalue("deterministic")
+    q, k, v = make_qkv((1024, 2, 48), dtype=torch.bfloat16, seed=21)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            out = dilated_attention(q, k, v, [512, 1024], [1, 2], mode="exact")
+        with counting() as backward:
+            out.backward(torch.randn_like(out))
+    products, measured_flops_per_byte = EXACT_BACKWARD[deterministic_mode]
+    assert backward.dot_flops * 2 == products * forward.dot_flops
+    for name, measured in measured_flops_per_byte.items():
+        counts = backward.by_kernel[name]
+        assert counts.dot_flops >= min(GEMM_FLOPS_PER_BYTE, measured / MARGIN) * counts.requested_bytes, name
+    assert backward.requested_bytes <= MARGIN * (8367104 if not deterministic_mode else 11227136)
 
 
 test_compiles_for_sm90 = aot.sm90_test(kernels)

@@ -59,3 +59,12 @@ def dot_flags(dtype, interpreted: bool) -> dict:
     """How the kernels run ``tl.dot``: fp32 operands for fp32 input and under the interpreter (whose bf16
     dot is wrong), with tf32x3 on a GPU (tensor cores at about fp32 accuracy); else native fp16/bf16."""
     return dict(DOT_FP32=dtype == torch.float32 or interpreted, FP32_PRECISION="ieee" if interpreted else "tf32x3")
+
+
+def atomic_dq(dtype: torch.dtype) -> bool:
+    """Whether a flash backward on inputs of ``dtype`` adds ``dq`` atomically inside its dk/dv kernel (five products
+    a tile pair; float additions in an order that varies between runs) rather than in a query kernel of its own
+    (seven, deterministic): in fp16 and bf16, unless ``torch.use_deterministic_algorithms`` is on. fp32 keeps the
+    separate kernel: its three tf32 products per dot leave no registers for the extra product (trial sm_90 compiles
+    of the fused kernels spilled where the separate ones do not)."""
+    return dtype != torch.float32 and not torch.are_deterministic_algorithms_enabled()

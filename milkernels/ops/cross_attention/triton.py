@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ..._backends import triton_interpreted
 from .. import _blocks
-from .._blocks import block_table, dot_flags
+from .._blocks import atomic_dq, block_table, dot_flags
 from ..dilated_attention.triton import _mm
 
 MAX_PADDED_WIDTH = 256
@@ -514,6 +514,7 @@ class Plan:
         self.cu_q, self.cu_k = (torch.tensor(b, dtype=torch.int32, device=device) for b in (bounds_q, bounds_k))
         self.forward_queries = block_table(bounds_q, config.forward_m, device)
         self.backward_queries = block_table(bounds_q, config.backward_m, device)
+        # fp32's atomic kernel spilled in a trial sm_90 compile at (1, 128) (380 B) and (2, 64) (16 B)
         self.atomic_dq = atomic_dq(self.dtype)
         self.backward_keys = block_table(bounds_k, self.backward_flags(self.atomic_dq)["BLOCK_N"], device)
         longest_q, longest_k = longest_bag(bounds_q), longest_bag(bounds_k)
@@ -575,16 +576,6 @@ def forward(xq, q, k, v, key_valid, weight, bias, plan: Plan, scale: float, eps:
     _combine_kernel[(table.num_blocks,)](part_acc, part_max, part_sum, *epilogue, splits, plan.query_rows,
                                          *plan.sizes(), eps, **plan.forward_flags(dots=False))
     return out, attn, mean, rstd, lse
-
-
-def atomic_dq(dtype: torch.dtype) -> bool:
-    """Whether the backward on inputs of ``dtype`` adds ``dq`` atomically inside the dk/dv kernel (five products a
-    tile; float additions in an order that varies between runs) rather than in its own kernel (seven,
-    deterministic): in fp16 and bf16, unless ``torch.use_deterministic_algorithms`` is on. fp32 keeps the two
-    kernels: compiled for sm_90 in a trial at the backward's tiles, its atomic kernel spilled at ``(1, 128)``
-    (380 B) and ``(2, 64)`` (16 B), where the two kernels do not, and more where they already spill (three tf32
-    products per dot)."""
-    return dtype != torch.float32 and not torch.are_deterministic_algorithms_enabled()
 
 
 def backward(xq, q, k, v, key_valid, weight, attn, mean, rstd, lse, d_out, plan: Plan, scale: float):

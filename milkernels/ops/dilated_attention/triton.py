@@ -16,8 +16,11 @@ of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % L
   ``torchscale``: ``D_i = dout . out_i`` per branch, from sums over the branch's keys in the same pass,
   since upstream's merge weights take no gradient: ``dS = P (dP - D_i)`` with ``P = exp(s - lse)``);
   a key kernel, one program per key block, walks the queries of each branch it belongs to (those at
-  positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``. No
-  atomics: deterministic.
+  positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``.
+  Deterministic, except in exact mode in fp16 / bf16 (:func:`atomic_dq`): there the key kernel also adds
+  each query step's ``dS K`` to a zeroed float32 ``dq`` with atomics and :func:`_delta_kernel` only finds
+  ``D``: 5 products a tile pair instead of 7 (:func:`key_tiles`). Torchscale's query pass must form S and dP
+  for each ``D_i`` anyway, so there the atomic dq would save one product of 8 for the fp32 adds' bytes.
 
 Head dim: a tile of the next power of two, or two tiles side by side (:func:`head_tiles`: 32 + 16 for
 Prov-GigaPath's dh = 48 in fp16/bf16 on 64-row blocks), so that the products take 48 columns, not 64; every
@@ -38,7 +41,8 @@ import triton
 import triton.language as tl
 
 from ..._backends import triton_interpreted
-from .._blocks import dot_flags, new_buffer
+from .. import _blocks
+from .._blocks import atomic_dq, dot_flags
 from .reference import segment_spans
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
@@ -186,12 +190,19 @@ def _counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
 
 
 @triton.jit
-def _load_columns(ptr, rows, ok, start, head, H, dh, FIRST: tl.constexpr, WIDTH: tl.constexpr):
-    """Columns ``FIRST .. FIRST + WIDTH`` of rows ``start + rows`` of head ``head`` from ``(T, H, dh)``:
-    ``(len(rows), WIDTH)``; 0 where not ok or past dh."""
+def _columns(ptr, rows, ok, start, head, H, dh, FIRST: tl.constexpr, WIDTH: tl.constexpr):
+    """Pointers to columns ``FIRST .. FIRST + WIDTH`` of rows ``start + rows`` of head ``head`` in ``(T, H, dh)``,
+    ``(len(rows), WIDTH)``, and which of them exist (row ok, column below dh)."""
     d = FIRST + tl.arange(0, WIDTH)
     offsets = ((start + rows).to(tl.int64) * H + head) * dh
-    return tl.load(ptr + offsets[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < dh), other=0.0)
+    return ptr + offsets[:, None] + d[None, :], ok[:, None] & (d[None, :] < dh)
+
+
+@triton.jit
+def _load_columns(ptr, rows, ok, start, head, H, dh, FIRST: tl.constexpr, WIDTH: tl.constexpr):
+    """The :func:`_columns` of ``ptr``: ``(len(rows), WIDTH)``; 0 where not ok or past dh."""
+    pointers, exists = _columns(ptr, rows, ok, start, head, H, dh, FIRST, WIDTH)
+    return tl.load(pointers, mask=exists, other=0.0)
 
 
 @triton.jit
@@ -209,10 +220,8 @@ def _load_rows(ptr, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr, TAIL_D
 
 @triton.jit
 def _store_columns(ptr, value, rows, ok, start, head, H, dh, FIRST: tl.constexpr, WIDTH: tl.constexpr):
-    d = FIRST + tl.arange(0, WIDTH)
-    offsets = ((start + rows).to(tl.int64) * H + head) * dh
-    tl.store(ptr + offsets[:, None] + d[None, :], value.to(ptr.dtype.element_ty),
-             mask=ok[:, None] & (d[None, :] < dh))
+    pointers, exists = _columns(ptr, rows, ok, start, head, H, dh, FIRST, WIDTH)
+    tl.store(pointers, value.to(ptr.dtype.element_ty), mask=exists)
 
 
 @triton.jit
@@ -221,6 +230,17 @@ def _store_rows(ptr, main, tail, rows, ok, start, head, H, dh, BLOCK_DH: tl.cons
     _store_columns(ptr, main, rows, ok, start, head, H, dh, 0, BLOCK_DH)
     if TAIL_DH > 0:
         _store_columns(ptr, tail, rows, ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+
+
+@triton.jit
+def _add_rows(ptr, main, tail, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
+    """Add the fp32 tiles ``(main, tail)`` to rows ``start + rows`` of head ``head`` of the float32 ``(T, H, dh)`` at
+    ``ptr``, atomically."""
+    pointers, exists = _columns(ptr, rows, ok, start, head, H, dh, 0, BLOCK_DH)
+    tl.atomic_add(pointers, main, mask=exists, sem="relaxed")
+    if TAIL_DH > 0:
+        pointers, exists = _columns(ptr, rows, ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+        tl.atomic_add(pointers, tail, mask=exists, sem="relaxed")
 
 
 @triton.jit
@@ -321,6 +341,30 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr,
 
 
 @triton.jit
+def _row_delta(out_ptr, d_out, d_out_tail, rows, live, start, head, H, dh, BLOCK_DH: tl.constexpr,
+               TAIL_DH: tl.constexpr):
+    """``D = dout . out: (len(rows),)`` fp32 of the rows ``start + rows`` (0 where not live), from the fp32 tiles
+    ``(d_out, d_out_tail)`` of :func:`_load_rows`."""
+    out, out_tail = _load_rows(out_ptr, rows, live, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    delta = tl.sum(d_out * out.to(tl.float32), axis=1)
+    if TAIL_DH > 0:
+        delta += tl.sum(d_out_tail * out_tail.to(tl.float32), axis=1)
+    return delta
+
+
+@triton.jit
+def _delta_kernel(out_ptr, d_out_ptr, delta_ptr, start_ptr, length_ptr, residue_ptr, first_ptr, H, dh, R,
+                  BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
+    """Exact mode with the atomic dq: the query side's only task, ``D = dout . out`` of the block's rows."""
+    head = tl.program_id(1)
+    start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
+    d_out, d_out_tail = _load_rows(d_out_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    delta = _row_delta(out_ptr, d_out.to(tl.float32), d_out_tail.to(tl.float32), rows, row_ok, start, head, H, dh,
+                       BLOCK_DH, TAIL_DH)
+    tl.store(delta_ptr + (start + rows).to(tl.int64) * H + head, delta, mask=row_ok)
+
+
+@triton.jit
 def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_ptr, d_q_ptr, delta_ptr,
                        start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
                        T, H, dh, R, num_branches, scale,
@@ -338,10 +382,7 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
     delta_rows = (start + rows).to(tl.int64) * H + head
     # exact mode's D = dout . out; in torchscale mode the shift that each branch's D_i is taken relative to
     # (close to all of them), so the bf16/fp16 products below round small differences, not large terms
-    out, out_tail = _load_rows(out_ptr, rows, live, start, head, H, dh, BLOCK_DH, TAIL_DH)
-    delta = tl.sum(d_out * out.to(tl.float32), axis=1)
-    if TAIL_DH > 0:
-        delta += tl.sum(d_out_tail * out_tail.to(tl.float32), axis=1)
+    delta = _row_delta(out_ptr, d_out, d_out_tail, rows, live, start, head, H, dh, BLOCK_DH, TAIL_DH)
     if EXACT:
         tl.store(delta_ptr + delta_rows, delta, mask=row_ok)
     d_q = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
@@ -388,11 +429,14 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
 
 
 @triton.jit
-def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_ptr, d_k_ptr, d_v_ptr,
+def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_ptr, d_q_ptr, d_k_ptr, d_v_ptr,
                      start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
                      T, H, dh, R, num_branches, scale, query_start, query_stop,
                      EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
-                     TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+                     TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr, QUERY_BLOCK: tl.constexpr):
+    """``dk`` and ``dv`` of the block's keys; with ``ATOMIC_DQ`` also each query tile's ``dS^T K``, added to the
+    float32 ``dq`` at ``d_q_ptr`` (else unused)."""
     head = tl.program_id(1)
     start, length, residue, keys, key_exists = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     key_ok = _row_valid(valid_ptr, keys, key_exists, start, HAS_MASK)
@@ -411,8 +455,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
             t_end = tl.minimum(tl.minimum((last_key // sl + 1) * lsp, real_end),
                                _kept_index(query_stop, sl, r, g, lsp))
             t_start = tl.maximum(tl.min(keys // sl, axis=0) * lsp, _kept_index(query_start, sl, r, g, lsp))
-            for t0 in range(t_start, t_end, BLOCK):
-                t = t0 + tl.arange(0, BLOCK)
+            for t0 in range(t_start, t_end, QUERY_BLOCK):
+                t = t0 + tl.arange(0, QUERY_BLOCK)
                 query_segment, queries = _kept_rows(t, sl, r, g, lsp)
                 query_ok = _row_valid(valid_ptr, queries, t < t_end, start, HAS_MASK)
                 q, q_tail = _load_rows(q_ptr, queries, query_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
@@ -433,10 +477,14 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                 d_v += p_t_d_out
                 d_v_tail += p_t_d_out_tail
                 d_p_t = _mm_t(v, v_tail, d_out, d_out_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
-                d_s_q, d_s_q_tail = _mm_rows(p_t * (d_p_t - delta[None, :]), q, q_tail, q_ptr, TAIL_DH, DOT_FP32,
-                                             FP32_PRECISION)
+                d_s_t = p_t * (d_p_t - delta[None, :])
+                d_s_q, d_s_q_tail = _mm_rows(d_s_t, q, q_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
                 d_k += d_s_q
                 d_k_tail += d_s_q_tail
+                if ATOMIC_DQ:
+                    d_q, d_q_tail = _mm_rows(tl.trans(d_s_t), k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
+                    _add_rows(d_q_ptr, d_q * scale, d_q_tail * scale, queries, query_ok, start, head, H, dh,
+                              BLOCK_DH, TAIL_DH)
     _store_rows(d_k_ptr, d_k * scale, d_k_tail * scale, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH)
     _store_rows(d_v_ptr, d_v, d_v_tail, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH)
 
@@ -479,8 +527,11 @@ class Plan:
             longest, query_spans, key_spans = window_spans(self.rows, window)
             self.queries = tuple(window[3:5])
         self.block = block_size(self.head_dim, segments, rates, longest, mode)
+        self.atomic_dq = mode == "exact" and atomic_dq(q.dtype)
+        shortest_segment = min(min(w, longest) for w in segments)
+        self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period, shortest_segment)
         self.query_blocks = residue_blocks(query_spans, self.period, self.block, q.device)
-        self.key_blocks = residue_blocks(key_spans, self.period, self.block, q.device)
+        self.key_blocks = residue_blocks(key_spans, self.period, self.key_block, q.device)
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
                          for values in (segment_spans(segments, rates, longest, mode), rates)]
         self.row_valid = row_valid
@@ -489,11 +540,31 @@ class Plan:
                           TAIL_DH=tail_dh, **dot_flags(q.dtype, triton_interpreted()),
                           num_warps=num_warps(self.block, padded_head_dim(self.head_dim)))
 
+    def key_flags(self) -> dict:
+        """The key kernel's constexprs and warps (:func:`key_tiles`)."""
+        return dict(self.flags, BLOCK=self.key_block, QUERY_BLOCK=self.query_step, ATOMIC_DQ=self.atomic_dq)
+
     def sizes(self) -> tuple:
         return self.heads, self.head_dim, self.period, self.branches[0].numel()
 
     def valid(self, like):
         return self.row_valid if self.row_valid is not None else like
+
+
+_ATOMIC_KEY_TILES = ((128, 16), (64, 32))
+"""The key kernel's ``(keys a program, queries a step)`` with the atomic dq: the first where it fits (:func:`key_tiles`)."""
+
+
+def key_tiles(block: int, atomic: bool, period: int, shortest_segment: int) -> tuple[int, int]:
+    """``(keys a program, queries a step)`` of the key kernel: ``(block, block)``, or with the atomic dq (exact mode in
+    fp16 / bf16, on 64-row blocks) ``(128, 16)`` where 128 such keys (``128 * period`` positions) fit in the
+    shortest segment, else ``(64, 32)``. Each step's float32 ``dq`` adds then serve 128 or 64 keys (a key block
+    across segments would pair keys with the other segment's queries for nothing); 64 queries a step spill on
+    sm_90 (up to 112 B at dh 64)."""
+    if not atomic:
+        return block, block
+    wide, narrow = _ATOMIC_KEY_TILES
+    return wide if wide[0] * period <= shortest_segment else narrow
 
 
 def window_spans(rows: int, window) -> tuple:
@@ -512,8 +583,8 @@ def _grid(blocks, plan: Plan) -> tuple[int, int]:
 def forward(q, k, v, plan: Plan, scale: float):
     """``out: (T, H, dh)`` in q's dtype and ``lse: (T, H)`` float32 of contiguous ``q, k, v: (T, H, dh)`` (the
     rows of the plan's query blocks)."""
-    out = new_buffer(*q.shape, dtype=q.dtype, device=q.device)
-    lse = new_buffer(plan.rows, plan.heads, dtype=torch.float32, device=q.device)
+    out = _blocks.new_buffer(*q.shape, dtype=q.dtype, device=q.device)
+    lse = _blocks.new_buffer(plan.rows, plan.heads, dtype=torch.float32, device=q.device)
     grid = _grid(plan.query_blocks, plan)
     if grid[0]:
         _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, *plan.query_blocks, *plan.branches, *plan.sizes(),
@@ -523,19 +594,42 @@ def forward(q, k, v, plan: Plan, scale: float):
 
 def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
     """``(dq, dk, dv)``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out`` and ``lse`` and ``d_out``
-    (``dq`` on the rows of the plan's query blocks, ``dk`` and ``dv`` on those of its key blocks)."""
-    d_q, d_k, d_v = (new_buffer(*q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+    (``dq`` on the rows of the plan's query blocks, ``dk`` and ``dv`` on those of its key blocks). With the plan's
+    atomic dq (:func:`atomic_dq`) the key kernel adds ``dq`` into a zeroed float32 buffer, and the query side only
+    finds ``D`` (exact mode: :func:`_delta_kernel`, no products; torchscale: each branch's ``D_i``, from S and
+    dP); else the query kernel writes ``dq``."""
+    d_k, d_v = (_blocks.new_buffer(*q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
+    if plan.atomic_dq:
+        d_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    else:
+        d_q = _blocks.new_buffer(*q.shape, dtype=q.dtype, device=q.device)
     branches = 1 if plan.flags["EXACT"] else plan.branches[0].numel()
-    delta = new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
-    common = (*plan.branches, plan.rows, *plan.sizes(), scale)
-    query_grid, key_grid = _grid(plan.query_blocks, plan), _grid(plan.key_blocks, plan)
-    if query_grid[0]:
-        _query_grad_kernel[query_grid](q, k, v, plan.valid(q), out, lse, d_out, d_q, delta, *plan.query_blocks,
-                                       *common, **plan.flags)
+    delta = _blocks.new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
+    _query_side(q, k, v, out, lse, d_out, d_q, delta, plan, scale)
+    key_grid = _grid(plan.key_blocks, plan)
     if key_grid[0]:
-        _key_grad_kernel[key_grid](q, k, v, plan.valid(q), lse, d_out, delta, d_k, d_v, *plan.key_blocks, *common,
-                                   *plan.queries, **plan.flags)
-    return d_q, d_k, d_v
+        added_d_q = d_q if plan.atomic_dq else torch.empty(0, dtype=torch.float32, device=q.device)
+        _key_grad_kernel[key_grid](q, k, v, plan.valid(q), lse, d_out, delta, added_d_q, d_k, d_v, *plan.key_blocks,
+                                   *plan.branches, plan.rows, *plan.sizes(), scale, *plan.queries, **plan.key_flags())
+    return d_q.to(q.dtype), d_k, d_v
+
+
+def _query_side(q, k, v, out, lse, d_out, d_q, delta, plan: Plan, scale: float) -> None:
+    """Launch the query side of :func:`backward`: writes ``delta`` and, without the atomic dq, ``d_q``."""
+    grid = _grid(plan.query_blocks, plan)
+    if not grid[0]:
+        return
+    if plan.atomic_dq and plan.flags["EXACT"]:
+        _delta_kernel[grid](out, d_out, delta, *plan.query_blocks, plan.heads, plan.head_dim, plan.period,
+                            num_warps=plan.flags["num_warps"], **delta_flags(plan.flags))
+        return
+    _query_grad_kernel[grid](q, k, v, plan.valid(q), out, lse, d_out, d_q, delta, *plan.query_blocks,
+                             *plan.branches, plan.rows, *plan.sizes(), scale, **plan.flags)
+
+
+def delta_flags(flags: dict) -> dict:
+    """:func:`_delta_kernel`'s constexprs, from the other kernels' ``flags``."""
+    return {name: flags[name] for name in ("BLOCK", "BLOCK_DH", "TAIL_DH")}
 
 
 _AOT_SHAPES = ((16, 48, 64), (16, 48, 32), (16, 64, 64), (8, 32, 64), (8, 32, 32), (8, 128, 32), (4, 256, 32))
@@ -556,7 +650,9 @@ def shipped_specializations():
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the head tiles (:func:`head_tiles`) of 32, 32 + 16, 64, 128 and 256 columns with each block size
-    they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once;
+    they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once; in
+    exact mode in fp16 and bf16 the backward both ways (:func:`atomic_dq`): the query and key kernels, and the
+    :func:`_delta_kernel` and the key kernel at each of its atomic tiles (:func:`key_tiles`);
     ``aligned`` names H and dh where the example shape has them as multiples of 16.
     """
     seen = set()
@@ -581,6 +677,15 @@ def shipped_specializations():
                 yield (_forward_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", **blocks, **sizes), flags, warps, aligned)
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
                                                 delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
-                yield (_key_grad_kernel, dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_k_ptr=ptr,
-                                              d_v_ptr=ptr, **blocks, T="i32", **sizes, query_start="i32",
-                                              query_stop="i32"), flags, warps, aligned)
+                key_signature = dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_q_ptr="*fp32",
+                                     d_k_ptr=ptr, d_v_ptr=ptr, **blocks, T="i32", **sizes, query_start="i32",
+                                     query_stop="i32")
+                yield (_key_grad_kernel, key_signature, dict(flags, QUERY_BLOCK=block, ATOMIC_DQ=False), warps, aligned)
+                if exact and dtype != torch.float32:
+                    for keys, queries in _ATOMIC_KEY_TILES:
+                        yield (_key_grad_kernel, key_signature, dict(flags, BLOCK=keys, QUERY_BLOCK=queries,
+                                                                     ATOMIC_DQ=True), warps, aligned)
+                    if not has_mask:
+                        yield (_delta_kernel, dict(out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32",
+                                                   **{name: "*i32" for name in list(blocks)[:4]}, H="i32", dh="i32",
+                                                   R="i32"), delta_flags(flags), warps, aligned)
