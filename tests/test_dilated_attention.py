@@ -137,10 +137,10 @@ def padded_mask(batch: int, length: int) -> torch.Tensor:
     return mask
 
 
-def backward_kernels(fn, inputs) -> set:
-    """The kernels that one forward and backward of ``fn`` launch on the triton backend."""
-    with milkernels.use_backend("triton"), counting() as counts:
-        kernel_checks.outputs_and_grads(fn, inputs)
+def compared_kernels(fn, inputs, dtype) -> set:
+    """:func:`kernel_checks.compare` of ``fn`` on ``inputs``; the Triton kernels its forward and backward launched."""
+    with counting() as counts:
+        kernel_checks.compare(fn, inputs, dtype)
     return set(counts.by_kernel)
 
 
@@ -154,6 +154,11 @@ def test_key_tiles():
     assert kernels.key_tiles(32, False, 16, 10**6) == (32, 32)
     assert kernels.key_tiles(64, True, 2, 256) == (128, 16)
     assert kernels.key_tiles(64, True, 16, 1024) == (64, 32)  # Prov-GigaPath: 128 keys span 2 segments of 1024
+    half = torch.zeros(600, 2, 48, dtype=torch.float16)
+    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "exact", None).key_block == 128
+    assert kernels.Plan(half, [0, 300, 600], *SMALL, "exact", None).key_block == 64
+    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "torchscale", None).key_block == 64
+    assert kernels.Plan(half.float(), [0, 300, 600], *WIDE_KEYS, "exact", None).key_block == 64
 
 
 @pytest.mark.parametrize("branches", [WIDE_KEYS, SMALL], ids=["128-keys", "64-keys"])
@@ -162,10 +167,9 @@ def test_atomic_dq_in_fp32(branches, monkeypatch):
     padded bags with a mask, 3 heads of dh 40, 128 or 64 keys a program; outputs and every gradient, and only the
     delta and key kernels run on the backward."""
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
-    q, k, v = make_qkv((2, 300, 3, 40), seed=30)
-    fn = with_lse(*branches, mode="exact", mask=padded_mask(2, 300))
-    kernel_checks.compare(fn, [q, k, v], torch.float32)
-    assert backward_kernels(fn, [q, k, v]) == ATOMIC_KERNELS
+    q, k, v = make_qkv((2, 260, 3, 40), seed=30)
+    fn = with_lse(*branches, mode="exact", mask=padded_mask(2, 260))
+    assert compared_kernels(fn, [q, k, v], torch.float32) == ATOMIC_KERNELS
 
 
 @pytest.mark.parametrize("branches", [WIDE_KEYS, SMALL], ids=["128-keys", "64-keys"])
@@ -173,20 +177,20 @@ def test_atomic_dq_in_half_precision(branches):
     """fp16 exact mode takes the atomic dq by default: GigaPath's dh 48 (tiles of 32 and 16), two padded bags with a
     mask, 128 or 64 keys a program; outputs and every gradient within fp16's tolerance. Torchscale mode keeps the
     query kernel."""
-    q, k, v = make_qkv((2, 300, 2, 48), dtype=torch.float16, seed=31)
-    fn = lambda *t: dilated_attention(*t, *branches, mode="exact", mask=padded_mask(2, 300))  # noqa: E731
-    kernel_checks.compare(fn, [q, k, v], torch.float16)
-    assert backward_kernels(fn, [q, k, v]) == ATOMIC_KERNELS
-    assert backward_kernels(lambda *t: dilated_attention(*t, *branches), [q, k, v]) == TWO_KERNELS  # torchscale
+    q, k, v = make_qkv((2, 260, 2, 48), dtype=torch.float16, seed=31)
+    fn = lambda *t: dilated_attention(*t, *branches, mode="exact", mask=padded_mask(2, 260))  # noqa: E731
+    assert compared_kernels(fn, [q, k, v], torch.float16) == ATOMIC_KERNELS
+    with milkernels.use_backend("triton"), counting() as torchscale:
+        dilated_attention(*(t[:1, :64] for t in (q, k, v)), *branches).sum().backward()
+    assert set(torchscale.by_kernel) == TWO_KERNELS
 
 
 def test_deterministic_mode_runs_the_query_kernel(deterministic):
     """fp16 exact mode under ``torch.use_deterministic_algorithms``: dq from the query kernel, no atomics; outputs
     and every gradient match the reference. (Torchscale mode and fp32 always take the query kernel.)"""
-    q, k, v = make_qkv((2, 300, 2, 48), dtype=torch.float16, seed=32)
-    fn = lambda *t: dilated_attention(*t, *WIDE_KEYS, mode="exact", mask=padded_mask(2, 300))  # noqa: E731
-    kernel_checks.compare(fn, [q, k, v], torch.float16)
-    assert backward_kernels(fn, [q, k, v]) == TWO_KERNELS
+    q, k, v = make_qkv((2, 260, 2, 48), dtype=torch.float16, seed=32)
+    fn = lambda *t: dilated_attention(*t, *WIDE_KEYS, mode="exact", mask=padded_mask(2, 260))  # noqa: E731
+    assert compared_kernels(fn, [q, k, v], torch.float16) == TWO_KERNELS
 
 
 @pytest.mark.parametrize("mode", ["torchscale", "exact"])

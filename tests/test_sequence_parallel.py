@@ -453,14 +453,15 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode):
         segments = [r * draw(24) for r in rates]
         spans = reference.segment_spans(segments, rates, length, mode)
         block = kernels.block_size(head_dim, segments, rates, length, mode)
+        key_block = kernels.widest_block(head_dim, segments, rates, length, mode)  # 128 keys with the atomic dq
         for rank in range(world_size):
-            view = sharded.window(bounds, rank, spans, block * math.lcm(*rates))
+            view = sharded.window(bounds, rank, spans, key_block * math.lcm(*rates))
             window = view.kernel_window(1)
             _, query_spans, key_spans = kernels.window_spans(view.rows, window)
-            for blocks in (kernels.residue_blocks(query_spans, math.lcm(*rates), block, "cpu"),
-                           kernels.residue_blocks(key_spans, math.lcm(*rates), block, "cpu")):
+            for blocks, width in ((kernels.residue_blocks(query_spans, math.lcm(*rates), block, "cpu"), block),
+                                  (kernels.residue_blocks(key_spans, math.lcm(*rates), key_block, "cpu"), key_block)):
                 _, _, residue, first = blocks
-                positions = residue[:, None] + math.lcm(*rates) * (first[:, None] + torch.arange(block))
+                positions = residue[:, None] + math.lcm(*rates) * (first[:, None] + torch.arange(width))
                 positions = positions[positions < length]
                 for span in spans:
                     starts = positions // span * span

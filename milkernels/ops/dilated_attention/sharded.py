@@ -174,12 +174,12 @@ def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: 
 
 
 def _overshoot(backend: str, head_dim: int, segments, rates, length: int, mode: str) -> int:
-    """How far past its last row a kernel block may reach: a block of the period's residue class."""
+    """How far past its last row a kernel block may reach: the widest block of the period's residue class."""
     if backend == "reference":
         return 0
     from . import triton as kernels
 
-    return kernels.block_size(head_dim, segments, rates, length, mode) * math.lcm(*rates)
+    return kernels.widest_block(head_dim, segments, rates, length, mode) * math.lcm(*rates)
 
 
 def _reference(q, k, v, valid, view: Window, segments, rates, scale, mode):

@@ -62,6 +62,13 @@ def block_size(head_dim: int, segments, rates, longest_bag: int, mode: str) -> i
     return 64 if shortest >= 64 * math.lcm(*rates) else 32
 
 
+def widest_block(head_dim: int, segments, rates, longest_bag: int, mode: str) -> int:
+    """The most positions of one residue that a program of any kernel covers: in exact mode the key kernel's 128
+    keys with the atomic dq (:func:`key_tiles`; a bound, taken for every dtype), else :func:`block_size`."""
+    block = block_size(head_dim, segments, rates, longest_bag, mode)
+    return max(block, _ATOMIC_KEY_TILES[0][0]) if mode == "exact" else block
+
+
 def padded_head_dim(head_dim: int) -> int:
     """The head dim as one tile width: the next power of two, at least 32."""
     return max(32, triton.next_power_of_2(head_dim))
@@ -355,7 +362,9 @@ def _row_delta(out_ptr, d_out, d_out_tail, rows, live, start, head, H, dh, BLOCK
 @triton.jit
 def _delta_kernel(out_ptr, d_out_ptr, delta_ptr, start_ptr, length_ptr, residue_ptr, first_ptr, H, dh, R,
                   BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
-    """Exact mode with the atomic dq: the query side's only task, ``D = dout . out`` of the block's rows."""
+    """Exact mode with the atomic dq: the query side's only task, ``D = dout . out`` of the block's rows. Unlike the
+    query kernel's, it does not zero masked rows and rows with no keys (their ``out`` is 0): the key kernel never
+    reads those."""
     head = tl.program_id(1)
     start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     d_out, d_out_tail = _load_rows(d_out_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
@@ -435,8 +444,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                      EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
                      TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
                      ATOMIC_DQ: tl.constexpr, QUERY_BLOCK: tl.constexpr):
-    """``dk`` and ``dv`` of the block's keys; with ``ATOMIC_DQ`` also each query tile's ``dS^T K``, added to the
-    float32 ``dq`` at ``d_q_ptr`` (else unused)."""
+    """``dk`` and ``dv`` of the block's keys; with ``ATOMIC_DQ`` also each query step's part of ``dq``, ``dS K`` (from
+    the transposed ``dS^T`` it holds), added to the float32 ``dq`` at ``d_q_ptr`` (else unused)."""
     head = tl.program_id(1)
     start, length, residue, keys, key_exists = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     key_ok = _row_valid(valid_ptr, keys, key_exists, start, HAS_MASK)
@@ -595,9 +604,8 @@ def forward(q, k, v, plan: Plan, scale: float):
 def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
     """``(dq, dk, dv)``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out`` and ``lse`` and ``d_out``
     (``dq`` on the rows of the plan's query blocks, ``dk`` and ``dv`` on those of its key blocks). With the plan's
-    atomic dq (:func:`atomic_dq`) the key kernel adds ``dq`` into a zeroed float32 buffer, and the query side only
-    finds ``D`` (exact mode: :func:`_delta_kernel`, no products; torchscale: each branch's ``D_i``, from S and
-    dP); else the query kernel writes ``dq``."""
+    atomic dq (exact mode, :func:`atomic_dq`) the key kernel adds ``dq`` into a zeroed float32 buffer and
+    :func:`_delta_kernel` finds ``D`` (no products); else the query kernel writes ``dq`` and ``D``."""
     d_k, d_v = (_blocks.new_buffer(*q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
     if plan.atomic_dq:
         d_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -619,7 +627,7 @@ def _query_side(q, k, v, out, lse, d_out, d_q, delta, plan: Plan, scale: float) 
     grid = _grid(plan.query_blocks, plan)
     if not grid[0]:
         return
-    if plan.atomic_dq and plan.flags["EXACT"]:
+    if plan.atomic_dq:
         _delta_kernel[grid](out, d_out, delta, *plan.query_blocks, plan.heads, plan.head_dim, plan.period,
                             num_warps=plan.flags["num_warps"], **delta_flags(plan.flags))
         return
@@ -686,6 +694,6 @@ def shipped_specializations():
                         yield (_key_grad_kernel, key_signature, dict(flags, BLOCK=keys, QUERY_BLOCK=queries,
                                                                      ATOMIC_DQ=True), warps, aligned)
                     if not has_mask:
-                        yield (_delta_kernel, dict(out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32",
-                                                   **{name: "*i32" for name in list(blocks)[:4]}, H="i32", dh="i32",
-                                                   R="i32"), delta_flags(flags), warps, aligned)
+                        yield (_delta_kernel, dict(out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32", start_ptr="*i32",
+                                                   length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
+                                                   H="i32", dh="i32", R="i32"), delta_flags(flags), warps, aligned)
