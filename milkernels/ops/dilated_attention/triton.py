@@ -58,8 +58,12 @@ def block_size(head_dim: int, segments, rates, longest_bag: int, mode: str) -> i
         return 32
     if mode == "exact":
         return 64
-    shortest = min(min(w, longest_bag) for w in segments)
-    return 64 if shortest >= 64 * math.lcm(*rates) else 32
+    return 64 if shortest_segment(segments, longest_bag) >= 64 * math.lcm(*rates) else 32
+
+
+def shortest_segment(segments, longest_bag: int) -> int:
+    """The fewest positions of one segment of any branch on a bag of ``longest_bag`` rows: ``min(w, N)``."""
+    return min(min(w, longest_bag) for w in segments)
 
 
 def widest_block(head_dim: int, segments, rates, longest_bag: int, mode: str) -> int:
@@ -537,8 +541,8 @@ class Plan:
             self.queries = tuple(window[3:5])
         self.block = block_size(self.head_dim, segments, rates, longest, mode)
         self.atomic_dq = mode == "exact" and atomic_dq(q.dtype)
-        shortest_segment = min(min(w, longest) for w in segments)
-        self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period, shortest_segment)
+        self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period,
+                                                    shortest_segment(segments, longest))
         self.query_blocks = residue_blocks(query_spans, self.period, self.block, q.device)
         self.key_blocks = residue_blocks(key_spans, self.period, self.key_block, q.device)
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
