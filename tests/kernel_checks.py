@@ -80,11 +80,13 @@ def assert_double_backward_raises(fn, inputs, public_name, **kwargs):
         penalty.backward()
 
 
-def opcheck_attention_ops(forward_op, backward_op, args):
+def opcheck_attention_ops(forward_op, backward_op, args, backward_options=None):
     """``torch.library.opcheck`` of an attention forward op on ``args = [q, k, v, *options]`` (returning ``(out,
-    lse)``), then of its backward op on ``[q, k, v, out, lse, d_out, *options]``."""
+    lse, *saved)``), then of its backward op on ``[q, k, v, out, lse, *saved, d_out, *backward_options]`` (by default
+    the forward's options)."""
     torch.library.opcheck(forward_op, args)
     with torch.no_grad():
-        out, lse = forward_op(*args)
+        outputs = forward_op(*args)
     detached = [t.detach() for t in args[:3]]
-    torch.library.opcheck(backward_op, [*detached, out, lse, torch.randn_like(out), *args[3:]])
+    options = args[3:] if backward_options is None else backward_options
+    torch.library.opcheck(backward_op, [*detached, *outputs, torch.randn_like(outputs[0]), *options])

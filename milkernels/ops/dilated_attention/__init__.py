@@ -91,76 +91,87 @@ def _plan(q, bounds, segments, rates, mode, row_valid):
 
 @_library.custom_op("dilated_attention_forward")
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, bounds: list[int], segments: list[int], rates: list[int],
-                row_valid: Optional[Tensor], scale: float, mode: str) -> tuple[Tensor, Tensor]:
+                row_valid: Optional[Tensor], scale: float, mode: str,
+                keep_branches: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The triton forward on contiguous packed rows ``q, k, v: (T, H, dh)`` with bag ``bounds`` (B + 1 ints):
-    ``out: (T, H, dh)`` in q's dtype and ``lse: (T, H)`` float32."""
+    ``out: (T, H, dh)`` in q's dtype, ``lse: (T, H)`` float32 and, with ``keep_branches`` (torchscale mode, for
+    the backward's atomic dq: :func:`.triton.keeps_branches`), each branch's output ``(T, slots, dh)`` (else
+    ``(0,)``)."""
     from . import triton as kernels
 
-    return kernels.forward(q, k, v, _plan(q, bounds, segments, rates, mode, row_valid), scale)
+    return kernels.forward(q, k, v, _plan(q, bounds, segments, rates, mode, row_valid), scale, keep_branches)
 
 
 @_library.custom_op("dilated_attention_backward")
-def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, bounds: list[int],
-                 segments: list[int], rates: list[int], row_valid: Optional[Tensor], scale: float,
+def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, branch_out: Tensor, d_out: Tensor,
+                 bounds: list[int], segments: list[int], rates: list[int], row_valid: Optional[Tensor], scale: float,
                  mode: str) -> list[Tensor]:
-    """``[dq, dk, dv]``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out``, ``lse`` and ``d_out``."""
+    """``[dq, dk, dv]``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out``, ``lse``, ``branch_out``
+    and ``d_out``."""
     from . import triton as kernels
 
-    plan = _plan(q, bounds, segments, rates, mode, row_valid)
-    return list(kernels.backward(q, k, v, out, lse, d_out.contiguous(), plan, scale))
+    plan = kernels.Plan(q, bounds, segments, rates, mode, row_valid, branch_outputs=branch_out.numel() > 0)
+    return list(kernels.backward(q, k, v, out, lse, branch_out, d_out.contiguous(), plan, scale))
 
 
 @_library.custom_op("dilated_attention_window_forward")
 def _window_forward_op(q: Tensor, k: Tensor, v: Tensor, window: list[int], segments: list[int], rates: list[int],
-                       row_valid: Optional[Tensor], scale: float, mode: str) -> tuple[Tensor, Tensor]:
+                       row_valid: Optional[Tensor], scale: float, mode: str) -> tuple[Tensor, Tensor, Tensor]:
     """The triton forward of a sequence-parallel rank's queries on the rows ``q, k, v: (bags * rows, H, dh)`` of
     its window (:meth:`.sharded.Window.kernel_window`): ``out`` (q's dtype) and ``lse`` (float32), 0 and ``-inf``
-    on the rows that are not its queries."""
+    on the rows that are not its queries, and no branch outputs (``(0,)``: its backward keeps the query kernel)."""
     from . import triton as kernels
 
-    out, lse = kernels.forward(q, k, v, kernels.Plan(q, None, segments, rates, mode, row_valid, window), scale)
-    return sharded.cleared(out, window, *window[3:5], 0.0), sharded.cleared(lse, window, *window[3:5], -math.inf)
+    out, lse, branch_out = kernels.forward(q, k, v, kernels.Plan(q, None, segments, rates, mode, row_valid, window),
+                                           scale)
+    return (sharded.cleared(out, window, *window[3:5], 0.0), sharded.cleared(lse, window, *window[3:5], -math.inf),
+            branch_out)
 
 
 @_library.custom_op("dilated_attention_window_backward")
-def _window_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, d_out: Tensor, window: list[int],
-                        segments: list[int], rates: list[int], row_valid: Optional[Tensor], scale: float,
-                        mode: str) -> list[Tensor]:
+def _window_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, branch_out: Tensor, d_out: Tensor,
+                        window: list[int], segments: list[int], rates: list[int], row_valid: Optional[Tensor],
+                        scale: float, mode: str) -> list[Tensor]:
     """``[dq, dk, dv]`` of :func:`_window_forward_op`, each ``(bags * rows, H, dh)`` in q's dtype: dq on the
     window's queries, dk and dv on the keys they reach, 0 elsewhere."""
     from . import triton as kernels
 
     plan = kernels.Plan(q, None, segments, rates, mode, row_valid, window)
-    d_q, d_k, d_v = kernels.backward(q, k, v, out, lse, d_out.contiguous(), plan, scale)
+    d_q, d_k, d_v = kernels.backward(q, k, v, out, lse, branch_out, d_out.contiguous(), plan, scale)
     return [sharded.cleared(d_q, window, *window[3:5], 0.0)] + [sharded.cleared(t, window, *window[5:7], 0.0)
                                                                  for t in (d_k, d_v)]
 
 
-def _forward_fake(q, k, v, where, segments, rates, row_valid, scale, mode):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+def _forward_fake(q, k, v, where, segments, rates, row_valid, scale, mode, keep_branches=False):
+    rows, heads, head_dim = q.shape
+    slots = sum(-(-heads // rate) for rate in rates)
+    branch_out = q.new_empty((rows, slots, head_dim) if keep_branches else (0,))
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32), branch_out
 
 
-def _backward_fake(q, k, v, out, lse, d_out, where, segments, rates, row_valid, scale, mode):
+def _backward_fake(q, k, v, out, lse, branch_out, d_out, where, segments, rates, row_valid, scale, mode):
     return [torch.empty_like(q) for _ in range(3)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, where, segments, rates, row_valid, scale, mode = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, row_valid)
+    q, k, v, where, segments, rates, row_valid, scale, mode = inputs[:9]
+    out, lse, branch_out = output
+    ctx.save_for_backward(q, k, v, out, lse, branch_out, row_valid)
     ctx.options = (where, segments, rates, scale, mode)
-    ctx.mark_non_differentiable(lse)
+    ctx.num_inputs = len(inputs)
+    ctx.mark_non_differentiable(lse, branch_out)
 
 
 def _register(forward_op, backward_op) -> None:
     """Fakes and autograd of a forward op and its backward op (arguments: q, k, v, then where the rows are: the
     bags' ``bounds`` or a ``window``, then the branches, mask, scale and mode)."""
 
-    def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse, row_valid = ctx.saved_tensors
+    def backward(ctx, d_out, d_lse, d_branch_out):
+        q, k, v, out, lse, branch_out, row_valid = ctx.saved_tensors
         where, segments, rates, scale, mode = ctx.options
-        d_q, d_k, d_v = backward_op(q, k, v, out, lse, d_out, where, segments, rates, row_valid, scale, mode)
-        return d_q, d_k, d_v, None, None, None, None, None, None
+        d_q, d_k, d_v = backward_op(q, k, v, out, lse, branch_out, d_out, where, segments, rates, row_valid, scale,
+                                    mode)
+        return (d_q, d_k, d_v) + (None,) * (ctx.num_inputs - 3)
 
     forward_op.register_fake(_forward_fake)
     backward_op.register_fake(_backward_fake)
@@ -194,13 +205,13 @@ def _forward_matmul_flops(q, bounds, segments, rates, mode) -> int:
 
 
 @_library.flop_formula("dilated_attention_forward")
-def _forward_flops(q, k, v, bounds, segments, rates, row_valid, scale, mode):
+def _forward_flops(q, k, v, bounds, segments, rates, row_valid, scale, mode, keep_branches=False):
     """The reference's score and value products over every bag (see :func:`_bag_flops`)."""
     return _forward_matmul_flops(q, bounds, segments, rates, mode)
 
 
 @_library.flop_formula("dilated_attention_backward")
-def _backward_flops(q, k, v, out, lse, d_out, bounds, segments, rates, row_valid, scale, mode):
+def _backward_flops(q, k, v, out, lse, branch_out, d_out, bounds, segments, rates, row_valid, scale, mode):
     """Twice the forward: both gradients of each of the reference's two products.
 
     Counts gradients for q, k and v, which the op always computes; where only some take one, the reference
@@ -223,7 +234,7 @@ def _window_forward_flops(q, k, v, window, segments, rates, row_valid, scale, mo
 
 
 @_library.flop_formula("dilated_attention_window_backward")
-def _window_backward_flops(q, k, v, out, lse, d_out, window, segments, rates, row_valid, scale, mode):
+def _window_backward_flops(q, k, v, out, lse, branch_out, d_out, window, segments, rates, row_valid, scale, mode):
     """Twice the forward's, as the single-process op's."""
     return 2 * _window_matmul_flops(q, window, segments, rates, mode)
 
@@ -267,10 +278,20 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, mode: str = "
     if backend == "reference":
         out, lse = reference.dilated_attention(q2, k2, v2, bags.bounds, segments, rates, scale, mode, bags.row_valid)
     else:
-        out, lse = _forward_op(q2.contiguous(), k2.contiguous(), v2.contiguous(), list(bags.bounds), list(segments),
-                               list(rates), bags.row_valid, scale, mode)
+        out, lse, _ = _forward_op(q2.contiguous(), k2.contiguous(), v2.contiguous(), list(bags.bounds),
+                                  list(segments), list(rates), bags.row_valid, scale, mode,
+                                  _keeps_branches((q2, k2, v2), bags.bounds, segments, rates, mode))
     out = bags.rows_to_caller(out).reshape(q.shape)
     return (out, bags.rows_to_caller(lse.float())) if return_lse else out
+
+
+def _keeps_branches(inputs, bounds, segments, rates, mode) -> bool:
+    """Whether the triton forward on ``inputs = (q, k, v)``, each ``(T, H, dh)``, keeps each branch's output: when a
+    backward follows and it pays (:func:`.triton.keeps_branches`)."""
+    from . import triton as kernels
+
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    return grad and kernels.keeps_branches(inputs[0], bounds, segments, rates, mode)
 
 
 def _sharded_call(q, k, v, mask, cu_seqlens, segments, rates, scale, mode, process_group):

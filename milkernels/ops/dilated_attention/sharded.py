@@ -167,8 +167,8 @@ def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: 
     q_window = F.pad(q, (0, 0, 0, 0, first - view.start, view.stop - stop))
     if backend == "reference":
         return _reference(q_window, k_window, v_window, valid, view, segments, rates, scale, mode)
-    out, lse = window_op(*(t.flatten(0, 1) for t in (q_window, k_window, v_window)), view.kernel_window(bags),
-                         list(segments), list(rates), None if valid is None else valid.flatten(), scale, mode)
+    out, lse, _ = window_op(*(t.flatten(0, 1) for t in (q_window, k_window, v_window)), view.kernel_window(bags),
+                            list(segments), list(rates), None if valid is None else valid.flatten(), scale, mode)
     queries = slice(first - view.start, stop - view.start)
     return out.unflatten(0, (bags, -1))[:, queries], lse.unflatten(0, (bags, -1))[:, queries]
 

@@ -11,16 +11,19 @@ of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % L
   exactly upstream's merge (``sum_i softmax_i(lse_i) out_i`` is one softmax over the branches' key
   sets, shared keys counted twice); the zero-padded keys of a bag's last segment add ``exp(0 - m)``
   each, counted without being read. In ``exact`` mode a key an earlier covering branch already gave
-  the row is skipped, padding is never a key and the mask applies. Writes ``out`` and its fp32 ``lse``.
+  the row is skipped, padding is never a key and the mask applies. Writes ``out`` and its fp32 ``lse``;
+  in torchscale mode, where the backward takes the atomic dq (:func:`keeps_branches`), also each branch's
+  own output ``out_i`` (each branch then runs its own online softmax, merged into the row's at its end).
 - Backward: a query kernel writes ``dq`` and the per-row ``D`` (``exact``: ``dout . out``;
   ``torchscale``: ``D_i = dout . out_i`` per branch, from sums over the branch's keys in the same pass,
   since upstream's merge weights take no gradient: ``dS = P (dP - D_i)`` with ``P = exp(s - lse)``);
   a key kernel, one program per key block, walks the queries of each branch it belongs to (those at
   positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``.
-  Deterministic, except in exact mode in fp16 / bf16 (:func:`atomic_dq`): there the key kernel also adds
-  each query step's ``dS K`` to a zeroed float32 ``dq`` with atomics and :func:`_delta_kernel` only finds
-  ``D``: 5 products a tile pair instead of 7 (:func:`key_tiles`). Torchscale's query pass must form S and dP
-  for each ``D_i`` anyway, so there the atomic dq would save one product of 8 for the fp32 adds' bytes.
+  Deterministic, except in fp16 / bf16 in exact mode and in torchscale mode with the branch outputs kept
+  (:func:`atomic_dq`): there the key kernel also adds each query step's ``dS K`` to a zeroed float32 ``dq``
+  with atomics and :func:`_delta_kernel` only finds ``D`` or each ``D_i`` (from ``out_i``): 5 products a tile
+  pair instead of 7 (exact) or 8 (torchscale, whose query kernel also takes ``P K`` for ``D_i``)
+  (:func:`key_tiles`).
 
 Head dim: a tile of the next power of two, or two tiles side by side (:func:`head_tiles`: 32 + 16 for
 Prov-GigaPath's dh = 48 in fp16/bf16 on 64-row blocks), so that the products take 48 columns, not 64; every
@@ -303,10 +306,36 @@ def _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, rows_ok, q, q_tail, q_
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr, length_ptr, residue_ptr, first_ptr,
-                    segment_ptr, rate_ptr, H, dh, R, num_branches, scale,
+def _branch_slot(rate_ptr, i, head, H):
+    """Head ``head``'s column in branch ``i``'s outputs, as :func:`_forward_kernel` keeps them ``(T, slots, dh)``:
+    branch ``j`` takes ``G_j = ceil(H / r_j)`` columns (one per head of a group, since a position's heads of
+    the other groups do not run that branch), after those of the branches before it."""
+    slot = head % tl.cdiv(H, tl.load(rate_ptr + i))
+    for j in range(0, i):
+        slot += tl.cdiv(H, tl.load(rate_ptr + j))
+    return slot
+
+
+@triton.jit
+def _merged(m, l, acc, acc_tail, m_b, l_b, acc_b, acc_b_tail):
+    """The online-softmax state ``(m, l, acc, acc_tail)`` with a branch's own ``(m_b, l_b, acc_b, acc_b_tail)`` added."""
+    m_new = tl.maximum(m, m_b)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    beta = tl.exp(m_b - m_safe)
+    return (m_new, l * alpha + l_b * beta, acc * alpha[:, None] + acc_b * beta[:, None],
+            acc_tail * alpha[:, None] + acc_b_tail * beta[:, None])
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out_ptr, start_ptr, length_ptr,
+                    residue_ptr, first_ptr, segment_ptr, rate_ptr, H, dh, R, num_branches, scale, slots,
                     EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
-                    TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+                    TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                    KEEP_BRANCHES: tl.constexpr):
+    """``out`` and ``lse`` of the block's rows; with ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's
+    own output ``out_i`` in column :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch
+    then runs its own online softmax, merged into the rows' at its end."""
     head = tl.program_id(1)
     start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     q, q_tail = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
@@ -318,6 +347,12 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr,
     for i in range(0, num_branches):
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
         if residue % r == g:
+            if KEEP_BRANCHES:
+                m_rows, l_rows, acc_rows, acc_rows_tail = m, l, acc, acc_tail
+                m = tl.full([BLOCK], float("-inf"), tl.float32)
+                l = tl.zeros([BLOCK], tl.float32)
+                acc = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+                acc_tail = tl.zeros(q_tail.shape, tl.float32)
             if not EXACT:
                 zeros = tl.where(row_ok, _zero_keys(rows, length, sl, r, g, lsp), 0.0)
                 m_new = tl.where(zeros > 0, tl.maximum(m, 0.0), m)
@@ -342,13 +377,26 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, start_ptr,
                 acc = acc * alpha[:, None] + pv
                 acc_tail = acc_tail * alpha[:, None] + pv_tail
                 m = m_new
+            if KEEP_BRANCHES:
+                _store_output(branch_out_ptr, acc, acc_tail, l, row_ok, rows, row_ok, start,
+                              _branch_slot(rate_ptr, i, head, H), slots, dh, BLOCK_DH, TAIL_DH)
+                m, l, acc, acc_tail = _merged(m_rows, l_rows, acc_rows, acc_rows_tail, m, l, acc, acc_tail)
     has_keys = _row_valid(valid_ptr, rows, row_ok, start, HAS_MASK) & (l > 0)
+    _store_output(out_ptr, acc, acc_tail, l, has_keys, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
+    tl.store(lse_ptr + (start + rows).to(tl.int64) * H + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _store_output(ptr, acc, acc_tail, l, live, rows, row_ok, start, head, H, dh, BLOCK_DH: tl.constexpr,
+                  TAIL_DH: tl.constexpr):
+    """Write ``acc / l`` of the rows ``start + rows`` where ``row_ok`` (0 where not ``live`` or ``l`` is 0) to head
+    ``head`` of the ``(T, H, dh)`` at ``ptr``."""
+    has_keys = live & (l > 0)
     l_safe = tl.where(has_keys, l, 1.0)[:, None]
     out = tl.where(has_keys[:, None], acc / l_safe, 0.0)
     out_tail = tl.where(has_keys[:, None], acc_tail / l_safe, 0.0)
-    _store_rows(out_ptr, out, out_tail, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
-    lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
-    tl.store(lse_ptr + (start + rows).to(tl.int64) * H + head, lse, mask=row_ok)
+    _store_rows(ptr, out, out_tail, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
 
 
 @triton.jit
@@ -364,17 +412,27 @@ def _row_delta(out_ptr, d_out, d_out_tail, rows, live, start, head, H, dh, BLOCK
 
 
 @triton.jit
-def _delta_kernel(out_ptr, d_out_ptr, delta_ptr, start_ptr, length_ptr, residue_ptr, first_ptr, H, dh, R,
-                  BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
-    """Exact mode with the atomic dq: the query side's only task, ``D = dout . out`` of the block's rows. Unlike the
-    query kernel's, it does not zero masked rows and rows with no keys (their ``out`` is 0): the key kernel never
-    reads those."""
+def _delta_kernel(out_ptr, branch_out_ptr, d_out_ptr, delta_ptr, start_ptr, length_ptr, residue_ptr, first_ptr,
+                  rate_ptr, T, H, dh, R, num_branches, slots, EXACT: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
+    """The query side's only task with the atomic dq: exact mode's ``D = dout . out`` of the block's rows, or
+    torchscale's ``D_i = dout . out_i`` of each branch covering them, from the forward's ``branch_out: (T, slots,
+    dh)`` (:func:`_branch_slot`), at ``delta[i]`` of ``(branches, T, H)``. Unlike the query kernel's, it does not
+    zero masked rows and rows with no keys (their ``out`` is 0): the key kernel never reads those."""
     head = tl.program_id(1)
     start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     d_out, d_out_tail = _load_rows(d_out_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
-    delta = _row_delta(out_ptr, d_out.to(tl.float32), d_out_tail.to(tl.float32), rows, row_ok, start, head, H, dh,
-                       BLOCK_DH, TAIL_DH)
-    tl.store(delta_ptr + (start + rows).to(tl.int64) * H + head, delta, mask=row_ok)
+    d_out, d_out_tail = d_out.to(tl.float32), d_out_tail.to(tl.float32)
+    delta_rows = (start + rows).to(tl.int64) * H + head
+    if EXACT:
+        delta = _row_delta(out_ptr, d_out, d_out_tail, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+        tl.store(delta_ptr + delta_rows, delta, mask=row_ok)
+    else:
+        for i in range(0, num_branches):
+            if residue % tl.load(rate_ptr + i) == head // tl.cdiv(H, tl.load(rate_ptr + i)):
+                delta = _row_delta(branch_out_ptr, d_out, d_out_tail, rows, row_ok, start,
+                                   _branch_slot(rate_ptr, i, head, H), slots, dh, BLOCK_DH, TAIL_DH)
+                tl.store(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + delta_rows, delta, mask=row_ok)
 
 
 @triton.jit
@@ -526,9 +584,11 @@ class Plan:
     """What every launch of one call shares: the query and key blocks, the branches on the device and the
     constexprs. ``window`` (sequence parallelism, :mod:`.sharded`): ``[bags, N, offset, query start, query stop,
     key start, key stop]``; then ``q``'s rows are ``bags`` equal windows of a bag of N positions, from position
-    ``offset`` on, and the blocks cover those query and key positions; else every row of the bags ``bounds``."""
+    ``offset`` on, and the blocks cover those query and key positions; else every row of the bags ``bounds``.
+    ``branch_outputs``: the forward kept each branch's output (:func:`keeps_branches`), so a torchscale backward
+    can take the atomic dq."""
 
-    def __init__(self, q, bounds, segments, rates, mode: str, row_valid, window=None):
+    def __init__(self, q, bounds, segments, rates, mode: str, row_valid, window=None, branch_outputs: bool = False):
         self.rows, self.heads, self.head_dim = q.shape
         self.period = math.lcm(*rates)
         if window is None:
@@ -540,7 +600,9 @@ class Plan:
             longest, query_spans, key_spans = window_spans(self.rows, window)
             self.queries = tuple(window[3:5])
         self.block = block_size(self.head_dim, segments, rates, longest, mode)
-        self.atomic_dq = mode == "exact" and atomic_dq(q.dtype)
+        self.atomic_dq = atomic_dq(q.dtype) and (mode == "exact" or branch_outputs)
+        self.slots = branch_slots(self.heads, rates)
+        self.short_groups = any(self.heads % rate for rate in rates)
         self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period,
                                                     shortest_segment(segments, longest))
         self.query_blocks = residue_blocks(query_spans, self.period, self.block, q.device)
@@ -569,8 +631,8 @@ _ATOMIC_KEY_TILES = ((128, 16), (64, 32))
 
 
 def key_tiles(block: int, atomic: bool, period: int, shortest_segment: int) -> tuple[int, int]:
-    """``(keys a program, queries a step)`` of the key kernel: ``(block, block)``, or with the atomic dq (exact mode in
-    fp16 / bf16, on 64-row blocks) ``(128, 16)`` where 128 such keys (``128 * period`` positions) fit in the
+    """``(keys a program, queries a step)`` of the key kernel: ``(block, block)``, or with the atomic dq (fp16 / bf16
+    on 64-row blocks, :class:`Plan`) ``(128, 16)`` where 128 such keys (``128 * period`` positions) fit in the
     shortest segment, else ``(64, 32)``. Each step's float32 ``dq`` adds then serve 128 or 64 keys (a key block
     across segments would pair keys with the other segment's queries for nothing); 64 queries a step spill on
     sm_90 (up to 112 B at dh 64)."""
@@ -578,6 +640,22 @@ def key_tiles(block: int, atomic: bool, period: int, shortest_segment: int) -> t
         return block, block
     wide, narrow = _ATOMIC_KEY_TILES
     return wide if wide[0] * period <= shortest_segment else narrow
+
+
+def keeps_branches(q, bounds, segments, rates, mode: str) -> bool:
+    """Whether a torchscale forward on ``q: (T, H, dh)`` in bags ``bounds`` that a backward will follow keeps each
+    branch's output ``out_i`` for it: where the backward then takes the atomic dq (:func:`atomic_dq`: fp16 / bf16,
+    not deterministic) on 64-row blocks. Its ``D_i = dout . out_i`` then costs no pass over the keys: 5 products
+    a tile pair, not 8, for ``T * slots * dh`` more elements kept (:func:`branch_slots`)."""
+    return (mode == "torchscale" and atomic_dq(q.dtype)
+            and block_size(q.shape[-1], segments, rates, longest_bag(bounds), mode) == 64)
+
+
+def branch_slots(heads: int, rates) -> int:
+    """Columns of the kept branch outputs ``(T, slots, dh)``: ``ceil(H / r_i)`` per branch, the heads of one group
+    (a position runs branch i in one group's heads only): 31 for Prov-GigaPath's 16 heads and rates 1 to 16,
+    1.94 outputs' worth."""
+    return sum(-(-heads // rate) for rate in rates)
 
 
 def window_spans(rows: int, window) -> tuple:
@@ -593,23 +671,31 @@ def _grid(blocks, plan: Plan) -> tuple[int, int]:
     return blocks[0].numel(), plan.heads
 
 
-def forward(q, k, v, plan: Plan, scale: float):
-    """``out: (T, H, dh)`` in q's dtype and ``lse: (T, H)`` float32 of contiguous ``q, k, v: (T, H, dh)`` (the
-    rows of the plan's query blocks)."""
+def forward(q, k, v, plan: Plan, scale: float, keep_branches: bool = False):
+    """``out: (T, H, dh)`` in q's dtype, ``lse: (T, H)`` float32 and the branch outputs of contiguous ``q, k, v: (T,
+    H, dh)`` (the rows of the plan's query blocks): with ``keep_branches`` (torchscale, :func:`keeps_branches`)
+    each branch's own ``out_i`` as ``(T, slots, dh)`` in q's dtype (:func:`_branch_slot`), else an empty ``(0,)``.
+    Where ``r_i`` does not divide H, a short or empty last head group leaves some of branch i's columns of some
+    rows unwritten: the buffer is zeroed first then."""
     out = _blocks.new_buffer(*q.shape, dtype=q.dtype, device=q.device)
     lse = _blocks.new_buffer(plan.rows, plan.heads, dtype=torch.float32, device=q.device)
+    shape = (plan.rows, plan.slots, plan.head_dim) if keep_branches else (0,)
+    allocate = torch.zeros if plan.short_groups else _blocks.new_buffer
+    branch_out = allocate(*shape, dtype=q.dtype, device=q.device)
     grid = _grid(plan.query_blocks, plan)
     if grid[0]:
-        _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, *plan.query_blocks, *plan.branches, *plan.sizes(),
-                              scale, **plan.flags)
-    return out, lse
+        _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, branch_out if keep_branches else out,
+                              *plan.query_blocks, *plan.branches, *plan.sizes(), scale, plan.slots,
+                              KEEP_BRANCHES=keep_branches, **plan.flags)
+    return out, lse, branch_out
 
 
-def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
-    """``(dq, dk, dv)``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out`` and ``lse`` and ``d_out``
-    (``dq`` on the rows of the plan's query blocks, ``dk`` and ``dv`` on those of its key blocks). With the plan's
-    atomic dq (exact mode, :func:`atomic_dq`) the key kernel adds ``dq`` into a zeroed float32 buffer and
-    :func:`_delta_kernel` finds ``D`` (no products); else the query kernel writes ``dq`` and ``D``."""
+def backward(q, k, v, out, lse, branch_out, d_out, plan: Plan, scale: float):
+    """``(dq, dk, dv)``, each ``(T, H, dh)`` in q's dtype, from the forward's ``out``, ``lse`` and ``branch_out`` and
+    ``d_out`` (``dq`` on the rows of the plan's query blocks, ``dk`` and ``dv`` on those of its key blocks). With the
+    plan's atomic dq (:func:`atomic_dq`; exact mode, or torchscale with the branch outputs kept) the key kernel adds
+    ``dq`` into a zeroed float32 buffer and :func:`_delta_kernel` finds ``D`` or each ``D_i`` (no products); else
+    the query kernel writes ``dq`` and ``D`` or each ``D_i``."""
     d_k, d_v = (_blocks.new_buffer(*q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
     if plan.atomic_dq:
         d_q = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -617,7 +703,7 @@ def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
         d_q = _blocks.new_buffer(*q.shape, dtype=q.dtype, device=q.device)
     branches = 1 if plan.flags["EXACT"] else plan.branches[0].numel()
     delta = _blocks.new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
-    _query_side(q, k, v, out, lse, d_out, d_q, delta, plan, scale)
+    _query_side(q, k, v, out, lse, branch_out, d_out, d_q, delta, plan, scale)
     key_grid = _grid(plan.key_blocks, plan)
     if key_grid[0]:
         added_d_q = d_q if plan.atomic_dq else torch.empty(0, dtype=torch.float32, device=q.device)
@@ -626,13 +712,14 @@ def backward(q, k, v, out, lse, d_out, plan: Plan, scale: float):
     return d_q.to(q.dtype), d_k, d_v
 
 
-def _query_side(q, k, v, out, lse, d_out, d_q, delta, plan: Plan, scale: float) -> None:
+def _query_side(q, k, v, out, lse, branch_out, d_out, d_q, delta, plan: Plan, scale: float) -> None:
     """Launch the query side of :func:`backward`: writes ``delta`` and, without the atomic dq, ``d_q``."""
     grid = _grid(plan.query_blocks, plan)
     if not grid[0]:
         return
     if plan.atomic_dq:
-        _delta_kernel[grid](out, d_out, delta, *plan.query_blocks, plan.heads, plan.head_dim, plan.period,
+        _delta_kernel[grid](out, branch_out if branch_out.numel() else out, d_out, delta, *plan.query_blocks,
+                            plan.branches[1], plan.rows, *plan.sizes(), plan.slots,
                             num_warps=plan.flags["num_warps"], **delta_flags(plan.flags))
         return
     _query_grad_kernel[grid](q, k, v, plan.valid(q), out, lse, d_out, d_q, delta, *plan.query_blocks,
@@ -641,7 +728,7 @@ def _query_side(q, k, v, out, lse, d_out, d_q, delta, plan: Plan, scale: float) 
 
 def delta_flags(flags: dict) -> dict:
     """:func:`_delta_kernel`'s constexprs, from the other kernels' ``flags``."""
-    return {name: flags[name] for name in ("BLOCK", "BLOCK_DH", "TAIL_DH")}
+    return {name: flags[name] for name in ("EXACT", "BLOCK", "BLOCK_DH", "TAIL_DH")}
 
 
 _AOT_SHAPES = ((16, 48, 64), (16, 48, 32), (16, 64, 64), (8, 32, 64), (8, 32, 32), (8, 128, 32), (4, 256, 32))
@@ -663,8 +750,9 @@ def shipped_specializations():
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the head tiles (:func:`head_tiles`) of 32, 32 + 16, 64, 128 and 256 columns with each block size
     they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once; in
-    exact mode in fp16 and bf16 the backward both ways (:func:`atomic_dq`): the query and key kernels, and the
-    :func:`_delta_kernel` and the key kernel at each of its atomic tiles (:func:`key_tiles`);
+    fp16 and bf16 in exact mode, and in torchscale mode on 64-row blocks, the backward both ways
+    (:func:`atomic_dq`): the query and key kernels, and the :func:`_delta_kernel` and the key kernel at each of its
+    atomic tiles (:func:`key_tiles`), and there in torchscale mode the forward both ways (:func:`keeps_branches`);
     ``aligned`` names H and dh where the example shape has them as multiples of 16.
     """
     seen = set()
@@ -686,18 +774,26 @@ def shipped_specializations():
                               segment_ptr="*i32", rate_ptr="*i32")
                 sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
                 rows = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, valid_ptr="*i1" if has_mask else ptr)
-                yield (_forward_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", **blocks, **sizes), flags, warps, aligned)
+                forward_signature = dict(rows, out_ptr=ptr, lse_ptr="*fp32", branch_out_ptr=ptr, **blocks, **sizes,
+                                         slots="i32")
+                atomic = dtype != torch.float32 and (exact or block == 64)  # keeps_branches in torchscale
+                yield (_forward_kernel, forward_signature, dict(flags, KEEP_BRANCHES=False), warps, aligned)
+                if atomic and not exact:
+                    yield (_forward_kernel, forward_signature, dict(flags, KEEP_BRANCHES=True), warps, aligned)
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
                                                 delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
                 key_signature = dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_q_ptr="*fp32",
                                      d_k_ptr=ptr, d_v_ptr=ptr, **blocks, T="i32", **sizes, query_start="i32",
                                      query_stop="i32")
                 yield (_key_grad_kernel, key_signature, dict(flags, QUERY_BLOCK=block, ATOMIC_DQ=False), warps, aligned)
-                if exact and dtype != torch.float32:
-                    for keys, queries in _ATOMIC_KEY_TILES:
-                        yield (_key_grad_kernel, key_signature, dict(flags, BLOCK=keys, QUERY_BLOCK=queries,
-                                                                     ATOMIC_DQ=True), warps, aligned)
-                    if not has_mask:
-                        yield (_delta_kernel, dict(out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32", start_ptr="*i32",
-                                                   length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
-                                                   H="i32", dh="i32", R="i32"), delta_flags(flags), warps, aligned)
+                if not atomic:
+                    continue
+                for keys, queries in _ATOMIC_KEY_TILES:
+                    yield (_key_grad_kernel, key_signature, dict(flags, BLOCK=keys, QUERY_BLOCK=queries,
+                                                                 ATOMIC_DQ=True), warps, aligned)
+                if not has_mask:
+                    delta_signature = dict(out_ptr=ptr, branch_out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32",
+                                           start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
+                                           rate_ptr="*i32", T="i32", H="i32", dh="i32", R="i32", num_branches="i32",
+                                           slots="i32")
+                    yield (_delta_kernel, delta_signature, delta_flags(flags), warps, aligned)
