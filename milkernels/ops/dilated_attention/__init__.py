@@ -83,10 +83,10 @@ def _reasons(backend: str, q: torch.Tensor, bounds, segments, rates, mode) -> li
     return reasons + unsupported_shape(q.shape[-1], q.dtype, mode) + unsupported_branches(bounds, segments, rates, mode)
 
 
-def _plan(q, bounds, segments, rates, mode, row_valid):
+def _plan(q, bounds, segments, rates, mode, row_valid, branch_outputs=False):
     from . import triton as kernels
 
-    return kernels.Plan(q, bounds, segments, rates, mode, row_valid)
+    return kernels.Plan(q, bounds, segments, rates, mode, row_valid, branch_outputs=branch_outputs)
 
 
 @_library.custom_op("dilated_attention_forward")
@@ -110,7 +110,7 @@ def _backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bran
     and ``d_out``."""
     from . import triton as kernels
 
-    plan = kernels.Plan(q, bounds, segments, rates, mode, row_valid, branch_outputs=branch_out.numel() > 0)
+    plan = _plan(q, bounds, segments, rates, mode, row_valid, branch_outputs=branch_out.numel() > 0)
     return list(kernels.backward(q, k, v, out, lse, branch_out, d_out.contiguous(), plan, scale))
 
 
@@ -143,9 +143,10 @@ def _window_backward_op(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tenso
 
 
 def _forward_fake(q, k, v, where, segments, rates, row_valid, scale, mode, keep_branches=False):
+    from .triton import branch_slots
+
     rows, heads, head_dim = q.shape
-    slots = sum(-(-heads // rate) for rate in rates)
-    branch_out = q.new_empty((rows, slots, head_dim) if keep_branches else (0,))
+    branch_out = q.new_empty((rows, branch_slots(heads, rates), head_dim) if keep_branches else (0,))
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32), branch_out
 
 

@@ -46,7 +46,7 @@ import triton.language as tl
 from ..._backends import triton_interpreted
 from .. import _blocks
 from .._blocks import atomic_dq, dot_flags
-from .reference import segment_spans
+from .reference import head_group_size, segment_spans
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 ALL_POSITIONS = 2**30  # the key kernel's query range stop on whole bags: past every bag (and int32-safe)
@@ -429,7 +429,8 @@ def _delta_kernel(out_ptr, branch_out_ptr, d_out_ptr, delta_ptr, start_ptr, leng
         tl.store(delta_ptr + delta_rows, delta, mask=row_ok)
     else:
         for i in range(0, num_branches):
-            if residue % tl.load(rate_ptr + i) == head // tl.cdiv(H, tl.load(rate_ptr + i)):
+            r = tl.load(rate_ptr + i)
+            if residue % r == head // tl.cdiv(H, r):
                 delta = _row_delta(branch_out_ptr, d_out, d_out_tail, rows, row_ok, start,
                                    _branch_slot(rate_ptr, i, head, H), slots, dh, BLOCK_DH, TAIL_DH)
                 tl.store(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + delta_rows, delta, mask=row_ok)
@@ -655,7 +656,7 @@ def branch_slots(heads: int, rates) -> int:
     """Columns of the kept branch outputs ``(T, slots, dh)``: ``ceil(H / r_i)`` per branch, the heads of one group
     (a position runs branch i in one group's heads only): 31 for Prov-GigaPath's 16 heads and rates 1 to 16,
     1.94 outputs' worth."""
-    return sum(-(-heads // rate) for rate in rates)
+    return sum(head_group_size(heads, rate) for rate in rates)
 
 
 def window_spans(rows: int, window) -> tuple:
@@ -793,7 +794,6 @@ def shipped_specializations():
                                                                  ATOMIC_DQ=True), warps, aligned)
                 if not has_mask:
                     delta_signature = dict(out_ptr=ptr, branch_out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32",
-                                           start_ptr="*i32", length_ptr="*i32", residue_ptr="*i32", first_ptr="*i32",
-                                           rate_ptr="*i32", T="i32", H="i32", dh="i32", R="i32", num_branches="i32",
-                                           slots="i32")
+                                           **{name: "*i32" for name in list(blocks)[:4]}, rate_ptr="*i32", T="i32",
+                                           H="i32", dh="i32", R="i32", num_branches="i32", slots="i32")
                     yield (_delta_kernel, delta_signature, delta_flags(flags), warps, aligned)
