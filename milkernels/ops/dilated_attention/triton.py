@@ -70,10 +70,22 @@ def shortest_segment(segments, longest_bag: int) -> int:
 
 
 def widest_block(head_dim: int, segments, rates, longest_bag: int, mode: str) -> int:
-    """The most positions of one residue that a program of any kernel covers: in exact mode the key kernel's 128
-    keys with the atomic dq (:func:`key_tiles`; a bound, taken for every dtype), else :func:`block_size`."""
+    """The most positions of one residue that a program of any kernel covers (a bound, taken for every dtype): the
+    forward's rows (:func:`forward_rows`), in exact mode at least the key kernel's 128 keys with the atomic dq
+    (:func:`key_tiles`)."""
     block = block_size(head_dim, segments, rates, longest_bag, mode)
-    return max(block, _ATOMIC_KEY_TILES[0][0]) if mode == "exact" else block
+    rows = forward_rows(torch.bfloat16, block, math.lcm(*rates), shortest_segment(segments, longest_bag))
+    return max(rows, _ATOMIC_KEY_TILES[0][0]) if mode == "exact" else rows
+
+
+def forward_rows(dtype, block: int, period: int, shortest_segment: int) -> int:
+    """Query rows a forward program takes, over key tiles of ``block``: in fp16 / bf16 on 64-row blocks 128 where
+    128 such rows (``128 * period`` positions) fit in the shortest segment, so each k, v tile it reads feeds twice
+    the rows (sm_90: at most 255 registers, no spill), else ``block``."""
+    wide = 2 * block
+    if dtype in (torch.float16, torch.bfloat16) and block == 64 and wide * period <= shortest_segment:
+        return wide
+    return block
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -291,7 +303,7 @@ def _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, rows_ok, q, q_tail, q_
               BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr,
               FP32_PRECISION: tl.constexpr):
     """The keys ``t0 .. t0 + BLOCK`` (kept-row indices, below ``t_end``) of branch ``i`` for the block's rows:
-    ``k, v`` as tiles ``(main, tail)`` (:func:`_load_rows`), the scaled scores ``q k^T: (BLOCK, BLOCK)`` and which
+    ``k, v`` as tiles ``(main, tail)`` (:func:`_load_rows`), the scaled scores ``q k^T: (len(rows), BLOCK)`` and which
     pairs count (same segment, key real and unmasked, row in ``rows_ok``; in exact mode not already given by an
     earlier branch)."""
     key_segment, keys = _kept_rows(t0 + tl.arange(0, BLOCK), sl, r, g, lsp)
@@ -332,16 +344,17 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
                     residue_ptr, first_ptr, segment_ptr, rate_ptr, H, dh, R, num_branches, scale, slots,
                     EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
                     TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                    KEEP_BRANCHES: tl.constexpr):
-    """``out`` and ``lse`` of the block's rows; with ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's
-    own output ``out_i`` in column :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch
-    then runs its own online softmax, merged into the rows' at its end."""
+                    KEEP_BRANCHES: tl.constexpr, ROWS: tl.constexpr):
+    """``out`` and ``lse`` of the block's ``ROWS`` rows (:func:`forward_rows`), over tiles of ``BLOCK`` keys; with
+    ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's own output ``out_i`` in column
+    :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch then runs its own online
+    softmax, merged into the rows' at its end."""
     head = tl.program_id(1)
-    start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
+    start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, ROWS)
     q, q_tail = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
-    m = tl.full([BLOCK], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+    m = tl.full([ROWS], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_DH], tl.float32)
     acc_tail = tl.zeros(q_tail.shape, tl.float32)
     last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
     for i in range(0, num_branches):
@@ -349,9 +362,9 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
         if residue % r == g:
             if KEEP_BRANCHES:
                 m_rows, l_rows, acc_rows, acc_rows_tail = m, l, acc, acc_tail
-                m = tl.full([BLOCK], float("-inf"), tl.float32)
-                l = tl.zeros([BLOCK], tl.float32)
-                acc = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
+                m = tl.full([ROWS], float("-inf"), tl.float32)
+                l = tl.zeros([ROWS], tl.float32)
+                acc = tl.zeros([ROWS, BLOCK_DH], tl.float32)
                 acc_tail = tl.zeros(q_tail.shape, tl.float32)
             if not EXACT:
                 zeros = tl.where(row_ok, _zero_keys(rows, length, sl, r, g, lsp), 0.0)
@@ -604,9 +617,13 @@ class Plan:
         self.atomic_dq = atomic_dq(q.dtype) and (mode == "exact" or branch_outputs)
         self.slots = branch_slots(self.heads, rates)
         self.short_groups = any(self.heads % rate for rate in rates)
-        self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period,
-                                                    shortest_segment(segments, longest))
+        shortest = shortest_segment(segments, longest)
+        self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period, shortest)
         self.query_blocks = residue_blocks(query_spans, self.period, self.block, q.device)
+        self.forward_rows = forward_rows(q.dtype, self.block, self.period, shortest)
+        self.forward_blocks = self.query_blocks
+        if self.forward_rows != self.block:
+            self.forward_blocks = residue_blocks(query_spans, self.period, self.forward_rows, q.device)
         self.key_blocks = residue_blocks(key_spans, self.period, self.key_block, q.device)
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
                          for values in (segment_spans(segments, rates, longest, mode), rates)]
@@ -683,11 +700,11 @@ def forward(q, k, v, plan: Plan, scale: float, keep_branches: bool = False):
     shape = (plan.rows, plan.slots, plan.head_dim) if keep_branches else (0,)
     allocate = torch.zeros if plan.short_groups else _blocks.new_buffer
     branch_out = allocate(*shape, dtype=q.dtype, device=q.device)
-    grid = _grid(plan.query_blocks, plan)
+    grid = _grid(plan.forward_blocks, plan)
     if grid[0]:
         _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, branch_out if keep_branches else out,
-                              *plan.query_blocks, *plan.branches, *plan.sizes(), scale, plan.slots,
-                              KEEP_BRANCHES=keep_branches, **plan.flags)
+                              *plan.forward_blocks, *plan.branches, *plan.sizes(), scale, plan.slots,
+                              KEEP_BRANCHES=keep_branches, ROWS=plan.forward_rows, **plan.flags)
     return out, lse, branch_out
 
 
@@ -750,7 +767,8 @@ def shipped_specializations():
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the head tiles (:func:`head_tiles`) of 32, 32 + 16, 64, 128 and 256 columns with each block size
-    they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once; in
+    they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once, the
+    forward at each of its row counts (:func:`forward_rows`); in
     fp16 and bf16 in exact mode, and in torchscale mode on 64-row blocks, the backward both ways
     (:func:`atomic_dq`): the query and key kernels, and the :func:`_delta_kernel` and the key kernel at each of its
     atomic tiles (:func:`key_tiles`), and there in torchscale mode the forward both ways (:func:`keeps_branches`);
@@ -778,9 +796,11 @@ def shipped_specializations():
                 forward_signature = dict(rows, out_ptr=ptr, lse_ptr="*fp32", branch_out_ptr=ptr, **blocks, **sizes,
                                          slots="i32")
                 atomic = dtype != torch.float32 and (exact or block == 64)  # keeps_branches in torchscale
-                yield (_forward_kernel, forward_signature, dict(flags, KEEP_BRANCHES=False), warps, aligned)
-                if atomic and not exact:
-                    yield (_forward_kernel, forward_signature, dict(flags, KEEP_BRANCHES=True), warps, aligned)
+                wide_rows = forward_rows(dtype, block, 1, ALL_POSITIONS)  # where the segments are long
+                for query_rows in sorted({block, wide_rows}):
+                    for keep in (False, True) if atomic and not exact else (False,):
+                        forward_flags = dict(flags, KEEP_BRANCHES=keep, ROWS=query_rows)
+                        yield (_forward_kernel, forward_signature, forward_flags, warps, aligned)
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
                                                 delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
                 key_signature = dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_q_ptr="*fp32",
