@@ -177,16 +177,24 @@ def test_forward_rows():
     for mode in ("torchscale", "exact"):
         assert kernels.Plan(half, [0, 600, 917], *LONG_SEGMENTS, mode, None).forward_rows == 128
         assert kernels.Plan(half.float(), [0, 600, 917], *LONG_SEGMENTS, mode, None).forward_rows == 64
-    assert kernels.widest_block(40, *LONG_SEGMENTS, 917, "torchscale") == 128
+    assert kernels.widest_block(40, torch.bfloat16, *LONG_SEGMENTS, 917, "torchscale") == 128
+    assert kernels.widest_block(40, torch.float32, *LONG_SEGMENTS, 917, "torchscale") == 64
+
+
+def forward_kernel_loads(fn, inputs) -> int:
+    """Bytes the forward kernel loads when ``fn`` runs on ``inputs`` on the triton backend, with no grad."""
+    with torch.no_grad(), milkernels.use_backend("triton"), counting() as counts:
+        fn(*inputs)
+    return counts.by_kernel["_forward_kernel"].load_bytes
 
 
 @pytest.mark.parametrize("mode", ["torchscale", "exact"])
 def test_forward_on_128_row_blocks(mode, monkeypatch):
     """The fp16 / bf16 forward's 128 rows a program (:func:`kernels.forward_rows`), forced in fp32 for a tight
-    comparison: blocks of 256 positions that straddle the 200-position segments, 3 heads of dh 40 (head groups of 2
-    and 1 at r = 2); torchscale on two packed bags (260 and 197 rows, the last segments zero-padded), exact on two
-    padded bags with a mask; outputs, lse and every gradient."""
-    monkeypatch.setattr(kernels, "forward_rows", lambda dtype, block, period, shortest_segment: 128)
+    comparison, with the atomic dq (so torchscale keeps and merges the branch outputs): blocks of 256 positions that
+    straddle the 200-position segments, 3 heads of dh 40 (head groups of 2 and 1 at r = 2); torchscale on two
+    packed bags (260 and 197 rows, the last segments zero-padded), exact on two padded bags with a mask; outputs,
+    lse and every gradient. The forward loads fewer bytes than on 64-row blocks (k and v once per 128 rows)."""
     branches = ([200, 512], [1, 2])
     if mode == "torchscale":
         q, k, v = make_qkv((457, 3, 40), seed=34)
@@ -194,7 +202,11 @@ def test_forward_on_128_row_blocks(mode, monkeypatch):
     else:
         q, k, v = make_qkv((2, 260, 3, 40), seed=35)
         fn = with_lse(*branches, mode="exact", mask=padded_mask(2, 260))
-    kernel_checks.compare(fn, [q, k, v], torch.float32)
+    on_64_rows = forward_kernel_loads(fn, [q, k, v])
+    monkeypatch.setattr(kernels, "forward_rows", lambda dtype, block, period, shortest_segment: 128)
+    monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
+    assert forward_kernel_loads(fn, [q, k, v]) < 0.8 * on_64_rows
+    assert compared_kernels(fn, [q, k, v], torch.float32) == ATOMIC_KERNELS
 
 
 def test_keeps_branches_where_the_backward_takes_the_atomic_dq(request):

@@ -433,12 +433,12 @@ def test_dilated_refusals_are_value_errors():
     run_ranks(2, check_dilated_refusals)
 
 
-@pytest.mark.parametrize("wide_forward", [False, True], ids=["", "128-row-forward"])
+@pytest.mark.parametrize("wide_forward", [False, True], ids=["forward-rows-by-rule", "forced-128-row-forward"])
 @pytest.mark.parametrize("mode", ("torchscale", "exact"))
 def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forward, monkeypatch):
     """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels'
     query, forward and key blocks (whose last rows pass the shard), and the keys its queries reach lie in its key
-    range. "128-row-forward" forces the forward's 128 rows a program (fp16 / bf16 where 128 R positions fit in
+    range. "forced-128-row-forward" forces the forward's 128 rows a program (fp16 / bf16 where 128 R positions fit in
     every segment; these segments are shorter)."""
     from milkernels.ops.dilated_attention import reference, sharded
     from milkernels.ops.dilated_attention import triton as kernels
@@ -458,7 +458,7 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forwar
         segments = [r * draw(24) for r in rates]
         spans = reference.segment_spans(segments, rates, length, mode)
         block = kernels.block_size(head_dim, segments, rates, length, mode)
-        key_block = kernels.widest_block(head_dim, segments, rates, length, mode)  # 128 keys with the atomic dq
+        key_block = kernels.widest_block(head_dim, torch.bfloat16, segments, rates, length, mode)  # the widest dtype
         for rank in range(world_size):
             view = sharded.window(bounds, rank, spans, key_block * math.lcm(*rates))
             window = view.kernel_window(1)

@@ -158,7 +158,8 @@ def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: 
     bags, _, heads, head_dim = q.shape
     group = distributed.resolve(group_name)
     spans = reference.segment_spans(segments, rates, bounds[-1], mode)
-    view = window(bounds, group.rank(), spans, _overshoot(backend, head_dim, segments, rates, bounds[-1], mode))
+    view = window(bounds, group.rank(), spans,
+                  _overshoot(backend, head_dim, q.dtype, segments, rates, bounds[-1], mode))
     parts = [k, v] if mask is None else [k, v, mask[..., None, None].ne(0).to(k.dtype).expand(-1, -1, heads, 1)]
     buffer = exchange(torch.cat(parts, dim=-1), view, spans, rates, group_name)
     k_window, v_window = (t.contiguous() for t in buffer[..., :2 * head_dim].split(head_dim, dim=-1))
@@ -173,13 +174,14 @@ def attend(q, k, v, mask, segments, rates, scale: float, mode: str, group_name: 
     return out.unflatten(0, (bags, -1))[:, queries], lse.unflatten(0, (bags, -1))[:, queries]
 
 
-def _overshoot(backend: str, head_dim: int, segments, rates, length: int, mode: str) -> int:
-    """How far past its last row a kernel block may reach: the widest block of the period's residue class."""
+def _overshoot(backend: str, head_dim: int, dtype, segments, rates, length: int, mode: str) -> int:
+    """How far past its last row a kernel block may reach on inputs of ``dtype``: the widest block of the period's
+    residue class."""
     if backend == "reference":
         return 0
     from . import triton as kernels
 
-    return kernels.widest_block(head_dim, segments, rates, length, mode) * math.lcm(*rates)
+    return kernels.widest_block(head_dim, dtype, segments, rates, length, mode) * math.lcm(*rates)
 
 
 def _reference(q, k, v, valid, view: Window, segments, rates, scale, mode):

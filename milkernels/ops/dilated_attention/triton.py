@@ -1,7 +1,8 @@
 """Dilated attention in Triton: a fused forward over every branch and a FlashAttention-2 style backward.
 
 Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
-``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j``. Because every ``r_i``
+``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (the forward ``ROWS`` of them:
+:func:`forward_rows`). Because every ``r_i``
 divides R, a branch either covers all of a program's rows for its head (``c % r_i == g_i(h)``) or none
 of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % Lsp) * r + g`` with
 ``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads, nothing gathered or copied.
@@ -37,6 +38,7 @@ otherwise torchscale shifts the rows of later segments, which only the reference
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -69,22 +71,26 @@ def shortest_segment(segments, longest_bag: int) -> int:
     return min(min(w, longest_bag) for w in segments)
 
 
-def widest_block(head_dim: int, segments, rates, longest_bag: int, mode: str) -> int:
-    """The most positions of one residue that a program of any kernel covers (a bound, taken for every dtype): the
-    forward's rows (:func:`forward_rows`), in exact mode at least the key kernel's 128 keys with the atomic dq
-    (:func:`key_tiles`)."""
+def widest_block(head_dim: int, dtype, segments, rates, longest_bag: int, mode: str) -> int:
+    """The most positions of one residue that a program of any kernel covers on inputs of ``dtype``: the forward's
+    rows (:func:`forward_rows`), in exact mode at least the key kernel's ``WIDE_BLOCK`` keys with the atomic dq
+    (:func:`key_tiles`; a bound, taken for every dtype)."""
     block = block_size(head_dim, segments, rates, longest_bag, mode)
-    rows = forward_rows(torch.bfloat16, block, math.lcm(*rates), shortest_segment(segments, longest_bag))
-    return max(rows, _ATOMIC_KEY_TILES[0][0]) if mode == "exact" else rows
+    rows = forward_rows(dtype, block, math.lcm(*rates), shortest_segment(segments, longest_bag))
+    return max(rows, WIDE_BLOCK) if mode == "exact" else rows
+
+
+WIDE_BLOCK = 128
+"""Rows (or keys) of one residue a wide program takes where ``WIDE_BLOCK * R`` positions fit in every segment: the
+forward's rows (:func:`forward_rows`) and the atomic key kernel's keys (:func:`key_tiles`)."""
 
 
 def forward_rows(dtype, block: int, period: int, shortest_segment: int) -> int:
-    """Query rows a forward program takes, over key tiles of ``block``: in fp16 / bf16 on 64-row blocks 128 where
-    128 such rows (``128 * period`` positions) fit in the shortest segment, so each k, v tile it reads feeds twice
-    the rows (sm_90: at most 255 registers, no spill), else ``block``."""
-    wide = 2 * block
-    if dtype in (torch.float16, torch.bfloat16) and block == 64 and wide * period <= shortest_segment:
-        return wide
+    """Query rows a forward program takes, over key tiles of ``block``: in fp16 / bf16 on 64-row blocks
+    :data:`WIDE_BLOCK` where that many such rows (``WIDE_BLOCK * period`` positions) fit in the shortest segment,
+    so each k, v tile it reads feeds twice the rows (sm_90: at most 255 registers, no spill), else ``block``."""
+    if dtype in (torch.float16, torch.bfloat16) and block == 64 and WIDE_BLOCK * period <= shortest_segment:
+        return WIDE_BLOCK
     return block
 
 
@@ -595,10 +601,11 @@ def num_warps(block: int, block_dh: int) -> int:
 
 
 class Plan:
-    """What every launch of one call shares: the query and key blocks, the branches on the device and the
-    constexprs. ``window`` (sequence parallelism, :mod:`.sharded`): ``[bags, N, offset, query start, query stop,
-    key start, key stop]``; then ``q``'s rows are ``bags`` equal windows of a bag of N positions, from position
-    ``offset`` on, and the blocks cover those query and key positions; else every row of the bags ``bounds``.
+    """What every launch of one call shares: the query, forward and key blocks (each built on first use), the
+    branches on the device and the constexprs. ``window`` (sequence parallelism, :mod:`.sharded`): ``[bags, N,
+    offset, query start, query stop, key start, key stop]``; then ``q``'s rows are ``bags`` equal windows of a
+    bag of N positions, from position ``offset`` on, and the blocks cover those query and key positions; else
+    every row of the bags ``bounds``.
     ``branch_outputs``: the forward kept each branch's output (:func:`keeps_branches`), so a torchscale backward
     can take the atomic dq."""
 
@@ -619,12 +626,8 @@ class Plan:
         self.short_groups = any(self.heads % rate for rate in rates)
         shortest = shortest_segment(segments, longest)
         self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period, shortest)
-        self.query_blocks = residue_blocks(query_spans, self.period, self.block, q.device)
         self.forward_rows = forward_rows(q.dtype, self.block, self.period, shortest)
-        self.forward_blocks = self.query_blocks
-        if self.forward_rows != self.block:
-            self.forward_blocks = residue_blocks(query_spans, self.period, self.forward_rows, q.device)
-        self.key_blocks = residue_blocks(key_spans, self.period, self.key_block, q.device)
+        self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
                          for values in (segment_spans(segments, rates, longest, mode), rates)]
         self.row_valid = row_valid
@@ -632,6 +635,21 @@ class Plan:
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block, BLOCK_DH=block_dh,
                           TAIL_DH=tail_dh, **dot_flags(q.dtype, triton_interpreted()),
                           num_warps=num_warps(self.block, padded_head_dim(self.head_dim)))
+
+    @functools.cached_property
+    def query_blocks(self) -> list[torch.Tensor]:
+        """The query and delta kernels' blocks of ``block`` rows (:func:`residue_blocks`)."""
+        return residue_blocks(self.query_spans, self.period, self.block, self.device)
+
+    @functools.cached_property
+    def forward_blocks(self) -> list[torch.Tensor]:
+        """The forward's blocks of ``forward_rows`` rows (:func:`residue_blocks`)."""
+        return residue_blocks(self.query_spans, self.period, self.forward_rows, self.device)
+
+    @functools.cached_property
+    def key_blocks(self) -> list[torch.Tensor]:
+        """The key kernel's blocks of ``key_block`` keys (:func:`residue_blocks`)."""
+        return residue_blocks(self.key_spans, self.period, self.key_block, self.device)
 
     def key_flags(self) -> dict:
         """The key kernel's constexprs and warps (:func:`key_tiles`)."""
@@ -644,7 +662,7 @@ class Plan:
         return self.row_valid if self.row_valid is not None else like
 
 
-_ATOMIC_KEY_TILES = ((128, 16), (64, 32))
+_ATOMIC_KEY_TILES = ((WIDE_BLOCK, 16), (64, 32))
 """The key kernel's ``(keys a program, queries a step)`` with the atomic dq: the first where it fits (:func:`key_tiles`)."""
 
 
@@ -691,7 +709,7 @@ def _grid(blocks, plan: Plan) -> tuple[int, int]:
 
 def forward(q, k, v, plan: Plan, scale: float, keep_branches: bool = False):
     """``out: (T, H, dh)`` in q's dtype, ``lse: (T, H)`` float32 and the branch outputs of contiguous ``q, k, v: (T,
-    H, dh)`` (the rows of the plan's query blocks): with ``keep_branches`` (torchscale, :func:`keeps_branches`)
+    H, dh)`` (the rows of the plan's forward blocks): with ``keep_branches`` (torchscale, :func:`keeps_branches`)
     each branch's own ``out_i`` as ``(T, slots, dh)`` in q's dtype (:func:`_branch_slot`), else an empty ``(0,)``.
     Where ``r_i`` does not divide H, a short or empty last head group leaves some of branch i's columns of some
     rows unwritten: the buffer is zeroed first then."""
@@ -750,8 +768,8 @@ def delta_flags(flags: dict) -> dict:
 
 
 _AOT_SHAPES = ((16, 48, 64), (16, 48, 32), (16, 64, 64), (8, 32, 64), (8, 32, 32), (8, 128, 32), (4, 256, 32))
-"""(H, dh, rows per program): GigaPath's (in fp16/bf16 on 64-row blocks as tiles of 32 and 16), and every one-tile
-head dim (32, 64, 128, 256) with each block it takes."""
+"""(H, dh, block: rows or keys a program): GigaPath's (in fp16/bf16 on 64-row blocks as tiles of 32 and 16), and
+every one-tile head dim (32, 64, 128, 256) with each block it takes."""
 _AOT_MODES = ((False, False), (True, False), (True, True))  # (EXACT, HAS_MASK): torchscale takes no mask
 
 
@@ -768,11 +786,11 @@ def shipped_specializations():
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the head tiles (:func:`head_tiles`) of 32, 32 + 16, 64, 128 and 256 columns with each block size
     they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once, the
-    forward at each of its row counts (:func:`forward_rows`); in
-    fp16 and bf16 in exact mode, and in torchscale mode on 64-row blocks, the backward both ways
-    (:func:`atomic_dq`): the query and key kernels, and the :func:`_delta_kernel` and the key kernel at each of its
-    atomic tiles (:func:`key_tiles`), and there in torchscale mode the forward both ways (:func:`keeps_branches`);
-    ``aligned`` names H and dh where the example shape has them as multiples of 16.
+    forward at each of its row counts (:func:`forward_rows`); in fp16 and bf16 in exact mode, and in torchscale
+    mode on 64-row blocks, the backward both ways (:func:`atomic_dq`): the query and key kernels, and the
+    :func:`_delta_kernel` and the key kernel at each of its atomic tiles (:func:`key_tiles`), and there in
+    torchscale mode the forward both ways (:func:`keeps_branches`); ``aligned`` names H and dh where the example
+    shape has them as multiples of 16.
     """
     seen = set()
     for dtype, ptr in _POINTER_TYPES.items():
