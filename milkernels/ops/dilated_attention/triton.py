@@ -51,6 +51,7 @@ from .._blocks import atomic_dq, dot_flags
 from .reference import head_group_size, segment_spans
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # fp16 and bf16, whose tiles and rules differ from fp32's
 ALL_POSITIONS = 2**30  # the key kernel's query range stop on whole bags: past every bag (and int32-safe)
 
 
@@ -89,7 +90,7 @@ def forward_rows(dtype, block: int, period: int, shortest_segment: int) -> int:
     """Query rows a forward program takes, over key tiles of ``block``: in fp16 / bf16 on 64-row blocks
     :data:`WIDE_BLOCK` where that many such rows (``WIDE_BLOCK * period`` positions) fit in the shortest segment,
     so each k, v tile it reads feeds twice the rows (sm_90: at most 255 registers, no spill), else ``block``."""
-    if dtype in (torch.float16, torch.bfloat16) and block == 64 and WIDE_BLOCK * period <= shortest_segment:
+    if dtype in HALF_DTYPES and block == 64 and WIDE_BLOCK * period <= shortest_segment:
         return WIDE_BLOCK
     return block
 
@@ -104,7 +105,7 @@ def head_tiles(head_dim: int, dtype, block: int) -> tuple[int, int]:
     (Prov-GigaPath's 48) in fp16/bf16 on 64-row blocks, 48 columns where one padded tile has 64. Else
     ``(padded_head_dim, 0)``: there the two tiles spill on sm_90 (fp32's tf32x3 products; the torchscale dq
     kernel on 32-row blocks)."""
-    if 32 < head_dim <= 48 and dtype in (torch.float16, torch.bfloat16) and block == 64:
+    if 32 < head_dim <= 48 and dtype in HALF_DTYPES and block == 64:
         return 32, 16
     return padded_head_dim(head_dim), 0
 
@@ -128,7 +129,7 @@ def unsupported_branches(bounds, segments, rates, mode: str) -> list[str]:
 def unsupported_shape(head_dim: int, dtype, mode: str) -> list[str]:
     """Why no kernel is shipped for this head size, dtype and mode: exact mode's fp16/bf16 kernels for head
     dims above 64 (their 64-row tiles take too many registers, and the 32-row ones spill on sm_90)."""
-    if mode == "exact" and dtype in (torch.float16, torch.bfloat16) and padded_head_dim(head_dim) > 64:
+    if mode == "exact" and dtype in HALF_DTYPES and padded_head_dim(head_dim) > 64:
         return [f"exact mode in {dtype} takes dh <= 64 on the kernels (dh={head_dim}: its sm_90 compile spills)"]
     return []
 
