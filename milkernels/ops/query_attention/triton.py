@@ -38,6 +38,9 @@ from .reference import NSF_EPS
 BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # forward and weight-gradient programs per call, about 8 per SM on an H100
 MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
+# and 12 J rows: a split's fp32 (J, Ein) partial and its read of u are then at most 1/4 of its x bytes in bf16
+# (768 rows at ASMIL's J = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
+SPLIT_ROWS_PER_COLUMN = 12
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,10 @@ def config_for(columns: int, features: int) -> Config:
     return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 64 * 128 else 4)
 
 
-ONE_PASS_MAX_FEATURES = 256  # the widest Ein whose whole rows the one-pass forward holds (with 16 columns)
-ONE_PASS_WARPS = 8  # its warps: at 4, 256 features with dropout take 255 registers
+# where the one-pass forward holds whole rows: (column tile, most features, rows a step); on sm_90, 16 columns
+# over 512 features spill at 32 rows, and 64 columns over 64 features with dropout at 64 rows
+ONE_PASS_TILES = ((16, 256, 64), (32, 512, 32), (64, 512, 32))
+ONE_PASS_WARPS = 8  # its warps: at 4, 256 features with dropout take 255 registers; at 16, 64 x 512 spills
 ONE_PASS_DTYPES = (torch.float16, torch.bfloat16)  # fp32's tf32x3 products spill there, even at 16 rows
 
 
@@ -76,18 +81,20 @@ class ForwardTiles:
     one_pass: bool = False
 
 
-def forward_tiles(cfg: Config, features: int, dtype, dropout: bool) -> ForwardTiles:
-    """The forward's tiles. In :data:`ONE_PASS_DTYPES` with at most 16 columns and
-    :data:`ONE_PASS_MAX_FEATURES` features (LiteMIL's 4 heads over 256), one pass over 64-row blocks holding
-    whole rows, on :data:`ONE_PASS_WARPS` warps. At 64 columns in fp16/bf16,
-    the score kernel steps 128 rows without dropout (u, as many bytes as 64 rows of x at J = 64, is read once
-    per step; with dropout's draws 128 rows spilled 36 B on sm_90) and the pooling kernel takes 256 features
-    (the fp32 scores are read once per feature tile); these take 16-wide Ein steps and 32-row pooling steps,
-    where wider ones spilled. Elsewhere (or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows
-    over the configuration's tiles."""
+def forward_tiles(cfg: Config, columns: int, features: int, dtype, dropout: bool) -> ForwardTiles:
+    """The forward's tiles. In :data:`ONE_PASS_DTYPES`, when one column tile holds all ``columns`` and
+    :data:`ONE_PASS_TILES` lets its tile hold whole rows (LiteMIL's 4 heads over 256 features, ASMIL's 64
+    columns over 512), one pass over blocks of whole rows, on :data:`ONE_PASS_WARPS` warps. Elsewhere, at 64
+    columns in fp16/bf16, the score kernel steps 128 rows without dropout (u, as many bytes as 64 rows of x at
+    J = 64, is read once per step; with dropout's draws 128 rows spilled 36 B on sm_90) and the pooling kernel
+    takes 256 features (the fp32 scores are read once per feature tile); these take 16-wide Ein steps and
+    32-row pooling steps, where wider ones spilled. Otherwise (or fp32, whose tf32x3 tiles spill at these
+    sizes) both step 64 rows over the configuration's tiles."""
     padded_features = max(16, triton.next_power_of_2(features))
-    if dtype in ONE_PASS_DTYPES and cfg.block_j == 16 and padded_features <= ONE_PASS_MAX_FEATURES:
-        return ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, padded_features, one_pass=True)
+    for block_j, max_features, rows in ONE_PASS_TILES:
+        fits = cfg.block_j == block_j and columns <= block_j and padded_features <= max_features
+        if dtype in ONE_PASS_DTYPES and fits:
+            return ForwardTiles(rows, cfg.block_k, rows, padded_features, one_pass=True)
     if dtype == torch.float32 or cfg.block_j < 64:
         return ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
     score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
@@ -410,11 +417,11 @@ class Plan:
     def make(bags: Bags, u, nsf_from: int, num_pooled: int, dropout_p: float, seed: int) -> "Plan":
         columns, features = u.shape[1], u.shape[2]
         cfg = config_for(columns, features)
-        tiles_fwd = forward_tiles(cfg, features, bags.x2d.dtype, dropout_p > 0)
+        tiles_fwd = forward_tiles(cfg, columns, features, bags.x2d.dtype, dropout_p > 0)
         programs_per_split = 1 if tiles_fwd.one_pass else (triton.cdiv(columns, cfg.block_j)
                                                            * triton.cdiv(features, tiles_fwd.pool_block_e))
         device = bags.x2d.device
-        return Plan(cfg, tiles_fwd, block_table(bags.bounds, _split_rows(bags, programs_per_split), device),
+        return Plan(cfg, tiles_fwd, block_table(bags.bounds, _split_rows(bags, programs_per_split, columns), device),
                     block_table(bags.bounds, BLOCK_N, device), bags.num_bags, bags.row_valid is not None,
                     u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
 
@@ -430,13 +437,14 @@ class Plan:
         return triton.cdiv(self.columns, self.cfg.block_j), triton.cdiv(features, self.cfg.block_e)
 
 
-def _split_rows(bags: Bags, programs_per_split: int) -> int:
+def _split_rows(bags: Bags, programs_per_split: int, columns: int) -> int:
     """Rows per split: a multiple of BLOCK_N that gives about TARGET_PROGRAMS programs in all, and at least
-    :data:`MIN_SPLIT_BLOCKS` blocks, so that a split's fp32 partials (``J x Ein`` pooled, and as many for
-    ``du``) stay small against its rows."""
+    :data:`MIN_SPLIT_BLOCKS` blocks and :data:`SPLIT_ROWS_PER_COLUMN` rows a column, so that a split's fp32
+    partials (``J x Ein`` pooled, and as many for ``du``) stay small against its rows."""
     blocks = triton.cdiv(bags.x2d.shape[0], BLOCK_N)
     wanted_splits = max(1, TARGET_PROGRAMS // programs_per_split)
-    return BLOCK_N * max(MIN_SPLIT_BLOCKS, triton.cdiv(blocks, wanted_splits))
+    min_blocks = max(MIN_SPLIT_BLOCKS, triton.cdiv(SPLIT_ROWS_PER_COLUMN * columns, BLOCK_N))
+    return BLOCK_N * max(min_blocks, triton.cdiv(blocks, wanted_splits))
 
 
 def _or(tensor, placeholder):
@@ -562,7 +570,8 @@ def shipped_specializations():
             for has_mask, dropout in ((False, False), (True, True)):
                 valid = "*i1" if has_mask else ptr
                 flags = dict(base, HAS_MASK=has_mask)
-                yield from _forward_specializations(ptr, valid, cfg, features, dtype, flags, dropout, aligned)
+                yield from _forward_specializations(ptr, valid, cfg, columns, features, dtype, flags, dropout,
+                                                   aligned)
                 score_grad = _score_grad_signature(ptr, valid)
                 for has_dz, store_pk in ((True, True), (False, False)):
                     yield (_score_grad_kernel, score_grad,
@@ -579,10 +588,11 @@ def shipped_specializations():
            dict(BLOCK_S=_combine.BLOCK_S, BLOCK_W=128), 4)
 
 
-def _forward_specializations(ptr, valid, cfg: Config, features: int, dtype, flags: dict, dropout: bool, aligned):
+def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: int, dtype, flags: dict, dropout: bool,
+                             aligned):
     """The forward kernels :func:`forward` launches for one configuration: the one-pass kernel, or the score
     and pooling kernels."""
-    tiles = forward_tiles(cfg, features, dtype, dropout)
+    tiles = forward_tiles(cfg, columns, features, dtype, dropout)
     scores = _score_signature(ptr, valid)
     if tiles.one_pass:
         types = dict(scores, part_acc_ptr="*fp32")
