@@ -1,17 +1,18 @@
 """Learnable-query attention in Triton, folded form: a split-N forward, a combine and a three-kernel backward.
 
-Forward, flash-decoding style, in two passes over each split (a run of a bag's rows), except at few columns
-in fp16/bf16 (below). ``_score_kernel``, one program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, the scores ``z = x u^T + c``
-on the tensor cores over all Ein in BLOCK_K steps, once, written to ``z`` (which the op returns and the
-backward reads), and for the pooled columns the split's running max, sum of weights (softmax; NSF columns
-have no max) and sum of weights after dropout (from a Philox seed). ``_pool_kernel``, one program per (tile
-of BLOCK_E features, pooled column tile, split): the weights again from ``z`` and the split's max (no score
-recomputed) and ``acc = p^T x`` for its feature tile. In fp16/bf16 with at most 16 columns and 256 features
-(fp32 keeps two passes), ``_one_pass_kernel`` (one program per split) does both over whole rows, reading each
-row once and rescaling ``acc`` as the running max grows. All write fp32 partials per split;
-:func:`milkernels.ops._combine.combine` merges each bag's splits into ``pooled``, ``mass`` (the sum of the
-weights) and the per-column log-normalizer ``lse``. Score-only columns (from ``num_pooled`` on) are only
-scored.
+Forward, flash-decoding style, over splits (runs of a bag's rows). In fp16/bf16, when every pooled column
+lies in the first column tile and whole rows fit (:func:`forward_tiles`: up to 64 columns over 512 features),
+``_one_pass_kernel`` (one program per split) loads u once and reads each block of whole rows once, for its
+scores ``z = x u^T + c`` on the tensor cores (written to ``z``, which the op returns and the backward reads)
+and its pooling ``acc = p^T x``, rescaled as the running max grows; score-only column tiles past it (ASMIL's
+anchor) go to the score kernel. Otherwise two passes: ``_score_kernel``, one program per (tile of BLOCK_J
+columns, split): for each block of BLOCK_N rows, ``z`` over all Ein in BLOCK_K steps, once, and for the
+pooled columns the split's running max, sum of weights (softmax; NSF columns have no max) and sum of weights
+after dropout (from a Philox seed); ``_pool_kernel``, one program per (tile of BLOCK_E features, pooled
+column tile, split): the weights again from ``z`` and the split's max (no score recomputed) and ``acc`` for
+its feature tile. All write fp32 partials per split; :func:`milkernels.ops._combine.combine` merges each
+bag's splits into ``pooled``, ``mass`` (the sum of the weights) and the per-column log-normalizer ``lse``.
+Score-only columns (from ``num_pooled`` on) are only scored.
 
 Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
 ``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
@@ -38,8 +39,8 @@ from .reference import NSF_EPS
 BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # forward and weight-gradient programs per call, about 8 per SM on an H100
 MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
-# and 12 J rows: a split's fp32 (J, Ein) partial and its read of u are then at most 1/4 of its x bytes in bf16
-# (768 rows at ASMIL's J = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
+# and 12 P rows (P pooled columns): a split's fp32 (P, Ein) partial and its read of u are then at most 1/4 of its
+# x bytes in bf16 (768 rows at ASMIL's P = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
 SPLIT_ROWS_PER_COLUMN = 12
 
 
@@ -71,8 +72,9 @@ ONE_PASS_DTYPES = (torch.float16, torch.bfloat16)  # fp32's tf32x3 products spil
 @dataclass(frozen=True)
 class ForwardTiles:
     """The forward's row steps and tiles: rows and Ein step of the score kernel, rows and feature tile of the
-    pooling kernel; ``one_pass``: both in :func:`_one_pass_kernel` (its rows ``pool_block_n``, its feature tile
-    ``pool_block_e``, all of Ein)."""
+    pooling kernel; ``one_pass``: the first column tile in :func:`_one_pass_kernel` (its rows
+    ``pool_block_n``, its feature tile ``pool_block_e``, all of Ein), the score kernel only for the
+    score-only column tiles past it."""
 
     score_block_n: int
     score_block_k: int
@@ -81,24 +83,27 @@ class ForwardTiles:
     one_pass: bool = False
 
 
-def forward_tiles(cfg: Config, columns: int, features: int, dtype, dropout: bool) -> ForwardTiles:
-    """The forward's tiles. In :data:`ONE_PASS_DTYPES`, when one column tile holds all ``columns`` and
-    :data:`ONE_PASS_TILES` lets its tile hold whole rows (LiteMIL's 4 heads over 256 features, ASMIL's 64
-    columns over 512), one pass over blocks of whole rows, on :data:`ONE_PASS_WARPS` warps. Elsewhere, at 64
-    columns in fp16/bf16, the score kernel steps 128 rows without dropout (u, as many bytes as 64 rows of x at
-    J = 64, is read once per step; with dropout's draws 128 rows spilled 36 B on sm_90) and the pooling kernel
-    takes 256 features (the fp32 scores are read once per feature tile); these take 16-wide Ein steps and
-    32-row pooling steps, where wider ones spilled. Otherwise (or fp32, whose tf32x3 tiles spill at these
-    sizes) both step 64 rows over the configuration's tiles."""
+def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: bool) -> ForwardTiles:
+    """The forward's tiles. In :data:`ONE_PASS_DTYPES`, when the first column tile holds all ``num_pooled``
+    pooled columns (at least one) and :data:`ONE_PASS_TILES` lets it hold whole rows (LiteMIL's 4 heads over
+    256 features, ASMIL's 64 columns over 512, with or without the anchor's 64 score-only columns), one pass
+    over blocks of whole rows, on :data:`ONE_PASS_WARPS` warps. The score kernel's tiles: at 64 columns in
+    fp16/bf16 128-row steps without dropout (u, as many bytes as 64 rows of x at J = 64, is read once per
+    step; with dropout's draws 128 rows spilled 36 B on sm_90) and 16-wide Ein steps; the pooling kernel's
+    there: 256 features (the fp32 scores are read once per feature tile) on 32-row steps, where wider ones
+    spilled. Otherwise (or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows over the
+    configuration's tiles."""
     padded_features = max(16, triton.next_power_of_2(features))
-    for block_j, max_features, rows in ONE_PASS_TILES:
-        fits = cfg.block_j == block_j and columns <= block_j and padded_features <= max_features
-        if dtype in ONE_PASS_DTYPES and fits:
-            return ForwardTiles(rows, cfg.block_k, rows, padded_features, one_pass=True)
     if dtype == torch.float32 or cfg.block_j < 64:
-        return ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
-    score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
-    return ForwardTiles(score_block_n, score_block_k, 32, min(256, padded_features))
+        two_pass = ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
+    else:
+        score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
+        two_pass = ForwardTiles(score_block_n, score_block_k, 32, min(256, padded_features))
+    for block_j, max_features, rows in ONE_PASS_TILES:
+        fits = cfg.block_j == block_j and 0 < num_pooled <= block_j and padded_features <= max_features
+        if dtype in ONE_PASS_DTYPES and fits:
+            return ForwardTiles(two_pass.score_block_n, two_pass.score_block_k, rows, padded_features, one_pass=True)
+    return two_pass
 
 
 @triton.jit
@@ -157,13 +162,13 @@ def _running_stats(z, valid, is_nsf, run_max, run_sum, run_mass, keep):
 def _score_kernel(
     x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
     z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr,
-    E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale,
+    E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale, first_column,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """The forward's first pass, per (column tile, split): ``z`` over all Ein, once, written for every row;
-    for pooled columns, the split's max, sum of weights and sum of kept weights."""
-    j0 = tl.program_id(0) * BLOCK_J
+    """The forward's first pass, per (column tile from ``first_column`` on, split): ``z`` over all Ein, once,
+    written for every row; for pooled columns, the split's max, sum of weights and sum of kept weights."""
+    j0 = first_column + tl.program_id(0) * BLOCK_J
     split = tl.program_id(1)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = j0 + tl.arange(0, BLOCK_J)
@@ -417,11 +422,12 @@ class Plan:
     def make(bags: Bags, u, nsf_from: int, num_pooled: int, dropout_p: float, seed: int) -> "Plan":
         columns, features = u.shape[1], u.shape[2]
         cfg = config_for(columns, features)
-        tiles_fwd = forward_tiles(cfg, columns, features, bags.x2d.dtype, dropout_p > 0)
+        tiles_fwd = forward_tiles(cfg, num_pooled, features, bags.x2d.dtype, dropout_p > 0)
         programs_per_split = 1 if tiles_fwd.one_pass else (triton.cdiv(columns, cfg.block_j)
                                                            * triton.cdiv(features, tiles_fwd.pool_block_e))
         device = bags.x2d.device
-        return Plan(cfg, tiles_fwd, block_table(bags.bounds, _split_rows(bags, programs_per_split, columns), device),
+        split_rows = _split_rows(bags, programs_per_split, num_pooled)
+        return Plan(cfg, tiles_fwd, block_table(bags.bounds, split_rows, device),
                     block_table(bags.bounds, BLOCK_N, device), bags.num_bags, bags.row_valid is not None,
                     u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
 
@@ -437,13 +443,13 @@ class Plan:
         return triton.cdiv(self.columns, self.cfg.block_j), triton.cdiv(features, self.cfg.block_e)
 
 
-def _split_rows(bags: Bags, programs_per_split: int, columns: int) -> int:
+def _split_rows(bags: Bags, programs_per_split: int, num_pooled: int) -> int:
     """Rows per split: a multiple of BLOCK_N that gives about TARGET_PROGRAMS programs in all, and at least
-    :data:`MIN_SPLIT_BLOCKS` blocks and :data:`SPLIT_ROWS_PER_COLUMN` rows a column, so that a split's fp32
-    partials (``J x Ein`` pooled, and as many for ``du``) stay small against its rows."""
+    :data:`MIN_SPLIT_BLOCKS` blocks and :data:`SPLIT_ROWS_PER_COLUMN` rows a pooled column, so that a split's
+    fp32 partials (``P x Ein`` pooled, and ``J x Ein`` for ``du``) stay small against its rows."""
     blocks = triton.cdiv(bags.x2d.shape[0], BLOCK_N)
     wanted_splits = max(1, TARGET_PROGRAMS // programs_per_split)
-    min_blocks = max(MIN_SPLIT_BLOCKS, triton.cdiv(SPLIT_ROWS_PER_COLUMN * columns, BLOCK_N))
+    min_blocks = max(MIN_SPLIT_BLOCKS, triton.cdiv(SPLIT_ROWS_PER_COLUMN * num_pooled, BLOCK_N))
     return BLOCK_N * max(min_blocks, triton.cdiv(blocks, wanted_splits))
 
 
@@ -468,21 +474,22 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     queries = (u, c, *splits_args, z, *part_stats)
     sizes = (features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
              0 if plan.shared_queries else c.stride(0))
+    scored = 0  # columns scored so far
     if tiles.one_pass:
         _one_pass_kernel[(splits,)](x2d, _or(row_valid, x2d), *queries, part_acc, *sizes,
                                     **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
                                            num_warps=ONE_PASS_WARPS))
-    else:
-        _score_kernel[(triton.cdiv(plan.columns, plan.cfg.block_j), splits)](
+        scored = plan.cfg.block_j
+    if scored < plan.columns:
+        _score_kernel[(triton.cdiv(plan.columns - scored, plan.cfg.block_j), splits)](
             x2d, _or(row_valid, x2d), *queries, *sizes,
-            **dict(dropout, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k),
+            **dict(dropout, first_column=scored, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k),
         )
-        if pooled_cols:
-            _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j),
-                          splits)](
-                x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns,
-                pooled_cols, plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
-            )
+    if pooled_cols and not tiles.one_pass:
+        _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
+            x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns,
+            pooled_cols, plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
+        )
     pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
                                          x2d.dtype, plan.nsf_from, NSF_EPS, plan.cfg.block_e)
     return pooled, mass, z, lse
@@ -564,7 +571,8 @@ def shipped_specializations():
     for dtype, ptr in _POINTER_TYPES.items():
         for columns, features in _SHAPES:
             cfg = config_for(columns, features)
-            sizes = dict(E=features, J=columns, u_bag_stride=columns * features, c_bag_stride=columns)
+            sizes = dict(E=features, J=columns, u_bag_stride=columns * features, c_bag_stride=columns,
+                         first_column=0)
             aligned = {name for name, size in sizes.items() if size % 16 == 0}  # each kernel takes some of them
             base = dict(BLOCK_N=BLOCK_N, BLOCK_J=cfg.block_j, **dot_flags(dtype, interpreted=False))
             for has_mask, dropout in ((False, False), (True, True)):
@@ -592,7 +600,7 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
                              aligned):
     """The forward kernels :func:`forward` launches for one configuration: the one-pass kernel, or the score
     and pooling kernels."""
-    tiles = forward_tiles(cfg, columns, features, dtype, dropout)
+    tiles = forward_tiles(cfg, columns, features, dtype, dropout)  # every column pooled
     scores = _score_signature(ptr, valid)
     if tiles.one_pass:
         types = dict(scores, part_acc_ptr="*fp32")
@@ -615,7 +623,7 @@ def _score_signature(ptr, valid):
     return dict(x_ptr=ptr, valid_ptr=valid, u_ptr=ptr, c_ptr=ptr, **_table("split"), z_ptr="*fp32",
                 part_max_ptr="*fp32", part_sum_ptr="*fp32", part_mass_ptr="*fp32", E="i32", J="i32",
                 num_pooled="i32", nsf_from="i32", u_bag_stride="i32", c_bag_stride="i32", seed="i32", p_drop="fp32",
-                drop_scale="fp32")
+                drop_scale="fp32", first_column="i32")
 
 
 def _pool_signature(ptr, valid):
