@@ -17,8 +17,10 @@ Score-only columns (from ``num_pooled`` on) are only scored.
 Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
 ``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
 dropped weights ``pk``; ``_dx_kernel`` (per block of rows and feature tile) writes
-``dx = pk dP + ds u``; ``_weight_grad_kernel`` (per split) writes partials of ``du = ds^T x`` and
-``dc``, summed per bag in a fixed order. Everything is deterministic.
+``dx = pk dP + ds u``, or, where the one-pass forward runs and one column tile holds every column,
+``_dx_split_kernel`` (per split over whole rows, u and dP loaded once); ``_weight_grad_kernel`` (per split,
+over whole rows where the one-pass forward runs) writes partials of ``du = ds^T x`` and ``dc``, summed per
+bag in a fixed order. Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .reference import NSF_EPS
 BLOCK_N = 64
 TARGET_PROGRAMS = 1024  # forward and weight-gradient programs per call, about 8 per SM on an H100
 MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
-# and 12 P rows (P pooled columns): a split's fp32 (P, Ein) partial and its read of u are then at most 1/4 of its
+# and at least 12 rows a pooled column: a split's fp32 (P, Ein) partial and its read of u are then at most 1/4 of its
 # x bytes in bf16 (768 rows at ASMIL's P = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
 SPLIT_ROWS_PER_COLUMN = 12
 
@@ -104,6 +106,20 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
         if dtype in ONE_PASS_DTYPES and fits:
             return ForwardTiles(two_pass.score_block_n, two_pass.score_block_k, rows, padded_features, one_pass=True)
     return two_pass
+
+
+def per_split_dx(tiles: ForwardTiles, cfg: Config, columns: int) -> bool:
+    """Whether the backward's dx kernel runs per split over whole rows, loading dP and u once a split: where one
+    column tile holds every column and the one-pass forward's ``tiles`` hold whole rows."""
+    return tiles.one_pass and columns <= cfg.block_j
+
+
+def split_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
+    """Rows a step, feature tile and warps of the backward's per-split kernels: the one-pass forward's whole
+    rows where it runs, else 64-row steps over the configuration's feature tiles."""
+    if tiles.one_pass:
+        return dict(BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e, num_warps=ONE_PASS_WARPS)
+    return dict(BLOCK_N=BLOCK_N, BLOCK_E=cfg.block_e, num_warps=cfg.num_warps)
 
 
 @triton.jit
@@ -235,10 +251,10 @@ def _one_pass_kernel(
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """Both forward passes in one, per split, when every column and feature fits one tile: ``u`` is loaded
-    once, each block of whole rows once for its scores ``z`` (written) and its pooling, and ``acc = p^T x``
-    is rescaled as the running max grows (online softmax). Writes what :func:`_score_kernel` and
-    :func:`_pool_kernel` write."""
+    """Both forward passes in one, per split, for the first column tile (it holds every pooled column) over
+    whole rows: ``u`` is loaded once, each block of rows once for its scores ``z`` (written) and its pooling,
+    and ``acc = p^T x`` is rescaled as the running max grows (online softmax). Writes what
+    :func:`_score_kernel` and :func:`_pool_kernel` write for that tile."""
     split = tl.program_id(0)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = tl.arange(0, BLOCK_J)
@@ -270,6 +286,19 @@ def _one_pass_kernel(
     tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
     tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
     tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, cols, cols_ok, width):
+    """``(len(rows), len(cols))`` entries of the row-major ``(*, width)`` matrix at ``ptr``; 0 where not ok."""
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], mask=row_ok[:, None] & cols_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(ptr, rows64, row_ok, cols, cols_ok, width, value):
+    """``value: (len(rows64), len(cols))`` into the row-major ``(*, width)`` matrix at ``ptr``, where both are ok."""
+    tl.store(ptr + rows64[:, None] * width + cols[None, :], value, mask=row_ok[:, None] & cols_ok[None, :])
 
 
 @triton.jit
@@ -319,9 +348,8 @@ def _score_grad_kernel(
         # delta is NaN for a softmax bag with no valid row; its rows have weight 0 and no gradient
         d_s += tl.where(tile & pool_ok[None, :], tl.where(is_nsf, grad * (1.0 - sig), grad), 0.0)
         if STORE_PK:
-            tl.store(pk_ptr + rows64[:, None] * num_pooled + cols_j[None, :], weights * keep,
-                     mask=row_ok[:, None] & pool_ok[None, :])
-    tl.store(ds_ptr + rows64[:, None] * J + cols_j[None, :], d_s, mask=row_ok[:, None] & j_ok[None, :])
+            _store_rows(pk_ptr, rows64, row_ok, cols_j, pool_ok, num_pooled, weights * keep)
+    _store_rows(ds_ptr, rows64, row_ok, cols_j, j_ok, J, d_s)
 
 
 @triton.jit
@@ -341,17 +369,46 @@ def _dx_kernel(
     for j0 in range(0, J, BLOCK_J):
         cols_j = j0 + tl.arange(0, BLOCK_J)
         j_ok = cols_j < J
-        d_s = tl.load(ds_ptr + rows64[:, None] * J + cols_j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        u_tile = tl.load(u_bag + cols_j.to(tl.int64)[:, None] * E + cols_e[None, :], mask=j_ok[:, None] & e_ok[None, :], other=0.0)
-        acc = _dot(d_s, u_tile, acc, DOT_FP32, FP32_PRECISION, dx_ptr.dtype.element_ty)
+        d_s = _load_rows(ds_ptr, rows64, row_ok, cols_j, j_ok, J)
+        acc = _dot(d_s, _load_rows(u_bag, cols_j, j_ok, cols_e, e_ok, E), acc, DOT_FP32, FP32_PRECISION,
+                   dx_ptr.dtype.element_ty)
         if j0 < num_pooled:
             pool_ok = cols_j < num_pooled
-            pk = tl.load(pk_ptr + rows64[:, None] * num_pooled + cols_j[None, :], mask=row_ok[:, None] & pool_ok[None, :], other=0.0)
-            d_pooled = tl.load(d_pooled_bag + cols_j.to(tl.int64)[:, None] * E + cols_e[None, :],
-                               mask=pool_ok[:, None] & e_ok[None, :], other=0.0)
-            acc = _dot(pk, d_pooled, acc, DOT_FP32, FP32_PRECISION, dx_ptr.dtype.element_ty)
-    tl.store(dx_ptr + rows64[:, None] * E + cols_e[None, :], tl.where(valid[:, None], acc, 0.0).to(dx_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & e_ok[None, :])
+            pk = _load_rows(pk_ptr, rows64, row_ok, cols_j, pool_ok, num_pooled)
+            acc = _dot(pk, _load_rows(d_pooled_bag, cols_j, pool_ok, cols_e, e_ok, E), acc, DOT_FP32, FP32_PRECISION,
+                       dx_ptr.dtype.element_ty)
+    _store_rows(dx_ptr, rows64, row_ok, cols_e, e_ok, E,
+                tl.where(valid[:, None], acc, 0.0).to(dx_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dx_split_kernel(
+    valid_ptr, split_start_ptr, split_end_ptr, split_bag_ptr, u_ptr, d_pooled_ptr, ds_ptr, pk_ptr, dx_ptr,
+    E, J, num_pooled, u_bag_stride,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """dx[rows, cols_e] = pk dP[bag] + ds u[bag] over one split's rows and one feature tile, when one column
+    tile holds every column: u's and dP's feature tiles are loaded once, ds and pk read once per feature tile
+    (:func:`_dx_kernel` reloads u and dP per block of rows)."""
+    split = tl.program_id(0)
+    start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
+    cols_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = cols_e < E
+    cols_j = tl.arange(0, BLOCK_J)
+    j_ok = cols_j < J
+    pool_ok = cols_j < num_pooled
+    u_tile = _load_rows(u_ptr + bag.to(tl.int64) * u_bag_stride, cols_j, j_ok, cols_e, e_ok, E)
+    d_pooled = _load_rows(d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, cols_j, pool_ok, cols_e, e_ok, E)
+    for r0 in range(start, end, BLOCK_N):
+        rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
+        d_s = _load_rows(ds_ptr, rows64, row_ok, cols_j, j_ok, J)
+        pk = _load_rows(pk_ptr, rows64, row_ok, cols_j, pool_ok, num_pooled)
+        acc = _dot(d_s, u_tile, tl.zeros((BLOCK_N, BLOCK_E), tl.float32), DOT_FP32, FP32_PRECISION,
+                   dx_ptr.dtype.element_ty)
+        acc = _dot(pk, d_pooled, acc, DOT_FP32, FP32_PRECISION, dx_ptr.dtype.element_ty)
+        _store_rows(dx_ptr, rows64, row_ok, cols_e, e_ok, E,
+                    tl.where(valid[:, None], acc, 0.0).to(dx_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -520,7 +577,7 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
     delta = (pooled.float() * d_pooled.float()).sum(-1) + mass.float() * d_mass.float()
     d_s = _blocks.new_buffer(rows, plan.columns, dtype=torch.float32, device=device)
     pk = _blocks.new_buffer(rows, pooled_cols, dtype=torch.float32, device=device) if wanted[0] else None
-    column_tiles, feature_tiles = plan.tiles(features)
+    column_tiles = plan.tiles(features)[0]
     blocks = plan.blocks
     _score_grad_kernel[(blocks.num_blocks, column_tiles)](
         x2d, _or(row_valid, x2d), blocks.start, blocks.end, blocks.bag, z, lse, delta, d_pooled, d_mass,
@@ -531,20 +588,36 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
     dx = du = dc = None
     if wanted[0]:
         dx = _blocks.new_buffer(rows, features, dtype=x2d.dtype, device=device)
-        _dx_kernel[(blocks.num_blocks, feature_tiles)](
-            _or(row_valid, x2d), blocks.start, blocks.end, blocks.bag, u, d_pooled, d_s, pk, dx, features,
-            plan.columns, pooled_cols, 0 if plan.shared_queries else u.stride(0),
-            BLOCK_E=plan.cfg.block_e, **plan.flags(x2d))
+        _dx(dx, row_valid, u, d_pooled, d_s, pk, plan)
     if wanted[1] or wanted[2]:
         splits = plan.splits
         part_du = _blocks.new_buffer(splits.num_blocks, plan.columns, features, dtype=torch.float32, device=device)
         part_dc = _blocks.new_buffer(splits.num_blocks, plan.columns, dtype=torch.float32, device=device)
-        _weight_grad_kernel[(splits.num_blocks, column_tiles, feature_tiles)](
+        weight_tiles = split_tiles(plan.tiles_fwd, plan.cfg)
+        _weight_grad_kernel[(splits.num_blocks, column_tiles, triton.cdiv(features, weight_tiles["BLOCK_E"]))](
             x2d, _or(row_valid, x2d), splits.start, splits.end, splits.bag, d_s, part_du, part_dc, features,
-            plan.columns, BLOCK_E=plan.cfg.block_e, **plan.flags(x2d))
+            plan.columns, **dict(plan.flags(x2d), **weight_tiles))
         du = _per_bag_sum(part_du, plan).to(u.dtype) if wanted[1] else None
         dc = _per_bag_sum(part_dc, plan).to(u.dtype) if wanted[2] else None
     return dx, du, dc
+
+
+def _dx(dx, row_valid, u, d_pooled, d_s, pk, plan: Plan):
+    """Writes ``dx = pk dP + ds u``: per split over whole rows with u and dP loaded once where one column tile
+    holds every column and the one-pass forward's tiles hold whole rows, else per block and feature tile."""
+    rows, features = dx.shape
+    sizes = (features, plan.columns, plan.num_pooled, 0 if plan.shared_queries else u.stride(0))
+    if per_split_dx(plan.tiles_fwd, plan.cfg, plan.columns):
+        table = plan.splits
+        tiles = split_tiles(plan.tiles_fwd, plan.cfg)
+        _dx_split_kernel[(table.num_blocks, triton.cdiv(features, tiles["BLOCK_E"]))](
+            _or(row_valid, dx), table.start, table.end, table.bag, u, d_pooled, d_s, pk, dx, *sizes,
+            **dict(plan.flags(dx), **tiles))
+        return
+    table = plan.blocks
+    _dx_kernel[(table.num_blocks, plan.tiles(features)[1])](
+        _or(row_valid, dx), table.start, table.end, table.bag, u, d_pooled, d_s, pk, dx, *sizes,
+        BLOCK_E=plan.cfg.block_e, **plan.flags(dx))
 
 
 def dropout_keep(seed: int, rows: int, columns: int, num_pooled: int, dropout_p: float, device) -> torch.Tensor:
@@ -580,17 +653,8 @@ def shipped_specializations():
                 flags = dict(base, HAS_MASK=has_mask)
                 yield from _forward_specializations(ptr, valid, cfg, columns, features, dtype, flags, dropout,
                                                    aligned)
-                score_grad = _score_grad_signature(ptr, valid)
-                for has_dz, store_pk in ((True, True), (False, False)):
-                    yield (_score_grad_kernel, score_grad,
-                           dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout, HAS_DZ=has_dz, STORE_PK=store_pk),
-                           cfg.num_warps, tuple(sorted(aligned & score_grad.keys())))
-                dx = _dx_signature(ptr, valid)
-                yield (_dx_kernel, dx, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
-                       tuple(sorted(aligned & dx.keys())))
-                weight_grad = _weight_grad_signature(ptr, valid)
-                yield (_weight_grad_kernel, weight_grad, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
-                       tuple(sorted(aligned & weight_grad.keys())))
+                yield from _backward_specializations(ptr, valid, cfg, columns, features, dtype, flags, dropout,
+                                                     aligned)
             yield _combine.specialization(ptr, cfg.block_e, features)
     yield (_bag_sum_kernel, dict(part_ptr="*fp32", bag_first_split_ptr="*i32", out_ptr="*fp32", width="i32"),
            dict(BLOCK_S=_combine.BLOCK_S, BLOCK_W=128), 4)
@@ -603,8 +667,7 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
     tiles = forward_tiles(cfg, columns, features, dtype, dropout)  # every column pooled
     scores = _score_signature(ptr, valid)
     if tiles.one_pass:
-        types = dict(scores, part_acc_ptr="*fp32")
-        one_pass = {name: types[name] for name in _one_pass_kernel.arg_names if name in types}
+        one_pass = _signature(_one_pass_kernel, dict(scores, part_acc_ptr="*fp32"))
         yield (_one_pass_kernel, one_pass, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
                DROPOUT=dropout), ONE_PASS_WARPS, tuple(sorted(aligned & one_pass.keys())))
         return
@@ -613,6 +676,37 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
     pool = _pool_signature(ptr, valid)
     yield (_pool_kernel, pool, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
            DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & pool.keys())))
+
+
+def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: int, dtype, flags: dict,
+                              dropout: bool, aligned):
+    """The backward kernels :func:`backward` launches for one configuration (every column pooled): the score
+    gradients, dx (per split over whole rows where :func:`per_split_dx`, else per block and feature tile) and the
+    weight gradients (on :func:`split_tiles`)."""
+    tiles = forward_tiles(cfg, columns, features, dtype, dropout)
+    whole_rows = split_tiles(tiles, cfg)
+    warps = whole_rows.pop("num_warps")
+    signature = _score_grad_signature(ptr, valid)
+    for has_dz, store_pk in ((True, True), (False, False)):
+        yield (_score_grad_kernel, signature,
+               dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout, HAS_DZ=has_dz, STORE_PK=store_pk), cfg.num_warps,
+               tuple(sorted(aligned & signature.keys())))
+    if per_split_dx(tiles, cfg, columns):
+        signature = _signature(_dx_split_kernel, _dx_signature(ptr, valid))
+        yield _dx_split_kernel, signature, dict(flags, **whole_rows), warps, tuple(sorted(aligned & signature.keys()))
+    else:
+        signature = _dx_signature(ptr, valid)
+        yield (_dx_kernel, signature, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
+               tuple(sorted(aligned & signature.keys())))
+    signature = _weight_grad_signature(ptr, valid)
+    yield (_weight_grad_kernel, signature, dict(flags, **whole_rows), warps,
+           tuple(sorted(aligned & signature.keys())))
+
+
+def _signature(kernel, types: dict) -> dict:
+    """``kernel``'s argument types, in its order, from ``types`` (and the split table's, for per-split kernels)."""
+    types = dict(types, **_table("split"))
+    return {name: types[name] for name in kernel.arg_names if name in types}
 
 
 def _table(prefix):
