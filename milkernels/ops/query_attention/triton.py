@@ -44,6 +44,7 @@ MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 # and at least 12 rows a pooled column: a split's fp32 (P, Ein) partial and its read of u are then at most 1/4 of its
 # x bytes in bf16 (768 rows at ASMIL's P = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
 SPLIT_ROWS_PER_COLUMN = 12
+COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,8 @@ def config_for(columns: int, features: int) -> Config:
     block_j = min(64, max(16, triton.next_power_of_2(columns)))
     block_k = min(64, max(16, triton.next_power_of_2(features)))
     block_e = min(128, max(16, triton.next_power_of_2(features)))
-    return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 64 * 128 else 4)
+    # 8 warps from 32 columns x 128 features on: at 4, the 32-column score-gradient kernel spilled 88-316 B on sm_90
+    return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 32 * 128 else 4)
 
 
 # where the one-pass forward holds whole rows: (column tile, most features, rows a step); on sm_90, 16 columns
@@ -548,7 +550,7 @@ def forward(x2d, u, c, row_valid, plan: Plan):
             pooled_cols, plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
         )
     pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
-                                         x2d.dtype, plan.nsf_from, NSF_EPS, plan.cfg.block_e)
+                                         x2d.dtype, plan.nsf_from, NSF_EPS, COMBINE_BLOCK_E)
     return pooled, mass, z, lse
 
 
@@ -630,7 +632,9 @@ def dropout_keep(seed: int, rows: int, columns: int, num_pooled: int, dropout_p:
 
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-_SHAPES = ((4, 20), (4, 256), (64, 512), (128, 1024))  # (J, Ein): odd, LiteMIL, ASMIL online, ASMIL + anchor
+# (J, Ein, P pooled columns): odd, LiteMIL, the 32-column tiles, ASMIL's online tokens, ASMIL's training step with the
+# anchor's score-only columns, and a wide one
+_SHAPES = ((4, 20, 4), (4, 256, 4), (24, 200, 24), (64, 512, 64), (128, 512, 64), (128, 1024, 128))
 
 
 def shipped_specializations():
@@ -642,7 +646,7 @@ def shipped_specializations():
     per-bag strides J * E and J) that are multiples of 16 at the example shape (a launch specializes on those).
     """
     for dtype, ptr in _POINTER_TYPES.items():
-        for columns, features in _SHAPES:
+        for columns, features, pooled in _SHAPES:
             cfg = config_for(columns, features)
             sizes = dict(E=features, J=columns, u_bag_stride=columns * features, c_bag_stride=columns,
                          first_column=0)
@@ -651,39 +655,40 @@ def shipped_specializations():
             for has_mask, dropout in ((False, False), (True, True)):
                 valid = "*i1" if has_mask else ptr
                 flags = dict(base, HAS_MASK=has_mask)
-                yield from _forward_specializations(ptr, valid, cfg, columns, features, dtype, flags, dropout,
-                                                   aligned)
-                yield from _backward_specializations(ptr, valid, cfg, columns, features, dtype, flags, dropout,
-                                                     aligned)
-            yield _combine.specialization(ptr, cfg.block_e, features)
+                shape = (cfg, columns, features, pooled, dtype, flags, dropout, aligned)
+                yield from _forward_specializations(ptr, valid, *shape)
+                yield from _backward_specializations(ptr, valid, *shape)
+            yield _combine.specialization(ptr, COMBINE_BLOCK_E, features)
     yield (_bag_sum_kernel, dict(part_ptr="*fp32", bag_first_split_ptr="*i32", out_ptr="*fp32", width="i32"),
            dict(BLOCK_S=_combine.BLOCK_S, BLOCK_W=128), 4)
 
 
-def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: int, dtype, flags: dict, dropout: bool,
-                             aligned):
-    """The forward kernels :func:`forward` launches for one configuration: the one-pass kernel, or the score
-    and pooling kernels."""
-    tiles = forward_tiles(cfg, columns, features, dtype, dropout)  # every column pooled
+def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: int, pooled: int, dtype, flags: dict,
+                             dropout: bool, aligned):
+    """The forward kernels :func:`forward` launches for one configuration: the one-pass kernel (and the score
+    kernel for score-only tiles past it), or the score and pooling kernels."""
+    tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
     scores = _score_signature(ptr, valid)
     if tiles.one_pass:
         one_pass = _signature(_one_pass_kernel, dict(scores, part_acc_ptr="*fp32"))
         yield (_one_pass_kernel, one_pass, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
                DROPOUT=dropout), ONE_PASS_WARPS, tuple(sorted(aligned & one_pass.keys())))
+    if not tiles.one_pass or columns > cfg.block_j:
+        yield (_score_kernel, scores, dict(flags, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k,
+               DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & scores.keys())))
+    if tiles.one_pass:
         return
-    yield (_score_kernel, scores, dict(flags, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k,
-           DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & scores.keys())))
     pool = _pool_signature(ptr, valid)
     yield (_pool_kernel, pool, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
            DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & pool.keys())))
 
 
-def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: int, dtype, flags: dict,
-                              dropout: bool, aligned):
-    """The backward kernels :func:`backward` launches for one configuration (every column pooled): the score
+def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: int, pooled: int, dtype,
+                              flags: dict, dropout: bool, aligned):
+    """The backward kernels :func:`backward` launches for one configuration: the score
     gradients, dx (per split over whole rows where :func:`per_split_dx`, else per block and feature tile) and the
     weight gradients (on :func:`split_tiles`)."""
-    tiles = forward_tiles(cfg, columns, features, dtype, dropout)
+    tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
     whole_rows = split_tiles(tiles, cfg)
     warps = whole_rows.pop("num_warps")
     signature = _score_grad_signature(ptr, valid)
