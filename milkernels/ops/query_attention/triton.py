@@ -17,8 +17,8 @@ Score-only columns (from ``num_pooled`` on) are only scored.
 Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
 ``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
 dropped weights ``pk``; ``_dx_kernel`` (per block of rows and feature tile) writes
-``dx = pk dP + ds u``, or, where the one-pass forward runs and one column tile holds every column,
-``_dx_split_kernel`` (per split over whole rows, u and dP loaded once); ``_weight_grad_kernel`` (per split,
+``dx = pk dP + ds u``, or, where the one-pass forward runs and two column tiles at most hold the columns (the
+second score-only), ``_dx_split_kernel`` (per split, u and dP loaded once); ``_weight_grad_kernel`` (per split,
 over whole rows where the one-pass forward runs) writes partials of ``du = ds^T x`` and ``dc``, summed per
 bag in a fixed order. Everything is deterministic.
 """
@@ -44,6 +44,7 @@ MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 # and at least 12 rows a pooled column: a split's fp32 (P, Ein) partial and its read of u are then at most 1/4 of its
 # x bytes in bf16 (768 rows at ASMIL's P = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
 SPLIT_ROWS_PER_COLUMN = 12
+DX_SCORE_TILE_FEATURES = 256  # with the score-only tile's u too, 512 features took 248 KiB of shared memory
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
 
@@ -110,10 +111,16 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
     return two_pass
 
 
-def per_split_dx(tiles: ForwardTiles, cfg: Config, columns: int) -> bool:
-    """Whether the backward's dx kernel runs per split over whole rows, loading dP and u once a split: where one
-    column tile holds every column and the one-pass forward's ``tiles`` hold whole rows."""
-    return tiles.one_pass and columns <= cfg.block_j
+def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict | None:
+    """Constexprs and warps of the per-split dx kernel, or None where dx runs per block: it runs where the
+    one-pass forward's ``tiles`` hold whole rows and two column tiles at most hold the ``columns`` (the second
+    score-only), loading u and dP once a split; with a second tile, on :data:`DX_SCORE_TILE_FEATURES`-wide
+    feature tiles."""
+    if not tiles.one_pass or columns > 2 * cfg.block_j:
+        return None
+    score_tile = columns > cfg.block_j
+    block_e = min(DX_SCORE_TILE_FEATURES, tiles.pool_block_e) if score_tile else tiles.pool_block_e
+    return dict(BLOCK_N=tiles.pool_block_n, BLOCK_E=block_e, SCORE_TILE=score_tile, num_warps=ONE_PASS_WARPS)
 
 
 def split_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
@@ -387,12 +394,13 @@ def _dx_kernel(
 def _dx_split_kernel(
     valid_ptr, split_start_ptr, split_end_ptr, split_bag_ptr, u_ptr, d_pooled_ptr, ds_ptr, pk_ptr, dx_ptr,
     E, J, num_pooled, u_bag_stride,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, SCORE_TILE: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """dx[rows, cols_e] = pk dP[bag] + ds u[bag] over one split's rows and one feature tile, when one column
-    tile holds every column: u's and dP's feature tiles are loaded once, ds and pk read once per feature tile
-    (:func:`_dx_kernel` reloads u and dP per block of rows)."""
+    """dx[rows, cols_e] = pk dP[bag] + ds u[bag] over one split's rows and one feature tile, when the first
+    column tile holds every pooled column and, with ``SCORE_TILE``, a second one the score-only columns past it:
+    u's and dP's feature tiles are loaded once, ds and pk read once per feature tile (:func:`_dx_kernel` reloads
+    u and dP per block of rows)."""
     split = tl.program_id(0)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -400,8 +408,13 @@ def _dx_split_kernel(
     cols_j = tl.arange(0, BLOCK_J)
     j_ok = cols_j < J
     pool_ok = cols_j < num_pooled
-    u_tile = _load_rows(u_ptr + bag.to(tl.int64) * u_bag_stride, cols_j, j_ok, cols_e, e_ok, E)
+    u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
+    u_tile = _load_rows(u_bag, cols_j, j_ok, cols_e, e_ok, E)
     d_pooled = _load_rows(d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, cols_j, pool_ok, cols_e, e_ok, E)
+    cols_s = BLOCK_J + cols_j
+    s_ok = cols_s < J
+    if SCORE_TILE:
+        u_score = _load_rows(u_bag, cols_s, s_ok, cols_e, e_ok, E)
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         d_s = _load_rows(ds_ptr, rows64, row_ok, cols_j, j_ok, J)
@@ -409,6 +422,9 @@ def _dx_split_kernel(
         acc = _dot(d_s, u_tile, tl.zeros((BLOCK_N, BLOCK_E), tl.float32), DOT_FP32, FP32_PRECISION,
                    dx_ptr.dtype.element_ty)
         acc = _dot(pk, d_pooled, acc, DOT_FP32, FP32_PRECISION, dx_ptr.dtype.element_ty)
+        if SCORE_TILE:
+            acc = _dot(_load_rows(ds_ptr, rows64, row_ok, cols_s, s_ok, J), u_score, acc, DOT_FP32, FP32_PRECISION,
+                       dx_ptr.dtype.element_ty)
         _store_rows(dx_ptr, rows64, row_ok, cols_e, e_ok, E,
                     tl.where(valid[:, None], acc, 0.0).to(dx_ptr.dtype.element_ty))
 
@@ -609,12 +625,12 @@ def _dx(dx, row_valid, u, d_pooled, d_s, pk, plan: Plan):
     holds every column and the one-pass forward's tiles hold whole rows, else per block and feature tile."""
     rows, features = dx.shape
     sizes = (features, plan.columns, plan.num_pooled, 0 if plan.shared_queries else u.stride(0))
-    if per_split_dx(plan.tiles_fwd, plan.cfg, plan.columns):
+    split_dx = dx_split_tiles(plan.tiles_fwd, plan.cfg, plan.columns)
+    if split_dx:
         table = plan.splits
-        tiles = split_tiles(plan.tiles_fwd, plan.cfg)
-        _dx_split_kernel[(table.num_blocks, triton.cdiv(features, tiles["BLOCK_E"]))](
+        _dx_split_kernel[(table.num_blocks, triton.cdiv(features, split_dx["BLOCK_E"]))](
             _or(row_valid, dx), table.start, table.end, table.bag, u, d_pooled, d_s, pk, dx, *sizes,
-            **dict(plan.flags(dx), **tiles))
+            **dict(plan.flags(dx), **split_dx))
         return
     table = plan.blocks
     _dx_kernel[(table.num_blocks, plan.tiles(features)[1])](
@@ -685,9 +701,9 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
 
 def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: int, pooled: int, dtype,
                               flags: dict, dropout: bool, aligned):
-    """The backward kernels :func:`backward` launches for one configuration: the score
-    gradients, dx (per split over whole rows where :func:`per_split_dx`, else per block and feature tile) and the
-    weight gradients (on :func:`split_tiles`)."""
+    """The backward kernels :func:`backward` launches for one configuration: the score gradients, dx (per split
+    over whole rows where :func:`dx_split_tiles` says so, else per block and feature tile) and the weight
+    gradients (on :func:`split_tiles`)."""
     tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
     whole_rows = split_tiles(tiles, cfg)
     warps = whole_rows.pop("num_warps")
@@ -696,9 +712,11 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
         yield (_score_grad_kernel, signature,
                dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout, HAS_DZ=has_dz, STORE_PK=store_pk), cfg.num_warps,
                tuple(sorted(aligned & signature.keys())))
-    if per_split_dx(tiles, cfg, columns):
+    split_dx = dx_split_tiles(tiles, cfg, columns)
+    if split_dx:
         signature = _signature(_dx_split_kernel, _dx_signature(ptr, valid))
-        yield _dx_split_kernel, signature, dict(flags, **whole_rows), warps, tuple(sorted(aligned & signature.keys()))
+        dx_warps = split_dx.pop("num_warps")
+        yield _dx_split_kernel, signature, dict(flags, **split_dx), dx_warps, tuple(sorted(aligned & signature.keys()))
     else:
         signature = _dx_signature(ptr, valid)
         yield (_dx_kernel, signature, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
