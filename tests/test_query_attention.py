@@ -197,12 +197,14 @@ def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, device,
 
 
 @pytest.mark.parametrize("columns, pooled, features, dtype, rows", [
-    (4, 4, 256, torch.bfloat16, 64), (64, 64, 512, torch.float16, 32), (20, 20, 40, torch.bfloat16, 32),
+    (4, 4, 256, torch.bfloat16, 64), (64, 64, 512, torch.float16, 32), (20, 20, 40, torch.bfloat16, 64),
+    (20, 20, 200, torch.bfloat16, 32),
     (128, 64, 512, torch.bfloat16, 32), (16, 16, 512, torch.bfloat16, None), (65, 65, 512, torch.bfloat16, None),
     (64, 64, 513, torch.bfloat16, None), (64, 64, 512, torch.float32, None), (128, 0, 512, torch.bfloat16, None)])
 def test_forward_tiles(columns, pooled, features, dtype, rows):
     """The one-pass rule: the first column tile holds every pooled column (ASMIL's anchor columns past it are
-    score-only), whole rows fit (LiteMIL 64-row steps, ASMIL 32), fp16/bf16; ``rows`` None: two passes."""
+    score-only), whole rows fit (LiteMIL 64-row steps, ASMIL 32; 32 columns 64 up to 128 features, 32
+    beyond), fp16/bf16; ``rows`` None: two passes."""
     tiles = kernels.forward_tiles(kernels.config_for(columns, features), pooled, features, dtype, dropout=False)
     assert tiles.one_pass == (rows is not None)
     if rows:
@@ -217,21 +219,22 @@ def test_split_rows_grow_with_pooled_columns():
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_one_pass_on_32_row_steps(normalization, device, monkeypatch):
-    """The one-pass forward on 32-row steps (17 to 64 columns), in fp32 so that it meets the fp64 reference:
-    3 queries x 8 heads = 24 columns over 40 features, per-bag queries, two padded bags of 300 rows with a
-    mask, in splits of 128 rows (a bag's last split part full)."""
+    """The one-pass forward on 32-row steps (17 to 64 columns over more than 128 features) and the per-split dx,
+    in fp32 so that they meet the fp64 reference: 3 queries x 8 heads = 24 columns over 150 features, per-bag
+    queries, two padded bags of 300 rows with a mask, in splits of 128 rows (a bag's last split part full)."""
     monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
     monkeypatch.setattr(kernels, "MIN_SPLIT_BLOCKS", 2)
     monkeypatch.setattr(kernels, "SPLIT_ROWS_PER_COLUMN", 0)
-    assert kernels.forward_tiles(kernels.config_for(24, 40), 24, 40, torch.float32, False).pool_block_n == 32
-    inputs = make_inputs(300, 40, 16, 3, device=device, seed=41, batch=2)
+    assert kernels.forward_tiles(kernels.config_for(24, 150), 24, 150, torch.float32, False).pool_block_n == 32
+    inputs = make_inputs(300, 150, 16, 3, device=device, seed=41, batch=2)
     generator = torch.Generator().manual_seed(41)
     inputs[1] = torch.randn(2, 3, 16, generator=generator).to(device).requires_grad_()
     mask = torch.rand(2, 300, generator=generator) > 0.3
     mask[1, 250:] = False
     with counting() as traffic, milkernels.use_backend("triton"):
-        all_outputs(*inputs, 8, mask=mask.to(device))
-    assert "_one_pass_kernel" in traffic.by_kernel and "_score_kernel" not in traffic.by_kernel
+        sum(out.sum() for out in all_outputs(*inputs, 8, mask=mask.to(device))).backward()
+    assert {"_one_pass_kernel", "_dx_split_kernel"} <= traffic.by_kernel.keys()
+    assert "_score_kernel" not in traffic.by_kernel and "_dx_kernel" not in traffic.by_kernel
     kernel_checks.compare(all_outputs, inputs, torch.float32, heads=8, normalization=normalization,
                           mask=mask.to(device))
 
@@ -240,7 +243,7 @@ def test_one_pass_on_32_row_steps(normalization, device, monkeypatch):
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.usefixtures("forward_passes")
 def test_dropout_matches_reference_with_the_same_mask(normalization, queries, heads, width, device):
-    """J = 4 (16-column tiles) and J = 24 (32-column tiles: the one-pass forward's 32-row steps and the
+    """J = 4 (16-column tiles) and J = 24 (32-column tiles; with the one-pass forward, its 64-row steps and the
     per-split dx)."""
     inputs = make_inputs(200, 16, width, queries, device=device, seed=10)
     torch.manual_seed(0)
@@ -497,6 +500,8 @@ def test_traffic_within_budget(shape, dtype):
     product = 2 * rows * features * columns  # one (N x Ein) by (Ein x J) product
     assert forward.dot_flops == padding * 2 * product and backward.dot_flops == padding * 4 * product
     assert set(forward.by_kernel) == {*FORWARD_KERNELS[dtype], "combine_kernel"}
+    dx_kernel = "_dx_split_kernel" if dtype == torch.bfloat16 else "_dx_kernel"  # per split where one pass runs
+    assert set(backward.by_kernel) == {"_score_grad_kernel", dx_kernel, "_weight_grad_kernel"}
     if gemm_bound:
         for kernel in FORWARD_KERNELS[dtype]:
             assert forward.by_kernel[kernel].dot_flops >= gemm_bound * forward.by_kernel[kernel].requested_bytes

@@ -63,13 +63,15 @@ def config_for(columns: int, features: int) -> Config:
     block_j = min(64, max(16, triton.next_power_of_2(columns)))
     block_k = min(64, max(16, triton.next_power_of_2(features)))
     block_e = min(128, max(16, triton.next_power_of_2(features)))
-    # 8 warps from 32 columns x 128 features on: at 4, the 32-column score-gradient kernel spilled 88-316 B on sm_90
-    return Config(block_j, block_k, block_e, num_warps=8 if block_j * block_e >= 32 * 128 else 4)
+    # 8 warps from 32 columns x 128 features or 64-wide Ein steps on (64 x 32 likewise): at 4, the score-gradient
+    # kernel spilled 68-476 B on sm_90 there
+    return Config(block_j, block_k, block_e, num_warps=8 if block_j * max(block_e, 2 * block_k) >= 32 * 128 else 4)
 
 
-# where the one-pass forward holds whole rows: (column tile, most features, rows a step); on sm_90, 16 columns
-# over 512 features spill at 32 rows, and 64 columns over 64 features with dropout at 64 rows
-ONE_PASS_TILES = ((16, 256, 64), (32, 512, 32), (64, 512, 32))
+# where the one-pass forward holds whole rows: (column tile, most features, rows a step), the first that fits; on
+# sm_90, 16 columns over 512 features spill at 32 rows, 64 columns over 64 features with dropout at 64 rows, and
+# 32 columns over 64 features at 32 rows when Ein is not a multiple of 16 (4 B)
+ONE_PASS_TILES = ((16, 256, 64), (32, 128, 64), (32, 512, 32), (64, 512, 32))
 ONE_PASS_WARPS = 8  # its warps: at 4, 256 features with dropout take 255 registers; at 16, 64 x 512 spills
 ONE_PASS_DTYPES = (torch.float16, torch.bfloat16)  # fp32's tf32x3 products spill there, even at 16 rows
 
@@ -648,24 +650,27 @@ def dropout_keep(seed: int, rows: int, columns: int, num_pooled: int, dropout_p:
 
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# (J, Ein, P pooled columns): odd, LiteMIL, the 32-column tiles, ASMIL's online tokens, ASMIL's training step with the
-# anchor's score-only columns, and a wide one
-_SHAPES = ((4, 20, 4), (4, 256, 4), (24, 200, 24), (64, 512, 64), (128, 512, 64), (128, 1024, 128))
+# (J, Ein, P pooled columns): odd, LiteMIL, the 32-column tiles over few (an Ein not a multiple of 16) and many
+# features, 64 columns over few features, ASMIL's online tokens, ASMIL's training step with the anchor's score-only
+# columns, and a wide one
+_SHAPES = ((4, 20, 4), (4, 256, 4), (24, 40, 24), (24, 200, 24), (64, 32, 64), (64, 512, 64), (128, 512, 64),
+           (128, 1024, 128))
 
 
 def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
-    dtypes, the configurations of ``config_for`` for small and large J and Ein, with and without a mask,
-    dropout, a gradient of the scores and a gradient of x. ``aligned`` names the sizes (E, J and the
-    per-bag strides J * E and J) that are multiples of 16 at the example shape (a launch specializes on those).
+    dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, a
+    gradient of the scores and a gradient of x. ``aligned`` names the integer arguments (E, J, the per-bag
+    strides J * E and J, the first column scored, P and the first NSF column) that are multiples of 16 at the
+    example shape (a launch specializes on those).
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for columns, features, pooled in _SHAPES:
             cfg = config_for(columns, features)
             sizes = dict(E=features, J=columns, u_bag_stride=columns * features, c_bag_stride=columns,
-                         first_column=0)
+                         first_column=0, num_pooled=pooled, nsf_from=pooled)
             aligned = {name for name, size in sizes.items() if size % 16 == 0}  # each kernel takes some of them
             base = dict(BLOCK_N=BLOCK_N, BLOCK_J=cfg.block_j, **dot_flags(dtype, interpreted=False))
             for has_mask, dropout in ((False, False), (True, True)):
@@ -688,15 +693,15 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
     if tiles.one_pass:
         one_pass = _signature(_one_pass_kernel, dict(scores, part_acc_ptr="*fp32"))
         yield (_one_pass_kernel, one_pass, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
-               DROPOUT=dropout), ONE_PASS_WARPS, tuple(sorted(aligned & one_pass.keys())))
+               DROPOUT=dropout), ONE_PASS_WARPS, _named(aligned, one_pass))
     if not tiles.one_pass or columns > cfg.block_j:
         yield (_score_kernel, scores, dict(flags, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k,
-               DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & scores.keys())))
+               DROPOUT=dropout), cfg.num_warps, _named(aligned, scores))
     if tiles.one_pass:
         return
     pool = _pool_signature(ptr, valid)
     yield (_pool_kernel, pool, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
-           DROPOUT=dropout), cfg.num_warps, tuple(sorted(aligned & pool.keys())))
+           DROPOUT=dropout), cfg.num_warps, _named(aligned, pool))
 
 
 def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: int, pooled: int, dtype,
@@ -705,25 +710,30 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
     over whole rows where :func:`dx_split_tiles` says so, else per block and feature tile) and the weight
     gradients (on :func:`split_tiles`)."""
     tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
-    whole_rows = split_tiles(tiles, cfg)
-    warps = whole_rows.pop("num_warps")
+    split_kernel_tiles = split_tiles(tiles, cfg)
+    warps = split_kernel_tiles.pop("num_warps")
     signature = _score_grad_signature(ptr, valid)
     for has_dz, store_pk in ((True, True), (False, False)):
         yield (_score_grad_kernel, signature,
                dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout, HAS_DZ=has_dz, STORE_PK=store_pk), cfg.num_warps,
-               tuple(sorted(aligned & signature.keys())))
+               _named(aligned, signature))
     split_dx = dx_split_tiles(tiles, cfg, columns)
     if split_dx:
         signature = _signature(_dx_split_kernel, _dx_signature(ptr, valid))
         dx_warps = split_dx.pop("num_warps")
-        yield _dx_split_kernel, signature, dict(flags, **split_dx), dx_warps, tuple(sorted(aligned & signature.keys()))
+        yield _dx_split_kernel, signature, dict(flags, **split_dx), dx_warps, _named(aligned, signature)
     else:
         signature = _dx_signature(ptr, valid)
         yield (_dx_kernel, signature, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
-               tuple(sorted(aligned & signature.keys())))
+               _named(aligned, signature))
     signature = _weight_grad_signature(ptr, valid)
-    yield (_weight_grad_kernel, signature, dict(flags, **whole_rows), warps,
-           tuple(sorted(aligned & signature.keys())))
+    yield (_weight_grad_kernel, signature, dict(flags, **split_kernel_tiles), warps,
+           _named(aligned, signature))
+
+
+def _named(aligned: set, signature: dict) -> tuple:
+    """The ``aligned`` integer arguments that ``signature`` takes, sorted."""
+    return tuple(sorted(aligned & signature.keys()))
 
 
 def _signature(kernel, types: dict) -> dict:
