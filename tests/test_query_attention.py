@@ -458,7 +458,7 @@ GEMM_BUDGET = 80  # dot FLOPs a requested byte (issue 12: the score and pooling 
 TRAFFIC_SHAPES = {"asmil": (2048, 512, 8, 8, True, 1), "litemil": (2048, 256, 1, 4, False, 4)}
 # bounds asserted: bytes over the minimum, forward and backward, and the forward kernels' dot FLOPs a byte
 # (ASMIL); the issue's budget where met, else the figure measured with a 10% margin
-TRAFFIC_BOUNDS = {("asmil", torch.bfloat16): (TRAFFIC_BUDGET, 3.05, GEMM_BUDGET),
+TRAFFIC_BOUNDS = {("asmil", torch.bfloat16): (TRAFFIC_BUDGET, 2.8, GEMM_BUDGET),
                   ("asmil", torch.float32): (3.65, 4.05, 13.5),
                   ("litemil", torch.bfloat16): (TRAFFIC_BUDGET, TRAFFIC_BUDGET, None),
                   ("litemil", torch.float32): (2.35, TRAFFIC_BUDGET, None)}
@@ -474,11 +474,11 @@ def test_traffic_within_budget(shape, dtype):
     - ASMIL: forward 1.49 in bf16, within 2x: the one-pass kernel reads x and u once, writes z once (fp32)
       and its fp32 partial per 768-row split; 83.5 dot FLOPs a byte, past the 80 of GEMM-like kernels (3.19x
       and 36.5 with two passes: x read twice, u per 128-row step, z per 256-wide feature tile). fp32, two
-      passes (the one-pass tiles spill in tf32x3): 3.30, 15.1-19.7 FLOPs a byte, NOT met. Backward 2.76 /
-      3.67, NOT met (4.60 in bf16 before the per-split dx and the whole-row weight gradients): the score
-      gradient kernel re-reads dP per 64-row block (6.3 of the 12.9 MB), and ds and pk go through memory
-      in fp32; dx 75.9 dot FLOPs a byte, the weight gradients 44.5, the score gradients 21.3. Dot FLOPs:
-      the useful ones.
+      passes (the one-pass tiles spill in tf32x3): 3.30, 15.1-19.7 FLOPs a byte, NOT met. Backward 2.54 /
+      3.67, NOT met (4.60 in bf16 before the per-split dx, the whole-row weight gradients and the 128-row
+      score-gradient blocks): the score-gradient kernel re-reads dP per 128-row block (5.3 of the 11.8 MB),
+      and ds and pk go through memory in fp32; dx 75.9 dot FLOPs a byte, the weight gradients 44.5, the
+      score gradients 25.5. Dot FLOPs: the useful ones.
     - LiteMIL: forward 1.07 in bf16, within 2x (the one-pass kernel reads each row once, for its scores and
       its pooling; 2.18 before, with two passes); fp32, two passes (the one-pass tiles spill in tf32x3), 2.12,
       not within; backward 1.61 / 1.66, within (bf16 1.74 before the per-split dx). Dot FLOPs 4x the
@@ -513,9 +513,10 @@ def test_anchored_traffic():
     u, c read, z (all 128 columns), pooled and mass written once; backward x, u and the output gradients read,
     dx, du, dc written once; in bf16. Measured: forward 2.50x the minimum (3.94x with two passes: x read three
     times), 54.6 dot FLOPs a byte: the one-pass kernel 83.5, the anchor columns' score kernel 36.6 (it
-    re-reads u per 128-row step), under issue 12's 80: NOT met there. Backward 3.71x (5.42x with the per-block
-    dx, 6.08x with 128-wide weight-gradient tiles too): the per-split dx over two column tiles 69.0 dot FLOPs a
-    byte, the score gradients 18.2, the weight gradients 44.5, NOT met. Dot FLOPs: the useful ones."""
+    re-reads u per 128-row step), under issue 12's 80: NOT met there. Backward 3.51x (3.71x with 64-row
+    score-gradient blocks, 5.42x with the per-block dx too, 6.08x with 128-wide weight-gradient tiles too): the
+    per-split dx over two column tiles 69.0 dot FLOPs a byte, the score gradients 21.3, the weight gradients
+    44.5, NOT met. Dot FLOPs: the useful ones."""
     rows, features, columns, pooled = 2048, 512, 128, 64
     generator = torch.Generator().manual_seed(42)
     x = torch.randn(rows, features, generator=generator).to(torch.bfloat16).requires_grad_()
@@ -533,7 +534,7 @@ def test_anchored_traffic():
     folded_bytes = columns * (features + 1)
     minimum = rows * features + 2 * folded_bytes + rows * columns + pooled * features
     assert forward.requested_bytes <= 2.75 * minimum * 2
-    assert backward.requested_bytes <= 4.1 * (2 * rows * features + 3 * folded_bytes + rows * columns
+    assert backward.requested_bytes <= 3.9 * (2 * rows * features + 3 * folded_bytes + rows * columns
                                               + pooled * features) * 2
     one_pass = forward.by_kernel["_one_pass_kernel"]
     assert one_pass.dot_flops >= GEMM_BUDGET * one_pass.requested_bytes

@@ -125,6 +125,15 @@ def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict | Non
     return dict(BLOCK_N=tiles.pool_block_n, BLOCK_E=block_e, SCORE_TILE=score_tile, num_warps=ONE_PASS_WARPS)
 
 
+def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bool) -> dict:
+    """Rows a block and Ein step of the score-gradient kernel: 128 rows over 32-wide steps at 64 columns without
+    dropout where the per-split dx leaves the row blocks to it alone (dP is read once per block; with dropout's
+    draws 128 rows spilled 200 B on sm_90), else 64 rows over the configuration's steps."""
+    if cfg.block_j == 64 and not dropout and dx_split_tiles(tiles, cfg, columns):
+        return dict(BLOCK_N=2 * BLOCK_N, BLOCK_K=32)
+    return dict(BLOCK_N=BLOCK_N, BLOCK_K=cfg.block_k)
+
+
 def split_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
     """Rows a step, feature tile and warps of the backward's per-split kernels: the one-pass forward's whole
     rows where it runs, else 64-row steps over the configuration's feature tiles."""
@@ -504,8 +513,9 @@ class Plan:
                                                            * triton.cdiv(features, tiles_fwd.pool_block_e))
         device = bags.x2d.device
         split_rows = _split_rows(bags, programs_per_split, num_pooled)
+        block_rows = score_grad_tiles(tiles_fwd, cfg, columns, dropout_p > 0)["BLOCK_N"]
         return Plan(cfg, tiles_fwd, block_table(bags.bounds, split_rows, device),
-                    block_table(bags.bounds, BLOCK_N, device), bags.num_bags, bags.row_valid is not None,
+                    block_table(bags.bounds, block_rows, device), bags.num_bags, bags.row_valid is not None,
                     u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
 
     def flags(self, x2d) -> dict:
@@ -602,8 +612,8 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
     _score_grad_kernel[(blocks.num_blocks, column_tiles)](
         x2d, _or(row_valid, x2d), blocks.start, blocks.end, blocks.bag, z, lse, delta, d_pooled, d_mass,
         _or(d_z, z), d_s, _or(pk, d_s), features, plan.columns, pooled_cols, plan.nsf_from, **plan.dropout_args(),
-        BLOCK_K=plan.cfg.block_k, DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, STORE_PK=pk is not None,
-        **plan.flags(x2d),
+        DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, STORE_PK=pk is not None,
+        **dict(plan.flags(x2d), **score_grad_tiles(plan.tiles_fwd, plan.cfg, plan.columns, plan.dropout_p > 0)),
     )
     dx = du = dc = None
     if wanted[0]:
@@ -715,8 +725,8 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
     signature = _score_grad_signature(ptr, valid)
     for has_dz, store_pk in ((True, True), (False, False)):
         yield (_score_grad_kernel, signature,
-               dict(flags, BLOCK_K=cfg.block_k, DROPOUT=dropout, HAS_DZ=has_dz, STORE_PK=store_pk), cfg.num_warps,
-               _named(aligned, signature))
+               dict(flags, **score_grad_tiles(tiles, cfg, columns, dropout), DROPOUT=dropout, HAS_DZ=has_dz,
+                    STORE_PK=store_pk), cfg.num_warps, _named(aligned, signature))
     split_dx = dx_split_tiles(tiles, cfg, columns)
     if split_dx:
         signature = _signature(_dx_split_kernel, _dx_signature(ptr, valid))
