@@ -120,9 +120,11 @@ def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict | Non
     feature tiles."""
     if not tiles.one_pass or columns > 2 * cfg.block_j:
         return None
+    whole_rows = split_tiles(tiles, cfg)
     score_tile = columns > cfg.block_j
-    block_e = min(DX_SCORE_TILE_FEATURES, tiles.pool_block_e) if score_tile else tiles.pool_block_e
-    return dict(BLOCK_N=tiles.pool_block_n, BLOCK_E=block_e, SCORE_TILE=score_tile, num_warps=ONE_PASS_WARPS)
+    if score_tile:
+        whole_rows["BLOCK_E"] = min(DX_SCORE_TILE_FEATURES, whole_rows["BLOCK_E"])
+    return dict(whole_rows, SCORE_TILE=score_tile)
 
 
 def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bool) -> dict:
@@ -633,9 +635,9 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
 
 
 def _dx(dx, row_valid, u, d_pooled, d_s, pk, plan: Plan):
-    """Writes ``dx = pk dP + ds u``: per split over whole rows with u and dP loaded once where one column tile
-    holds every column and the one-pass forward's tiles hold whole rows, else per block and feature tile."""
-    rows, features = dx.shape
+    """Writes ``dx: (T, Ein)`` ``= pk dP + ds u``: per split, with u and dP loaded once, where
+    :func:`dx_split_tiles` gives its tiles, else per block and feature tile."""
+    features = dx.shape[1]
     sizes = (features, plan.columns, plan.num_pooled, 0 if plan.shared_queries else u.stride(0))
     split_dx = dx_split_tiles(plan.tiles_fwd, plan.cfg, plan.columns)
     if split_dx:
