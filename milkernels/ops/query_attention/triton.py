@@ -463,7 +463,7 @@ def _weight_grad_kernel(
         d_s = tl.load(ds_ptr + rows64[:, None] * J + cols_j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
         x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
         acc = _dot(tl.trans(d_s), x_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
-        d_c += tl.sum(d_s, axis=0)
+        d_c += tl.sum(d_s.to(tl.float32), axis=0)
     part = (split * J + cols_j).to(tl.int64)
     tl.store(part_du_ptr + part[:, None] * E + cols_e[None, :], acc, mask=j_ok[:, None] & e_ok[None, :])
     if e_tile == 0:
@@ -607,8 +607,9 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
     d_mass = torch.zeros_like(mass) if d_mass is None else d_mass.contiguous()
     d_z = d_z.contiguous() if d_z is not None else None
     delta = (pooled.float() * d_pooled.float()).sum(-1) + mass.float() * d_mass.float()
-    d_s = _blocks.new_buffer(rows, plan.columns, dtype=torch.float32, device=device)
-    pk = _blocks.new_buffer(rows, pooled_cols, dtype=torch.float32, device=device) if wanted[0] else None
+    # ds and pk only enter products, whose operands are in x's dtype: stored in it
+    d_s = _blocks.new_buffer(rows, plan.columns, dtype=x2d.dtype, device=device)
+    pk = _blocks.new_buffer(rows, pooled_cols, dtype=x2d.dtype, device=device) if wanted[0] else None
     column_tiles = plan.tiles(features)[0]
     blocks = plan.blocks
     _score_grad_kernel[(blocks.num_blocks, column_tiles)](
@@ -773,15 +774,15 @@ def _pool_signature(ptr, valid):
 
 def _score_grad_signature(ptr, valid):
     return dict(x_ptr=ptr, valid_ptr=valid, **_table("block"), z_ptr="*fp32", lse_ptr="*fp32", delta_ptr="*fp32",
-                d_pooled_ptr=ptr, d_mass_ptr=ptr, d_z_ptr="*fp32", ds_ptr="*fp32", pk_ptr="*fp32", E="i32",
+                d_pooled_ptr=ptr, d_mass_ptr=ptr, d_z_ptr="*fp32", ds_ptr=ptr, pk_ptr=ptr, E="i32",
                 J="i32", num_pooled="i32", nsf_from="i32", seed="i32", p_drop="fp32", drop_scale="fp32")
 
 
 def _dx_signature(ptr, valid):
-    return dict(valid_ptr=valid, **_table("block"), u_ptr=ptr, d_pooled_ptr=ptr, ds_ptr="*fp32", pk_ptr="*fp32",
+    return dict(valid_ptr=valid, **_table("block"), u_ptr=ptr, d_pooled_ptr=ptr, ds_ptr=ptr, pk_ptr=ptr,
                 dx_ptr=ptr, E="i32", J="i32", num_pooled="i32", u_bag_stride="i32")
 
 
 def _weight_grad_signature(ptr, valid):
-    return dict(x_ptr=ptr, valid_ptr=valid, **_table("split"), ds_ptr="*fp32", part_du_ptr="*fp32",
+    return dict(x_ptr=ptr, valid_ptr=valid, **_table("split"), ds_ptr=ptr, part_du_ptr="*fp32",
                 part_dc_ptr="*fp32", E="i32", J="i32")
