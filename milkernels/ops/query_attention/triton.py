@@ -16,11 +16,12 @@ Score-only columns (from ``num_pooled`` on) are only scored.
 
 Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
 ``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
-dropped weights ``pk``; ``_dx_kernel`` (per block of rows and feature tile) writes
+dropped weights ``pk``, both in x's dtype; ``_dx_kernel`` (per block of rows and feature tile) writes
 ``dx = pk dP + ds u``, or, where the one-pass forward runs and two column tiles at most hold the columns (the
 second score-only), ``_dx_split_kernel`` (per split, u and dP loaded once); ``_weight_grad_kernel`` (per split,
-over whole rows where the one-pass forward runs) writes partials of ``du = ds^T x`` and ``dc``, summed per
-bag in a fixed order. Everything is deterministic.
+over whole rows where the one-pass forward runs, both column tiles in one program where the second is
+score-only) writes partials of ``du = ds^T x`` and ``dc``, summed per bag in a fixed order. Everything is
+deterministic.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 # and at least 12 rows a pooled column: a split's fp32 (P, Ein) partial and its read of u are then at most 1/4 of its
 # x bytes in bf16 (768 rows at ASMIL's P = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
 SPLIT_ROWS_PER_COLUMN = 12
-DX_SCORE_TILE_FEATURES = 256  # with the score-only tile's u too, 512 features took 248 KiB of shared memory
+SCORE_TILE_FEATURES = 256  # per-split dx with the score-only tile's u too: 512 features took 248 KiB shared
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
 
@@ -116,15 +117,10 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
 def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict | None:
     """Constexprs and warps of the per-split dx kernel, or None where dx runs per block: it runs where the
     one-pass forward's ``tiles`` hold whole rows and two column tiles at most hold the ``columns`` (the second
-    score-only), loading u and dP once a split; with a second tile, on :data:`DX_SCORE_TILE_FEATURES`-wide
-    feature tiles."""
+    score-only), loading u and dP once a split."""
     if not tiles.one_pass or columns > 2 * cfg.block_j:
         return None
-    whole_rows = split_tiles(tiles, cfg)
-    score_tile = columns > cfg.block_j
-    if score_tile:
-        whole_rows["BLOCK_E"] = min(DX_SCORE_TILE_FEATURES, whole_rows["BLOCK_E"])
-    return dict(whole_rows, SCORE_TILE=score_tile)
+    return split_tiles(tiles, cfg, columns)
 
 
 def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bool) -> dict:
@@ -136,12 +132,16 @@ def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bo
     return dict(BLOCK_N=BLOCK_N, BLOCK_K=cfg.block_k)
 
 
-def split_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
-    """Rows a step, feature tile and warps of the backward's per-split kernels: the one-pass forward's whole
-    rows where it runs, else 64-row steps over the configuration's feature tiles."""
-    if tiles.one_pass:
-        return dict(BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e, num_warps=ONE_PASS_WARPS)
-    return dict(BLOCK_N=BLOCK_N, BLOCK_E=cfg.block_e, num_warps=cfg.num_warps)
+def split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict:
+    """Rows a step, feature tile, warps and ``SCORE_TILE`` of the backward's per-split kernels: the one-pass
+    forward's whole rows where it runs, and where exactly two column tiles hold the ``columns`` (the second
+    score-only: ASMIL's anchor), both in one program (``SCORE_TILE``) on :data:`SCORE_TILE_FEATURES`-wide
+    feature tiles; else 64-row steps over the configuration's feature tiles."""
+    if not tiles.one_pass:
+        return dict(BLOCK_N=BLOCK_N, BLOCK_E=cfg.block_e, num_warps=cfg.num_warps, SCORE_TILE=False)
+    score_tile = cfg.block_j < columns <= 2 * cfg.block_j
+    block_e = min(SCORE_TILE_FEATURES, tiles.pool_block_e) if score_tile else tiles.pool_block_e
+    return dict(BLOCK_N=tiles.pool_block_n, BLOCK_E=block_e, num_warps=ONE_PASS_WARPS, SCORE_TILE=score_tile)
 
 
 @triton.jit
@@ -445,28 +445,51 @@ def _dx_split_kernel(
 @triton.jit
 def _weight_grad_kernel(
     x_ptr, valid_ptr, split_start_ptr, split_end_ptr, split_bag_ptr, ds_ptr, part_du_ptr, part_dc_ptr, E, J,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, HAS_MASK: tl.constexpr,
-    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, SCORE_TILE: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """Partials over one split: du[cols_j, cols_e] = ds^T x and dc[cols_j] = sum of ds."""
+    """Partials over one split: du[cols_j, cols_e] = ds^T x and dc[cols_j] = sum of ds; with ``SCORE_TILE``,
+    of the next column tile too, from the same x tiles (read once for both)."""
     split = tl.program_id(0)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    j_ok = cols_j < J
+    cols_s = BLOCK_J + cols_j
     e_tile = tl.program_id(2)
     cols_e = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = cols_e < E
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
     d_c = tl.zeros((BLOCK_J,), tl.float32)
+    if SCORE_TILE:
+        acc_s = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
+        d_c_s = tl.zeros((BLOCK_J,), tl.float32)
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
-        d_s = tl.load(ds_ptr + rows64[:, None] * J + cols_j[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
-        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
-        acc = _dot(tl.trans(d_s), x_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
-        d_c += tl.sum(d_s.to(tl.float32), axis=0)
+        d_s = _load_rows(ds_ptr, rows64, row_ok, cols_j, cols_j < J, J)
+        if SCORE_TILE:
+            d_s_score = _load_rows(ds_ptr, rows64, row_ok, cols_s, cols_s < J, J)
+        x_tile = _load_rows(x_ptr, rows64, valid, cols_e, e_ok, E)
+        acc, d_c = _add_weight_grads(d_s, x_tile, acc, d_c, DOT_FP32, FP32_PRECISION)
+        if SCORE_TILE:
+            acc_s, d_c_s = _add_weight_grads(d_s_score, x_tile, acc_s, d_c_s, DOT_FP32, FP32_PRECISION)
+    _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok, E, acc, d_c)
+    if SCORE_TILE:
+        _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_s, J, cols_e, e_ok, E, acc_s, d_c_s)
+
+
+@triton.jit
+def _add_weight_grads(d_s, x_tile, acc, d_c, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """``(acc + ds^T x, d_c + the column sums of ds)`` over a block of rows."""
+    acc = _dot(tl.trans(d_s), x_tile, acc, DOT_FP32, FP32_PRECISION, x_tile.dtype)
+    return acc, d_c + tl.sum(d_s.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok, E, acc, d_c):
+    """A split's du partial ``(cols_j, cols_e)`` and, from the first feature tile, its dc partial."""
+    j_ok = cols_j < J
     part = (split * J + cols_j).to(tl.int64)
     tl.store(part_du_ptr + part[:, None] * E + cols_e[None, :], acc, mask=j_ok[:, None] & e_ok[None, :])
-    if e_tile == 0:
+    if tl.program_id(2) == 0:
         tl.store(part_dc_ptr + part, d_c, mask=j_ok)
 
 
@@ -626,8 +649,9 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
         splits = plan.splits
         part_du = _blocks.new_buffer(splits.num_blocks, plan.columns, features, dtype=torch.float32, device=device)
         part_dc = _blocks.new_buffer(splits.num_blocks, plan.columns, dtype=torch.float32, device=device)
-        weight_tiles = split_tiles(plan.tiles_fwd, plan.cfg)
-        _weight_grad_kernel[(splits.num_blocks, column_tiles, triton.cdiv(features, weight_tiles["BLOCK_E"]))](
+        weight_tiles = split_tiles(plan.tiles_fwd, plan.cfg, plan.columns)
+        column_programs = 1 if weight_tiles["SCORE_TILE"] else column_tiles
+        _weight_grad_kernel[(splits.num_blocks, column_programs, triton.cdiv(features, weight_tiles["BLOCK_E"]))](
             x2d, _or(row_valid, x2d), splits.start, splits.end, splits.bag, d_s, part_du, part_dc, features,
             plan.columns, **dict(plan.flags(x2d), **weight_tiles))
         du = _per_bag_sum(part_du, plan).to(u.dtype) if wanted[1] else None
@@ -723,7 +747,7 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
     over whole rows where :func:`dx_split_tiles` says so, else per block and feature tile) and the weight
     gradients (on :func:`split_tiles`)."""
     tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
-    split_kernel_tiles = split_tiles(tiles, cfg)
+    split_kernel_tiles = split_tiles(tiles, cfg, columns)
     warps = split_kernel_tiles.pop("num_warps")
     signature = _score_grad_signature(ptr, valid)
     for has_dz, store_pk in ((True, True), (False, False)):
