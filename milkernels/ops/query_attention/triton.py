@@ -18,10 +18,10 @@ Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the s
 ``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
 dropped weights ``pk``, both in x's dtype; ``_dx_kernel`` (per block of rows and feature tile) writes
 ``dx = pk dP + ds u``, or, where the one-pass forward runs and two column tiles at most hold the columns (the
-second score-only), ``_dx_split_kernel`` (per split, u and dP loaded once); ``_weight_grad_kernel`` (per split,
-over whole rows where the one-pass forward runs, both column tiles in one program where the second is
-score-only) writes partials of ``du = ds^T x`` and ``dc``, summed per bag in a fixed order. Everything is
-deterministic.
+second score-only) or two passes ran and one holds them, ``_dx_split_kernel`` (per split, u and dP loaded
+once); ``_weight_grad_kernel`` (per split, over whole rows where the one-pass forward runs, both column
+tiles in one program where the second is score-only) writes partials of ``du = ds^T x`` and ``dc``, summed
+per bag in a fixed order. Everything is deterministic.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 # x bytes in bf16 (768 rows at ASMIL's P = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
 SPLIT_ROWS_PER_COLUMN = 12
 SCORE_TILE_FEATURES = 256  # per-split dx with the score-only tile's u too: 512 features took 248 KiB shared
+TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
 
@@ -115,19 +116,24 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
 
 
 def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict | None:
-    """Constexprs and warps of the per-split dx kernel, or None where dx runs per block: it runs where the
-    one-pass forward's ``tiles`` hold whole rows and two column tiles at most hold the ``columns`` (the second
-    score-only), loading u and dP once a split."""
-    if not tiles.one_pass or columns > 2 * cfg.block_j:
-        return None
-    return split_tiles(tiles, cfg, columns)
+    """Constexprs and warps of the per-split dx kernel, which loads u and dP once a split, or None where dx
+    runs per block. It runs where the one-pass forward's ``tiles`` hold whole rows and two column tiles at most
+    hold the ``columns`` (the second score-only), and after two passes (fp32, or more than 512 features) where
+    one column tile holds them, on :data:`TWO_PASS_DX_ROWS`-row steps over the configuration's feature tiles
+    (the per-block kernel there spilled 496-712 B in fp32 at 32 and 64 columns on sm_90)."""
+    if tiles.one_pass and columns <= 2 * cfg.block_j:
+        return split_tiles(tiles, cfg, columns)
+    if not tiles.one_pass and columns <= cfg.block_j:
+        return dict(BLOCK_N=TWO_PASS_DX_ROWS, BLOCK_E=cfg.block_e, num_warps=8, SCORE_TILE=False)
+    return None
 
 
 def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bool) -> dict:
     """Rows a block and Ein step of the score-gradient kernel: 128 rows over 32-wide steps at 64 columns without
-    dropout where the per-split dx leaves the row blocks to it alone (dP is read once per block; with dropout's
-    draws 128 rows spilled 200 B on sm_90), else 64 rows over the configuration's steps."""
-    if cfg.block_j == 64 and not dropout and dx_split_tiles(tiles, cfg, columns):
+    dropout after the one-pass forward, where the per-split dx leaves the row blocks to it alone (dP is read
+    once per block; with dropout's draws 128 rows spilled 200 B on sm_90), else 64 rows over the
+    configuration's steps."""
+    if cfg.block_j == 64 and not dropout and tiles.one_pass and dx_split_tiles(tiles, cfg, columns):
         return dict(BLOCK_N=2 * BLOCK_N, BLOCK_K=32)
     return dict(BLOCK_N=BLOCK_N, BLOCK_K=cfg.block_k)
 
@@ -689,9 +695,9 @@ def dropout_keep(seed: int, rows: int, columns: int, num_pooled: int, dropout_p:
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 # (J, Ein, P pooled columns): odd, LiteMIL, the 32-column tiles over few (an Ein not a multiple of 16) and many
 # features, 64 columns over few features, ASMIL's online tokens, ASMIL's training step with the anchor's score-only
-# columns, and a wide one
+# columns, ASMIL's tokens over 1024 features (two passes in every dtype), and a wide one
 _SHAPES = ((4, 20, 4), (4, 256, 4), (24, 40, 24), (24, 200, 24), (64, 32, 64), (64, 512, 64), (128, 512, 64),
-           (128, 1024, 128))
+           (64, 1024, 64), (128, 1024, 128))
 
 
 def shipped_specializations():
