@@ -170,12 +170,14 @@ def test_mixed_columns_pooled_and_score_only(columns, nsf_from, num_pooled, devi
     kernel_checks.compare(fn, [x, u, c], torch.float32)
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("nsf_from", [16, 70])
-def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, device, monkeypatch):
-    """The one-pass forward and the per-split dx with the score-only tile past the first (80 columns, 24
-    pooled), in fp32 against fp64: two padded bags of 300 rows with a mask, each with its own u and c, in
-    128-row splits; NSF from column 16 (pooled NSF columns) or 70 (only score-only ones)."""
-    monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
+def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, one_pass, device, monkeypatch):
+    """The one-pass or two-pass forward and the per-split dx with the score-only tile past the first (80
+    columns, 24 pooled), in fp32 against fp64: two padded bags of 300 rows with a mask, each with its own u
+    and c, in 128-row splits; NSF from column 16 (pooled NSF columns) or 70 (only score-only ones)."""
+    if one_pass:
+        monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
     monkeypatch.setattr(kernels, "MIN_SPLIT_BLOCKS", 2)
     monkeypatch.setattr(kernels, "SPLIT_ROWS_PER_COLUMN", 0)
     generator = torch.Generator().manual_seed(43)
@@ -192,20 +194,23 @@ def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, device,
 
     with counting() as traffic, milkernels.use_backend("triton"):
         sum(out.sum() for out in fn(x, u, c)).backward()
-    assert {"_one_pass_kernel", "_score_kernel", "_dx_split_kernel"} <= traffic.by_kernel.keys()
+    forward_kernel = "_one_pass_kernel" if one_pass else "_pool_kernel"
+    assert {forward_kernel, "_score_kernel", "_dx_split_kernel"} <= traffic.by_kernel.keys()
     kernel_checks.compare(fn, [x, u, c], torch.float32)
 
 
-@pytest.mark.parametrize("columns, features, dtype, rows, block_e, score_tile", [
-    (64, 512, torch.bfloat16, 32, 512, False), (128, 512, torch.bfloat16, 32, 256, True),
-    (64, 512, torch.float32, 32, 128, False), (24, 200, torch.float32, 32, 128, False),
-    (64, 1024, torch.bfloat16, 32, 128, False), (128, 512, torch.float32, None, None, None),
-    (192, 512, torch.bfloat16, None, None, None)])
-def test_dx_split_tiles(columns, features, dtype, rows, block_e, score_tile):
-    """dx runs per split after the one-pass forward over up to two column tiles (the second score-only) and
-    after two passes (fp32, more than 512 features) over one; ``rows`` None: per block."""
+@pytest.mark.parametrize("columns, pooled, features, dtype, rows, block_e, score_tile", [
+    (64, 64, 512, torch.bfloat16, 32, 512, False), (128, 64, 512, torch.bfloat16, 32, 256, True),
+    (64, 64, 512, torch.float32, 32, 128, False), (24, 24, 200, torch.float32, 32, 128, False),
+    (128, 64, 512, torch.float32, 32, 64, True), (64, 64, 1024, torch.bfloat16, 32, 128, False),
+    (128, 128, 1024, torch.bfloat16, None, None, None), (192, 64, 512, torch.bfloat16, None, None, None)])
+def test_dx_split_tiles(columns, pooled, features, dtype, rows, block_e, score_tile):
+    """dx runs per split where two column tiles at most hold the columns, the first every pooled one: after
+    the one-pass forward on its whole rows, after two passes (fp32, more than 512 features) on 32-row steps
+    (64-feature tiles with a second column tile); ``rows`` None: per block."""
     cfg = kernels.config_for(columns, features)
-    tiles = kernels.dx_split_tiles(kernels.forward_tiles(cfg, 64, features, dtype, False), cfg, columns)
+    forward = kernels.forward_tiles(cfg, pooled, features, dtype, False)
+    tiles = kernels.dx_split_tiles(forward, cfg, columns, pooled)
     assert (tiles is None) == (rows is None)
     if tiles:
         assert (tiles["BLOCK_N"], tiles["BLOCK_E"], tiles["SCORE_TILE"]) == (rows, block_e, score_tile)

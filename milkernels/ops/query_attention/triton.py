@@ -47,6 +47,7 @@ MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 SPLIT_ROWS_PER_COLUMN = 12
 SCORE_TILE_FEATURES = 256  # per-split dx with the score-only tile's u too: 512 features took 248 KiB shared
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
+TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
 
@@ -115,17 +116,20 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
     return two_pass
 
 
-def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict | None:
+def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int, num_pooled: int) -> dict | None:
     """Constexprs and warps of the per-split dx kernel, which loads u and dP once a split, or None where dx
-    runs per block. It runs where the one-pass forward's ``tiles`` hold whole rows and two column tiles at most
-    hold the ``columns`` (the second score-only), and after two passes (fp32, or more than 512 features) where
-    one column tile holds them, on :data:`TWO_PASS_DX_ROWS`-row steps over the configuration's feature tiles
-    (the per-block kernel there spilled 496-712 B in fp32 at 32 and 64 columns on sm_90)."""
-    if tiles.one_pass and columns <= 2 * cfg.block_j:
+    runs per block: where two column tiles at most hold the ``columns``, the first every pooled one (the second
+    score-only). After the one-pass forward, on its ``tiles``' whole rows; after two passes (fp32, or more than
+    512 features), on :data:`TWO_PASS_DX_ROWS`-row steps over the configuration's feature tiles, or
+    :data:`TWO_PASS_SCORE_TILE_FEATURES`-wide ones with a second tile (the per-block kernel spilled 496-712 B
+    in fp32 at 32 and 64 columns on sm_90)."""
+    if columns > 2 * cfg.block_j or num_pooled > cfg.block_j:
+        return None
+    if tiles.one_pass:
         return split_tiles(tiles, cfg, columns)
-    if not tiles.one_pass and columns <= cfg.block_j:
-        return dict(BLOCK_N=TWO_PASS_DX_ROWS, BLOCK_E=cfg.block_e, num_warps=8, SCORE_TILE=False)
-    return None
+    score_tile = columns > cfg.block_j
+    block_e = min(TWO_PASS_SCORE_TILE_FEATURES, cfg.block_e) if score_tile else cfg.block_e
+    return dict(BLOCK_N=TWO_PASS_DX_ROWS, BLOCK_E=block_e, num_warps=8, SCORE_TILE=score_tile)
 
 
 def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bool) -> dict:
@@ -133,7 +137,7 @@ def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bo
     dropout after the one-pass forward, where the per-split dx leaves the row blocks to it alone (dP is read
     once per block; with dropout's draws 128 rows spilled 200 B on sm_90), else 64 rows over the
     configuration's steps."""
-    if cfg.block_j == 64 and not dropout and tiles.one_pass and dx_split_tiles(tiles, cfg, columns):
+    if cfg.block_j == 64 and not dropout and tiles.one_pass and columns <= 2 * cfg.block_j:
         return dict(BLOCK_N=2 * BLOCK_N, BLOCK_K=32)
     return dict(BLOCK_N=BLOCK_N, BLOCK_K=cfg.block_k)
 
@@ -670,7 +674,7 @@ def _dx(dx, row_valid, u, d_pooled, d_s, pk, plan: Plan):
     :func:`dx_split_tiles` gives its tiles, else per block and feature tile."""
     features = dx.shape[1]
     sizes = (features, plan.columns, plan.num_pooled, 0 if plan.shared_queries else u.stride(0))
-    split_dx = dx_split_tiles(plan.tiles_fwd, plan.cfg, plan.columns)
+    split_dx = dx_split_tiles(plan.tiles_fwd, plan.cfg, plan.columns, plan.num_pooled)
     if split_dx:
         table = plan.splits
         _dx_split_kernel[(table.num_blocks, triton.cdiv(features, split_dx["BLOCK_E"]))](
@@ -760,7 +764,7 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
         yield (_score_grad_kernel, signature,
                dict(flags, **score_grad_tiles(tiles, cfg, columns, dropout), DROPOUT=dropout, HAS_DZ=has_dz,
                     STORE_PK=store_pk), cfg.num_warps, _named(aligned, signature))
-    split_dx = dx_split_tiles(tiles, cfg, columns)
+    split_dx = dx_split_tiles(tiles, cfg, columns, pooled)
     if split_dx:
         signature = _signature(_dx_split_kernel, _dx_signature(ptr, valid))
         dx_warps = split_dx.pop("num_warps")
