@@ -162,8 +162,9 @@ def _scores(x_ptr, u_ptr, rows64, row_ok, cols_j, j_ok, E, acc,
     for k0 in range(0, E, BLOCK_K):
         cols_k = k0 + offs_k
         k_ok = cols_k < E
-        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        u_tile = tl.load(u_ptr + cols_j.to(tl.int64)[None, :] * E + cols_k[:, None], mask=j_ok[None, :] & k_ok[:, None], other=0.0)
+        x_tile = _load_rows(x_ptr, rows64, row_ok, cols_k, k_ok, E)
+        u_tile = tl.load(u_ptr + cols_j.to(tl.int64)[None, :] * E + cols_k[:, None], mask=j_ok[None, :] & k_ok[:, None],
+                         other=0.0)
         acc = _dot(x_tile, u_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
     return acc
 
@@ -207,6 +208,19 @@ def _running_stats(z, valid, is_nsf, run_max, run_sum, run_mass, keep):
 
 
 @triton.jit
+def _store_split_stats(part_max_ptr, part_sum_ptr, part_mass_ptr, split, cols_j, num_pooled, run_max, run_sum,
+                       run_mass):
+    """A split's max, sum of weights and sum of kept weights of its pooled columns among ``cols_j``; returns the
+    partials' row indices ``(BLOCK_J,)``."""
+    pool_ok = cols_j < num_pooled
+    part = (split * num_pooled + cols_j).to(tl.int64)
+    tl.store(part_max_ptr + part, run_max, mask=pool_ok)
+    tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
+    tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
+    return part
+
+
+@triton.jit
 def _score_kernel(
     x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
     z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr,
@@ -231,17 +245,14 @@ def _score_kernel(
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, tl.zeros((BLOCK_N, BLOCK_J), tl.float32),
                     BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
-        tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
+        _store_rows(z_ptr, rows64, row_ok, cols_j, j_ok, J, z)
         if j0 < num_pooled:
             run_max, _, run_sum, run_mass, _ = _running_stats(
                 z, valid, is_nsf, run_max, run_sum, run_mass,
                 _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT))
     if j0 < num_pooled:
-        pool_ok = cols_j < num_pooled
-        part = (split * num_pooled + cols_j).to(tl.int64)
-        tl.store(part_max_ptr + part, run_max, mask=pool_ok)
-        tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
-        tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
+        _store_split_stats(part_max_ptr, part_sum_ptr, part_mass_ptr, split, cols_j, num_pooled, run_max, run_sum,
+                           run_mass)
 
 
 @triton.jit
@@ -267,12 +278,12 @@ def _pool_kernel(
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
-        z = tl.load(z_ptr + rows64[:, None] * J + cols_j[None, :], mask=valid[:, None] & pool_ok[None, :], other=0.0)
+        z = _load_rows(z_ptr, rows64, valid, cols_j, pool_ok, J)
         weights = _weights(z, valid, split_max, is_nsf) * _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale,
                                                                        DROPOUT)
-        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
+        x_tile = _load_rows(x_ptr, rows64, valid, cols_e, e_ok, E)
         acc = _dot(tl.trans(weights), x_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
-    tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
+    _store_rows(part_acc_ptr, part, pool_ok, cols_e, e_ok, E, acc)
 
 
 @triton.jit
@@ -305,19 +316,17 @@ def _one_pass_kernel(
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
-        x_tile = tl.load(x_ptr + rows64[:, None] * E + cols_e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
+        x_tile = _load_rows(x_ptr, rows64, valid, cols_e, e_ok, E)
         z = _dot(x_tile, u_t, tl.zeros((BLOCK_N, BLOCK_J), tl.float32), DOT_FP32, FP32_PRECISION,
                  x_ptr.dtype.element_ty) + c[None, :]
-        tl.store(z_ptr + rows64[:, None] * J + cols_j[None, :], z, mask=row_ok[:, None] & j_ok[None, :])
+        _store_rows(z_ptr, rows64, row_ok, cols_j, j_ok, J, z)
         run_max, alpha, run_sum, run_mass, kept = _running_stats(
             z, valid, is_nsf, run_max, run_sum, run_mass,
             _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT))
         acc = _dot(tl.trans(kept), x_tile, acc * alpha[:, None], DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
-    part = (split * num_pooled + cols_j).to(tl.int64)
-    tl.store(part_max_ptr + part, run_max, mask=pool_ok)
-    tl.store(part_sum_ptr + part, run_sum, mask=pool_ok)
-    tl.store(part_mass_ptr + part, run_mass, mask=pool_ok)
-    tl.store(part_acc_ptr + part[:, None] * E + cols_e[None, :], acc, mask=pool_ok[:, None] & e_ok[None, :])
+    part = _store_split_stats(part_max_ptr, part_sum_ptr, part_mass_ptr, split, cols_j, num_pooled, run_max, run_sum,
+                              run_mass)
+    _store_rows(part_acc_ptr, part, pool_ok, cols_e, e_ok, E, acc)
 
 
 @triton.jit
@@ -361,11 +370,11 @@ def _score_grad_kernel(
     tile = valid[:, None] & j_ok[None, :]
     d_s = tl.zeros((BLOCK_N, BLOCK_J), tl.float32)
     if HAS_DZ:
-        d_s += tl.load(d_z_ptr + rows64[:, None] * J + cols_j[None, :], mask=tile, other=0.0).to(tl.float32)
+        d_s += _load_rows(d_z_ptr, rows64, valid, cols_j, j_ok, J).to(tl.float32)
     if j0 < num_pooled:
         pool_ok = cols_j < num_pooled
         per_bag = bag * num_pooled + cols_j
-        z = tl.load(z_ptr + rows64[:, None] * J + cols_j[None, :], mask=tile, other=0.0)
+        z = _load_rows(z_ptr, rows64, valid, cols_j, j_ok, J)
         lse = tl.load(lse_ptr + per_bag, mask=pool_ok, other=0.0)
         sig = tl.sigmoid(z)
         is_nsf = (cols_j >= nsf_from)[None, :]
@@ -514,8 +523,7 @@ def _bag_sum_kernel(part_ptr, bag_first_split_ptr, out_ptr, width, BLOCK_S: tl.c
     acc = tl.zeros((BLOCK_W,), tl.float32)
     for s0 in range(first, last, BLOCK_S):
         splits = s0 + offs_s
-        index = splits.to(tl.int64)[:, None] * width + cols[None, :]
-        acc += tl.sum(tl.load(part_ptr + index, mask=(splits < last)[:, None] & (cols < width)[None, :], other=0.0), axis=0)
+        acc += tl.sum(_load_rows(part_ptr, splits, splits < last, cols, cols < width, width), axis=0)
     tl.store(out_ptr + bag.to(tl.int64) * width + cols, acc, mask=cols < width)
 
 
