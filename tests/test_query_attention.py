@@ -22,9 +22,10 @@ NORMALIZATIONS = ["softmax", "nsf"]
 
 @pytest.fixture(params=["as shipped", "one pass in fp32"])
 def forward_passes(request, monkeypatch):
-    """Runs a test as shipped (fp32: the two-pass forward, the per-block dx) and with the one-pass forward and
-    the backward's whole-row tiles, which ship for fp16 / bf16 (:func:`kernels.forward_tiles`), taking fp32
-    too, so they meet the fp32 tolerances."""
+    """Runs a test as shipped (fp32: the two-pass forward; dx per split where two column tiles at most hold the
+    columns, the first every pooled one, else per block) and with the one-pass forward and the backward's
+    whole-row tiles, which ship for fp16 / bf16 (:func:`kernels.forward_tiles`), taking fp32 too, so they meet
+    the fp32 tolerances."""
     if request.param == "one pass in fp32":
         monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32, torch.float16, torch.bfloat16))
 
@@ -170,33 +171,54 @@ def test_mixed_columns_pooled_and_score_only(columns, nsf_from, num_pooled, devi
     kernel_checks.compare(fn, [x, u, c], torch.float32)
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
-@pytest.mark.parametrize("nsf_from", [16, 70])
-def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, one_pass, device, monkeypatch):
-    """The one-pass or two-pass forward and the per-split dx with the score-only tile past the first (80
-    columns, 24 pooled), in fp32 against fp64: two padded bags of 300 rows with a mask, each with its own u
-    and c, in 128-row splits; NSF from column 16 (pooled NSF columns) or 70 (only score-only ones)."""
-    if one_pass:
-        monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
+def anchored_over_splits(features, columns, num_pooled, nsf_from, dtype, device, monkeypatch):
+    """``(fn, [x, u, c])``: the anchored layout (``num_pooled`` pooled columns, then score-only ones) over two
+    padded bags of 300 rows with a mask, each with its own u and c, in 128-row splits; ``fn`` gives pooled,
+    mass, the scores (0 on masked rows) and the weights, in x's dtype."""
     monkeypatch.setattr(kernels, "MIN_SPLIT_BLOCKS", 2)
     monkeypatch.setattr(kernels, "SPLIT_ROWS_PER_COLUMN", 0)
     generator = torch.Generator().manual_seed(43)
-    x = torch.randn(2, 300, 30, generator=generator).to(device).requires_grad_()
-    u = (torch.randn(2, 80, 30, generator=generator) * 0.3).to(device).requires_grad_()
-    c = torch.randn(2, 80, generator=generator).to(device).requires_grad_()
-    mask = torch.rand(2, 300, generator=generator) > 0.3
+    x = torch.randn(2, 300, features, generator=generator)
+    u = torch.randn(2, columns, features, generator=generator) * 0.3 * (30 / features) ** 0.5
+    c = torch.randn(2, columns, generator=generator)
+    mask = (torch.rand(2, 300, generator=generator) > 0.3).to(device)
     mask[1, 220:] = False
 
     def fn(x, u, c):
-        folded = folded_attention(pack_bags(x, 30, mask.to(device)), u, c, nsf_from=nsf_from, num_pooled=24,
+        folded = folded_attention(pack_bags(x, features, mask), u, c, nsf_from=nsf_from, num_pooled=num_pooled,
                                   need_weights=True)
-        return folded.pooled, folded.mass, folded.z.masked_fill(~mask.to(device).reshape(-1, 1), 0), folded.weights
+        outputs = folded.pooled, folded.mass, folded.z.masked_fill(~mask.reshape(-1, 1), 0), folded.weights
+        return tuple(output.to(x.dtype) for output in outputs)
 
+    return fn, [t.to(dtype=dtype, device=device).requires_grad_() for t in (x, u, c)]
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("nsf_from", [16, 70])
+def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, one_pass, device, monkeypatch):
+    """The one-pass or two-pass forward and the per-split dx and weight gradients with the score-only tile
+    past the first (80 columns, 24 pooled), in fp32 against fp64, over 300 features (two 256-wide feature
+    tiles after one pass, five 64-wide dx tiles after two): :func:`anchored_over_splits`; NSF from column 16
+    (pooled NSF columns) or 70 (only score-only ones)."""
+    if one_pass:
+        monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
+    fn, inputs = anchored_over_splits(300, 80, 24, nsf_from, torch.float32, device, monkeypatch)
     with counting() as traffic, milkernels.use_backend("triton"):
-        sum(out.sum() for out in fn(x, u, c)).backward()
+        sum(out.sum() for out in fn(*inputs)).backward()
     forward_kernel = "_one_pass_kernel" if one_pass else "_pool_kernel"
     assert {forward_kernel, "_score_kernel", "_dx_split_kernel"} <= traffic.by_kernel.keys()
-    kernel_checks.compare(fn, [x, u, c], torch.float32)
+    kernel_checks.compare(fn, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_block_dx_with_pooled_columns_past_the_first_tile(dtype, device, monkeypatch):
+    """dx per block where the pooled columns take two tiles (100 columns, 80 pooled, NSF from 60), against
+    fp64: :func:`anchored_over_splits` over 40 features, ds and pk in the input dtype."""
+    fn, inputs = anchored_over_splits(40, 100, 80, 60, dtype, device, monkeypatch)
+    with counting() as traffic, milkernels.use_backend("triton"):
+        sum(out.float().sum() for out in fn(*inputs)).backward()
+    assert "_dx_kernel" in traffic.by_kernel and "_dx_split_kernel" not in traffic.by_kernel
+    kernel_checks.compare(fn, inputs, dtype)
 
 
 @pytest.mark.parametrize("columns, pooled, features, dtype, rows, block_e, score_tile", [
@@ -206,8 +228,8 @@ def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, one_pas
     (128, 128, 1024, torch.bfloat16, None, None, None), (192, 64, 512, torch.bfloat16, None, None, None)])
 def test_dx_split_tiles(columns, pooled, features, dtype, rows, block_e, score_tile):
     """dx runs per split where two column tiles at most hold the columns, the first every pooled one: after
-    the one-pass forward on its whole rows, after two passes (fp32, more than 512 features) on 32-row steps
-    (64-feature tiles with a second column tile); ``rows`` None: per block."""
+    the one-pass forward on its whole rows, after two passes (fp32, or where whole rows do not fit, e.g. past
+    512 features) on 32-row steps (64-feature tiles with a second column tile); ``rows`` None: per block."""
     cfg = kernels.config_for(columns, features)
     forward = kernels.forward_tiles(cfg, pooled, features, dtype, False)
     tiles = kernels.dx_split_tiles(forward, cfg, columns, pooled)

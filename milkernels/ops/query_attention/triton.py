@@ -17,11 +17,11 @@ Score-only columns (from ``num_pooled`` on) are only scored.
 Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
 ``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
 dropped weights ``pk``, both in x's dtype; ``_dx_kernel`` (per block of rows and feature tile) writes
-``dx = pk dP + ds u``, or, where the one-pass forward runs and two column tiles at most hold the columns (the
-second score-only) or two passes ran and one holds them, ``_dx_split_kernel`` (per split, u and dP loaded
-once); ``_weight_grad_kernel`` (per split, over whole rows where the one-pass forward runs, both column
-tiles in one program where the second is score-only) writes partials of ``du = ds^T x`` and ``dc``, summed
-per bag in a fixed order. Everything is deterministic.
+``dx = pk dP + ds u``, or, where two column tiles at most hold the columns, the first every pooled one,
+``_dx_split_kernel`` (per split, u and dP loaded once); ``_weight_grad_kernel`` (per split; over whole rows
+where the one-pass forward runs, and there both column tiles in one program where the second is
+score-only) writes partials of ``du = ds^T x`` and ``dc``, summed per bag in a fixed order. Everything is
+deterministic.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 SPLIT_ROWS_PER_COLUMN = 12
 SCORE_TILE_FEATURES = 256  # per-split dx with the score-only tile's u too: 512 features took 248 KiB shared
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
+TWO_PASS_DX_WARPS = 8
 TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
@@ -66,9 +67,10 @@ def config_for(columns: int, features: int) -> Config:
     block_j = min(64, max(16, triton.next_power_of_2(columns)))
     block_k = min(64, max(16, triton.next_power_of_2(features)))
     block_e = min(128, max(16, triton.next_power_of_2(features)))
-    # 8 warps from 32 columns x 128 features or 64-wide Ein steps on (64 x 32 likewise): at 4, the score-gradient
-    # kernel spilled 68-476 B on sm_90 there
-    return Config(block_j, block_k, block_e, num_warps=8 if block_j * max(block_e, 2 * block_k) >= 32 * 128 else 4)
+    # 8 warps from 16 columns x 128 features or 64-wide Ein steps on (32 columns x 32-wide steps likewise): at 4,
+    # the score-gradient kernel spilled 68-476 B on sm_90 at 32 columns, and at 16 x 128 the two-pass kernels
+    # 4-580 B in fp32 and the pooling kernel with dropout 8 B in fp16/bf16
+    return Config(block_j, block_k, block_e, num_warps=8 if block_j * max(block_e, 2 * block_k) >= 16 * 128 else 4)
 
 
 # where the one-pass forward holds whole rows: (column tile, most features, rows a step), the first that fits; on
@@ -119,25 +121,25 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
 def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int, num_pooled: int) -> dict | None:
     """Constexprs and warps of the per-split dx kernel, which loads u and dP once a split, or None where dx
     runs per block: where two column tiles at most hold the ``columns``, the first every pooled one (the second
-    score-only). After the one-pass forward, on its ``tiles``' whole rows; after two passes (fp32, or more than
-    512 features), on :data:`TWO_PASS_DX_ROWS`-row steps over the configuration's feature tiles, or
-    :data:`TWO_PASS_SCORE_TILE_FEATURES`-wide ones with a second tile (the per-block kernel spilled 496-712 B
-    in fp32 at 32 and 64 columns on sm_90)."""
+    score-only). After the one-pass forward, on its ``tiles``' whole rows; after two passes (fp32, or where
+    whole rows do not fit, e.g. past 512 features), on :data:`TWO_PASS_DX_ROWS`-row steps over the
+    configuration's feature tiles, or :data:`TWO_PASS_SCORE_TILE_FEATURES`-wide ones with a second tile (the
+    per-block kernel spilled 496-712 B in fp32 at 32 and 64 columns on sm_90)."""
     if columns > 2 * cfg.block_j or num_pooled > cfg.block_j:
         return None
     if tiles.one_pass:
         return split_tiles(tiles, cfg, columns)
     score_tile = columns > cfg.block_j
     block_e = min(TWO_PASS_SCORE_TILE_FEATURES, cfg.block_e) if score_tile else cfg.block_e
-    return dict(BLOCK_N=TWO_PASS_DX_ROWS, BLOCK_E=block_e, num_warps=8, SCORE_TILE=score_tile)
+    return dict(BLOCK_N=TWO_PASS_DX_ROWS, BLOCK_E=block_e, num_warps=TWO_PASS_DX_WARPS, SCORE_TILE=score_tile)
 
 
-def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, dropout: bool) -> dict:
+def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, num_pooled: int, dropout: bool) -> dict:
     """Rows a block and Ein step of the score-gradient kernel: 128 rows over 32-wide steps at 64 columns without
     dropout after the one-pass forward, where the per-split dx leaves the row blocks to it alone (dP is read
     once per block; with dropout's draws 128 rows spilled 200 B on sm_90), else 64 rows over the
-    configuration's steps."""
-    if cfg.block_j == 64 and not dropout and tiles.one_pass and columns <= 2 * cfg.block_j:
+    configuration's steps (the per-block dx, which steps 64 rows, shares the block table)."""
+    if cfg.block_j == 64 and not dropout and tiles.one_pass and dx_split_tiles(tiles, cfg, columns, num_pooled):
         return dict(BLOCK_N=2 * BLOCK_N, BLOCK_K=32)
     return dict(BLOCK_N=BLOCK_N, BLOCK_K=cfg.block_k)
 
@@ -443,9 +445,9 @@ def _dx_split_kernel(
     u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
     u_tile = _load_rows(u_bag, cols_j, j_ok, cols_e, e_ok, E)
     d_pooled = _load_rows(d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, cols_j, pool_ok, cols_e, e_ok, E)
-    cols_s = BLOCK_J + cols_j
-    s_ok = cols_s < J
     if SCORE_TILE:
+        cols_s = BLOCK_J + cols_j
+        s_ok = cols_s < J
         u_score = _load_rows(u_bag, cols_s, s_ok, cols_e, e_ok, E)
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
@@ -472,13 +474,13 @@ def _weight_grad_kernel(
     split = tl.program_id(0)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    cols_s = BLOCK_J + cols_j
     e_tile = tl.program_id(2)
     cols_e = e_tile * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = cols_e < E
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
     d_c = tl.zeros((BLOCK_J,), tl.float32)
     if SCORE_TILE:
+        cols_s = BLOCK_J + cols_j
         acc_s = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
         d_c_s = tl.zeros((BLOCK_J,), tl.float32)
     for r0 in range(start, end, BLOCK_N):
@@ -507,7 +509,7 @@ def _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok
     """A split's du partial ``(cols_j, cols_e)`` and, from the first feature tile, its dc partial."""
     j_ok = cols_j < J
     part = (split * J + cols_j).to(tl.int64)
-    tl.store(part_du_ptr + part[:, None] * E + cols_e[None, :], acc, mask=j_ok[:, None] & e_ok[None, :])
+    _store_rows(part_du_ptr, part, j_ok, cols_e, e_ok, E, acc)
     if tl.program_id(2) == 0:
         tl.store(part_dc_ptr + part, d_c, mask=j_ok)
 
@@ -556,7 +558,7 @@ class Plan:
                                                            * triton.cdiv(features, tiles_fwd.pool_block_e))
         device = bags.x2d.device
         split_rows = _split_rows(bags, programs_per_split, num_pooled)
-        block_rows = score_grad_tiles(tiles_fwd, cfg, columns, dropout_p > 0)["BLOCK_N"]
+        block_rows = score_grad_tiles(tiles_fwd, cfg, columns, num_pooled, dropout_p > 0)["BLOCK_N"]
         return Plan(cfg, tiles_fwd, block_table(bags.bounds, split_rows, device),
                     block_table(bags.bounds, block_rows, device), bags.num_bags, bags.row_valid is not None,
                     u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
@@ -657,7 +659,8 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
         x2d, _or(row_valid, x2d), blocks.start, blocks.end, blocks.bag, z, lse, delta, d_pooled, d_mass,
         _or(d_z, z), d_s, _or(pk, d_s), features, plan.columns, pooled_cols, plan.nsf_from, **plan.dropout_args(),
         DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, STORE_PK=pk is not None,
-        **dict(plan.flags(x2d), **score_grad_tiles(plan.tiles_fwd, plan.cfg, plan.columns, plan.dropout_p > 0)),
+        **dict(plan.flags(x2d), **score_grad_tiles(plan.tiles_fwd, plan.cfg, plan.columns, pooled_cols,
+                                                 plan.dropout_p > 0)),
     )
     dx = du = dc = None
     if wanted[0]:
@@ -705,11 +708,12 @@ def dropout_keep(seed: int, rows: int, columns: int, num_pooled: int, dropout_p:
 
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# (J, Ein, P pooled columns): odd, LiteMIL, the 32-column tiles over few (an Ein not a multiple of 16) and many
-# features, 64 columns over few features, ASMIL's online tokens, ASMIL's training step with the anchor's score-only
-# columns, ASMIL's tokens over 1024 features (two passes in every dtype), and a wide one
-_SHAPES = ((4, 20, 4), (4, 256, 4), (24, 40, 24), (24, 200, 24), (64, 32, 64), (64, 512, 64), (128, 512, 64),
-           (64, 1024, 64), (128, 1024, 128))
+# (J, Ein, P pooled columns): odd, LiteMIL, LiteMIL over 300 features (two passes in every dtype), the 32-column
+# tiles over few (an Ein not a multiple of 16), many and too many features for one pass, 64 columns over few
+# features, ASMIL's online tokens, ASMIL's training step with the anchor's score-only columns, both over 1024
+# features (two passes in every dtype), and a wide one
+_SHAPES = ((4, 20, 4), (4, 256, 4), (4, 300, 4), (24, 40, 24), (24, 200, 24), (24, 1024, 24), (64, 32, 64),
+           (64, 512, 64), (128, 512, 64), (64, 1024, 64), (128, 1024, 64), (128, 1024, 128))
 
 
 def shipped_specializations():
@@ -762,15 +766,15 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
 def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: int, pooled: int, dtype,
                               flags: dict, dropout: bool, aligned):
     """The backward kernels :func:`backward` launches for one configuration: the score gradients, dx (per split
-    over whole rows where :func:`dx_split_tiles` says so, else per block and feature tile) and the weight
-    gradients (on :func:`split_tiles`)."""
+    where :func:`dx_split_tiles` says so, else per block and feature tile) and the weight gradients (on
+    :func:`split_tiles`)."""
     tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
     split_kernel_tiles = split_tiles(tiles, cfg, columns)
     warps = split_kernel_tiles.pop("num_warps")
     signature = _score_grad_signature(ptr, valid)
     for has_dz, store_pk in ((True, True), (False, False)):
         yield (_score_grad_kernel, signature,
-               dict(flags, **score_grad_tiles(tiles, cfg, columns, dropout), DROPOUT=dropout, HAS_DZ=has_dz,
+               dict(flags, **score_grad_tiles(tiles, cfg, columns, pooled, dropout), DROPOUT=dropout, HAS_DZ=has_dz,
                     STORE_PK=store_pk), cfg.num_warps, _named(aligned, signature))
     split_dx = dx_split_tiles(tiles, cfg, columns, pooled)
     if split_dx:
