@@ -196,10 +196,11 @@ def anchored_over_splits(features, columns, num_pooled, nsf_from, dtype, device,
 @pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("nsf_from", [16, 70])
 def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, one_pass, device, monkeypatch):
-    """The one-pass or two-pass forward and the per-split dx and weight gradients with the score-only tile
-    past the first (80 columns, 24 pooled), in fp32 against fp64, over 300 features (two 256-wide feature
-    tiles after one pass, five 64-wide dx tiles after two): :func:`anchored_over_splits`; NSF from column 16
-    (pooled NSF columns) or 70 (only score-only ones)."""
+    """The one-pass or two-pass forward and the per-split dx with the score-only tile past the first (80
+    columns, 24 pooled), in fp32 against fp64, over 300 features: after one pass the weight gradients take
+    both column tiles too, on two 256-wide feature tiles; after two, dx takes five 64-wide ones and the weight
+    gradients a program per column tile: :func:`anchored_over_splits`; NSF from column 16 (pooled NSF columns)
+    or 70 (only score-only ones)."""
     if one_pass:
         monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
     fn, inputs = anchored_over_splits(300, 80, 24, nsf_from, torch.float32, device, monkeypatch)
@@ -228,8 +229,9 @@ def test_per_block_dx_with_pooled_columns_past_the_first_tile(dtype, device, mon
     (128, 128, 1024, torch.bfloat16, None, None, None), (192, 64, 512, torch.bfloat16, None, None, None)])
 def test_dx_split_tiles(columns, pooled, features, dtype, rows, block_e, score_tile):
     """dx runs per split where two column tiles at most hold the columns, the first every pooled one: after
-    the one-pass forward on its whole rows, after two passes (fp32, or where whole rows do not fit, e.g. past
-    512 features) on 32-row steps (64-feature tiles with a second column tile); ``rows`` None: per block."""
+    the one-pass forward on its whole rows (256-feature tiles with a second column tile), after two passes
+    (fp32, or where whole rows do not fit, e.g. past 512 features) on 32-row steps (64-feature tiles with a
+    second column tile); ``rows`` None: per block."""
     cfg = kernels.config_for(columns, features)
     forward = kernels.forward_tiles(cfg, pooled, features, dtype, False)
     tiles = kernels.dx_split_tiles(forward, cfg, columns, pooled)

@@ -45,9 +45,11 @@ MIN_SPLIT_BLOCKS = 8  # 512 rows a split at least
 # and at least 12 rows a pooled column: a split's fp32 (P, Ein) partial and its read of u are then at most 1/4 of its
 # x bytes in bf16 (768 rows at ASMIL's P = 64, where 512 left the one-pass kernel at 79 dot FLOPs a byte)
 SPLIT_ROWS_PER_COLUMN = 12
-SCORE_TILE_FEATURES = 256  # per-split dx with the score-only tile's u too: 512 features took 248 KiB shared
+# feature tile of the per-split dx and weight gradients over two column tiles after one pass: at 512, the dx with
+# the score-only tile's u too took 248 KiB of shared memory
+SCORE_TILE_FEATURES = 256
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
-TWO_PASS_DX_WARPS = 8
+TWO_PASS_DX_WARPS = 8  # its warps, as the one-pass kernels' (80-205 registers in fp32 on sm_90)
 TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
@@ -67,10 +69,10 @@ def config_for(columns: int, features: int) -> Config:
     block_j = min(64, max(16, triton.next_power_of_2(columns)))
     block_k = min(64, max(16, triton.next_power_of_2(features)))
     block_e = min(128, max(16, triton.next_power_of_2(features)))
-    # 8 warps from 16 columns x 128 features or 64-wide Ein steps on (32 columns x 32-wide steps likewise): at 4,
-    # the score-gradient kernel spilled 68-476 B on sm_90 at 32 columns, and at 16 x 128 the two-pass kernels
-    # 4-580 B in fp32 and the pooling kernel with dropout 8 B in fp16/bf16
-    return Config(block_j, block_k, block_e, num_warps=8 if block_j * max(block_e, 2 * block_k) >= 16 * 128 else 4)
+    # 8 warps from 32 columns x 64-wide Ein steps, 64 x 32 and 16 x 128-feature tiles on: at 4, the score-gradient
+    # kernel spilled 68-476 B on sm_90 at 32 columns, and at 16 x 128 the two-pass kernels 4-580 B in fp32 and the
+    # pooling kernel with dropout 8 B in fp16/bf16
+    return Config(block_j, block_k, block_e, num_warps=8 if 2 * block_j * max(block_e, block_k) >= 32 * 128 else 4)
 
 
 # where the one-pass forward holds whole rows: (column tile, most features, rows a step), the first that fits; on
@@ -121,7 +123,8 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
 def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int, num_pooled: int) -> dict | None:
     """Constexprs and warps of the per-split dx kernel, which loads u and dP once a split, or None where dx
     runs per block: where two column tiles at most hold the ``columns``, the first every pooled one (the second
-    score-only). After the one-pass forward, on its ``tiles``' whole rows; after two passes (fp32, or where
+    score-only). After the one-pass forward, on its ``tiles``' whole rows (:data:`SCORE_TILE_FEATURES`-wide
+    feature tiles with a second column tile); after two passes (fp32, or where
     whole rows do not fit, e.g. past 512 features), on :data:`TWO_PASS_DX_ROWS`-row steps over the
     configuration's feature tiles, or :data:`TWO_PASS_SCORE_TILE_FEATURES`-wide ones with a second tile (the
     per-block kernel spilled 496-712 B in fp32 at 32 and 64 columns on sm_90)."""
@@ -145,10 +148,11 @@ def score_grad_tiles(tiles: ForwardTiles, cfg: Config, columns: int, num_pooled:
 
 
 def split_tiles(tiles: ForwardTiles, cfg: Config, columns: int) -> dict:
-    """Rows a step, feature tile, warps and ``SCORE_TILE`` of the backward's per-split kernels: the one-pass
-    forward's whole rows where it runs, and where exactly two column tiles hold the ``columns`` (the second
-    score-only: ASMIL's anchor), both in one program (``SCORE_TILE``) on :data:`SCORE_TILE_FEATURES`-wide
-    feature tiles; else 64-row steps over the configuration's feature tiles."""
+    """Rows a step, feature tile, warps and ``SCORE_TILE`` of the backward's per-split kernels (the weight
+    gradients always, dx where :func:`dx_split_tiles` says so after one pass): the one-pass forward's whole
+    rows where it runs, and where exactly two column tiles hold the ``columns`` (the second score-only: ASMIL's
+    anchor), both in one program (``SCORE_TILE``) on :data:`SCORE_TILE_FEATURES`-wide feature tiles; else, for
+    the weight gradients, 64-row steps over the configuration's feature tiles, a program per column tile."""
     if not tiles.one_pass:
         return dict(BLOCK_N=BLOCK_N, BLOCK_E=cfg.block_e, num_warps=cfg.num_warps, SCORE_TILE=False)
     score_tile = cfg.block_j < columns <= 2 * cfg.block_j
