@@ -48,6 +48,7 @@ SPLIT_ROWS_PER_COLUMN = 12
 # feature tile of the per-split dx and weight gradients over two column tiles after one pass: at 512, the dx with
 # the score-only tile's u too took 248 KiB of shared memory
 SCORE_TILE_FEATURES = 256
+SCORE_ONLY_ROWS = 256  # rows a step of the score kernel on score-only tiles (u is read once a step): 126-128 registers
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
 TWO_PASS_DX_WARPS = 8  # its warps, as the one-pass kernels' (80-205 registers in fp32 on sm_90)
 TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
@@ -118,6 +119,15 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
         if dtype in ONE_PASS_DTYPES and fits:
             return ForwardTiles(two_pass.score_block_n, two_pass.score_block_k, rows, padded_features, one_pass=True)
     return two_pass
+
+
+def score_kernel_tiles(tiles: ForwardTiles, dropout: bool) -> dict:
+    """Constexprs of the score kernel. After the one-pass forward it scores only the score-only tiles past
+    the first (``POOLED`` False: no statistics, no dropout draws), on :data:`SCORE_ONLY_ROWS`-row steps over
+    16-wide Ein steps; else on the forward ``tiles``' steps, keeping the pooled columns' statistics."""
+    if tiles.one_pass:
+        return dict(BLOCK_N=SCORE_ONLY_ROWS, BLOCK_K=16, POOLED=False, DROPOUT=False)
+    return dict(BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k, POOLED=True, DROPOUT=dropout)
 
 
 def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int, num_pooled: int) -> dict | None:
@@ -231,11 +241,12 @@ def _score_kernel(
     x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
     z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr,
     E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale, first_column,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, POOLED: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """The forward's first pass, per (column tile from ``first_column`` on, split): ``z`` over all Ein, once,
-    written for every row; for pooled columns, the split's max, sum of weights and sum of kept weights."""
+    written for every row; with ``POOLED``, for pooled columns, the split's max, sum of weights and sum of
+    kept weights (without, every tile is score-only)."""
     j0 = first_column + tl.program_id(0) * BLOCK_J
     split = tl.program_id(1)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
@@ -252,13 +263,15 @@ def _score_kernel(
         z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, tl.zeros((BLOCK_N, BLOCK_J), tl.float32),
                     BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
         _store_rows(z_ptr, rows64, row_ok, cols_j, j_ok, J, z)
+        if POOLED:
+            if j0 < num_pooled:
+                run_max, _, run_sum, run_mass, _ = _running_stats(
+                    z, valid, is_nsf, run_max, run_sum, run_mass,
+                    _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT))
+    if POOLED:
         if j0 < num_pooled:
-            run_max, _, run_sum, run_mass, _ = _running_stats(
-                z, valid, is_nsf, run_max, run_sum, run_mass,
-                _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT))
-    if j0 < num_pooled:
-        _store_split_stats(part_max_ptr, part_sum_ptr, part_mass_ptr, split, cols_j, num_pooled, run_max, run_sum,
-                           run_mass)
+            _store_split_stats(part_max_ptr, part_sum_ptr, part_mass_ptr, split, cols_j, num_pooled, run_max,
+                               run_sum, run_mass)
 
 
 @triton.jit
@@ -619,7 +632,7 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     if scored < plan.columns:
         _score_kernel[(triton.cdiv(plan.columns - scored, plan.cfg.block_j), splits)](
             x2d, _or(row_valid, x2d), *queries, *sizes,
-            **dict(dropout, first_column=scored, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k),
+            **dict(dropout, first_column=scored, **score_kernel_tiles(tiles, plan.dropout_p > 0)),
         )
     if pooled_cols and not tiles.one_pass:
         _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
@@ -758,8 +771,8 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
         yield (_one_pass_kernel, one_pass, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
                DROPOUT=dropout), ONE_PASS_WARPS, _named(aligned, one_pass))
     if not tiles.one_pass or columns > cfg.block_j:
-        yield (_score_kernel, scores, dict(flags, BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k,
-               DROPOUT=dropout), cfg.num_warps, _named(aligned, scores))
+        yield (_score_kernel, scores, dict(flags, **score_kernel_tiles(tiles, dropout)), cfg.num_warps,
+               _named(aligned, scores))
     if tiles.one_pass:
         return
     pool = _pool_signature(ptr, valid)
