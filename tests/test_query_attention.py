@@ -564,11 +564,11 @@ def test_anchored_traffic():
     dx, du, dc written once; in bf16. Measured: forward 2.32x the minimum (2.50x with the anchor columns'
     score kernel on 128-row steps, 3.94x with two passes: x read three times), 58.8 dot FLOPs a byte: the
     one-pass kernel 83.5, the anchor columns' score kernel 42.7 (it re-reads u per 256-row step; 36.6 per
-    128), under issue 12's 80: NOT met there. Backward 2.65x (2.95x with a
-    weight-gradient program per column tile, each reading x; 3.51x with ds and pk in fp32 too, 3.71x with
-    64-row score-gradient blocks too, 5.42x with the per-block dx too, 6.08x with 128-wide weight-gradient
-    tiles too): the per-split dx over two column tiles 94.5 dot FLOPs a byte, the weight gradients of both
-    tiles, reading x once, 68.2, the score gradients 24.3, NOT met. Dot FLOPs: the useful ones."""
+    128), under issue 12's 80: NOT met there. Backward 2.65x (2.95x with a weight-gradient program per column
+    tile, each reading x; 3.51x with ds and pk in fp32 too, 3.71x with 64-row score-gradient blocks too, 5.42x
+    with the per-block dx too, 6.08x with 128-wide weight-gradient tiles too): the per-split dx over two column
+    tiles 94.5 dot FLOPs a byte, the weight gradients of both tiles, reading x once, 68.2, the score gradients
+    24.3, NOT met. Dot FLOPs: the useful ones."""
     rows, features, columns, pooled = 2048, 512, 128, 64
     generator = torch.Generator().manual_seed(42)
     x = torch.randn(rows, features, generator=generator).to(torch.bfloat16).requires_grad_()

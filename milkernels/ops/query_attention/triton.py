@@ -134,10 +134,10 @@ def dx_split_tiles(tiles: ForwardTiles, cfg: Config, columns: int, num_pooled: i
     """Constexprs and warps of the per-split dx kernel, which loads u and dP once a split, or None where dx
     runs per block: where two column tiles at most hold the ``columns``, the first every pooled one (the second
     score-only). After the one-pass forward, on its ``tiles``' whole rows (:data:`SCORE_TILE_FEATURES`-wide
-    feature tiles with a second column tile); after two passes (fp32, or where
-    whole rows do not fit, e.g. past 512 features), on :data:`TWO_PASS_DX_ROWS`-row steps over the
-    configuration's feature tiles, or :data:`TWO_PASS_SCORE_TILE_FEATURES`-wide ones with a second tile (the
-    per-block kernel spilled 496-712 B in fp32 at 32 and 64 columns on sm_90)."""
+    feature tiles with a second column tile); after two passes (fp32, or where whole rows do not fit, e.g.
+    past 512 features), on :data:`TWO_PASS_DX_ROWS`-row steps over the configuration's feature tiles, or
+    :data:`TWO_PASS_SCORE_TILE_FEATURES`-wide ones with a second tile (the per-block kernel spilled 496-712 B
+    in fp32 at 32 and 64 columns on sm_90)."""
     if columns > 2 * cfg.block_j or num_pooled > cfg.block_j:
         return None
     if tiles.one_pass:
@@ -509,9 +509,9 @@ def _weight_grad_kernel(
         acc, d_c = _add_weight_grads(d_s, x_tile, acc, d_c, DOT_FP32, FP32_PRECISION)
         if SCORE_TILE:
             acc_s, d_c_s = _add_weight_grads(d_s_score, x_tile, acc_s, d_c_s, DOT_FP32, FP32_PRECISION)
-    _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok, E, acc, d_c)
+    _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok, E, e_tile == 0, acc, d_c)
     if SCORE_TILE:
-        _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_s, J, cols_e, e_ok, E, acc_s, d_c_s)
+        _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_s, J, cols_e, e_ok, E, e_tile == 0, acc_s, d_c_s)
 
 
 @triton.jit
@@ -522,12 +522,12 @@ def _add_weight_grads(d_s, x_tile, acc, d_c, DOT_FP32: tl.constexpr, FP32_PRECIS
 
 
 @triton.jit
-def _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok, E, acc, d_c):
+def _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok, E, first_e_tile, acc, d_c):
     """A split's du partial ``(cols_j, cols_e)`` and, from the first feature tile, its dc partial."""
     j_ok = cols_j < J
     part = (split * J + cols_j).to(tl.int64)
     _store_rows(part_du_ptr, part, j_ok, cols_e, e_ok, E, acc)
-    if tl.program_id(2) == 0:
+    if first_e_tile:
         tl.store(part_dc_ptr + part, d_c, mask=j_ok)
 
 
