@@ -45,7 +45,8 @@ MAX_HEADS = 8
 TARGET_PROGRAMS = 264  # two per SM on an H100 / H200: below that, split the other side's rows
 NORM_GRAD_PROGRAMS = 2 * TARGET_PROGRAMS  # the LayerNorm backward's programs, each looping over many query blocks
 NORM_GRAD_ROWS = 16  # the LayerNorm backward's rows a block
-MIN_SPLIT_ROWS = 256  # rows of the other side per split, at least
+MIN_SPLIT_ROWS = 512  # rows of the other side per split, at least (forward, dk/dv): see num_splits
+MIN_QUERY_GRAD_SPLIT_ROWS = 1024  # keys per split of the deterministic dq kernel, at least: see num_splits
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
@@ -493,12 +494,19 @@ def longest_bag(bounds) -> int:
     return max(stop - start for start, stop in zip(bounds[:-1], bounds[1:]))
 
 
-def num_splits(num_blocks: int, longest_other_bag: int) -> int:
+def num_splits(num_blocks: int, longest_other_bag: int, min_split_rows: int) -> int:
     """Ranges to cut the other side's rows into: 1 from :data:`TARGET_PROGRAMS` blocks on, else enough to
-    reach it, at most one per :data:`MIN_SPLIT_ROWS` rows of the longest bag of the other side."""
+    reach it, at most one per ``min_split_rows`` rows of the longest bag of the other side.
+
+    Each range re-reads its block's rows and writes fp32 partials, so a range needs enough rows for its products
+    to amortize them (issue 12's 80 dot FLOPs per requested byte; bf16, E = 128 in one head): the split forward
+    requests 72.7 at 256 keys a range, 92.7 at :data:`MIN_SPLIT_ROWS` = 512; the deterministic dq kernel (three
+    products, reading q and dO) 63.7 at 256, 76.6 at 512, 85.1 at :data:`MIN_QUERY_GRAD_SPLIT_ROWS` = 1024. Where
+    they bind (few query blocks over fewer than about 512 x 264 / blocks keys), a call runs fewer programs than
+    :data:`TARGET_PROGRAMS`, each on a short range: a trade of parallelism for bytes that a GPU run should weigh."""
     if num_blocks >= TARGET_PROGRAMS:
         return 1
-    return max(1, min(-(-TARGET_PROGRAMS // max(num_blocks, 1)), -(-longest_other_bag // MIN_SPLIT_ROWS)))
+    return max(1, min(-(-TARGET_PROGRAMS // max(num_blocks, 1)), -(-longest_other_bag // min_split_rows)))
 
 
 class Plan:
@@ -518,9 +526,9 @@ class Plan:
         self.atomic_dq = atomic_dq(self.dtype)
         self.backward_keys = block_table(bounds_k, self.backward_flags(self.atomic_dq)["BLOCK_N"], device)
         longest_q, longest_k = longest_bag(bounds_q), longest_bag(bounds_k)
-        self.forward_splits = num_splits(self.forward_queries.num_blocks, longest_k)
-        self.query_grad_splits = num_splits(self.backward_queries.num_blocks, longest_k)
-        self.key_grad_splits = num_splits(self.backward_keys.num_blocks, longest_q)
+        self.forward_splits = num_splits(self.forward_queries.num_blocks, longest_k, MIN_SPLIT_ROWS)
+        self.query_grad_splits = num_splits(self.backward_queries.num_blocks, longest_k, MIN_QUERY_GRAD_SPLIT_ROWS)
+        self.key_grad_splits = num_splits(self.backward_keys.num_blocks, longest_q, MIN_SPLIT_ROWS)
 
     def sizes(self) -> tuple[int, int, int]:
         return self.heads, self.head_dim, self.width
