@@ -438,13 +438,13 @@ def test_dilated_refusals_are_value_errors():
 def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forward, monkeypatch):
     """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels'
     query, forward and key blocks (whose last rows pass the shard), and the keys its queries reach lie in its key
-    range. "forced-128-row-forward" forces the forward's 128 rows a program (fp16 / bf16 where 128 R positions fit in
-    every segment; these segments are shorter)."""
+    range. "forced-128-row-forward" forces the forward's 128 rows a program in one part (fp16 / bf16 where 128 R
+    positions fit in every segment; these segments are shorter) on every block size."""
     from milkernels.ops.dilated_attention import reference, sharded
     from milkernels.ops.dilated_attention import triton as kernels
 
     if wide_forward:
-        monkeypatch.setattr(kernels, "forward_rows", lambda dtype, block, period, shortest_segment: 128)
+        monkeypatch.setattr(kernels, "forward_tiles", lambda dtype, block, period, shortest_segment: (128, 1))
     generator = torch.Generator().manual_seed(0)
 
     def draw(high):
@@ -463,9 +463,9 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forwar
             view = sharded.window(bounds, rank, spans, key_block * math.lcm(*rates))
             window = view.kernel_window(1)
             _, query_spans, key_spans = kernels.window_spans(view.rows, window)
-            rows = kernels.forward_rows(torch.bfloat16, block, math.lcm(*rates),
-                                        kernels.shortest_segment(segments, length))
-            for spans_of, width in ((query_spans, block), (query_spans, rows), (key_spans, key_block)):
+            rows, parts = kernels.forward_tiles(torch.bfloat16, block, math.lcm(*rates),
+                                                kernels.shortest_segment(segments, length))
+            for spans_of, width in ((query_spans, block), (query_spans, rows * parts), (key_spans, key_block)):
                 _, _, residue, first = kernels.residue_blocks(spans_of, math.lcm(*rates), width, "cpu")
                 positions = residue[:, None] + math.lcm(*rates) * (first[:, None] + torch.arange(width))
                 positions = positions[positions < length]

@@ -1,8 +1,8 @@
 """Dilated attention in Triton: a fused forward over every branch and a FlashAttention-2 style backward.
 
 Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
-``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (the forward ``ROWS`` of them:
-:func:`forward_rows`). Because every ``r_i``
+``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (the forward ``ROWS * PARTS`` of them:
+:func:`forward_tiles`). Because every ``r_i``
 divides R, a branch either covers all of a program's rows for its head (``c % r_i == g_i(h)``) or none
 of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % Lsp) * r + g`` with
 ``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads, nothing gathered or copied.
@@ -74,25 +74,27 @@ def shortest_segment(segments, longest_bag: int) -> int:
 
 def widest_block(head_dim: int, dtype, segments, rates, longest_bag: int, mode: str) -> int:
     """The most positions of one residue that a program of any kernel covers on inputs of ``dtype``: the forward's
-    rows (:func:`forward_rows`), in exact mode at least the key kernel's ``WIDE_BLOCK`` keys with the atomic dq
+    rows (:func:`forward_tiles`), in exact mode at least the key kernel's ``WIDE_BLOCK`` keys with the atomic dq
     (:func:`key_tiles`; a bound, taken for every dtype)."""
     block = block_size(head_dim, segments, rates, longest_bag, mode)
-    rows = forward_rows(dtype, block, math.lcm(*rates), shortest_segment(segments, longest_bag))
-    return max(rows, WIDE_BLOCK) if mode == "exact" else rows
+    rows, parts = forward_tiles(dtype, block, math.lcm(*rates), shortest_segment(segments, longest_bag))
+    return max(rows * parts, WIDE_BLOCK) if mode == "exact" else rows * parts
 
 
 WIDE_BLOCK = 128
 """Rows (or keys) of one residue a wide program takes where ``WIDE_BLOCK * R`` positions fit in every segment: the
-forward's rows (:func:`forward_rows`) and the atomic key kernel's keys (:func:`key_tiles`)."""
+forward's rows in one part (:func:`forward_tiles`) and the atomic key kernel's keys (:func:`key_tiles`)."""
 
 
-def forward_rows(dtype, block: int, period: int, shortest_segment: int) -> int:
-    """Query rows a forward program takes, over key tiles of ``block``: in fp16 / bf16 on 64-row blocks
-    :data:`WIDE_BLOCK` where that many such rows (``WIDE_BLOCK * period`` positions) fit in the shortest segment,
-    so each k, v tile it reads feeds twice the rows (sm_90: at most 255 registers, no spill), else ``block``."""
-    if dtype in HALF_DTYPES and block == 64 and WIDE_BLOCK * period <= shortest_segment:
-        return WIDE_BLOCK
-    return block
+def forward_tiles(dtype, block: int, period: int, shortest_segment: int) -> tuple[int, int]:
+    """``(ROWS, PARTS)``: a forward program takes ``PARTS`` parts of ``ROWS`` query rows, over key tiles of
+    ``block``. In fp16 / bf16 on 64-row blocks :data:`WIDE_BLOCK` rows, so each k, v tile it reads feeds up to
+    twice the rows: one part where they (``WIDE_BLOCK * period`` positions) fit in the shortest segment, else two
+    of 64, each with its own key range, so that a branch whose segments divide them (Prov-GigaPath's first, 1024
+    positions at R = 16) forms no score tile of one part with the other's keys. Else ``(block, 1)``."""
+    if dtype not in HALF_DTYPES or block != 64:
+        return block, 1
+    return (WIDE_BLOCK, 1) if WIDE_BLOCK * period <= shortest_segment else (block, 2)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -305,22 +307,41 @@ def _row_valid(valid_ptr, rows, ok, start, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, rows_ok, q, q_tail, q_ptr, k_ptr, v_ptr, valid_ptr,
-              segment_ptr, rate_ptr, start, head, H, dh, scale, EXACT: tl.constexpr, HAS_MASK: tl.constexpr,
-              BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr,
-              FP32_PRECISION: tl.constexpr):
-    """The keys ``t0 .. t0 + BLOCK`` (kept-row indices, below ``t_end``) of branch ``i`` for the block's rows:
-    ``k, v`` as tiles ``(main, tail)`` (:func:`_load_rows`), the scaled scores ``q k^T: (len(rows), BLOCK)`` and which
-    pairs count (same segment, key real and unmasked, row in ``rows_ok``; in exact mode not already given by an
-    earlier branch)."""
+def _load_keys(t0, t_end, sl, r, g, lsp, k_ptr, v_ptr, valid_ptr, start, head, H, dh, HAS_MASK: tl.constexpr,
+               BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
+    """The keys ``t0 .. t0 + BLOCK`` (kept-row indices, below ``t_end``) of a branch: their bag positions and
+    segments, which are real and unmasked, and ``k, v`` as tiles ``(main, tail)`` (:func:`_load_rows`)."""
     key_segment, keys = _kept_rows(t0 + tl.arange(0, BLOCK), sl, r, g, lsp)
     key_ok = _row_valid(valid_ptr, keys, t0 + tl.arange(0, BLOCK) < t_end, start, HAS_MASK)
     k, k_tail = _load_rows(k_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
     v, v_tail = _load_rows(v_ptr, keys, key_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    return keys, key_segment, key_ok, k, k_tail, v, v_tail
+
+
+@triton.jit
+def _scores(q, q_tail, k, k_tail, rows, rows_ok, keys, key_segment, key_ok, i, sl, residue, q_ptr, segment_ptr,
+            rate_ptr, head, H, scale, EXACT: tl.constexpr, TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr,
+            FP32_PRECISION: tl.constexpr):
+    """The scaled scores ``q k^T: (len(rows), len(keys))`` of branch ``i`` and which pairs count (same segment, key
+    real and unmasked, row in ``rows_ok``; in exact mode not already given by an earlier branch)."""
     scores = _mm_t(q, q_tail, k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION) * scale
     allowed = ((rows // sl)[:, None] == key_segment[None, :]) & key_ok[None, :] & rows_ok[:, None]
     if EXACT:
         allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
+    return scores, allowed
+
+
+@triton.jit
+def _key_tile(t0, t_end, i, sl, r, g, lsp, residue, rows, rows_ok, q, q_tail, q_ptr, k_ptr, v_ptr, valid_ptr,
+              segment_ptr, rate_ptr, start, head, H, dh, scale, EXACT: tl.constexpr, HAS_MASK: tl.constexpr,
+              BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr,
+              FP32_PRECISION: tl.constexpr):
+    """:func:`_load_keys` and :func:`_scores` for the block's rows: ``k, k_tail, v, v_tail, scores, allowed``."""
+    keys, key_segment, key_ok, k, k_tail, v, v_tail = _load_keys(t0, t_end, sl, r, g, lsp, k_ptr, v_ptr, valid_ptr,
+                                                                 start, head, H, dh, HAS_MASK, BLOCK, BLOCK_DH,
+                                                                 TAIL_DH)
+    scores, allowed = _scores(q, q_tail, k, k_tail, rows, rows_ok, keys, key_segment, key_ok, i, sl, residue, q_ptr,
+                              segment_ptr, rate_ptr, head, H, scale, EXACT, TAIL_DH, DOT_FP32, FP32_PRECISION)
     return k, k_tail, v, v_tail, scores, allowed
 
 
@@ -347,64 +368,133 @@ def _merged(m, l, acc, acc_tail, m_b, l_b, acc_b, acc_b_tail):
 
 
 @triton.jit
-def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out_ptr, start_ptr, length_ptr,
-                    residue_ptr, first_ptr, segment_ptr, rate_ptr, H, dh, R, num_branches, scale, slots,
-                    EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
-                    TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                    KEEP_BRANCHES: tl.constexpr, ROWS: tl.constexpr):
-    """``out`` and ``lse`` of the block's ``ROWS`` rows (:func:`forward_rows`), over tiles of ``BLOCK`` keys; with
-    ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's own output ``out_i`` in column
-    :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch then runs its own online
-    softmax, merged into the rows' at its end."""
-    head = tl.program_id(1)
-    start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, ROWS)
-    q, q_tail = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
-    m = tl.full([ROWS], float("-inf"), tl.float32)
-    l = tl.zeros([ROWS], tl.float32)
-    acc = tl.zeros([ROWS, BLOCK_DH], tl.float32)
-    acc_tail = tl.zeros(q_tail.shape, tl.float32)
-    last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
-    for i in range(0, num_branches):
-        sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
-        if residue % r == g:
-            if KEEP_BRANCHES:
-                m_rows, l_rows, acc_rows, acc_rows_tail = m, l, acc, acc_tail
-                m = tl.full([ROWS], float("-inf"), tl.float32)
-                l = tl.zeros([ROWS], tl.float32)
-                acc = tl.zeros([ROWS, BLOCK_DH], tl.float32)
-                acc_tail = tl.zeros(q_tail.shape, tl.float32)
-            if not EXACT:
-                zeros = tl.where(row_ok, _zero_keys(rows, length, sl, r, g, lsp), 0.0)
-                m_new = tl.where(zeros > 0, tl.maximum(m, 0.0), m)
-                alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
-                l = l * alpha + zeros * tl.exp(-tl.where(zeros > 0, m_new, 0.0))
-                acc = acc * alpha[:, None]
-                acc_tail = acc_tail * alpha[:, None]
-                m = m_new
-            t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
-            for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
-                k, k_tail, v, v_tail, scores, allowed = _key_tile(
-                    t0, t_end, i, sl, r, g, lsp, residue, rows, row_ok, q, q_tail, q_ptr, k_ptr, v_ptr, valid_ptr,
-                    segment_ptr, rate_ptr, start, head, H, dh, scale, EXACT, HAS_MASK, BLOCK, BLOCK_DH, TAIL_DH,
-                    DOT_FP32, FP32_PRECISION)
-                scores = tl.where(allowed, scores, float("-inf"))
-                m_new = tl.maximum(m, tl.max(scores, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(scores - m_safe[:, None])
-                alpha = tl.exp(m - m_safe)
-                l = l * alpha + tl.sum(p, axis=1)
-                pv, pv_tail = _mm_rows(p, v, v_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
-                acc = acc * alpha[:, None] + pv
-                acc_tail = acc_tail * alpha[:, None] + pv_tail
-                m = m_new
-            if KEEP_BRANCHES:
-                _store_output(branch_out_ptr, acc, acc_tail, l, row_ok, rows, row_ok, start,
-                              _branch_slot(rate_ptr, i, head, H), slots, dh, BLOCK_DH, TAIL_DH)
-                m, l, acc, acc_tail = _merged(m_rows, l_rows, acc_rows, acc_rows_tail, m, l, acc, acc_tail)
+def _empty_state(q_tail, BLOCK_DH: tl.constexpr):
+    """A fresh online-softmax state ``(m, l, acc, acc_tail)`` for the rows of ``q_tail``."""
+    return (tl.full([q_tail.shape[0]], float("-inf"), tl.float32), tl.zeros([q_tail.shape[0]], tl.float32),
+            tl.zeros([q_tail.shape[0], BLOCK_DH], tl.float32), tl.zeros(q_tail.shape, tl.float32))
+
+
+@triton.jit
+def _with_zero_keys(m, l, acc, acc_tail, rows, row_ok, length, sl, r, g, lsp):
+    """The state with the zero-padded keys of each row's segment counted (torchscale: score 0, value 0)."""
+    zeros = tl.where(row_ok, _zero_keys(rows, length, sl, r, g, lsp), 0.0)
+    m_new = tl.where(zeros > 0, tl.maximum(m, 0.0), m)
+    alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m - m_new))
+    l = l * alpha + zeros * tl.exp(-tl.where(zeros > 0, m_new, 0.0))
+    return m_new, l, acc * alpha[:, None], acc_tail * alpha[:, None]
+
+
+@triton.jit
+def _key_range(rows, last_row, sl, lsp, real_end):
+    """Kept-row indices ``[lo, end)`` of a branch's keys in the segments of ``rows`` (up to ``last_row``)."""
+    return tl.min(rows // sl, axis=0) * lsp, tl.minimum((last_row // sl + 1) * lsp, real_end)
+
+
+@triton.jit
+def _attend(m, l, acc, acc_tail, q, q_tail, rows, row_ok, keys, key_segment, key_ok, k, k_tail, v, v_tail, i, sl,
+            residue, q_ptr, segment_ptr, rate_ptr, head, H, scale, EXACT: tl.constexpr, TAIL_DH: tl.constexpr,
+            DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """The online-softmax state of ``rows`` with one key tile of :func:`_load_keys` added."""
+    scores, allowed = _scores(q, q_tail, k, k_tail, rows, row_ok, keys, key_segment, key_ok, i, sl, residue, q_ptr,
+                              segment_ptr, rate_ptr, head, H, scale, EXACT, TAIL_DH, DOT_FP32, FP32_PRECISION)
+    scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    l = l * alpha + tl.sum(p, axis=1)
+    pv, pv_tail = _mm_rows(p, v, v_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
+    return m_new, l, acc * alpha[:, None] + pv, acc_tail * alpha[:, None] + pv_tail
+
+
+@triton.jit
+def _store_rows_result(out_ptr, lse_ptr, valid_ptr, m, l, acc, acc_tail, rows, row_ok, start, head, H, dh,
+                       HAS_MASK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr):
+    """Write ``out`` and the fp32 ``lse`` of the rows from their final state."""
     has_keys = _row_valid(valid_ptr, rows, row_ok, start, HAS_MASK) & (l > 0)
     _store_output(out_ptr, acc, acc_tail, l, has_keys, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
     lse = tl.where(has_keys, m + tl.log(tl.where(has_keys, l, 1.0)), float("-inf"))
     tl.store(lse_ptr + (start + rows).to(tl.int64) * H + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out_ptr, start_ptr, length_ptr,
+                    residue_ptr, first_ptr, segment_ptr, rate_ptr, H, dh, R, num_branches, scale, slots,
+                    EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
+                    TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                    KEEP_BRANCHES: tl.constexpr, ROWS: tl.constexpr, PARTS: tl.constexpr):
+    """``out`` and ``lse`` of the block's ``ROWS * PARTS`` rows (:func:`forward_tiles`), over tiles of ``BLOCK``
+    keys; with ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's own output ``out_i`` in column
+    :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch then runs its own online
+    softmax, merged into the rows' at its end. With ``PARTS = 2`` (:func:`forward_parts`) the rows are two parts
+    of ``ROWS``, each with its own state and key range: a key tile is read once for both where their ranges meet
+    and multiplied by the part (or parts) whose range it is in, so a branch whose segments the parts do not share
+    forms no score tile of one part with the other's keys."""
+    head = tl.program_id(1)
+    start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, ROWS)
+    q, q_tail = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    m, l, acc, acc_tail = _empty_state(q_tail, BLOCK_DH)
+    last_row = tl.max(tl.where(row_ok, rows, 0), axis=0)
+    if PARTS == 2:
+        rows_b = rows + R * ROWS
+        row_ok_b = rows_b < length
+        q_b, q_b_tail = _load_rows(q_ptr, rows_b, row_ok_b, start, head, H, dh, BLOCK_DH, TAIL_DH)
+        m_b, l_b, acc_b, acc_b_tail = _empty_state(q_tail, BLOCK_DH)
+        last_row_b = tl.max(tl.where(row_ok_b, rows_b, 0), axis=0)
+    for i in range(0, num_branches):
+        sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
+        if residue % r == g:
+            if KEEP_BRANCHES:
+                m_kept, l_kept, acc_kept, acc_kept_tail = m, l, acc, acc_tail
+                m, l, acc, acc_tail = _empty_state(q_tail, BLOCK_DH)
+                if PARTS == 2:
+                    m_kept_b, l_kept_b, acc_kept_b, acc_kept_b_tail = m_b, l_b, acc_b, acc_b_tail
+                    m_b, l_b, acc_b, acc_b_tail = _empty_state(q_tail, BLOCK_DH)
+            if not EXACT:
+                m, l, acc, acc_tail = _with_zero_keys(m, l, acc, acc_tail, rows, row_ok, length, sl, r, g, lsp)
+                if PARTS == 2:
+                    m_b, l_b, acc_b, acc_b_tail = _with_zero_keys(m_b, l_b, acc_b, acc_b_tail, rows_b, row_ok_b,
+                                                                  length, sl, r, g, lsp)
+            t_lo, t_end = _key_range(rows, last_row, sl, lsp, real_end)
+            t_stop = t_end
+            if PARTS == 2:
+                t_lo_b, t_end_b = _key_range(rows_b, last_row_b, sl, lsp, real_end)
+                t_stop = tl.maximum(t_end, t_end_b)
+            for t0 in range(t_lo, t_stop, BLOCK):
+                keys, key_segment, key_ok, k, k_tail, v, v_tail = _load_keys(
+                    t0, t_stop, sl, r, g, lsp, k_ptr, v_ptr, valid_ptr, start, head, H, dh, HAS_MASK, BLOCK,
+                    BLOCK_DH, TAIL_DH)
+                if PARTS == 1:
+                    m, l, acc, acc_tail = _attend(
+                        m, l, acc, acc_tail, q, q_tail, rows, row_ok, keys, key_segment, key_ok, k, k_tail, v, v_tail,
+                        i, sl, residue, q_ptr, segment_ptr, rate_ptr, head, H, scale, EXACT, TAIL_DH, DOT_FP32,
+                        FP32_PRECISION)
+                else:
+                    if t0 < t_end:
+                        m, l, acc, acc_tail = _attend(
+                            m, l, acc, acc_tail, q, q_tail, rows, row_ok, keys, key_segment, key_ok, k, k_tail, v,
+                            v_tail, i, sl, residue, q_ptr, segment_ptr, rate_ptr, head, H, scale, EXACT, TAIL_DH,
+                            DOT_FP32, FP32_PRECISION)
+                    if t0 + BLOCK > t_lo_b:
+                        m_b, l_b, acc_b, acc_b_tail = _attend(
+                            m_b, l_b, acc_b, acc_b_tail, q_b, q_b_tail, rows_b, row_ok_b, keys, key_segment, key_ok,
+                            k, k_tail, v, v_tail, i, sl, residue, q_ptr, segment_ptr, rate_ptr, head, H, scale, EXACT,
+                            TAIL_DH, DOT_FP32, FP32_PRECISION)
+            if KEEP_BRANCHES:
+                slot = _branch_slot(rate_ptr, i, head, H)
+                _store_output(branch_out_ptr, acc, acc_tail, l, row_ok, rows, row_ok, start, slot, slots, dh,
+                              BLOCK_DH, TAIL_DH)
+                m, l, acc, acc_tail = _merged(m_kept, l_kept, acc_kept, acc_kept_tail, m, l, acc, acc_tail)
+                if PARTS == 2:
+                    _store_output(branch_out_ptr, acc_b, acc_b_tail, l_b, row_ok_b, rows_b, row_ok_b, start, slot,
+                                  slots, dh, BLOCK_DH, TAIL_DH)
+                    m_b, l_b, acc_b, acc_b_tail = _merged(m_kept_b, l_kept_b, acc_kept_b, acc_kept_b_tail, m_b, l_b,
+                                                          acc_b, acc_b_tail)
+    _store_rows_result(out_ptr, lse_ptr, valid_ptr, m, l, acc, acc_tail, rows, row_ok, start, head, H, dh, HAS_MASK,
+                       BLOCK_DH, TAIL_DH)
+    if PARTS == 2:
+        _store_rows_result(out_ptr, lse_ptr, valid_ptr, m_b, l_b, acc_b, acc_b_tail, rows_b, row_ok_b, start, head,
+                           H, dh, HAS_MASK, BLOCK_DH, TAIL_DH)
 
 
 @triton.jit
@@ -627,7 +717,8 @@ class Plan:
         self.short_groups = any(self.heads % rate for rate in rates)
         shortest = shortest_segment(segments, longest)
         self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period, shortest)
-        self.forward_rows = forward_rows(q.dtype, self.block, self.period, shortest)
+        self.forward_tiles = forward_tiles(q.dtype, self.block, self.period, shortest)
+        self.forward_rows = self.forward_tiles[0] * self.forward_tiles[1]
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
         self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
                          for values in (segment_spans(segments, rates, longest, mode), rates)]
@@ -644,7 +735,7 @@ class Plan:
 
     @functools.cached_property
     def forward_blocks(self) -> list[torch.Tensor]:
-        """The forward's blocks of ``forward_rows`` rows (:func:`residue_blocks`)."""
+        """The forward's blocks of ``forward_rows`` rows, all its parts' (:func:`residue_blocks`)."""
         return residue_blocks(self.query_spans, self.period, self.forward_rows, self.device)
 
     @functools.cached_property
@@ -723,7 +814,8 @@ def forward(q, k, v, plan: Plan, scale: float, keep_branches: bool = False):
     if grid[0]:
         _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, branch_out if keep_branches else out,
                               *plan.forward_blocks, *plan.branches, *plan.sizes(), scale, plan.slots,
-                              KEEP_BRANCHES=keep_branches, ROWS=plan.forward_rows, **plan.flags)
+                              KEEP_BRANCHES=keep_branches, ROWS=plan.forward_tiles[0], PARTS=plan.forward_tiles[1],
+                              **plan.flags)
     return out, lse, branch_out
 
 
@@ -787,7 +879,7 @@ def shipped_specializations():
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the head tiles (:func:`head_tiles`) of 32, 32 + 16, 64, 128 and 256 columns with each block size
     they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once, the
-    forward at each of its row counts (:func:`forward_rows`); in fp16 and bf16 in exact mode, and in torchscale
+    forward at each of its row tilings (:func:`forward_tiles`); in fp16 and bf16 in exact mode, and in torchscale
     mode on 64-row blocks, the backward both ways (:func:`atomic_dq`): the query and key kernels, and the
     :func:`_delta_kernel` and the key kernel at each of its atomic tiles (:func:`key_tiles`), and there in
     torchscale mode the forward both ways (:func:`keeps_branches`); ``aligned`` names H and dh where the example
@@ -815,10 +907,10 @@ def shipped_specializations():
                 forward_signature = dict(rows, out_ptr=ptr, lse_ptr="*fp32", branch_out_ptr=ptr, **blocks, **sizes,
                                          slots="i32")
                 atomic = dtype != torch.float32 and (exact or block == 64)  # keeps_branches in torchscale
-                wide_rows = forward_rows(dtype, block, 1, ALL_POSITIONS)  # where the segments are long
-                for query_rows in sorted({block, wide_rows}):
+                tilings = {forward_tiles(dtype, block, 1, shortest) for shortest in (ALL_POSITIONS, 1)}  # long, short
+                for query_rows, parts in sorted(tilings):
                     for keep in (False, True) if atomic and not exact else (False,):
-                        forward_flags = dict(flags, KEEP_BRANCHES=keep, ROWS=query_rows)
+                        forward_flags = dict(flags, KEEP_BRANCHES=keep, ROWS=query_rows, PARTS=parts)
                         yield (_forward_kernel, forward_signature, forward_flags, warps, aligned)
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
                                                 delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
