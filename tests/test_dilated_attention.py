@@ -189,27 +189,44 @@ def forward_kernel_loads(fn, inputs) -> int:
     return counts.by_kernel["_forward_kernel"].load_bytes
 
 
+def two_bags(mode: str, branches, rows: tuple[int, int], heads_dim: tuple[int, int], seed: int) -> tuple:
+    """``(fn, [q, k, v])`` on two bags: torchscale on packed bags of ``rows`` (the second's last segments
+    zero-padded), exact on two padded bags of ``rows[0]`` with :func:`padded_mask`; ``fn`` returns ``(out, lse)``."""
+    if mode == "torchscale":
+        inputs = make_qkv((sum(rows), *heads_dim), seed=seed)
+        return with_lse(*branches, cu_seqlens=torch.tensor([0, rows[0], sum(rows)])), inputs
+    inputs = make_qkv((2, rows[0], *heads_dim), seed=seed + 1)
+    return with_lse(*branches, mode="exact", mask=padded_mask(2, rows[0])), inputs
+
+
 @pytest.mark.parametrize("tiles", [(128, 1), (64, 2)], ids=["one-part", "two-parts"])
 @pytest.mark.parametrize("mode", ["torchscale", "exact"])
 def test_forward_on_128_row_blocks(mode, tiles, monkeypatch):
     """The fp16 / bf16 forward's 128 rows a program (:func:`kernels.forward_tiles`), in one part or two parts of 64
     with their own key ranges, forced in fp32 for a tight comparison, with the atomic dq (so torchscale keeps and
-    merges the branch outputs): blocks of 256 positions that straddle the 200-position segments (parts of 128 that
-    share a segment or not), 3 heads of dh 40 (head groups of 2 and 1 at r = 2); torchscale on two packed bags (260
+    merges the branch outputs): blocks of 256 positions that straddle the 200-position segments, 3 heads of dh 40 (head groups of 2 and 1 at r = 2); torchscale on two packed bags (260
     and 197 rows, the last segments zero-padded), exact on two padded bags with a mask; outputs, lse and every
     gradient. The forward loads fewer bytes than on 64-row blocks (k and v once per 128 rows where they can)."""
-    branches = ([200, 512], [1, 2])
-    if mode == "torchscale":
-        q, k, v = make_qkv((457, 3, 40), seed=34)
-        fn = with_lse(*branches, cu_seqlens=torch.tensor([0, 260, 457]))
-    else:
-        q, k, v = make_qkv((2, 260, 3, 40), seed=35)
-        fn = with_lse(*branches, mode="exact", mask=padded_mask(2, 260))
+    fn, (q, k, v) = two_bags(mode, ([200, 512], [1, 2]), (260, 197), (3, 40), seed=34)
     on_64_rows = forward_kernel_loads(fn, [q, k, v])
     monkeypatch.setattr(kernels, "forward_tiles", lambda dtype, block, period, shortest_segment: tiles)
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
     assert forward_kernel_loads(fn, [q, k, v]) < 0.8 * on_64_rows
     assert compared_kernels(fn, [q, k, v], torch.float32) == ATOMIC_KERNELS
+
+
+@pytest.mark.parametrize("branches", [([40, 200, 512], [1, 2, 4]), ([2, 64], [1, 4])],
+                         ids=["segments-across-parts", "segments-between-rows"])
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+def test_two_part_forward_key_ranges(mode, branches, monkeypatch):
+    """Two-part forward programs (:func:`kernels.forward_tiles` forced, fp32) where a branch's key ranges of the two
+    parts overlap, or not, and start inside a key tile ([40, 200, 512] x [1, 2, 4]: a part spans 256 positions, 6.4
+    segments of 40), or skip segments that hold no row of the program ([2, 64] x [1, 4]); a residue's last block
+    has an empty second part; torchscale on two packed bags (300 and 211 rows), exact on two padded bags with a
+    mask; outputs, lse and every gradient."""
+    monkeypatch.setattr(kernels, "forward_tiles", lambda dtype, block, period, shortest_segment: (64, 2))
+    fn, inputs = two_bags(mode, branches, (300, 211), (2, 24), seed=36)
+    kernel_checks.compare(fn, inputs, torch.float32)
 
 
 def test_keeps_branches_where_the_backward_takes_the_atomic_dq(request):

@@ -496,7 +496,7 @@ def longest_bag(bounds) -> int:
 
 def num_splits(num_blocks: int, longest_other_bag: int, min_split_rows: int) -> int:
     """Ranges to cut the other side's rows into: 1 from :data:`TARGET_PROGRAMS` blocks on, else enough to
-    reach it, at most one per ``min_split_rows`` rows of the longest bag of the other side.
+    reach it, as long as each range of the longest bag of the other side keeps ``min_split_rows`` rows.
 
     Each range re-reads its block's rows and writes fp32 partials, so a range needs enough rows for its products
     to amortize them (issue 12's 80 dot FLOPs per requested byte; bf16, E = 128 in one head): the split forward
@@ -506,7 +506,7 @@ def num_splits(num_blocks: int, longest_other_bag: int, min_split_rows: int) -> 
     :data:`TARGET_PROGRAMS`, each on a short range: a trade of parallelism for bytes that a GPU run should weigh."""
     if num_blocks >= TARGET_PROGRAMS:
         return 1
-    return max(1, min(-(-TARGET_PROGRAMS // max(num_blocks, 1)), -(-longest_other_bag // min_split_rows)))
+    return max(1, min(-(-TARGET_PROGRAMS // max(num_blocks, 1)), longest_other_bag // min_split_rows))
 
 
 class Plan:

@@ -1,10 +1,9 @@
 """Dilated attention in Triton: a fused forward over every branch and a FlashAttention-2 style backward.
 
 Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
-``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (the forward ``ROWS * PARTS`` of them:
-:func:`forward_tiles`). Because every ``r_i``
-divides R, a branch either covers all of a program's rows for its head (``c % r_i == g_i(h)``) or none
-of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % Lsp) * r + g`` with
+``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (the forward ``ROWS * PARTS`` of
+them: :func:`forward_tiles`). Because every ``r_i`` divides R, a branch either covers all of a program's rows for
+its head (``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as ``t -> s * sl + (t % Lsp) * r + g`` with
 ``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads, nothing gathered or copied.
 
 - Forward, one program per (row block, head): for each covering branch, the key tiles of the segments
@@ -426,7 +425,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
     """``out`` and ``lse`` of the block's ``ROWS * PARTS`` rows (:func:`forward_tiles`), over tiles of ``BLOCK``
     keys; with ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's own output ``out_i`` in column
     :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch then runs its own online
-    softmax, merged into the rows' at its end. With ``PARTS = 2`` (:func:`forward_parts`) the rows are two parts
+    softmax, merged into the rows' at its end. With ``PARTS = 2`` (:func:`forward_tiles`) the rows are two parts
     of ``ROWS``, each with its own state and key range: a key tile is read once for both where their ranges meet
     and multiplied by the part (or parts) whose range it is in, so a branch whose segments the parts do not share
     forms no score tile of one part with the other's keys."""
@@ -441,6 +440,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
         q_b, q_b_tail = _load_rows(q_ptr, rows_b, row_ok_b, start, head, H, dh, BLOCK_DH, TAIL_DH)
         m_b, l_b, acc_b, acc_b_tail = _empty_state(q_tail, BLOCK_DH)
         last_row_b = tl.max(tl.where(row_ok_b, rows_b, 0), axis=0)
+        has_rows_b = tl.max(row_ok_b.to(tl.int32), axis=0) > 0
     for i in range(0, num_branches):
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
         if residue % r == g:
@@ -460,6 +460,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
             if PARTS == 2:
                 t_lo_b, t_end_b = _key_range(rows_b, last_row_b, sl, lsp, real_end)
                 t_stop = tl.maximum(t_end, t_end_b)
+                t_lo_b = tl.where(has_rows_b, t_lo_b, t_stop + BLOCK)  # past every tile: no row to multiply
             for t0 in range(t_lo, t_stop, BLOCK):
                 keys, key_segment, key_ok, k, k_tail, v, v_tail = _load_keys(
                     t0, t_stop, sl, r, g, lsp, k_ptr, v_ptr, valid_ptr, start, head, H, dh, HAS_MASK, BLOCK,
@@ -580,8 +581,8 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
                 a_tail = tl.zeros(q_tail.shape, tl.float32)
                 b = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
                 b_tail = tl.zeros(q_tail.shape, tl.float32)
-            t_end = tl.minimum((last_row // sl + 1) * lsp, real_end)
-            for t0 in range(tl.min(rows // sl, axis=0) * lsp, t_end, BLOCK):
+            t_lo, t_end = _key_range(rows, last_row, sl, lsp, real_end)
+            for t0 in range(t_lo, t_end, BLOCK):
                 k, k_tail, v, v_tail, scores, allowed = _key_tile(
                     t0, t_end, i, sl, r, g, lsp, residue, rows, live, q, q_tail, q_ptr, k_ptr, v_ptr, valid_ptr,
                     segment_ptr, rate_ptr, start, head, H, dh, scale, EXACT, HAS_MASK, BLOCK, BLOCK_DH, TAIL_DH,
