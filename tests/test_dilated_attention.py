@@ -206,7 +206,8 @@ def test_forward_on_128_row_blocks(mode, tiles, monkeypatch):
     with their own key ranges, forced in fp32 for a tight comparison, with the atomic dq (so torchscale keeps and
     merges the branch outputs): blocks of 256 positions that straddle the 200-position segments, 3 heads of dh 40
     (head groups of 2 and 1 at r = 2); torchscale on two packed bags (260 and 197 rows, the last segments
-    zero-padded), exact on two padded bags with a mask; outputs, lse and every gradient. The forward loads fewer bytes than on 64-row blocks (k and v once per 128 rows where they can)."""
+    zero-padded), exact on two padded bags with a mask; outputs, lse and every gradient. The forward loads fewer
+    bytes than on 64-row blocks (k and v once per 128 rows where they can)."""
     fn, (q, k, v) = two_bags(mode, ([200, 512], [1, 2]), (260, 197), (3, 40), seed=34)
     on_64_rows = forward_kernel_loads(fn, [q, k, v])
     monkeypatch.setattr(kernels, "forward_tiles", lambda dtype, block, period, shortest_segment: tiles)
