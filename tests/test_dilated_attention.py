@@ -222,9 +222,9 @@ def test_forward_on_128_row_blocks(mode, tiles, monkeypatch):
 def test_two_part_forward_key_ranges(mode, branches, monkeypatch):
     """Two-part forward programs (:func:`kernels.forward_tiles` forced, fp32) where a branch's key ranges of the two
     parts overlap, or not, and start inside a key tile ([40, 200, 512] x [1, 2, 4]: a part spans 256 positions, 6.4
-    segments of 40), or skip segments that hold no row of the program ([2, 64] x [1, 4]); a residue's last block
-    has an empty second part; torchscale on two packed bags (300 and 211 rows), exact on two padded bags with a
-    mask; outputs, lse and every gradient."""
+    segments of 40), or skip segments that hold no row of the program ([2, 64] x [1, 4]); torchscale on two packed
+    bags (300 and 211 rows: the second's 53 rows a residue leave its blocks' second parts empty), exact on two
+    padded bags with a mask; outputs, lse and every gradient."""
     monkeypatch.setattr(kernels, "forward_tiles", lambda dtype, block, period, shortest_segment: (64, 2))
     fn, inputs = two_bags(mode, branches, (300, 211), (2, 24), seed=36)
     kernel_checks.compare(fn, inputs, torch.float32)

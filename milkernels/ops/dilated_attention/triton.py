@@ -439,7 +439,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
         rows_b = rows + R * ROWS
         row_ok_b = rows_b < length
         q_b, q_b_tail = _load_rows(q_ptr, rows_b, row_ok_b, start, head, H, dh, BLOCK_DH, TAIL_DH)
-        m_b, l_b, acc_b, acc_b_tail = _empty_state(q_tail, BLOCK_DH)
+        m_b, l_b, acc_b, acc_b_tail = _empty_state(q_b_tail, BLOCK_DH)
         last_row_b = tl.max(tl.where(row_ok_b, rows_b, 0), axis=0)
         has_rows_b = tl.max(row_ok_b.to(tl.int32), axis=0) > 0
     for i in range(0, num_branches):
@@ -450,7 +450,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
                 m, l, acc, acc_tail = _empty_state(q_tail, BLOCK_DH)
                 if PARTS == 2:
                     m_kept_b, l_kept_b, acc_kept_b, acc_kept_b_tail = m_b, l_b, acc_b, acc_b_tail
-                    m_b, l_b, acc_b, acc_b_tail = _empty_state(q_tail, BLOCK_DH)
+                    m_b, l_b, acc_b, acc_b_tail = _empty_state(q_b_tail, BLOCK_DH)
             if not EXACT:
                 m, l, acc, acc_tail = _with_zero_keys(m, l, acc, acc_tail, rows, row_ok, length, sl, r, g, lsp)
                 if PARTS == 2:
