@@ -12,7 +12,8 @@
 # Environment: PYTHON (default python3); STEPS, the steps to run (default "install tests sweep
 # complexity profile"; a 10-minute device call fits "install tests", then "install sweep" and then
 # "install complexity" and "install profile" on the warm machine); TEST_TIMEOUT and BENCH_TIMEOUT in
-# seconds (default 180 each), COMPLEXITY_TIMEOUT (default 450: the complexity run's worst case at its
+# seconds (default 180 each); TEST_WORKERS, pytest-xdist workers for the tests (default 0: none),
+# COMPLEXITY_TIMEOUT (default 450: the complexity run's worst case at its
 # default budget is about 11 mechanisms x 8 sizes x 5 s = 440 s), PROFILE_TIMEOUT (default 300); 0 = none. A step past its limit gets SIGINT and
 # writes what it measured (the complexity run writes its tables after every point anyway);
 # MILKERNELS_GIT_SHA (recorded when the tree has no .git, e.g. a copy sent to a device machine).
@@ -101,7 +102,9 @@ main() {
         # the kernels really run, and those compiles alone would use up the step's time limit.
         limit "${TEST_TIMEOUT:-180}" env MILKERNELS_TEST_GPU=1 "$PY" -c 'import signal, sys, pytest
 signal.signal(signal.SIGINT, signal.default_int_handler)
-sys.exit(pytest.main(["tests", "-q", "-m", "not aot"]))' 2>&1 | tee "$res/tests.log"
+workers = [] if sys.argv[1] == "0" else ["-n", sys.argv[1]]
+sys.exit(pytest.main(["tests", "-q", "-m", "not aot", "-rfE", "--durations=15"] + workers))' "${TEST_WORKERS:-0}" \
+            2>&1 | tee "$res/tests.log"
         test_rc=${PIPESTATUS[0]}
         publish
     fi

@@ -15,6 +15,7 @@ from milkernels.ops.cross_attention import reference
 
 import aot
 import kernel_checks
+import sharding
 from milkernels.bench.traffic import counting
 
 kernels = importlib.import_module("milkernels.ops.cross_attention.triton")
@@ -27,7 +28,7 @@ def make_inputs(queries, keys, width, batch=(), dtype=torch.float32, seed=0, nor
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+        return torch.randn(*shape, generator=generator).to(sharding.device(), dtype).requires_grad_()
 
     rows = [randn(*batch, queries, width) for _ in range(2)] + [randn(*batch, keys, width) for _ in range(2)]
     params = [randn(width), randn(width)] if norm_params else [None, None]

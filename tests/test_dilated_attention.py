@@ -16,6 +16,7 @@ from milkernels.ops.dilated_attention import triton as kernels
 
 import aot
 import kernel_checks
+import sharding
 from milkernels.bench.traffic import counting
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
@@ -27,7 +28,8 @@ LIN_MIL = ([128, 64, 32], [2, 4, 8])
 def make_qkv(shape, dtype=torch.float32, seed=0, scale=1.0):
     """Fresh random ``q, k, v`` of ``shape``, requiring grad."""
     generator = torch.Generator().manual_seed(seed)
-    return [(torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_() for _ in range(3)]
+    return [(torch.randn(*shape, generator=generator) * scale).to(sharding.device(), dtype).requires_grad_()
+            for _ in range(3)]
 
 
 def with_lse(segments, rates, **kwargs):
