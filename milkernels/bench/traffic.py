@@ -90,9 +90,9 @@ def _lane_bytes(ptrs, mask) -> int:
 def _count_loads(counts, load):
     """``create_masked_load`` that adds the bytes it loads to ``counts``, then calls ``load``."""
 
-    def counted_load(self, ptrs, mask, other, cache_policy, is_volatile):
+    def counted_load(self, ptrs, mask, *rest):  # rest: other, cache and volatile flags (Triton 3.6 has one more)
         counts.add("load_bytes", _lane_bytes(ptrs, mask))
-        return load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, *rest)
 
     return counted_load
 
@@ -100,9 +100,9 @@ def _count_loads(counts, load):
 def _count_stores(counts, store):
     """``create_masked_store`` that adds the bytes it stores to ``counts``, then calls ``store``."""
 
-    def counted_store(self, ptrs, value, mask, cache_policy):
+    def counted_store(self, ptrs, value, mask, *rest):
         counts.add("store_bytes", _lane_bytes(ptrs, mask))
-        return store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *rest)
 
     return counted_store
 
@@ -111,11 +111,11 @@ def _count_atomic_adds(counts, rmw):
     """``create_atomic_rmw`` that adds the bytes it reads and writes (each lane whose mask is true, once each way) to
     ``counts``, then calls ``rmw``."""
 
-    def counted_rmw(self, rmw_op, ptrs, value, mask, sem, scope):
+    def counted_rmw(self, rmw_op, ptrs, value, mask, *rest):
         lane_bytes = _lane_bytes(ptrs, mask)
         counts.add("load_bytes", lane_bytes)
         counts.add("store_bytes", lane_bytes)
-        return rmw(self, rmw_op, ptrs, value, mask, sem, scope)
+        return rmw(self, rmw_op, ptrs, value, mask, *rest)
 
     return counted_rmw
 
@@ -123,9 +123,9 @@ def _count_atomic_adds(counts, rmw):
 def _count_dots(counts, dot):
     """``create_dot`` that adds the FLOPs of (..., M, K) x (..., K, N) to ``counts``, then calls ``dot``."""
 
-    def counted_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def counted_dot(self, a, b, *rest):
         counts.add("dot_flops", 2 * math.prod(a.data.shape) * b.data.shape[-1])
-        return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        return dot(self, a, b, *rest)
 
     return counted_dot
 
@@ -175,11 +175,12 @@ def counting():
                            "before triton is imported")
     counts = Counts()
     found = [(owner, name, vars(owner)[name]) for owner, name, _ in _COUNTERS]
-    found += [(_BUILDER, name, vars(_BUILDER)[name]) for name in _REFUSED]
+    refused = [name for name in _REFUSED if name in vars(_BUILDER)]  # Triton 3.6's has no create_dot_scaled
+    found += [(_BUILDER, name, vars(_BUILDER)[name]) for name in refused]
     try:
         for (owner, name, wrap), (_, _, method) in zip(_COUNTERS, found):
             setattr(owner, name, wrap(counts, method))
-        for name in _REFUSED:
+        for name in refused:
             setattr(_BUILDER, name, _refusal(name))
         yield counts
     finally:

@@ -140,7 +140,10 @@ class LinearAttention(nn.Module):
 
     @property
     def activation(self) -> str:
-        """The op's name of ``self.act``."""
+        """The op's name of ``self.act`` (checked at construction and, in eager mode, at every call: torch 2.11's
+        dynamo cannot trace the check's ``vars(act)``, a graph break in the GPU run's compile test)."""
+        if torch.compiler.is_compiling():
+            return ACTIVATIONS[type(self.act)]
         return activation_name(self.act)
 
     def _attend(self, x, mask, cu_seqlens, return_numerator=False, return_map=False):
