@@ -30,7 +30,7 @@ import triton.language as tl
 from ..._backends import triton_interpreted
 from .. import _blocks
 from .local import LocalNeighbourhood, candidate_positions, plan
-from .triton import (_CONFIGS, _POINTER_TYPES, _epilogue, _key_grad_step, _load_heads, _mm, _query_grad_step,
+from .triton import (_CONFIGS, _POINTER_TYPES, _epilogue, _heads_mm, _key_grad_step, _load_heads, _query_grad_step,
                      _query_side, _softmax_step, _store_heads, kernel_flags, norm_grad, padded_heads)
 
 MAX_EXTENT = 2 ** 30
@@ -107,7 +107,7 @@ def _local_forward_kernel(xq_ptr, q_ptr, k_ptr, v_ptr, weight_ptr, bias_ptr, out
         near = _near(qx, qy, kx, ky, patch_q, patch_k, radius) & key_ok[None, :] & row_ok[:, None]
         k = _load_heads(k_ptr, keys, key_ok, H, dh, E, HP, DHP)
         v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
-        scores = _mm(q, tl.trans(k, 0, 2, 1), k_ptr, DOT_FP32, FP32_PRECISION) * scale
+        scores = _heads_mm(q, tl.trans(k, 0, 2, 1), k_ptr, DOT_FP32, FP32_PRECISION) * scale
         scores = tl.where(near[None, :, :], scores, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc, k_ptr, DOT_FP32, FP32_PRECISION)
     _epilogue(acc, m, l, rows, row_ok, xq_ptr, weight_ptr, bias_ptr, out_ptr, attn_ptr, mean_ptr, rstd_ptr, lse_ptr,

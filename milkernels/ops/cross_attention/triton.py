@@ -50,6 +50,18 @@ MIN_QUERY_GRAD_SPLIT_ROWS = 1024  # keys per split of the deterministic dq kerne
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
+def _flat_one_head() -> bool:
+    """Whether a one-head tile is multiplied as a 2-D product (:func:`_heads_mm`): under Triton before 3.9.
+    Triton 3.6 (the GPU machine's, with torch 2.11), 3.7 and 3.8 compile the one-head 3-D dot for sm_90 into 32
+    registers and 13-57 KB of local memory a thread at E = 128 (the kernels ran 30 times slower than PyTorch on
+    the H200); Triton 3.9 compiles the 3-D dot without a spill and the 2-D one with spills in the dk/dv kernel,
+    so it keeps the 3-D dot."""
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
+
+
+FLAT_ONE_HEAD = tl.constexpr(_flat_one_head())
+
+
 def padded_heads(heads: int, head_dim: int) -> tuple[int, int]:
     """``(HP, DHP)``: the head count and the head size as tile sizes, powers of two, ``DHP >= 16``."""
     return triton.next_power_of_2(heads), max(16, triton.next_power_of_2(head_dim))
@@ -148,6 +160,17 @@ def kernel_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool
 
 
 @triton.jit
+def _heads_mm(a, b, like_ptr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """``a @ b`` batched over the heads, ``(HP, M, K) @ (HP, K, N) -> (HP, M, N)`` fp32; with one head (``HP``
+    = 1) under :data:`FLAT_ONE_HEAD` a 2-D product, reshaped."""
+    if FLAT_ONE_HEAD and a.shape[0] == 1:
+        product = _mm(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])), like_ptr,
+                      DOT_FP32, FP32_PRECISION)
+        return tl.reshape(product, (1, a.shape[1], b.shape[2]))
+    return _mm(a, b, like_ptr, DOT_FP32, FP32_PRECISION)
+
+
+@triton.jit
 def _columns(H, dh, HP: tl.constexpr, DHP: tl.constexpr):
     """Column ``h * dh + d`` of each head ``h`` and head column ``d``, ``(HP, 1, DHP)``, and whether it exists."""
     h = tl.arange(0, HP)[:, None, None]
@@ -242,7 +265,7 @@ def _softmax_step(scores, v, m, l, acc, like_ptr, DOT_FP32: tl.constexpr, FP32_P
     p = tl.exp(scores - m_safe[:, :, None])
     alpha = tl.exp(m - m_safe)
     l = l * alpha + tl.sum(p, axis=2)
-    acc = acc * alpha[:, :, None] + _mm(p, v, like_ptr, DOT_FP32, FP32_PRECISION)
+    acc = acc * alpha[:, :, None] + _heads_mm(p, v, like_ptr, DOT_FP32, FP32_PRECISION)
     return m_new, l, acc
 
 
@@ -259,7 +282,7 @@ def _attend(q, k_ptr, v_ptr, key_valid_ptr, lo, hi, H, dh, E, scale, HP: tl.cons
         key_ok = _valid_keys(key_valid_ptr, keys, keys < hi)
         k = _load_heads(k_ptr, keys, key_ok, H, dh, E, HP, DHP)
         v = _load_heads(v_ptr, keys, key_ok, H, dh, E, HP, DHP)
-        scores = _mm(q, tl.trans(k, 0, 2, 1), k_ptr, DOT_FP32, FP32_PRECISION) * scale
+        scores = _heads_mm(q, tl.trans(k, 0, 2, 1), k_ptr, DOT_FP32, FP32_PRECISION) * scale
         scores = tl.where(key_ok[None, None, :], scores, float("-inf"))
         m, l, acc = _softmax_step(scores, v, m, l, acc, k_ptr, DOT_FP32, FP32_PRECISION)
     return acc, m, l
@@ -406,7 +429,7 @@ def _query_grad_step(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr
     """One key tile's part of ``dq / scale`` for ``q, d_attn: (HP, BLOCK_M, DHP)`` over ``k, v: (HP, BLOCK_N,
     DHP)``; ``allowed`` broadcasts to ``(HP, BLOCK_M, BLOCK_N)``: which (query, key) pairs attend."""
     _, d_scores = _score_grad(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr, DOT_FP32, FP32_PRECISION)
-    return _mm(d_scores, k, like_ptr, DOT_FP32, FP32_PRECISION)
+    return _heads_mm(d_scores, k, like_ptr, DOT_FP32, FP32_PRECISION)
 
 
 @triton.jit
@@ -414,9 +437,9 @@ def _score_grad(q, k, v, d_attn, live, lse, delta, allowed, scale, like_ptr, DOT
                 FP32_PRECISION: tl.constexpr):
     """The attention ``P`` and the scores' gradient ``dS = P * (dP - D)``, ``(HP, BLOCK_M, BLOCK_N)``, of one
     query tile over one key tile: :func:`_query_grad_step`'s arguments."""
-    scores = _mm(q, tl.trans(k, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
+    scores = _heads_mm(q, tl.trans(k, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
     p = tl.where(live[:, :, None] & allowed, tl.exp(scores - lse[:, :, None]), 0.0)
-    d_p = _mm(d_attn, tl.trans(v, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
+    d_p = _heads_mm(d_attn, tl.trans(v, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
     return p, p * (d_p - delta[:, :, None])
 
 
@@ -426,11 +449,11 @@ def _key_grad_step(k, v, q, d_attn, live, lse, delta, allowed_t, d_k, d_v, scale
     """``(d_k, d_v)`` (``dk / scale`` and ``dv`` so far, ``(HP, BLOCK_N, DHP)``) plus one query tile's parts, for
     ``k, v: (HP, BLOCK_N, DHP)`` over ``q, d_attn: (HP, BLOCK_M, DHP)``; ``allowed_t`` broadcasts to ``(HP,
     BLOCK_N, BLOCK_M)``: which (key, query) pairs attend. ``d_v`` is updated first, freeing its product early."""
-    scores_t = _mm(k, tl.trans(q, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
+    scores_t = _heads_mm(k, tl.trans(q, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION) * scale
     p_t = tl.where(allowed_t & live[:, None, :], tl.exp(scores_t - lse[:, None, :]), 0.0)
-    d_v += _mm(p_t, d_attn, like_ptr, DOT_FP32, FP32_PRECISION)
-    d_p_t = _mm(v, tl.trans(d_attn, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
-    d_k += _mm(p_t * (d_p_t - delta[:, None, :]), q, like_ptr, DOT_FP32, FP32_PRECISION)
+    d_v += _heads_mm(p_t, d_attn, like_ptr, DOT_FP32, FP32_PRECISION)
+    d_p_t = _heads_mm(v, tl.trans(d_attn, 0, 2, 1), like_ptr, DOT_FP32, FP32_PRECISION)
+    d_k += _heads_mm(p_t * (d_p_t - delta[:, None, :]), q, like_ptr, DOT_FP32, FP32_PRECISION)
     return d_k, d_v
 
 
@@ -477,9 +500,9 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, key_valid_ptr, lse_ptr, delta_ptr, d_a
         if ATOMIC_DQ:  # S = Q K^T untransposed: K and V only enter as B operands (the transposed form spills)
             p, d_scores = _score_grad(q, k, v, d_attn, live, lse, delta, key_ok[None, None, :], scale, q_ptr,
                                       DOT_FP32, FP32_PRECISION)
-            d_v += _mm(tl.trans(p, 0, 2, 1), d_attn, q_ptr, DOT_FP32, FP32_PRECISION)
-            d_k += _mm(tl.trans(d_scores, 0, 2, 1), q, q_ptr, DOT_FP32, FP32_PRECISION)
-            d_q = _mm(d_scores, k, q_ptr, DOT_FP32, FP32_PRECISION)
+            d_v += _heads_mm(tl.trans(p, 0, 2, 1), d_attn, q_ptr, DOT_FP32, FP32_PRECISION)
+            d_k += _heads_mm(tl.trans(d_scores, 0, 2, 1), q, q_ptr, DOT_FP32, FP32_PRECISION)
+            d_q = _heads_mm(d_scores, k, q_ptr, DOT_FP32, FP32_PRECISION)
             _add_heads(d_q_ptr, d_q * scale, rows, row_ok, H, dh, E, HP, DHP)
         else:
             d_k, d_v = _key_grad_step(k, v, q, d_attn, live, lse, delta, key_ok[None, :, None], d_k, d_v, scale,
