@@ -64,7 +64,7 @@ def test_reference_is_cma_mils_block():
 @pytest.mark.parametrize("heads", [1, 3])
 def test_reference_is_sdpa_with_key_padding(heads):
     xq, q, k, v, weight, bias = kernel_checks.as_float64(make_inputs(7, 9, 12, batch=(3,), seed=1))
-    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding = torch.zeros(3, 9, dtype=torch.bool, device=sharding.device())
     padding[1, 4:] = True
     with milkernels.use_backend("reference"):
         got = cross_attention(xq, q, k, v, weight, bias, heads=heads, key_padding_mask=padding)
@@ -103,7 +103,7 @@ def test_half_precision(dtype):
 def test_padded_bags_with_key_padding_mask():
     """Bag 1 partly padded, bag 2 fully padded: its queries get ``LayerNorm(xq)`` and no NaN anywhere."""
     inputs = make_inputs(20, 30, 40, batch=(3,), seed=4)
-    padding = torch.zeros(3, 30, dtype=torch.bool)
+    padding = torch.zeros(3, 30, dtype=torch.bool, device=sharding.device())
     padding[1, 11:] = True
     padding[2] = True
     kernel_checks.compare(attend(2, key_padding_mask=padding), inputs, torch.float32)
@@ -121,8 +121,10 @@ def short_splits(monkeypatch):
     monkeypatch.setattr(kernels, "MIN_QUERY_GRAD_SPLIT_ROWS", 128)
 
 
-CU_Q = torch.tensor([0, 5, 5, 265, 266])  # bag 1 has no query; bag 2 splits its 260 queries in two ranges
-CU_K = torch.tensor([0, 0, 30, 33, 330])  # bag 0 has no key (its queries get LayerNorm(xq)); bag 3 splits its 297 keys
+# bag 1 has no query; bag 2 splits its 260 queries in two ranges
+CU_Q = torch.tensor([0, 5, 5, 265, 266], device=sharding.device())
+# bag 0 has no key (its queries get LayerNorm(xq)); bag 3 splits its 297 keys
+CU_K = torch.tensor([0, 0, 30, 33, 330], device=sharding.device())
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -172,7 +174,7 @@ def test_deterministic_mode_runs_the_dq_kernel(splits, monkeypatch, deterministi
     if splits == "unsplit":
         monkeypatch.setattr(kernels, "TARGET_PROGRAMS", 1)
     inputs = make_inputs(17, 700, 72, batch=(2,), dtype=torch.float16, seed=16)
-    padding = torch.zeros(2, 700, dtype=torch.bool)
+    padding = torch.zeros(2, 700, dtype=torch.bool, device=sharding.device())
     padding[1, 300:] = True
     with counting() as deterministic_run:
         kernel_checks.compare(attend(4, key_padding_mask=padding), inputs, torch.float16)
@@ -188,7 +190,7 @@ def test_atomic_dq_in_half_precision(short_splits):
     300 queries over 200 keys, the second with key padding, the queries split 2 ways per key block (fp32 dk, dv
     partials); outputs and every gradient within the fp16 tolerance, and no dq kernel."""
     inputs = make_inputs(300, 200, 128, batch=(2,), dtype=torch.float16, seed=22)
-    padding = torch.zeros(2, 200, dtype=torch.bool)
+    padding = torch.zeros(2, 200, dtype=torch.bool, device=sharding.device())
     padding[1, 70:] = True
     with counting() as run:
         kernel_checks.compare(attend(1, key_padding_mask=padding), inputs, torch.float16)
@@ -202,7 +204,7 @@ def test_atomic_dq_in_fp32(queries, keys, heads, width, monkeypatch, short_split
     partials beside the atomic dq); padded bags with key padding. Outputs and every gradient."""
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
     inputs = make_inputs(queries, keys, width, batch=(2,), seed=queries)
-    padding = torch.zeros(2, keys, dtype=torch.bool)
+    padding = torch.zeros(2, keys, dtype=torch.bool, device=sharding.device())
     padding[1, keys // 3:] = True
     with counting() as run:
         kernel_checks.compare(attend(heads, key_padding_mask=padding), inputs, torch.float32)
@@ -217,7 +219,7 @@ def test_one_head_as_a_2d_product(dq, monkeypatch, short_splits):
     monkeypatch.setattr(kernels, "FLAT_ONE_HEAD", triton.language.constexpr(True))
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: dq == "atomic")
     inputs = make_inputs(300, 700, 128, batch=(2,), seed=31)
-    padding = torch.zeros(2, 700, dtype=torch.bool)
+    padding = torch.zeros(2, 700, dtype=torch.bool, device=sharding.device())
     padding[1, 250:] = True
     kernel_checks.compare(attend(1, key_padding_mask=padding), inputs, torch.float32)
 
@@ -313,7 +315,7 @@ def test_kernels_save_the_attention_output_and_row_statistics():
 @pytest.mark.parametrize("masked", [False, True])
 def test_opcheck(masked, dtype):
     xq, q, k, v, weight, bias = (t.detach().requires_grad_() for t in make_inputs(11, 23, 24, dtype=dtype, seed=10))
-    key_valid = torch.rand(23) > 0.3 if masked else None
+    key_valid = torch.rand(23, device=sharding.device()) > 0.3 if masked else None
     params = [weight, bias] if masked else [None, None]
     args = [xq, q, k, v, *params, key_valid, [0, 4, 11], [0, 9, 23], 3, 0.25, 1e-5]
     torch.library.opcheck(torch.ops.milkernels.cross_attention_forward, args)
@@ -327,7 +329,7 @@ def test_opcheck(masked, dtype):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_compiles_without_graph_break(backend):
-    padding = torch.zeros(2, 30, dtype=torch.bool)
+    padding = torch.zeros(2, 30, dtype=torch.bool, device=sharding.device())
     padding[1, 21:] = True
     fn = lambda *t: cross_attention(*t[:6], heads=2, key_padding_mask=t[6])  # noqa: E731
     kernel_checks.assert_compiles_without_graph_break(fn, [*make_inputs(10, 30, 32, batch=(2,), seed=11), padding],
@@ -344,7 +346,7 @@ def test_double_backward_raises_on_triton():
 def test_double_backward_on_the_reference():
     """True second derivatives, a fully padded bag included."""
     inputs = kernel_checks.as_float64(make_inputs(3, 4, 4, batch=(2,), seed=14))
-    padding = torch.tensor([[False, True, False, True], [True] * 4])
+    padding = torch.tensor([[False, True, False, True], [True] * 4], device=sharding.device())
     with milkernels.use_backend("reference"):
         assert torch.autograd.gradgradcheck(attend(2, key_padding_mask=padding), inputs)
 

@@ -123,7 +123,7 @@ def test_head_tiles_split_only_33_to_48_in_half_precision_on_64_row_blocks():
 
 def test_exact_padded_bags_with_mask():
     q, k, v = make_qkv((3, 50, 4, 16), seed=4)
-    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask = torch.ones(3, 50, dtype=torch.bool, device=sharding.device())
     mask[1, 31:] = False
     mask[2, ::7] = False
     kernel_checks.compare(with_lse(*SMALL, mode="exact", mask=mask), [q, k, v], torch.float32)
@@ -133,7 +133,7 @@ def test_exact_padded_bags_with_mask():
 
 def padded_mask(batch: int, length: int) -> torch.Tensor:
     """A mask with the second bag padded from row ``length - 40`` on and every 9th row of the first masked."""
-    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask = torch.ones(batch, length, dtype=torch.bool, device=sharding.device())
     mask[0, ::9] = False
     mask[1, length - 40:] = False
     return mask
@@ -196,7 +196,7 @@ def two_bags(mode: str, branches, rows: tuple[int, int], heads_dim: tuple[int, i
     zero-padded), exact on two padded bags of ``rows[0]`` with :func:`padded_mask`; ``fn`` returns ``(out, lse)``."""
     if mode == "torchscale":
         inputs = make_qkv((sum(rows), *heads_dim), seed=seed)
-        return with_lse(*branches, cu_seqlens=torch.tensor([0, rows[0], sum(rows)])), inputs
+        return with_lse(*branches, cu_seqlens=torch.tensor([0, rows[0], sum(rows)], device=sharding.device())), inputs
     inputs = make_qkv((2, rows[0], *heads_dim), seed=seed + 1)
     return with_lse(*branches, mode="exact", mask=padded_mask(2, rows[0])), inputs
 
@@ -265,7 +265,7 @@ def test_torchscale_atomic_dq_in_fp32(branches, monkeypatch):
     backward."""
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
     q, k, v = make_qkv((457, 3, 40), seed=33)
-    fn = with_lse(*branches, cu_seqlens=torch.tensor([0, 260, 457]))
+    fn = with_lse(*branches, cu_seqlens=torch.tensor([0, 260, 457], device=sharding.device()))
     assert compared_kernels(fn, [q, k, v], torch.float32) == ATOMIC_KERNELS
 
 
@@ -296,7 +296,7 @@ def test_deterministic_mode_runs_the_query_kernel(deterministic):
 def test_packed_bags_equal_separate_calls(mode, backend):
     q, k, v = make_qkv((117, 3, 16), seed=5)
     lengths = [40, 1, 76]
-    cu_seqlens = torch.tensor([0, 40, 41, 117])
+    cu_seqlens = torch.tensor([0, 40, 41, 117], device=sharding.device())
     with milkernels.use_backend(backend):
         packed = dilated_attention(q, k, v, *SMALL, mode=mode, cu_seqlens=cu_seqlens)
         separate = [dilated_attention(*(t[None, s:s + n] for t in (q, k, v)), *SMALL, mode=mode)[0]
@@ -440,7 +440,7 @@ def test_torchscale_keeps_the_branch_outputs_when_a_backward_follows(monkeypatch
 @pytest.mark.parametrize("mode, masked, keep", [("torchscale", False, True), ("exact", True, False)])
 def test_opcheck(mode, masked, keep):
     q, k, v = make_qkv((23, 3, 16), seed=12)
-    row_valid = torch.rand(23) > 0.3 if masked else None
+    row_valid = torch.rand(23, device=sharding.device()) > 0.3 if masked else None
     options = [[0, 9, 23], [8, 16], [1, 2], row_valid, 0.25, mode]
     kernel_checks.opcheck_attention_ops(torch.ops.milkernels.dilated_attention_forward,
                                         torch.ops.milkernels.dilated_attention_backward, [q, k, v, *options, keep],
@@ -449,7 +449,7 @@ def test_opcheck(mode, masked, keep):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_compiles_without_graph_break(backend):
-    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask = torch.ones(2, 30, dtype=torch.bool, device=sharding.device())
     mask[1, 21:] = False
     fn = lambda q, k, v, m: dilated_attention(q, k, v, *SMALL, mode="exact", mask=m)  # noqa: E731
     kernel_checks.assert_compiles_without_graph_break(fn, [*make_qkv((2, 30, 2, 16), seed=13), mask], backend)
