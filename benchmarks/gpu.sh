@@ -12,7 +12,8 @@
 # Environment: PYTHON (default python3); STEPS, the steps to run (default "install tests sweep
 # complexity profile"; a 10-minute device call fits "install tests", then "install sweep" and then
 # "install complexity" and "install profile" on the warm machine); TEST_TIMEOUT and BENCH_TIMEOUT in
-# seconds (default 180 each); TEST_WORKERS, pytest-xdist workers for the tests (default 0: none),
+# seconds (default 180 each); TEST_WORKERS, pytest-xdist workers for the tests (default 0: none; needs
+# pytest-xdist, which the lent H200's image has and the project does not install),
 # COMPLEXITY_TIMEOUT (default 450: the complexity run's worst case at its
 # default budget is about 11 mechanisms x 8 sizes x 5 s = 440 s), PROFILE_TIMEOUT (default 300); 0 = none. A step past its limit gets SIGINT and
 # writes what it measured (the complexity run writes its tables after every point anyway);

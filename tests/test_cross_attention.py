@@ -7,7 +7,6 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
 import milkernels
 from milkernels.bench.saved import saved_bytes
@@ -212,11 +211,10 @@ def test_atomic_dq_in_fp32(queries, keys, heads, width, monkeypatch, short_split
 
 
 @pytest.mark.parametrize("dq", ["atomic", "deterministic"])
-def test_one_head_as_a_2d_product(dq, monkeypatch, short_splits):
+def test_one_head_as_a_2d_product(dq, monkeypatch, short_splits, flat_one_head):
     """``FLAT_ONE_HEAD`` (Triton before 3.9, the GPU machine's 3.6): one head's products as 2-D dots, in the split
     forward and every backward kernel (the atomic dq's own key tiles at E = 128, or the dq kernel), over padded
     bags with key padding; outputs and every gradient against the reference."""
-    monkeypatch.setattr(kernels, "FLAT_ONE_HEAD", triton.language.constexpr(True))
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: dq == "atomic")
     inputs = make_inputs(300, 700, 128, batch=(2,), seed=31)
     padding = torch.zeros(2, 700, dtype=torch.bool, device=sharding.device())

@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
 import milkernels
 from milkernels.bench.cross_attention import slide_coords
@@ -248,12 +247,10 @@ def test_kernels_match_reference(patch_size_q, patch_size_k, radius, heads, widt
     kernel_checks.compare(attend_locally(local, heads), local_inputs(local, width, seed=radius), torch.float32)
 
 
-@pytest.mark.usefixtures("poisoned_buffers")
-def test_one_head_as_a_2d_product(monkeypatch):
+@pytest.mark.usefixtures("poisoned_buffers", "flat_one_head")
+def test_one_head_as_a_2d_product():
     """``FLAT_ONE_HEAD`` (Triton before 3.9, the GPU machine's 3.6): the local kernels' one-head products as 2-D
     dots, against the reference: the output and every gradient."""
-    monkeypatch.setattr(importlib.import_module("milkernels.ops.cross_attention.triton"), "FLAT_ONE_HEAD",
-                        triton.language.constexpr(True))
     local = random_layout(8, 224, 448, 37)
     kernel_checks.compare(attend_locally(local, 1), local_inputs(local, 40, seed=5), torch.float32)
 

@@ -264,6 +264,8 @@ def test_linear_attention_constructor_refuses_what_the_op_lacks():
         LinearAttention(16, 2, att_act=lambda: nn.LeakyReLU(0.2))
     with pytest.raises(ValueError, match="SiLU"):
         LinearAttention(16, 2, att_act=nn.SiLU)
+    with pytest.raises(ValueError, match="default arguments"):  # compiled calls rely on this check
+        LinearAttention.from_module(LinMILAttention(16, 2, att_act=lambda: nn.LeakyReLU(0.2)))
 
 
 def _manual_per_bag(module, x, lengths):

@@ -105,7 +105,9 @@ class LinearAttention(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module) -> "LinearAttention":
         """A module holding ``module``'s very ``temperature`` and children, in its order (no new parameters),
-        e.g. those of a Lin-MIL ``LinearAttention``; :func:`milkernels.swap` checks the structure."""
+        e.g. those of a Lin-MIL ``LinearAttention``; :func:`milkernels.swap` checks the structure. ValueError when
+        its ``act`` is one the op lacks (:func:`activation_name`)."""
+        activation_name(module.act)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads = module.temperature.shape[0]
@@ -140,8 +142,9 @@ class LinearAttention(nn.Module):
 
     @property
     def activation(self) -> str:
-        """The op's name of ``self.act`` (checked at construction and, in eager mode, at every call: torch 2.11's
-        dynamo cannot trace the check's ``vars(act)``, a graph break in the GPU run's compile test)."""
+        """The op's name of ``self.act`` (checked by the constructor and ``from_module`` and, in eager mode, at every
+        call: torch 2.11's dynamo cannot trace the check's ``vars(act)``, a graph break in the GPU run's compile
+        test)."""
         if torch.compiler.is_compiling():
             return ACTIVATIONS[type(self.act)]
         return activation_name(self.act)
