@@ -6,12 +6,16 @@ natively; set ``MILKERNELS_TEST_GPU=1`` there.
 
 import os
 
-if os.environ.get("MILKERNELS_TEST_GPU") != "1":
+ON_GPU = os.environ.get("MILKERNELS_TEST_GPU") == "1"
+if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import sharding  # noqa: E402
+from milkernels import _backends  # noqa: E402
 
 
 # What a CPU test meets on the GPU machine (MILKERNELS_TEST_GPU=1, no interpreter): it cannot run there, so it is
@@ -26,7 +30,7 @@ def pytest_runtest_makereport(item, call):
     (a CPU test forcing the triton backend, a traffic count) is reported as skipped."""
     outcome = yield
     report = outcome.get_result()
-    if os.environ.get("MILKERNELS_TEST_GPU") != "1" or call.excinfo is None or report.when != "call":
+    if not ON_GPU or call.excinfo is None or report.when != "call":
         return
     message = str(call.excinfo.value)
     reason = next((text for text in CANNOT_RUN_WITHOUT_THE_INTERPRETER if text in message), None)
@@ -39,7 +43,7 @@ def pytest_runtest_makereport(item, call):
 def flat_one_head(monkeypatch):
     """Cross-attention's ``FLAT_ONE_HEAD`` forced on (Triton before 3.9: one-head tiles as 2-D products), under the
     interpreter only: compiled kernels keep the value they were built with, and Triton raises when it changes."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not _backends.triton_interpreted():
         pytest.skip("forcing FLAT_ONE_HEAD needs the interpreter; on a GPU the Triton version sets it")
     import triton
 
@@ -50,7 +54,7 @@ def flat_one_head(monkeypatch):
 @pytest.fixture
 def device():
     """Where kernel tests run: the GPU under MILKERNELS_TEST_GPU=1, else the CPU (interpreter)."""
-    return torch.device("cuda" if os.environ.get("MILKERNELS_TEST_GPU") == "1" else "cpu")
+    return sharding.device()
 
 
 @pytest.fixture
