@@ -14,14 +14,16 @@ its feature tile. All write fp32 partials per split; :func:`milkernels.ops._comb
 bag's splits into ``pooled``, ``mass`` (the sum of the weights) and the per-column log-normalizer ``lse``.
 Score-only columns (from ``num_pooled`` on) are only scored.
 
-Backward: ``_score_grad_kernel`` (per block of rows and column tile) forms the score gradients
-``ds`` (the normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the
-dropped weights ``pk``, both in x's dtype; ``_dx_kernel`` (per block of rows and feature tile) writes
-``dx = pk dP + ds u``, or, where two column tiles at most hold the columns, the first every pooled one,
-``_dx_split_kernel`` (per split, u and dP loaded once); ``_weight_grad_kernel`` (per split; over whole rows
-where the one-pass forward runs, and there both column tiles in one program where the second is
-score-only) writes partials of ``du = ds^T x`` and ``dc``, summed per bag in a fixed order. Everything is
-deterministic.
+Backward: after the one-pass forward, with every column in one column tile, ``_one_pass_grad_kernel`` (per
+split, dP loaded once) reads each block of whole rows once for the score gradients ``ds`` (the
+normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the split's partials of
+``du = ds^T x`` and ``dc``, storing ``ds`` and the dropped weights ``pk`` (in x's dtype) only for dx.
+Elsewhere ``_score_grad_kernel`` (per block of rows and column tile) forms ``ds`` and ``pk`` and
+``_weight_grad_kernel`` (per split; over whole rows where the one-pass forward runs, and there both column
+tiles in one program where the second is score-only) the partials of ``du`` and ``dc``. ``_dx_kernel`` (per
+block of rows and feature tile) writes ``dx = pk dP + ds u``, or, where two column tiles at most hold the
+columns, the first every pooled one, ``_dx_split_kernel`` (per split, u and dP loaded once). The partials
+are summed per bag in a fixed order: everything is deterministic.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ SCORE_ONLY_ROWS = 256  # rows a step of the score kernel on score-only tiles (u 
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
 TWO_PASS_DX_WARPS = 8  # its warps, as the one-pass kernels' (80-205 registers in fp32 on sm_90)
 TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
+HALF_ROWS_TILE = 2048  # columns x features from which the one-pass backward steps half the forward's rows
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
 
@@ -373,6 +376,19 @@ def _block(block_start_ptr, block_end_ptr, block_bag_ptr, valid_ptr, HAS_MASK: t
 
 
 @triton.jit
+def _add_score_grads(d_s, z, lse, delta, d_p, keep, tile, is_nsf):
+    """``(d_s + the score gradients, the dropped weights)`` of a block's pooled columns, ``(BLOCK_N, BLOCK_J)``
+    each: the normalization's Jacobian applied to ``keep * d_p`` (``d_p = x . dP + d_mass``), from the scores
+    ``z``, the per-column ``lse`` and ``delta`` (``pooled . dP + mass d_mass``); 0 outside ``tile``."""
+    sig = tl.sigmoid(z)
+    weights = tl.where(is_nsf, sig * tl.exp(-lse[None, :]), tl.exp(z - lse[None, :]))
+    weights = tl.where(tile, weights, 0.0)
+    grad = weights * (keep * d_p - delta[None, :])
+    # delta is NaN for a softmax bag with no valid row; its rows have weight 0 and no gradient
+    return d_s + tl.where(tile, tl.where(is_nsf, grad * (1.0 - sig), grad), 0.0), weights * keep
+
+
+@triton.jit
 def _score_grad_kernel(
     x_ptr, valid_ptr, block_start_ptr, block_end_ptr, block_bag_ptr,
     z_ptr, lse_ptr, delta_ptr, d_pooled_ptr, d_mass_ptr, d_z_ptr, ds_ptr, pk_ptr,
@@ -386,30 +402,72 @@ def _score_grad_kernel(
     j0 = tl.program_id(1) * BLOCK_J
     cols_j = j0 + tl.arange(0, BLOCK_J)
     j_ok = cols_j < J
-    tile = valid[:, None] & j_ok[None, :]
     d_s = tl.zeros((BLOCK_N, BLOCK_J), tl.float32)
     if HAS_DZ:
         d_s += _load_rows(d_z_ptr, rows64, valid, cols_j, j_ok, J).to(tl.float32)
     if j0 < num_pooled:
         pool_ok = cols_j < num_pooled
         per_bag = bag * num_pooled + cols_j
-        z = _load_rows(z_ptr, rows64, valid, cols_j, j_ok, J)
-        lse = tl.load(lse_ptr + per_bag, mask=pool_ok, other=0.0)
-        sig = tl.sigmoid(z)
-        is_nsf = (cols_j >= nsf_from)[None, :]
-        weights = tl.where(is_nsf, sig * tl.exp(-lse[None, :]), tl.exp(z - lse[None, :]))
-        weights = tl.where(tile & pool_ok[None, :], weights, 0.0)
         d_p = _scores(x_ptr, d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, rows64, valid, cols_j, pool_ok, E,
                       tl.zeros((BLOCK_N, BLOCK_J), tl.float32), BLOCK_K, DOT_FP32, FP32_PRECISION)
         d_p += tl.load(d_mass_ptr + per_bag, mask=pool_ok, other=0.0).to(tl.float32)[None, :]
-        keep = _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT)
-        delta = tl.load(delta_ptr + per_bag, mask=pool_ok, other=0.0)
-        grad = weights * (keep * d_p - delta[None, :])
-        # delta is NaN for a softmax bag with no valid row; its rows have weight 0 and no gradient
-        d_s += tl.where(tile & pool_ok[None, :], tl.where(is_nsf, grad * (1.0 - sig), grad), 0.0)
+        d_s, pk = _add_score_grads(
+            d_s, _load_rows(z_ptr, rows64, valid, cols_j, j_ok, J), tl.load(lse_ptr + per_bag, mask=pool_ok, other=0.0),
+            tl.load(delta_ptr + per_bag, mask=pool_ok, other=0.0), d_p,
+            _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT),
+            valid[:, None] & pool_ok[None, :], (cols_j >= nsf_from)[None, :])
         if STORE_PK:
-            _store_rows(pk_ptr, rows64, row_ok, cols_j, pool_ok, num_pooled, weights * keep)
+            _store_rows(pk_ptr, rows64, row_ok, cols_j, pool_ok, num_pooled, pk)
     _store_rows(ds_ptr, rows64, row_ok, cols_j, j_ok, J, d_s)
+
+
+@triton.jit
+def _one_pass_grad_kernel(
+    x_ptr, valid_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
+    z_ptr, lse_ptr, delta_ptr, d_pooled_ptr, d_mass_ptr, d_z_ptr, ds_ptr, pk_ptr, part_du_ptr, part_dc_ptr,
+    E, J, num_pooled, nsf_from, seed, p_drop, drop_scale,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, HAS_DZ: tl.constexpr, FOR_DX: tl.constexpr,
+    DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
+):
+    """The score gradients and the weight gradients in one pass, per split, where one column tile holds every
+    column and whole rows fit (after :func:`_one_pass_kernel`): dP is loaded once, each block of whole rows
+    read once for ``d_p = x . dP`` and for ``du += ds^T x``; writes the split's partials of ``du`` and ``dc``
+    (as :func:`_weight_grad_kernel`) and, with ``FOR_DX``, ``ds`` and ``pk`` for the dx kernel (as
+    :func:`_score_grad_kernel`; ``ds`` rounded to x's dtype in both uses)."""
+    split = tl.program_id(0)
+    start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
+    cols_j = tl.arange(0, BLOCK_J)
+    j_ok = cols_j < J
+    pool_ok = cols_j < num_pooled
+    is_nsf = (cols_j >= nsf_from)[None, :]
+    cols_e = tl.arange(0, BLOCK_E)
+    e_ok = cols_e < E
+    per_bag = bag * num_pooled + cols_j
+    d_pooled_t = tl.load(d_pooled_ptr + bag.to(tl.int64) * num_pooled * E + cols_j.to(tl.int64)[None, :] * E
+                         + cols_e[:, None], mask=pool_ok[None, :] & e_ok[:, None], other=0.0)
+    d_mass = tl.load(d_mass_ptr + per_bag, mask=pool_ok, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + per_bag, mask=pool_ok, other=0.0)
+    delta = tl.load(delta_ptr + per_bag, mask=pool_ok, other=0.0)
+    acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
+    d_c = tl.zeros((BLOCK_J,), tl.float32)
+    for r0 in range(start, end, BLOCK_N):
+        rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
+        x_tile = _load_rows(x_ptr, rows64, valid, cols_e, e_ok, E)
+        d_s = tl.zeros((BLOCK_N, BLOCK_J), tl.float32)
+        if HAS_DZ:
+            d_s += _load_rows(d_z_ptr, rows64, valid, cols_j, j_ok, J).to(tl.float32)
+        d_p = _dot(x_tile, d_pooled_t, tl.zeros((BLOCK_N, BLOCK_J), tl.float32), DOT_FP32, FP32_PRECISION,
+                   x_ptr.dtype.element_ty) + d_mass[None, :]
+        d_s, pk = _add_score_grads(d_s, _load_rows(z_ptr, rows64, valid, cols_j, j_ok, J), lse, delta, d_p,
+                                   _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT),
+                                   valid[:, None] & pool_ok[None, :], is_nsf)
+        d_s = d_s.to(x_ptr.dtype.element_ty)
+        if FOR_DX:
+            _store_rows(ds_ptr, rows64, row_ok, cols_j, j_ok, J, d_s)
+            _store_rows(pk_ptr, rows64, row_ok, cols_j, pool_ok, num_pooled, pk)
+        acc, d_c = _add_weight_grads(d_s, x_tile, acc, d_c, DOT_FP32, FP32_PRECISION)
+    _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok, E, True, acc, d_c)
 
 
 @triton.jit
@@ -662,39 +720,78 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
     ``d_pooled: (B, P, Ein)``, ``d_mass: (B, P)`` and ``d_z: (T, J)`` may each be None (no gradient).
     """
     rows, features = x2d.shape
-    device, pooled_cols = x2d.device, plan.num_pooled
+    device = x2d.device
     d_pooled = torch.zeros_like(pooled) if d_pooled is None else d_pooled.contiguous()
     d_mass = torch.zeros_like(mass) if d_mass is None else d_mass.contiguous()
     d_z = d_z.contiguous() if d_z is not None else None
     delta = (pooled.float() * d_pooled.float()).sum(-1) + mass.float() * d_mass.float()
     # ds and pk only enter products, whose operands are in x's dtype: stored in it
-    d_s = _blocks.new_buffer(rows, plan.columns, dtype=x2d.dtype, device=device)
-    pk = _blocks.new_buffer(rows, pooled_cols, dtype=x2d.dtype, device=device) if wanted[0] else None
-    column_tiles = plan.tiles(features)[0]
-    blocks = plan.blocks
-    _score_grad_kernel[(blocks.num_blocks, column_tiles)](
-        x2d, _or(row_valid, x2d), blocks.start, blocks.end, blocks.bag, z, lse, delta, d_pooled, d_mass,
-        _or(d_z, z), d_s, _or(pk, d_s), features, plan.columns, pooled_cols, plan.nsf_from, **plan.dropout_args(),
-        DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, STORE_PK=pk is not None,
-        **dict(plan.flags(x2d), **score_grad_tiles(plan.tiles_fwd, plan.cfg, plan.columns, pooled_cols,
-                                                 plan.dropout_p > 0)),
-    )
+    d_s = _blocks.new_buffer(rows, plan.columns, dtype=x2d.dtype, device=device) if wanted[0] else None
+    pk = _blocks.new_buffer(rows, plan.num_pooled, dtype=x2d.dtype, device=device) if wanted[0] else None
+    score_grads = (z, lse, delta, d_pooled, d_mass, _or(d_z, z))
+    weight_grads = _weight_grad_partials(plan, x2d) if wanted[1] or wanted[2] else None
+    if weight_grads and one_pass_backward(plan.tiles_fwd, plan.cfg, plan.columns):
+        splits = plan.splits
+        _one_pass_grad_kernel[(splits.num_blocks,)](
+            x2d, _or(row_valid, x2d), splits.start, splits.end, splits.bag, *score_grads, _or(d_s, x2d),
+            _or(pk, x2d), *weight_grads, features, plan.columns, plan.num_pooled, plan.nsf_from, **plan.dropout_args(),
+            DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, FOR_DX=wanted[0],
+            **dict(plan.flags(x2d), **one_pass_grad_tiles(plan.tiles_fwd, plan.cfg)))
+    else:
+        if d_s is None:
+            d_s = _blocks.new_buffer(rows, plan.columns, dtype=x2d.dtype, device=device)
+        _score_grad_kernel[(plan.blocks.num_blocks, plan.tiles(features)[0])](
+            x2d, _or(row_valid, x2d), plan.blocks.start, plan.blocks.end, plan.blocks.bag, *score_grads, d_s,
+            _or(pk, d_s), features, plan.columns, plan.num_pooled, plan.nsf_from, **plan.dropout_args(),
+            DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, STORE_PK=pk is not None,
+            **dict(plan.flags(x2d), **score_grad_tiles(plan.tiles_fwd, plan.cfg, plan.columns, plan.num_pooled,
+                                                     plan.dropout_p > 0)))
+        if weight_grads:
+            _weight_grads(x2d, row_valid, d_s, *weight_grads, plan)
     dx = du = dc = None
     if wanted[0]:
         dx = _blocks.new_buffer(rows, features, dtype=x2d.dtype, device=device)
         _dx(dx, row_valid, u, d_pooled, d_s, pk, plan)
-    if wanted[1] or wanted[2]:
-        splits = plan.splits
-        part_du = _blocks.new_buffer(splits.num_blocks, plan.columns, features, dtype=torch.float32, device=device)
-        part_dc = _blocks.new_buffer(splits.num_blocks, plan.columns, dtype=torch.float32, device=device)
-        weight_tiles = split_tiles(plan.tiles_fwd, plan.cfg, plan.columns)
-        column_programs = 1 if weight_tiles["SCORE_TILE"] else column_tiles
-        _weight_grad_kernel[(splits.num_blocks, column_programs, triton.cdiv(features, weight_tiles["BLOCK_E"]))](
-            x2d, _or(row_valid, x2d), splits.start, splits.end, splits.bag, d_s, part_du, part_dc, features,
-            plan.columns, **dict(plan.flags(x2d), **weight_tiles))
-        du = _per_bag_sum(part_du, plan).to(u.dtype) if wanted[1] else None
-        dc = _per_bag_sum(part_dc, plan).to(u.dtype) if wanted[2] else None
+    if weight_grads:
+        du = _per_bag_sum(weight_grads[0], plan).to(u.dtype) if wanted[1] else None
+        dc = _per_bag_sum(weight_grads[1], plan).to(u.dtype) if wanted[2] else None
     return dx, du, dc
+
+
+def one_pass_backward(tiles: ForwardTiles, cfg: Config, columns: int) -> bool:
+    """Whether :func:`_one_pass_grad_kernel` forms the score and weight gradients: after the one-pass forward,
+    with every column in its one column tile (ASMIL's online tokens, LiteMIL; not the anchor's score-only
+    tile)."""
+    return tiles.one_pass and columns <= cfg.block_j
+
+
+def one_pass_grad_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
+    """Rows a step, feature tile (all of Ein) and warps of :func:`_one_pass_grad_kernel`: the one-pass forward's,
+    on half its row steps from :data:`HALF_ROWS_TILE` (columns x features) on. At the forward's row steps, on
+    sm_90, 16 columns over 256 features spilled 72 B (with a mask, dropout and dz), 32 over 64 24 B and 64 over
+    512 up to 56 B; halved, 16 over 32 spilled 8 B in fp16 (without dz), none at the forward's."""
+    one_tile = split_tiles(tiles, cfg, cfg.block_j)
+    del one_tile["SCORE_TILE"]
+    if cfg.block_j * one_tile["BLOCK_E"] >= HALF_ROWS_TILE:
+        one_tile["BLOCK_N"] //= 2
+    return one_tile
+
+
+def _weight_grad_partials(plan: Plan, x2d) -> tuple:
+    """Per-split fp32 buffers of ``du: (S, J, Ein)`` and ``dc: (S, J)``."""
+    splits, features = plan.splits.num_blocks, x2d.shape[1]
+    return (_blocks.new_buffer(splits, plan.columns, features, dtype=torch.float32, device=x2d.device),
+            _blocks.new_buffer(splits, plan.columns, dtype=torch.float32, device=x2d.device))
+
+
+def _weight_grads(x2d, row_valid, d_s, part_du, part_dc, plan: Plan):
+    """Writes the per-split partials of ``du = ds^T x`` and ``dc`` from the stored ``ds`` (on :func:`split_tiles`)."""
+    splits, features = plan.splits, x2d.shape[1]
+    weight_tiles = split_tiles(plan.tiles_fwd, plan.cfg, plan.columns)
+    column_programs = 1 if weight_tiles["SCORE_TILE"] else plan.tiles(features)[0]
+    _weight_grad_kernel[(splits.num_blocks, column_programs, triton.cdiv(features, weight_tiles["BLOCK_E"]))](
+        x2d, _or(row_valid, x2d), splits.start, splits.end, splits.bag, d_s, part_du, part_dc, features,
+        plan.columns, **dict(plan.flags(x2d), **weight_tiles))
 
 
 def _dx(dx, row_valid, u, d_pooled, d_s, pk, plan: Plan):
@@ -784,7 +881,8 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
                               flags: dict, dropout: bool, aligned):
     """The backward kernels :func:`backward` launches for one configuration: the score gradients, dx (per split
     where :func:`dx_split_tiles` says so, else per block and feature tile) and the weight gradients (on
-    :func:`split_tiles`)."""
+    :func:`split_tiles`), or, where :func:`one_pass_backward` says so, both gradients in one pass (the score
+    gradients' kernel then runs only where no weight gradient is wanted)."""
     tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
     split_kernel_tiles = split_tiles(tiles, cfg, columns)
     warps = split_kernel_tiles.pop("num_warps")
@@ -802,9 +900,19 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
         signature = _dx_signature(ptr, valid)
         yield (_dx_kernel, signature, dict(flags, BLOCK_E=cfg.block_e), cfg.num_warps,
                _named(aligned, signature))
-    signature = _weight_grad_signature(ptr, valid)
-    yield (_weight_grad_kernel, signature, dict(flags, **split_kernel_tiles), warps,
-           _named(aligned, signature))
+    if not one_pass_backward(tiles, cfg, columns):
+        signature = _weight_grad_signature(ptr, valid)
+        yield (_weight_grad_kernel, signature, dict(flags, **split_kernel_tiles), warps,
+               _named(aligned, signature))
+        return
+    signature = _signature(_one_pass_grad_kernel, dict(_score_grad_signature(ptr, valid),
+                                                       **_weight_grad_signature(ptr, valid)))
+    one_pass_tiles = one_pass_grad_tiles(tiles, cfg)
+    warps = one_pass_tiles.pop("num_warps")
+    for has_dz, for_dx in ((True, True), (False, False)):
+        yield (_one_pass_grad_kernel, signature,
+               dict(flags, **one_pass_tiles, DROPOUT=dropout, HAS_DZ=has_dz, FOR_DX=for_dx), warps,
+               _named(aligned, signature))
 
 
 def _named(aligned: set, signature: dict) -> tuple:
