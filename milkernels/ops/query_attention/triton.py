@@ -54,7 +54,8 @@ SCORE_ONLY_ROWS = 256  # rows a step of the score kernel on score-only tiles (u 
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
 TWO_PASS_DX_WARPS = 8  # its warps, as the one-pass kernels' (80-205 registers in fp32 on sm_90)
 TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
-HALF_ROWS_TILE = 2048  # columns x features from which the one-pass backward steps half the forward's rows
+SHORT_ROWS_TILE = 2048  # columns x features from which the one-pass backward steps SHORT_ROWS rows
+SHORT_ROWS = 16
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 
 
@@ -767,13 +768,14 @@ def one_pass_backward(tiles: ForwardTiles, cfg: Config, columns: int) -> bool:
 
 def one_pass_grad_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
     """Rows a step, feature tile (all of Ein) and warps of :func:`_one_pass_grad_kernel`: the one-pass forward's,
-    on half its row steps from :data:`HALF_ROWS_TILE` (columns x features) on. At the forward's row steps, on
-    sm_90, 16 columns over 256 features spilled 72 B (with a mask, dropout and dz), 32 over 64 24 B and 64 over
-    512 up to 56 B; halved, 16 over 32 spilled 8 B in fp16 (without dz), none at the forward's."""
+    but 16-row steps from :data:`SHORT_ROWS_TILE` (columns x features) on. At the forward's row steps, on
+    sm_90 with Triton 3.9, 16 columns over 256 features spilled 72 B (with a mask, dropout and dz), 32 over 64
+    24 B and 64 over 512 up to 56 B; at half of them, Triton 3.6 spilled 28 B at 16 over 256 (LiteMIL's
+    shape) and Triton 3.9 8 B at 16 over 32 in fp16 (so those keep the forward's 64)."""
     one_tile = split_tiles(tiles, cfg, cfg.block_j)
     del one_tile["SCORE_TILE"]
-    if cfg.block_j * one_tile["BLOCK_E"] >= HALF_ROWS_TILE:
-        one_tile["BLOCK_N"] //= 2
+    if cfg.block_j * one_tile["BLOCK_E"] >= SHORT_ROWS_TILE:
+        one_tile["BLOCK_N"] = SHORT_ROWS
     return one_tile
 
 
