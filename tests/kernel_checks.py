@@ -1,10 +1,16 @@
 """Checks shared by the op tests: backprop fixed cotangents, compare a backend with the float64 reference,
-compile without graph breaks, refuse double backward."""
+compile without graph breaks, refuse double backward, list the Triton kernels launched."""
+
+import collections
+import contextlib
+import dataclasses
 
 import pytest
 import torch
 
 import milkernels
+from milkernels import _backends
+from milkernels.bench.traffic import Counts, counting
 
 TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
@@ -90,3 +96,32 @@ def opcheck_attention_ops(forward_op, backward_op, args, backward_options=None):
     detached = [t.detach() for t in args[:3]]
     options = args[3:] if backward_options is None else backward_options
     torch.library.opcheck(backward_op, [*detached, *outputs, torch.randn_like(outputs[0]), *options])
+
+
+@contextlib.contextmanager
+def launched():
+    """The Triton kernels launched inside the block, ``by_kernel[name].launches``: under the interpreter a
+    :func:`milkernels.bench.traffic.counting` block (with its bytes and FLOPs), on a GPU (no interpreter to
+    count bytes) the launches Triton's launch hook sees, so that a test of which kernels run also runs there."""
+    if _backends.triton_interpreted():
+        with counting() as counts:
+            yield counts
+        return
+    import triton
+
+    launches = _Launches()
+    triton.knobs.runtime.launch_enter_hook.add(launches.record)
+    try:
+        yield launches
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(launches.record)
+
+
+@dataclasses.dataclass
+class _Launches:
+    """Launches by kernel name, as :class:`Counts` holds them (only ``launches`` set)."""
+
+    by_kernel: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(Counts))
+
+    def record(self, metadata) -> None:
+        self.by_kernel[metadata.get()["name"]].launches += 1

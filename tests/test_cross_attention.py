@@ -175,10 +175,10 @@ def test_deterministic_mode_runs_the_dq_kernel(splits, monkeypatch, deterministi
     inputs = make_inputs(17, 700, 72, batch=(2,), dtype=torch.float16, seed=16)
     padding = torch.zeros(2, 700, dtype=torch.bool, device=sharding.device())
     padding[1, 300:] = True
-    with counting() as deterministic_run:
+    with kernel_checks.launched() as deterministic_run:
         kernel_checks.compare(attend(4, key_padding_mask=padding), inputs, torch.float16)
     torch.use_deterministic_algorithms(False)
-    with counting() as default_run, milkernels.use_backend("triton"):
+    with kernel_checks.launched() as default_run, milkernels.use_backend("triton"):
         kernel_checks.outputs_and_grads(attend(4, key_padding_mask=padding), inputs)
     assert deterministic_run.by_kernel["_query_grad_kernel"].launches == 1
     assert "_query_grad_kernel" not in default_run.by_kernel
@@ -191,7 +191,7 @@ def test_atomic_dq_in_half_precision(short_splits):
     inputs = make_inputs(300, 200, 128, batch=(2,), dtype=torch.float16, seed=22)
     padding = torch.zeros(2, 200, dtype=torch.bool, device=sharding.device())
     padding[1, 70:] = True
-    with counting() as run:
+    with kernel_checks.launched() as run:
         kernel_checks.compare(attend(1, key_padding_mask=padding), inputs, torch.float16)
     assert "_query_grad_kernel" not in run.by_kernel and run.by_kernel["_key_grad_kernel"].launches == 1
 
@@ -205,7 +205,7 @@ def test_atomic_dq_in_fp32(queries, keys, heads, width, monkeypatch, short_split
     inputs = make_inputs(queries, keys, width, batch=(2,), seed=queries)
     padding = torch.zeros(2, keys, dtype=torch.bool, device=sharding.device())
     padding[1, keys // 3:] = True
-    with counting() as run:
+    with kernel_checks.launched() as run:
         kernel_checks.compare(attend(heads, key_padding_mask=padding), inputs, torch.float32)
     assert "_query_grad_kernel" not in run.by_kernel
 

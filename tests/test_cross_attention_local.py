@@ -3,6 +3,7 @@ mask on awkward layouts, the reference against a dense float64 masked attention,
 block-sparse triton kernels (interpreter on CPU) against the float64 reference and the dense masked oracle, for
 the output and every gradient, with NaN-poisoned buffers, and their custom ops and sm_90 compiles."""
 
+import dataclasses
 import importlib
 import time
 
@@ -19,6 +20,7 @@ from milkernels.ops.cross_attention.local import (LocalNeighbourhood, candidate_
 
 import aot
 import kernel_checks
+import sharding
 from milkernels.bench.traffic import counting
 
 local_kernels = importlib.import_module("milkernels.ops.cross_attention.local_triton")
@@ -221,14 +223,22 @@ def test_reference_in_bfloat16_computes_in_float32():
 
 
 def local_inputs(local, width, dtype=torch.float32, seed=0, norm_params=True):
-    """``[xq, q, k, v, ln_weight, ln_bias]`` for the queries and keys of ``local``, all requiring grad."""
+    """``[xq, q, k, v, ln_weight, ln_bias]`` for the queries and keys of ``local``, all requiring grad, on its
+    coordinates' device."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+        return torch.randn(*shape, generator=generator).to(dtype=dtype, device=local.coords_q.device).requires_grad_()
 
     rows = [randn(len(local.coords_q), width) for _ in range(2)] + [randn(len(local.coords_k), width) for _ in range(2)]
     return rows + ([randn(width), randn(width)] if norm_params else [None, None])
+
+
+def on_device(local):
+    """``local`` with its coordinates where kernel tests run (:func:`sharding.device`: the GPU under
+    MILKERNELS_TEST_GPU=1, else the CPU)."""
+    device = sharding.device()
+    return dataclasses.replace(local, coords_q=local.coords_q.to(device), coords_k=local.coords_k.to(device))
 
 
 def attend_locally(local, heads=1, **kwargs):
@@ -243,7 +253,7 @@ def attend_locally(local, heads=1, **kwargs):
 def test_kernels_match_reference(patch_size_q, patch_size_k, radius, heads, width):
     """Awkward layouts (holes, jitter, sizes that are no multiple of each other, queries with no neighbour) and
     E no power of two: the output and the gradients of xq, q, k, v and the norm."""
-    local = random_layout(8, patch_size_q, patch_size_k, radius)
+    local = on_device(random_layout(8, patch_size_q, patch_size_k, radius))
     kernel_checks.compare(attend_locally(local, heads), local_inputs(local, width, seed=radius), torch.float32)
 
 
@@ -251,7 +261,7 @@ def test_kernels_match_reference(patch_size_q, patch_size_k, radius, heads, widt
 def test_one_head_as_a_2d_product():
     """``FLAT_ONE_HEAD`` (Triton before 3.9, the GPU machine's 3.6): the local kernels' one-head products as 2-D
     dots, against the reference: the output and every gradient."""
-    local = random_layout(8, 224, 448, 37)
+    local = on_device(random_layout(8, 224, 448, 37))
     kernel_checks.compare(attend_locally(local, 1), local_inputs(local, 40, seed=5), torch.float32)
 
 
@@ -259,7 +269,7 @@ def test_one_head_as_a_2d_product():
 def test_kernels_match_the_dense_masked_oracle():
     """Against softmax with -inf outside the brute-force mask, independent of the plan; lonely queries get
     LayerNorm(xq) and every gradient is finite."""
-    local = random_layout(9, 512, 256, 256)
+    local = on_device(random_layout(9, 512, 256, 256))
     mask = neighbour_mask(local)
     inputs = local_inputs(local, 24, seed=9)
     with milkernels.use_backend("triton"):
@@ -278,14 +288,14 @@ def test_kernels_match_the_dense_masked_oracle():
 @pytest.mark.usefixtures("poisoned_buffers")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernels_in_half_precision(dtype):
-    local = random_layout(10, 256, 512, 256)
+    local = on_device(random_layout(10, 256, 512, 256))
     xq, q, k, v, weight, bias = local_inputs(local, 32, dtype=dtype, seed=10)
     kernel_checks.compare(attend_locally(local, 2), [xq, q, k, v], dtype)
 
 
 @pytest.mark.usefixtures("poisoned_buffers")
 def test_kernels_without_norm_parameters_at_a_custom_scale():
-    local = random_layout(11, 512, 256, 0)
+    local = on_device(random_layout(11, 512, 256, 0))
     kernel_checks.compare(attend_locally(local, 4, softmax_scale=0.3, eps=1e-3),
                           local_inputs(local, 32, seed=11, norm_params=False), torch.float32)
 
@@ -293,13 +303,13 @@ def test_kernels_without_norm_parameters_at_a_custom_scale():
 @pytest.mark.usefixtures("poisoned_buffers")
 @pytest.mark.parametrize("num_queries, num_keys", [(0, 5), (7, 0), (1, 1)])
 def test_kernels_on_empty_sides(num_queries, num_keys):
-    local = LocalNeighbourhood(torch.zeros(num_queries, 2, dtype=torch.long), torch.zeros(num_keys, 2,
-                                                                                           dtype=torch.long), 512, 256)
+    local = on_device(LocalNeighbourhood(torch.zeros(num_queries, 2, dtype=torch.long),
+                                         torch.zeros(num_keys, 2, dtype=torch.long), 512, 256))
     kernel_checks.compare(attend_locally(local, 2), local_inputs(local, 16, seed=12), torch.float32)
 
 
 def test_kernels_are_deterministic_and_take_any_integer_coords():
-    local = random_layout(13, 512, 256, 256)
+    local = on_device(random_layout(13, 512, 256, 256))
     narrow = LocalNeighbourhood(local.coords_q.int(), local.coords_k.short(), 512, 256, 256)
     inputs = local_inputs(local, 24, seed=13)
     with milkernels.use_backend("triton"):
@@ -309,7 +319,7 @@ def test_kernels_are_deterministic_and_take_any_integer_coords():
 
 
 def test_kernels_refuse_coordinates_beyond_int32():
-    local = LocalNeighbourhood(torch.tensor([[0, 0]]), torch.tensor([[2 ** 30, 0]]), 512, 256)
+    local = on_device(LocalNeighbourhood(torch.tensor([[0, 0]]), torch.tensor([[2 ** 30, 0]]), 512, 256))
     with milkernels.use_backend("triton"), pytest.raises(ValueError, match="int32 range"):
         cross_attention(*local_inputs(local, 16), local=local)
 
@@ -317,7 +327,7 @@ def test_kernels_refuse_coordinates_beyond_int32():
 def test_kernels_save_the_attention_output_and_row_statistics():
     """Beyond the inputs (the coordinates among them), the local op keeps ``A V`` (Nq x E), the row mean and
     rstd and the lse (Nq x H), as the dense op; the reference keeps per-pair tensors."""
-    local = random_layout(14, 512, 256, 256)
+    local = on_device(random_layout(14, 512, 256, 256))
     inputs = local_inputs(local, 32, seed=14)
     num_queries = len(local.coords_q)
     coords = [local.coords_q, local.coords_k]
@@ -331,7 +341,7 @@ def test_kernels_save_the_attention_output_and_row_statistics():
 
 @pytest.mark.parametrize("affine", [False, True])
 def test_local_opcheck(affine):
-    local = random_layout(15, 512, 256, 256)
+    local = on_device(random_layout(15, 512, 256, 256))
     xq, q, k, v, weight, bias = (t.detach().requires_grad_() for t in local_inputs(local, 24, seed=15))
     params = [weight, bias] if affine else [None, None]
     neighbourhood = [local.coords_q, local.coords_k, 512, 256, 256]
@@ -348,13 +358,13 @@ def test_local_opcheck(affine):
 def test_local_mode_compiles_without_graph_break():
     """The triton path: the plan is built inside the custom op. (The reference's plan has data-dependent sizes
     and does not trace with ``fullgraph=True``; it is the CPU path.)"""
-    local = random_layout(16, 256, 512, 0)
+    local = on_device(random_layout(16, 256, 512, 0))
     kernel_checks.assert_compiles_without_graph_break(attend_locally(local, 2), local_inputs(local, 32, seed=16),
                                                       "triton")
 
 
 def test_local_double_backward_raises_on_triton():
-    local = random_layout(17, 512, 256, 0)
+    local = on_device(random_layout(17, 512, 256, 0))
     kernel_checks.assert_double_backward_raises(attend_locally(local, 2), local_inputs(local, 32, seed=17),
                                                 "cross_attention")
 

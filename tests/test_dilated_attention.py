@@ -141,7 +141,7 @@ def padded_mask(batch: int, length: int) -> torch.Tensor:
 
 def compared_kernels(fn, inputs, dtype) -> set:
     """:func:`kernel_checks.compare` of ``fn`` on ``inputs``; the Triton kernels its forward and backward launched."""
-    with counting() as counts:
+    with kernel_checks.launched() as counts:
         kernel_checks.compare(fn, inputs, dtype)
     return set(counts.by_kernel)
 

@@ -176,14 +176,14 @@ def test_mixed_columns_pooled_and_score_only(columns, nsf_from, num_pooled, devi
                                   need_weights=True)
         return folded.pooled, folded.mass, folded.z, folded.weights
 
-    with counting() as traffic, milkernels.use_backend("triton"):
+    with kernel_checks.launched() as launches, milkernels.use_backend("triton"):
         fn(x, u, c)
     cfg = kernels.config_for(columns, 30)
     if kernels.forward_tiles(cfg, num_pooled, 30, torch.float32, False).one_pass:
-        assert ("_score_kernel" in traffic.by_kernel) == (columns > cfg.block_j)
-        assert "_pool_kernel" not in traffic.by_kernel
+        assert ("_score_kernel" in launches.by_kernel) == (columns > cfg.block_j)
+        assert "_pool_kernel" not in launches.by_kernel
     else:
-        assert {"_score_kernel", "_pool_kernel"} <= traffic.by_kernel.keys()
+        assert {"_score_kernel", "_pool_kernel"} <= launches.by_kernel.keys()
     kernel_checks.compare(fn, [x, u, c], torch.float32)
 
 
@@ -220,10 +220,10 @@ def test_score_only_tile_over_splits_masks_and_per_bag_queries(nsf_from, one_pas
     if one_pass:
         monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
     fn, inputs = anchored_over_splits(300, 80, 24, nsf_from, torch.float32, device, monkeypatch)
-    with counting() as traffic, milkernels.use_backend("triton"):
+    with kernel_checks.launched() as launches, milkernels.use_backend("triton"):
         sum(out.sum() for out in fn(*inputs)).backward()
     forward_kernel = "_one_pass_kernel" if one_pass else "_pool_kernel"
-    assert {forward_kernel, "_score_kernel", "_dx_split_kernel"} <= traffic.by_kernel.keys()
+    assert {forward_kernel, "_score_kernel", "_dx_split_kernel"} <= launches.by_kernel.keys()
     kernel_checks.compare(fn, inputs, torch.float32)
 
 
@@ -232,9 +232,9 @@ def test_per_block_dx_with_pooled_columns_past_the_first_tile(dtype, device, mon
     """dx per block where the pooled columns take two tiles (100 columns, 80 pooled, NSF from 60), against
     fp64: :func:`anchored_over_splits` over 40 features, ds and pk in the input dtype."""
     fn, inputs = anchored_over_splits(40, 100, 80, 60, dtype, device, monkeypatch)
-    with counting() as traffic, milkernels.use_backend("triton"):
+    with kernel_checks.launched() as launches, milkernels.use_backend("triton"):
         sum(out.float().sum() for out in fn(*inputs)).backward()
-    assert "_dx_kernel" in traffic.by_kernel and "_dx_split_kernel" not in traffic.by_kernel
+    assert "_dx_kernel" in launches.by_kernel and "_dx_split_kernel" not in launches.by_kernel
     kernel_checks.compare(fn, inputs, dtype)
 
 
@@ -295,11 +295,11 @@ def test_per_split_dx_over_splits_and_masks(normalization, one_pass, device, mon
     inputs[1] = torch.randn(2, 3, 16, generator=generator).to(device).requires_grad_()
     mask = torch.rand(2, 300, generator=generator) > 0.3
     mask[1, 250:] = False
-    with counting() as traffic, milkernels.use_backend("triton"):
+    with kernel_checks.launched() as launches, milkernels.use_backend("triton"):
         sum(out.sum() for out in all_outputs(*inputs, 8, mask=mask.to(device))).backward()
     forward_kernels = {"_one_pass_kernel"} if one_pass else {"_score_kernel", "_pool_kernel"}
-    assert {*forward_kernels, "_dx_split_kernel"} <= traffic.by_kernel.keys()
-    assert ("_score_kernel" in traffic.by_kernel) != one_pass and "_dx_kernel" not in traffic.by_kernel
+    assert {*forward_kernels, "_dx_split_kernel"} <= launches.by_kernel.keys()
+    assert ("_score_kernel" in launches.by_kernel) != one_pass and "_dx_kernel" not in launches.by_kernel
     kernel_checks.compare(all_outputs, inputs, torch.float32, heads=8, normalization=normalization,
                           mask=mask.to(device))
 
