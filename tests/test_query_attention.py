@@ -105,15 +105,22 @@ def test_masked_rows_are_never_read(device):
 @pytest.mark.usefixtures("forward_passes")
 def test_frozen_inputs(frozen, normalization, device):
     """Only some inputs need gradients: frozen features (x; with the one-pass forward, the one-pass backward
-    writes no ds or pk) or a frozen layer (dx alone, by the score-gradient kernel, no weight gradients), over
-    two padded bags with a mask, 3 queries x 4 heads over 40 features, with the logits' gradient."""
+    alone, writing no ds or pk) or a frozen layer (dx alone: the score-gradient kernel and the per-split dx, no
+    weight gradients), over two padded bags with a mask, 3 queries x 4 heads over 40 features, with the
+    logits' gradient; the kernels launched are checked too."""
     inputs = make_inputs(150, 40, 16, 3, device=device, seed=44, batch=2)
     for tensor in inputs[:1] if frozen == "features" else inputs[1:]:
         tensor.requires_grad_(False)
     generator = torch.Generator().manual_seed(44)
     mask = (torch.rand(2, 150, generator=generator) > 0.3).to(device)
     mask[1, 120:] = False
-    kernel_checks.compare(all_outputs, inputs, torch.float32, heads=4, normalization=normalization, mask=mask)
+    with kernel_checks.launched() as launches:
+        kernel_checks.compare(all_outputs, inputs, torch.float32, heads=4, normalization=normalization, mask=mask)
+    one_pass = kernels.forward_tiles(kernels.config_for(12, 40), 12, 40, torch.float32, False).one_pass
+    weight_grads = {"_one_pass_grad_kernel"} if one_pass else {"_score_grad_kernel", "_weight_grad_kernel"}
+    gradient_kernels = launches.by_kernel.keys() & {"_one_pass_grad_kernel", "_score_grad_kernel", "_weight_grad_kernel"}
+    assert gradient_kernels == (weight_grads if frozen == "features" else {"_score_grad_kernel"})
+    assert ("_dx_split_kernel" in launches.by_kernel) == (frozen == "layer")
 
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)

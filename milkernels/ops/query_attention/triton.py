@@ -28,6 +28,7 @@ are summed per bag in a fixed order: everything is deterministic.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -836,8 +837,8 @@ def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
-    dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, a
-    gradient of the scores and a gradient of x. ``aligned`` names the integer arguments (E, J, the per-bag
+    dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, and of
+    a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward). ``aligned`` names the integer arguments (E, J, the per-bag
     strides J * E and J, the first column scored, P and the first NSF column) that are multiples of 16 at the
     example shape (a launch specializes on those).
     """
@@ -911,7 +912,7 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
                                                        **_weight_grad_signature(ptr, valid)))
     one_pass_tiles = one_pass_grad_tiles(tiles, cfg)
     warps = one_pass_tiles.pop("num_warps")
-    for has_dz, for_dx in ((True, True), (False, False)):
+    for has_dz, for_dx in itertools.product((True, False), repeat=2):  # all four: (False, True) spilled where (True, True) did not
         yield (_one_pass_grad_kernel, signature,
                dict(flags, **one_pass_tiles, DROPOUT=dropout, HAS_DZ=has_dz, FOR_DX=for_dx), warps,
                _named(aligned, signature))
