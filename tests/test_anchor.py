@@ -10,6 +10,8 @@ from torch import nn
 import milkernels
 from milkernels.nn.anchor import AnchoredQueryAttention, EMAAnchor
 
+import kernel_checks
+
 EMBED, HEADS, TOKENS, TEMPERATURE = 128, 8, 8, 0.5
 
 
@@ -82,9 +84,9 @@ def assert_all_close(got, want, rtol=None):
             torch.testing.assert_close(g, w.to(g.dtype), rtol=rtol, atol=rtol * w.abs().max().item())
 
 
-def compare_with_unfused(backend, dtype, n, rtol=None):
-    model = make_model(dtype)
-    x = torch.randn(n, EMBED, dtype=dtype, requires_grad=True)
+def compare_with_unfused(backend, dtype, n, rtol=None, model=None, x=None):
+    model = make_model(dtype) if model is None else model
+    x = torch.randn(n, EMBED, dtype=dtype, requires_grad=True) if x is None else x
     inputs = online_inputs(model, x)
     want = outputs_and_grads(unfused(model, x), inputs)
     with milkernels.use_backend(backend):
@@ -167,6 +169,22 @@ def test_loss_gradient_does_not_flow_through_the_anchor_scores():
         out = model(x)
     _, _, want_loss = unfused(model, x)
     torch.testing.assert_close(torch.autograd.grad(out.loss, x)[0], torch.autograd.grad(want_loss, x)[0])
+
+
+def test_training_backward_takes_no_anchor_column(monkeypatch):
+    """The anchor's scores come from a scores-only call without gradient, so the online call's backward has
+    its 64 columns alone: with the one-pass kernels (fp16/bf16's, here in fp32) it runs the one-pass backward
+    (with the anchor's 64 columns in the same call it ran the score- and weight-gradient kernels); the
+    outputs and gradients match the unfused composition."""
+    from milkernels.ops.query_attention import triton as kernels
+
+    monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
+    model = make_model(torch.float32)
+    x = torch.randn(90, EMBED, requires_grad=True)
+    with kernel_checks.launched() as launches:
+        compare_with_unfused("triton", torch.float32, 90, rtol=2e-4, model=model, x=x)
+    assert "_one_pass_grad_kernel" in launches.by_kernel and "_score_grad_kernel" not in launches.by_kernel
+    assert launches.by_kernel["_one_pass_kernel"].launches == 1 and launches.by_kernel["_score_kernel"].launches == 1
 
 
 def test_n_drop_keeps_a_random_subset_in_training_and_all_in_eval():

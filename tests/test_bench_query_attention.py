@@ -60,9 +60,9 @@ def test_reference_and_peers_match_the_public_path_and_the_counter(op, dims):
 
 def test_step_formulas():
     n, (dim, tokens, heads) = 64, STEP_DIMS.values()
-    bag = 2 * n * dim * (2 * tokens * heads) + 2 * n * dim * tokens * heads   # scores (online + anchor), pooling
+    bag = 2 * (2 * n * dim * tokens * heads)                                  # the online scores, pooling
     online = tokens * (8 * dim * dim + 2 * dim)                               # q_proj, fold, values, out_proj
-    anchor = tokens * (4 * dim * dim + 2 * dim)                               # q_proj, fold
+    anchor = tokens * (4 * dim * dim + 2 * dim) + 2 * n * dim * tokens * heads  # q_proj, fold, its scores
     assert ASMIL_STEP.flops(n, STEP_DIMS, False) == bag + online + anchor == 6 * n * dim * tokens * heads + \
         tokens * (12 * dim * dim + 4 * dim)
     assert ASMIL_STEP.flops(n, STEP_DIMS, True) == 3 * (bag + online) + anchor

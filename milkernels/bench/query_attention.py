@@ -7,13 +7,13 @@ bv, wo, bo, ln_w, ln_b, awq, abq, awk, abk)``: ``query: (T, H, dh)`` (the learne
 head so that the case carries H), the online weights stacked over tokens (``(T, D, D)`` and
 ``(T, D)``) and the anchor's q and k projections (the anchor needs no others; no ``requires_grad``:
 the anchor is a stop-gradient target). Outputs ``(tokens: (T, D), loss)``. ``call`` runs
-:class:`milkernels.nn.anchor.AnchoredQueryAttention` on those weights (one folded pass over x for
-the online and the anchor columns); ``reference`` is ASMIL's eager composition, which projects the
-whole bag with every token's ``k_proj`` and ``v_proj`` and the anchor's ``k_proj``. Dropout is 0
-and no token is dropped, so both compute the same numbers; the anchor's EMA update (once per
-optimizer step, independent of N) is not part of the step. The peer ``online_only`` runs the same module
-without the anchor and the loss (the online tokens alone): the anchor's extra cost is its time over
-``online_only``'s.
+:class:`milkernels.nn.anchor.AnchoredQueryAttention` on those weights (a folded pass over x for
+the online columns, and a scores-only one for the anchor's, without gradient); ``reference`` is ASMIL's
+eager composition, which projects the whole bag with every token's ``k_proj`` and ``v_proj`` and the
+anchor's ``k_proj``. Dropout is 0 and no token is dropped, so both compute the same numbers; the
+anchor's EMA update (once per optimizer step, independent of N) is not part of the step. The peer
+``online_only`` runs the same module without the anchor and the loss (the online tokens alone): the
+anchor's extra cost is its time over ``online_only``'s.
 
 ``litemil_pool``: LiteMIL's pooling: ``nn.MultiheadAttention(D, H, batch_first=True)`` from one
 learned query to a bag ``x: (1, N, D)``. Inputs ``(x, query, in_proj_weight, in_proj_bias,
@@ -34,11 +34,10 @@ anchor's for ASMIL):
   ``u = Wk_h^T q_h`` and the value projection of the pooled rows ``Wv_h pooled_h``, ``2·D`` for the
   offsets ``q_h . bk_h`` and ``2·D²`` for ``out_proj``; the anchor's modules only project and fold.
 - backward: ``2 ×`` the forward of every product with an operand that needs a gradient: all but the
-  anchor's projections and folding (its score columns share the bag's product with the online
-  ones, so they count there).
+  anchor's (its projections, folding and scores).
 
 So LiteMIL: forward ``4·N·D·H + 8·D² + 2·D``, fwd+bwd 3 × that; ASMIL: forward
-``6·N·D·T·H + T·(12·D² + 4·D)``, fwd+bwd ``18·N·D·T·H + T·(28·D² + 8·D)``. The elementwise work
+``6·N·D·T·H + T·(12·D² + 4·D)``, fwd+bwd ``14·N·D·T·H + T·(28·D² + 8·D)``. The elementwise work
 (softmax, NSF, the loss, LayerNorm; about 10·N·T·H) is left out.
 """
 
@@ -132,12 +131,12 @@ def _module_flops(dim: int) -> int:
 
 
 def step_flops(n: int, dims: dict, backward: bool) -> int:
-    """Matmul FLOPs of ``asmil_step`` (module doc): the bag's products and the online modules (× 3 with the
-    backward) and the anchor's projections and folding."""
+    """Matmul FLOPs of ``asmil_step`` (module doc): the online columns' products over the bag and the online
+    modules (× 3 with the backward), and the anchor's projections, folding and scores."""
     dim, tokens, heads = dims["D"], dims["T"], dims["H"]
-    pooled = tokens * heads
-    trained = 2 * n * dim * (2 * pooled) + 2 * n * dim * pooled + tokens * _module_flops(dim)
-    anchor = tokens * (4 * dim * dim + 2 * dim)
+    columns = tokens * heads
+    trained = 2 * (2 * n * dim * columns) + tokens * _module_flops(dim)
+    anchor = tokens * (4 * dim * dim + 2 * dim) + 2 * n * dim * columns
     return (3 if backward else 1) * trained + anchor
 
 

@@ -4,8 +4,10 @@
 - :class:`AnchoredQueryAttention` is ASMIL's block of FEAT tokens: ``num_tokens`` learned queries, each
   with its own multi-head cross-attention module (children ``q_proj, k_proj, v_proj, out_proj:
   Linear(E, E)``, ``layer_norm: LayerNorm(E, eps=1e-6)``, ``dropout``), their EMA anchor scored with the
-  normalized sigmoid (NSF) and the stabilization loss ``L_kd``. Every token's attention and the anchor's
-  scores come from ONE :func:`~milkernels.ops.query_attention.folded_attention` call over the bag.
+  normalized sigmoid (NSF) and the stabilization loss ``L_kd``. Every token's attention comes from ONE
+  :func:`~milkernels.ops.query_attention.folded_attention` call over the bag, and in training the anchor's
+  scores from a second, scores-only one without gradient (in one call, whose backward cannot tell that the
+  anchor's columns take none, their gradients would be computed and dropped).
 
 The anchor is a training device only: at inference only the online tokens run, and ``forward`` in eval
 mode computes no anchor scores and no loss.
@@ -163,22 +165,22 @@ class AnchoredQueryAttention(nn.Module):
             check_bag_shape(x, self.query.shape[1])
             return self._without_instances(x)
         bags = pack_bags(x, self.query.shape[1], mask)
-        online = self._fold(self.tokens, 1.0)
-        columns = online[0].shape[1]
-        if self.training:
-            with torch.no_grad():
-                anchor = self._fold(self.anchor.module, self.temperature)
-            u, c = (torch.cat(pair, dim=1) for pair in zip(online, anchor))
-        else:
-            u, c = online
+        u, c = self._fold(self.tokens, 1.0)
+        columns = u.shape[1]
         folded = folded_attention(bags, u, c, nsf_from=columns, num_pooled=columns, training=self.training)
         tokens = bags.bags_to_caller(self._token_outputs(folded.pooled, folded.mass))
-        scores = folded.z[:, :columns]
-        logits = columns_to_caller(scores.to(x.dtype), bags, self.num_tokens, fill=float("-inf"))
+        logits = columns_to_caller(folded.z.to(x.dtype), bags, self.num_tokens, fill=float("-inf"))
         if not self.training:
             return AnchoredOutput(tokens, tokens, logits, None)
-        loss = self._loss(scores, folded.z[:, columns:].detach(), bags)
+        loss = self._loss(folded.z, self._anchor_scores(bags), bags)
         return AnchoredOutput(tokens, self._keep(tokens), logits, loss)
+
+    def _anchor_scores(self, bags: Bags) -> torch.Tensor:
+        """The EMA anchor's scores ``s_anchor / T: (rows, Tk * H)``, float32, without gradient: a scores-only
+        :func:`~milkernels.ops.query_attention.folded_attention` call (no pooled column)."""
+        with torch.no_grad():
+            u, c = self._fold(self.anchor.module, self.temperature)
+            return folded_attention(bags, u, c, nsf_from=0, num_pooled=0, training=False).z
 
     def _without_instances(self, x: torch.Tensor) -> AnchoredOutput:
         """The forward on ``x: (0, E)`` or ``(B, 0, E)``, which the fused op refuses: ASMIL's composition in

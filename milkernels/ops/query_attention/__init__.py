@@ -214,8 +214,8 @@ def _check_folded(bags: Bags, u, c, nsf_from, num_pooled, dropout_p):
     if tuple(c.shape) != tuple(u.shape[:2]):
         raise ValueError(f"c must have shape {tuple(u.shape[:2])} to match u, got {tuple(c.shape)}")
     columns = u.shape[1]
-    if columns == 0 or not 0 <= nsf_from <= columns or not 0 < num_pooled <= columns:
-        raise ValueError(f"need J > 0, 0 <= nsf_from <= J and 0 < num_pooled <= J; got J={columns}, "
+    if columns == 0 or not 0 <= nsf_from <= columns or not 0 <= num_pooled <= columns:
+        raise ValueError(f"need J > 0, 0 <= nsf_from <= J and 0 <= num_pooled <= J; got J={columns}, "
                          f"nsf_from={nsf_from}, num_pooled={num_pooled}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
@@ -228,7 +228,8 @@ def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropou
     ``u: (Bu, J, Ein)`` and ``c: (Bu, J)``, Bu = 1 (all bags) or B, give the scores
     ``z = x u^T + c`` of J columns. Columns from ``nsf_from`` on are normalized with NSF, the others
     with softmax, over the rows of each bag; the first ``num_pooled`` columns are pooled (with dropout
-    ``dropout_p`` on their weights when ``training``), the rest give scores only. See :class:`Folded`.
+    ``dropout_p`` on their weights when ``training``), the rest give scores only (all of them at
+    ``num_pooled = 0``: ``pooled`` and ``mass`` are then empty). See :class:`Folded`.
     With ``group_name`` (:func:`milkernels.distributed.group_name`), ``bags`` is a rank's shard, ``pooled`` and
     ``mass`` are the whole bags' and the weights are detached.
     """

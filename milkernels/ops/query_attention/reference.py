@@ -81,7 +81,7 @@ def normalize(z, bags, nsf_from: int):
     ``nsf_from``, NSF from there on; computed in at least float32."""
     work = z.to(torch.promote_types(z.dtype, torch.float32))
     bag_index = bags.bag_index()
-    parts = []
+    parts = [work[:, :0]]  # no column at all: (T, 0)
     if nsf_from > 0:
         parts.append(segment_softmax(work[:, :nsf_from], bag_index, bags.num_bags, bags.row_valid))
     if nsf_from < z.shape[1]:

@@ -28,6 +28,7 @@ are summed per bag in a fixed order: everything is deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -94,13 +95,15 @@ class ForwardTiles:
     """The forward's row steps and tiles: rows and Ein step of the score kernel, rows and feature tile of the
     pooling kernel; ``one_pass``: the first column tile in :func:`_one_pass_kernel` (its rows
     ``pool_block_n``, its feature tile ``pool_block_e``, all of Ein), the score kernel only for the
-    score-only column tiles past it."""
+    score-only column tiles past it; ``scores_only``: no pooled column, the score kernel on the score-only
+    tiles."""
 
     score_block_n: int
     score_block_k: int
     pool_block_n: int
     pool_block_e: int
     one_pass: bool = False
+    scores_only: bool = False
 
 
 def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: bool) -> ForwardTiles:
@@ -112,13 +115,16 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
     step; with dropout's draws 128 rows spilled 36 B on sm_90) and 16-wide Ein steps; the pooling kernel's
     there: 256 features (the fp32 scores are read once per feature tile) on 32-row steps, where wider ones
     spilled. Otherwise (or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows over the
-    configuration's tiles."""
+    configuration's tiles. With no pooled column at 64 columns in fp16/bf16 (ASMIL's anchor scored alone),
+    the score kernel takes the score-only tiles that follow the one-pass forward."""
     padded_features = max(16, triton.next_power_of_2(features))
     if dtype == torch.float32 or cfg.block_j < 64:
         two_pass = ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
     else:
         score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
         two_pass = ForwardTiles(score_block_n, score_block_k, 32, min(256, padded_features))
+    if not num_pooled and dtype in ONE_PASS_DTYPES and cfg.block_j == 64:
+        return dataclasses.replace(two_pass, scores_only=True)
     for block_j, max_features, rows in ONE_PASS_TILES:
         fits = cfg.block_j == block_j and 0 < num_pooled <= block_j and padded_features <= max_features
         if dtype in ONE_PASS_DTYPES and fits:
@@ -129,8 +135,9 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
 def score_kernel_tiles(tiles: ForwardTiles, dropout: bool) -> dict:
     """Constexprs of the score kernel. After the one-pass forward it scores only the score-only tiles past
     the first (``POOLED`` False: no statistics, no dropout draws), on :data:`SCORE_ONLY_ROWS`-row steps over
-    16-wide Ein steps; else on the forward ``tiles``' steps, keeping the pooled columns' statistics."""
-    if tiles.one_pass:
+    16-wide Ein steps, and so where ``tiles.scores_only``; else on the forward ``tiles``' steps, keeping the
+    pooled columns' statistics."""
+    if tiles.one_pass or tiles.scores_only:
         return dict(BLOCK_N=SCORE_ONLY_ROWS, BLOCK_K=16, POOLED=False, DROPOUT=False)
     return dict(BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k, POOLED=True, DROPOUT=dropout)
 
@@ -828,9 +835,9 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16
 # (J, Ein, P pooled columns): odd, LiteMIL, LiteMIL over 300 features (two passes in every dtype), the 32-column
 # tiles over few (an Ein not a multiple of 16), many and too many features for one pass, 64 columns over few
 # features, ASMIL's online tokens, ASMIL's training step with the anchor's score-only columns, both over 1024
-# features (two passes in every dtype), and a wide one
+# features (two passes in every dtype), a wide one, and ASMIL's anchor scored alone (no pooled column)
 _SHAPES = ((4, 20, 4), (4, 256, 4), (4, 300, 4), (24, 40, 24), (24, 200, 24), (24, 1024, 24), (64, 32, 64),
-           (64, 512, 64), (128, 512, 64), (64, 1024, 64), (128, 1024, 64), (128, 1024, 128))
+           (64, 512, 64), (128, 512, 64), (64, 1024, 64), (128, 1024, 64), (128, 1024, 128), (64, 512, 0))
 
 
 def shipped_specializations():
@@ -838,9 +845,10 @@ def shipped_specializations():
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, and of
-    a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward). ``aligned`` names the integer arguments (E, J, the per-bag
-    strides J * E and J, the first column scored, P and the first NSF column) that are multiples of 16 at the
-    example shape (a launch specializes on those).
+    a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward).
+    ``aligned`` names the integer arguments (E, J, the per-bag strides J * E and J, the first column scored,
+    P and the first NSF column) that are multiples of 16 at the example shape (a launch specializes on
+    those).
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for columns, features, pooled in _SHAPES:
@@ -873,7 +881,7 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
     if not tiles.one_pass or columns > cfg.block_j:
         yield (_score_kernel, scores, dict(flags, **score_kernel_tiles(tiles, dropout)), cfg.num_warps,
                _named(aligned, scores))
-    if tiles.one_pass:
+    if tiles.one_pass or not pooled:
         return
     pool = _pool_signature(ptr, valid)
     yield (_pool_kernel, pool, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
@@ -912,7 +920,8 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
                                                        **_weight_grad_signature(ptr, valid)))
     one_pass_tiles = one_pass_grad_tiles(tiles, cfg)
     warps = one_pass_tiles.pop("num_warps")
-    for has_dz, for_dx in itertools.product((True, False), repeat=2):  # all four: (False, True) spilled where (True, True) did not
+    # all four pairs: under Triton 3.6, (False, True) spilled where (True, True) did not
+    for has_dz, for_dx in itertools.product((True, False), repeat=2):
         yield (_one_pass_grad_kernel, signature,
                dict(flags, **one_pass_tiles, DROPOUT=dropout, HAS_DZ=has_dz, FOR_DX=for_dx), warps,
                _named(aligned, signature))
