@@ -124,14 +124,16 @@ def test_frozen_inputs(frozen, normalization, device):
     assert ("_dx_split_kernel" in launches.by_kernel) == (frozen == "layer")
 
 
+@pytest.mark.parametrize("columns", [24, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scores_only(dtype, device):
+def test_scores_only(dtype, columns, device):
     """``num_pooled = 0`` (ASMIL's anchor): empty ``pooled`` and ``mass``, and the scores and their gradients
-    for x, u and c against the reference, over two padded bags with a mask and per-bag queries (24 columns
-    over 40 features); the triton backend scores without pooling."""
+    for x, u and c against the reference, over two padded bags with a mask and per-bag queries (24 or 64
+    columns over 40 features; at 64 in bf16 the score kernel's 256-row score-only steps); the triton backend
+    scores without pooling."""
     generator = torch.Generator().manual_seed(45)
-    x, u, c = torch.randn(2, 150, 40, generator=generator), torch.randn(2, 24, 40, generator=generator) * 0.3, \
-        torch.randn(2, 24, generator=generator)
+    x, u, c = (torch.randn(2, 150, 40, generator=generator), torch.randn(2, columns, 40, generator=generator) * 0.3,
+               torch.randn(2, columns, generator=generator))
     mask = (torch.rand(2, 150, generator=generator) > 0.3).to(device)
     mask[1, 100:] = False
 
@@ -145,6 +147,8 @@ def test_scores_only(dtype, device):
         kernel_checks.compare(scores, inputs, dtype)
     assert "_score_kernel" in launches.by_kernel
     assert not launches.by_kernel.keys() & {"_pool_kernel", "_one_pass_kernel"}
+    tiles = kernels.forward_tiles(kernels.config_for(columns, 40), 0, 40, dtype, False)
+    assert tiles.scores_only == (columns == 64 and dtype == torch.bfloat16)
 
 
 @pytest.mark.parametrize("num_pooled, nsf_from", [(-1, 0), (7, 0), (2, 7)])
@@ -683,7 +687,8 @@ def test_anchored_step_traffic():
     backward and dx alone. Against the minimum of :func:`test_anchored_traffic` (one call of all 128 columns):
     forward measured 2.32x (2.50x with the scores-only call on the two-pass 128-row steps; 2.32x in one call),
     backward 1.41x (2.65x in one call, which also forms, for the anchor's columns, score gradients, du, dc
-    and dx terms that ASMIL drops)."""
+    and dx terms that ASMIL drops; about 1.55x against the two-call step's own minimum, which has no anchor
+    term)."""
     rows, features, columns, pooled = 2048, 512, 128, 64
     generator = torch.Generator().manual_seed(42)
     x = torch.randn(rows, features, generator=generator).to(torch.bfloat16).requires_grad_()

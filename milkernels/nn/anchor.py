@@ -126,8 +126,8 @@ class AnchoredQueryAttention(nn.Module):
     the online attention ``softmax(s)`` over the bag's instances, the anchor's ``NSF(s_anchor / T)`` with
     ``NSF(z) = sigmoid(z) / (sum_n sigmoid(z_n) + 1e-8)`` from the anchor's weights, and
     ``L_kd = -mean(NSF(s_anchor / T) * log_softmax(s))`` over tokens, heads and instances, the anchor
-    being a stop-gradient target. Both sets of logits are columns of one folded pass over x: token t,
-    head h is column ``t * H + h``, online columns first.
+    being a stop-gradient target. Each set of logits comes from a folded pass over x (the anchor's without
+    gradient): token t, head h is column ``t * H + h``.
     """
 
     def __init__(self, embedding_dim: int, num_heads: int, num_tokens: int, *, n_drop: int = 0,
