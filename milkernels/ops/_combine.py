@@ -70,6 +70,8 @@ def combine(part_acc, part_max, part_sum, part_mass, bag_first_split, num_bags: 
     pooled = _blocks.new_buffer(num_bags, columns, features, dtype=dtype, device=device)
     mass = _blocks.new_buffer(num_bags, columns, dtype=dtype, device=device)
     lse = _blocks.new_buffer(num_bags, columns, dtype=torch.float32, device=device)
+    if not columns:  # a scores-only call: nothing to launch (a grid of no program would still compile)
+        return pooled, mass, lse
     grid = (num_bags, columns, triton.cdiv(features, block_e))
     combine_kernel[grid](part_acc, part_max, part_sum, part_mass, bag_first_split, pooled, mass, lse, features,
                          columns, nsf_from, nsf_eps, BLOCK_S=BLOCK_S, BLOCK_E=block_e)

@@ -28,9 +28,9 @@ are summed per bag in a fixed order: everything is deterministic.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -124,7 +124,7 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
         score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
         two_pass = ForwardTiles(score_block_n, score_block_k, 32, min(256, padded_features))
     if not num_pooled and dtype in ONE_PASS_DTYPES and cfg.block_j == 64:
-        return dataclasses.replace(two_pass, scores_only=True)
+        return replace(two_pass, scores_only=True)
     for block_j, max_features, rows in ONE_PASS_TILES:
         fits = cfg.block_j == block_j and 0 < num_pooled <= block_j and padded_features <= max_features
         if dtype in ONE_PASS_DTYPES and fits:
@@ -191,8 +191,7 @@ def _scores(x_ptr, u_ptr, rows64, row_ok, cols_j, j_ok, E, acc,
         cols_k = k0 + offs_k
         k_ok = cols_k < E
         x_tile = _load_rows(x_ptr, rows64, row_ok, cols_k, k_ok, E)
-        u_tile = tl.load(u_ptr + cols_j.to(tl.int64)[None, :] * E + cols_k[:, None], mask=j_ok[None, :] & k_ok[:, None],
-                         other=0.0)
+        u_tile = _load_rows_t(u_ptr, cols_j, j_ok, cols_k, k_ok, E)
         acc = _dot(x_tile, u_tile, acc, DOT_FP32, FP32_PRECISION, x_ptr.dtype.element_ty)
     return acc
 
@@ -338,8 +337,7 @@ def _one_pass_kernel(
     cols_e = tl.arange(0, BLOCK_E)
     e_ok = cols_e < E
     u_bag = u_ptr + bag.to(tl.int64) * u_bag_stride
-    u_t = tl.load(u_bag + cols_j.to(tl.int64)[None, :] * E + cols_e[:, None], mask=j_ok[None, :] & e_ok[:, None],
-                  other=0.0)
+    u_t = _load_rows_t(u_bag, cols_j, j_ok, cols_e, e_ok, E)
     c = tl.load(c_ptr + bag * c_bag_stride + cols_j, mask=j_ok, other=0.0).to(tl.float32)
     run_max = tl.where(is_nsf, 0.0, float("-inf"))
     run_sum = tl.zeros((BLOCK_J,), tl.float32)
@@ -364,6 +362,13 @@ def _one_pass_kernel(
 def _load_rows(ptr, rows, row_ok, cols, cols_ok, width):
     """``(len(rows), len(cols))`` entries of the row-major ``(*, width)`` matrix at ``ptr``; 0 where not ok."""
     return tl.load(ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], mask=row_ok[:, None] & cols_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _load_rows_t(ptr, rows, row_ok, cols, cols_ok, width):
+    """The transpose of :func:`_load_rows`: ``(len(cols), len(rows))``, 0 where not ok."""
+    return tl.load(ptr + rows.to(tl.int64)[None, :] * width + cols[:, None], mask=row_ok[None, :] & cols_ok[:, None],
                    other=0.0)
 
 
@@ -453,8 +458,7 @@ def _one_pass_grad_kernel(
     cols_e = tl.arange(0, BLOCK_E)
     e_ok = cols_e < E
     per_bag = bag * num_pooled + cols_j
-    d_pooled_t = tl.load(d_pooled_ptr + bag.to(tl.int64) * num_pooled * E + cols_j.to(tl.int64)[None, :] * E
-                         + cols_e[:, None], mask=pool_ok[None, :] & e_ok[:, None], other=0.0)
+    d_pooled_t = _load_rows_t(d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, cols_j, pool_ok, cols_e, e_ok, E)
     d_mass = tl.load(d_mass_ptr + per_bag, mask=pool_ok, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + per_bag, mask=pool_ok, other=0.0)
     delta = tl.load(delta_ptr + per_bag, mask=pool_ok, other=0.0)
@@ -615,7 +619,8 @@ def _bag_sum_kernel(part_ptr, bag_first_split_ptr, out_ptr, width, BLOCK_S: tl.c
 
 @dataclass(frozen=True)
 class Plan:
-    """What one call launches: tiles, the split and block tables, the columns' roles and the dropout.
+    """What one call launches: tiles, the split table (and the block table, built where a backward kernel
+    steps per block), the columns' roles and the dropout.
 
     It holds no input tensor, so keeping it on an autograd context keeps no activation alive.
     """
@@ -623,7 +628,8 @@ class Plan:
     cfg: Config
     tiles_fwd: ForwardTiles
     splits: BlockTable
-    blocks: BlockTable
+    bounds: tuple
+    block_rows: int
     num_bags: int
     has_mask: bool
     shared_queries: bool
@@ -638,14 +644,16 @@ class Plan:
         columns, features = u.shape[1], u.shape[2]
         cfg = config_for(columns, features)
         tiles_fwd = forward_tiles(cfg, num_pooled, features, bags.x2d.dtype, dropout_p > 0)
-        programs_per_split = 1 if tiles_fwd.one_pass else (triton.cdiv(columns, cfg.block_j)
-                                                           * triton.cdiv(features, tiles_fwd.pool_block_e))
-        device = bags.x2d.device
-        split_rows = _split_rows(bags, programs_per_split, num_pooled)
+        programs = _programs_per_split(tiles_fwd, cfg, columns, features, num_pooled)
+        splits = block_table(bags.bounds, _split_rows(bags, programs, num_pooled), bags.x2d.device)
         block_rows = score_grad_tiles(tiles_fwd, cfg, columns, num_pooled, dropout_p > 0)["BLOCK_N"]
-        return Plan(cfg, tiles_fwd, block_table(bags.bounds, split_rows, device),
-                    block_table(bags.bounds, block_rows, device), bags.num_bags, bags.row_valid is not None,
+        return Plan(cfg, tiles_fwd, splits, bags.bounds, block_rows, bags.num_bags, bags.row_valid is not None,
                     u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
+
+    @functools.cached_property
+    def blocks(self) -> BlockTable:
+        """The per-block table of the score-gradient and per-block dx kernels, on first use."""
+        return block_table(self.bounds, self.block_rows, self.splits.start.device)
 
     def flags(self, x2d) -> dict:
         """Constexprs and launch options shared by the kernels."""
@@ -657,6 +665,15 @@ class Plan:
 
     def tiles(self, features: int) -> tuple[int, int]:
         return triton.cdiv(self.columns, self.cfg.block_j), triton.cdiv(features, self.cfg.block_e)
+
+
+def _programs_per_split(tiles: ForwardTiles, cfg: Config, columns: int, features: int, num_pooled: int) -> int:
+    """Programs a split takes in the widest forward kernel: one in the one-pass kernel, a program per column
+    tile in the score kernel of a scores-only call, else a program per column tile and feature tile."""
+    if tiles.one_pass:
+        return 1
+    column_tiles = triton.cdiv(columns, cfg.block_j)
+    return column_tiles * triton.cdiv(features, tiles.pool_block_e) if num_pooled else column_tiles
 
 
 def _split_rows(bags: Bags, programs_per_split: int, num_pooled: int) -> int:
@@ -780,11 +797,8 @@ def one_pass_grad_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
     sm_90 with Triton 3.9, 16 columns over 256 features spilled 72 B (with a mask, dropout and dz), 32 over 64
     24 B and 64 over 512 up to 56 B; at half of them, Triton 3.6 spilled 28 B at 16 over 256 (LiteMIL's
     shape) and Triton 3.9 8 B at 16 over 32 in fp16 (so those keep the forward's 64)."""
-    one_tile = split_tiles(tiles, cfg, cfg.block_j)
-    del one_tile["SCORE_TILE"]
-    if cfg.block_j * one_tile["BLOCK_E"] >= SHORT_ROWS_TILE:
-        one_tile["BLOCK_N"] = SHORT_ROWS
-    return one_tile
+    rows = SHORT_ROWS if cfg.block_j * tiles.pool_block_e >= SHORT_ROWS_TILE else tiles.pool_block_n
+    return dict(BLOCK_N=rows, BLOCK_E=tiles.pool_block_e, num_warps=ONE_PASS_WARPS)
 
 
 def _weight_grad_partials(plan: Plan, x2d) -> tuple:
@@ -863,7 +877,8 @@ def shipped_specializations():
                 shape = (cfg, columns, features, pooled, dtype, flags, dropout, aligned)
                 yield from _forward_specializations(ptr, valid, *shape)
                 yield from _backward_specializations(ptr, valid, *shape)
-            yield _combine.specialization(ptr, COMBINE_BLOCK_E, features)
+            if pooled:
+                yield _combine.specialization(ptr, COMBINE_BLOCK_E, features)
     yield (_bag_sum_kernel, dict(part_ptr="*fp32", bag_first_split_ptr="*i32", out_ptr="*fp32", width="i32"),
            dict(BLOCK_S=_combine.BLOCK_S, BLOCK_W=128), 4)
 
