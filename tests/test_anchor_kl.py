@@ -168,15 +168,16 @@ test_compiles_for_sm90 = aot.sm90_test(kernels)
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(masked):
-    online, anchor = make_pair((3, 20), torch.float32, "cpu", seed=11)
-    valid = make_mask((3, 20), "cpu", seed=11) if masked else None
+def test_opcheck(masked, device):
+    online, anchor = make_pair((3, 20), torch.float32, device, seed=11)
+    valid = make_mask((3, 20), device, seed=11) if masked else None
     torch.library.opcheck(torch.ops.milkernels.anchor_kl_forward, (online, anchor, valid, 1.5, "triton"))
     with torch.no_grad():
         _, *stats = torch.ops.milkernels.anchor_kl_forward(online, anchor, valid, 1.5, "triton")
     for wanted in ([True, True], [True, False]):
         torch.library.opcheck(torch.ops.milkernels.anchor_kl_backward,
-                              (online.detach(), anchor.detach(), valid, *stats, torch.tensor(0.5), 1.5, "triton", wanted))
+                              (online.detach(), anchor.detach(), valid, *stats, torch.tensor(0.5, device=device), 1.5,
+                               "triton", wanted))
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -279,19 +279,19 @@ def test_ungated_call_takes_wb_and_bb_none(device):
     compare(gated_attention_pool, x, [wa, ba, None, None, wc, bc], torch.float32)
 
 
-def op_inputs(pool: bool, masked: bool, dropout_p: float):
+def op_inputs(pool: bool, masked: bool, dropout_p: float, device):
     """Arguments of ``milkernels::gated_attention_forward``: two bags of 9 and 14 rows, L = 20, D = 12, K = 2."""
     generator = torch.Generator().manual_seed(32)
-    x2d = torch.randn(23, 20, generator=generator).requires_grad_()
-    row_valid = torch.rand(23, generator=generator) > 0.3 if masked else None
+    x2d = torch.randn(23, 20, generator=generator).to(device).requires_grad_()
+    row_valid = (torch.rand(23, generator=generator) > 0.3).to(device) if masked else None
     seed = torch.tensor([123]) if dropout_p > 0 else None
-    weights = make_weights(20, 12, 2, torch.float32, "cpu", generator=generator)
+    weights = make_weights(20, 12, 2, torch.float32, device, generator=generator)
     return [x2d, *weights, [0, 9, 23], row_valid, dropout_p, seed, pool]
 
 
 @pytest.mark.parametrize("pool, masked, dropout_p", [(True, True, 0.0), (True, False, 0.3), (False, False, 0.0)])
-def test_opcheck(pool, masked, dropout_p):
-    forward_args = op_inputs(pool, masked, dropout_p)
+def test_opcheck(pool, masked, dropout_p, device):
+    forward_args = op_inputs(pool, masked, dropout_p, device)
     torch.library.opcheck(torch.ops.milkernels.gated_attention_forward, forward_args)
     with torch.no_grad():
         pooled, scores, lse = torch.ops.milkernels.gated_attention_forward(*forward_args)

@@ -273,18 +273,18 @@ def test_temperature_bool_is_refused():
         linear_attention(qkv, 2, temperature=True)
 
 
-def op_inputs(masked: bool, with_temperature: bool):
+def op_inputs(masked: bool, with_temperature: bool, device):
     """Arguments of ``milkernels::linear_attention_forward``: two bags of 9 and 14 rows, C = 32, H = 2."""
     generator = torch.Generator().manual_seed(14)
-    qkv2d = torch.randn(23, 96, generator=generator).requires_grad_()
-    temperature = (torch.rand(2, generator=generator) + 0.5).requires_grad_() if with_temperature else None
-    row_valid = torch.rand(23, generator=generator) > 0.3 if masked else None
+    qkv2d = torch.randn(23, 96, generator=generator).to(device).requires_grad_()
+    temperature = (torch.rand(2, generator=generator) + 0.5).to(device).requires_grad_() if with_temperature else None
+    row_valid = (torch.rand(23, generator=generator) > 0.3).to(device) if masked else None
     return [qkv2d, temperature, [0, 9, 23], row_valid, 2, "gelu", "clamp", 100.0, 1e-6, True, True, None]
 
 
 @pytest.mark.parametrize("masked, with_temperature", [(True, True), (False, False)])
-def test_opcheck(masked, with_temperature):
-    forward_args = op_inputs(masked, with_temperature)
+def test_opcheck(masked, with_temperature, device):
+    forward_args = op_inputs(masked, with_temperature, device)
     torch.library.opcheck(torch.ops.milkernels.linear_attention_forward, forward_args)
     with torch.no_grad():
         out, numerator, attention_map, state = torch.ops.milkernels.linear_attention_forward(*forward_args)

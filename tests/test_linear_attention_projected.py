@@ -96,9 +96,10 @@ def test_bad_input_raises_value_error(message, args, kwargs, backend):
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(masked):
-    x, weight, bias, temperature = (t.detach().requires_grad_() for t in make_inputs((23, 10), 16, 2, seed=5))
-    row_valid = torch.rand(23, generator=torch.Generator().manual_seed(5)) > 0.3 if masked else None
+def test_opcheck(masked, device):
+    inputs = make_inputs((23, 10), 16, 2, seed=5)
+    x, weight, bias, temperature = (t.detach().to(device).requires_grad_() for t in inputs)
+    row_valid = (torch.rand(23, generator=torch.Generator().manual_seed(5)) > 0.3).to(device) if masked else None
     options = [[0, 9, 23], row_valid, 2, "gelu", "clamp", 100.0, 1e-6]
     forward_args = [x, weight, bias if masked else None, temperature if masked else None, *options, True, None]
     torch.library.opcheck(torch.ops.milkernels.linear_attention_projected_forward, forward_args)

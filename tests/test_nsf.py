@@ -157,13 +157,13 @@ test_compiles_for_sm90 = aot.sm90_test(kernels)
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_opcheck(masked):
-    rows = make_scores((3, 20), torch.float32, "cpu", seed=7)
-    valid = make_mask((3, 20), "cpu", seed=7) if masked else None
+def test_opcheck(masked, device):
+    rows = make_scores((3, 20), torch.float32, device, seed=7)
+    valid = make_mask((3, 20), device, seed=7) if masked else None
     torch.library.opcheck(torch.ops.milkernels.nsf_forward, (rows, valid, 1.5, "triton"))
     with torch.no_grad():
         _, row_sum = torch.ops.milkernels.nsf_forward(rows, valid, 1.5, "triton")
-    grad = torch.randn(3, 20)
+    grad = torch.randn(3, 20, device=device)
     torch.library.opcheck(torch.ops.milkernels.nsf_backward, (rows.detach(), valid, row_sum, grad, 1.5, "triton"))
 
 

@@ -349,8 +349,8 @@ def test_window_ops_pass_opcheck(mode, masked):
     spans = reference.segment_spans(segments, rates, 37, mode)
     view = sharded.window([0, 20, 37], 1, spans, kernels.block_size(8, segments, rates, 37, mode) * 2)
     generator = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2 * view.rows, 3, 8, generator=generator, requires_grad=True) for _ in range(3))
-    row_valid = torch.rand(2 * view.rows, generator=generator) > 0.3 if masked else None
+    q, k, v = (torch.randn(2 * view.rows, 3, 8, generator=generator).to(device()).requires_grad_() for _ in range(3))
+    row_valid = (torch.rand(2 * view.rows, generator=generator) > 0.3).to(device()) if masked else None
     args = [q, k, v, view.kernel_window(2), segments, rates, row_valid, 0.25, mode]
     kernel_checks.opcheck_attention_ops(torch.ops.milkernels.dilated_attention_window_forward,
                                         torch.ops.milkernels.dilated_attention_window_backward, args)
