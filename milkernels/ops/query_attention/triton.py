@@ -52,7 +52,10 @@ SPLIT_ROWS_PER_COLUMN = 12
 # feature tile of the per-split dx and weight gradients over two column tiles after one pass: at 512, the dx with
 # the score-only tile's u too took 248 KiB of shared memory
 SCORE_TILE_FEATURES = 256
-SCORE_ONLY_ROWS = 256  # rows a step of the score kernel on score-only tiles (u is read once a step): 126-128 registers
+# rows a step of the score kernel on score-only tiles, which holds u and steps whole rows: 48-64 registers and 136 KiB
+# of shared memory on sm_90 at 512 features (272 KiB at 64 rows)
+SCORE_ONLY_ROWS = 32
+SCORE_ONLY_FEATURES = 512  # most features of those whole rows, as the one-pass forward's at 64 columns
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
 TWO_PASS_DX_WARPS = 8  # its warps, as the one-pass kernels' (80-205 registers in fp32 on sm_90)
 TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
@@ -115,15 +118,16 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
     step; with dropout's draws 128 rows spilled 36 B on sm_90) and 16-wide Ein steps; the pooling kernel's
     there: 256 features (the fp32 scores are read once per feature tile) on 32-row steps, where wider ones
     spilled. Otherwise (or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows over the
-    configuration's tiles. With no pooled column at 64 columns in fp16/bf16 (ASMIL's anchor scored alone),
-    the score kernel takes the score-only tiles that follow the one-pass forward."""
+    configuration's tiles. With no pooled column at 64 columns over up to :data:`SCORE_ONLY_FEATURES` in
+    fp16/bf16 (ASMIL's anchor scored alone), the score kernel takes the score-only tiles that follow the
+    one-pass forward."""
     padded_features = max(16, triton.next_power_of_2(features))
     if dtype == torch.float32 or cfg.block_j < 64:
         two_pass = ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
     else:
         score_block_n, score_block_k = (BLOCK_N, cfg.block_k) if dropout else (128, 16)
         two_pass = ForwardTiles(score_block_n, score_block_k, 32, min(256, padded_features))
-    if not num_pooled and dtype in ONE_PASS_DTYPES and cfg.block_j == 64:
+    if not num_pooled and dtype in ONE_PASS_DTYPES and cfg.block_j == 64 and padded_features <= SCORE_ONLY_FEATURES:
         return replace(two_pass, scores_only=True)
     for block_j, max_features, rows in ONE_PASS_TILES:
         fits = cfg.block_j == block_j and 0 < num_pooled <= block_j and padded_features <= max_features
@@ -132,13 +136,14 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
     return two_pass
 
 
-def score_kernel_tiles(tiles: ForwardTiles, dropout: bool) -> dict:
+def score_kernel_tiles(tiles: ForwardTiles, features: int, dropout: bool) -> dict:
     """Constexprs of the score kernel. After the one-pass forward it scores only the score-only tiles past
-    the first (``POOLED`` False: no statistics, no dropout draws), on :data:`SCORE_ONLY_ROWS`-row steps over
-    16-wide Ein steps, and so where ``tiles.scores_only``; else on the forward ``tiles``' steps, keeping the
-    pooled columns' statistics."""
+    the first, and so where ``tiles.scores_only`` (``POOLED`` False: no statistics, no dropout draws, u read
+    once a split and whole rows on :data:`SCORE_ONLY_ROWS`-row steps); else on the forward ``tiles``' steps,
+    keeping the pooled columns' statistics."""
     if tiles.one_pass or tiles.scores_only:
-        return dict(BLOCK_N=SCORE_ONLY_ROWS, BLOCK_K=16, POOLED=False, DROPOUT=False)
+        return dict(BLOCK_N=SCORE_ONLY_ROWS, BLOCK_K=max(16, triton.next_power_of_2(features)), POOLED=False,
+                    DROPOUT=False)
     return dict(BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k, POOLED=True, DROPOUT=dropout)
 
 
@@ -256,8 +261,9 @@ def _score_kernel(
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """The forward's first pass, per (column tile from ``first_column`` on, split): ``z`` over all Ein, once,
-    written for every row; with ``POOLED``, for pooled columns, the split's max, sum of weights and sum of
-    kept weights (without, every tile is score-only)."""
+    written for every row. With ``POOLED``, u is read per block in ``BLOCK_K`` steps and, for pooled columns,
+    the split's max, sum of weights and sum of kept weights are kept; without, every tile is score-only, all
+    of Ein fits in ``BLOCK_K``: u is loaded once and each block of whole rows read once."""
     j0 = first_column + tl.program_id(0) * BLOCK_J
     split = tl.program_id(1)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
@@ -269,10 +275,18 @@ def _score_kernel(
     run_max = tl.where(is_nsf, 0.0, float("-inf"))
     run_sum = tl.zeros((BLOCK_J,), tl.float32)
     run_mass = tl.zeros((BLOCK_J,), tl.float32)
+    cols_k = tl.arange(0, BLOCK_K)
+    if not POOLED:
+        u_t = _load_rows_t(u_bag, cols_j, j_ok, cols_k, cols_k < E, E)
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
-        z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, tl.zeros((BLOCK_N, BLOCK_J), tl.float32),
-                    BLOCK_K, DOT_FP32, FP32_PRECISION) + c[None, :]
+        z = tl.zeros((BLOCK_N, BLOCK_J), tl.float32)
+        if POOLED:
+            z = _scores(x_ptr, u_bag, rows64, valid, cols_j, j_ok, E, z, BLOCK_K, DOT_FP32, FP32_PRECISION)
+        else:
+            z = _dot(_load_rows(x_ptr, rows64, valid, cols_k, cols_k < E, E), u_t, z, DOT_FP32, FP32_PRECISION,
+                     x_ptr.dtype.element_ty)
+        z += c[None, :]
         _store_rows(z_ptr, rows64, row_ok, cols_j, j_ok, J, z)
         if POOLED:
             if j0 < num_pooled:
@@ -716,7 +730,7 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     if scored < plan.columns:
         _score_kernel[(triton.cdiv(plan.columns - scored, plan.cfg.block_j), splits)](
             x2d, _or(row_valid, x2d), *queries, *sizes,
-            **dict(dropout, first_column=scored, **score_kernel_tiles(tiles, plan.dropout_p > 0)),
+            **dict(dropout, first_column=scored, **score_kernel_tiles(tiles, features, plan.dropout_p > 0)),
         )
     if pooled_cols and not tiles.one_pass:
         _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
@@ -894,7 +908,7 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
         yield (_one_pass_kernel, one_pass, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
                DROPOUT=dropout), ONE_PASS_WARPS, _named(aligned, one_pass))
     if not tiles.one_pass or columns > cfg.block_j:
-        yield (_score_kernel, scores, dict(flags, **score_kernel_tiles(tiles, dropout)), cfg.num_warps,
+        yield (_score_kernel, scores, dict(flags, **score_kernel_tiles(tiles, features, dropout)), cfg.num_warps,
                _named(aligned, scores))
     if tiles.one_pass or not pooled:
         return
