@@ -23,15 +23,16 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @dataclass(frozen=True)
 class Bags:
-    """Packed bags: rows ``x2d: (T, L)``, ``cu_seqlens: (B + 1,)`` int32 and ``row_valid: (T,)`` bool or None.
+    """Packed bags: rows ``x2d: (T, L)``, their boundaries ``bounds`` (``cu_seqlens``, B + 1 ints) and
+    ``row_valid: (T,)`` bool or None.
 
-    ``bounds`` is ``cu_seqlens`` as a tuple of Python ints, so kernels plan their launches without a
-    device sync, and ``torch.compile`` traces one bag or padded bags with no data-dependent step. ``layout`` is ``"single"``, ``"padded"`` or ``"packed"`` and ``shape`` the
-    caller's ``x.shape``, so results can be put back in the caller's layout.
+    ``bounds`` is a tuple of Python ints, so kernels plan their launches without a device sync, and
+    ``torch.compile`` traces one bag or padded bags with no data-dependent step. ``layout`` is ``"single"``,
+    ``"padded"`` or ``"packed"`` and ``shape`` the caller's ``x.shape``, so results can be put back in the
+    caller's layout.
     """
 
     x2d: torch.Tensor
-    cu_seqlens: torch.Tensor
     bounds: tuple
     row_valid: torch.Tensor | None
     layout: str
@@ -39,11 +40,12 @@ class Bags:
 
     @property
     def num_bags(self) -> int:
-        return self.cu_seqlens.numel() - 1
+        return len(self.bounds) - 1
 
     def bag_index(self) -> torch.Tensor:
-        """``(T,)`` int64: the bag of each row."""
-        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        """``(T,)`` int64: the bag of each row (on the rows' device; a CUDA device copies the bounds there)."""
+        cu_seqlens = torch.tensor(self.bounds, device=self.x2d.device)
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         return torch.repeat_interleave(torch.arange(self.num_bags, device=lengths.device), lengths,
                                        output_size=self.x2d.shape[0])
 
@@ -187,8 +189,7 @@ def pack_bags(x: torch.Tensor, feature_dim: int, mask: torch.Tensor | None = Non
 
 
 def _bags(x2d, bounds, row_valid, layout, shape) -> Bags:
-    cu_seqlens = torch.tensor(bounds, device=x2d.device, dtype=torch.int32)
-    return Bags(x2d, cu_seqlens, tuple(bounds), row_valid, layout, shape)
+    return Bags(x2d, tuple(bounds), row_valid, layout, shape)
 
 
 def bags_in_op(x2d: torch.Tensor, bounds, row_valid: torch.Tensor | None) -> Bags:

@@ -28,7 +28,8 @@ class BlockTable:
 
 
 def block_table(bounds, block_n: int, device) -> BlockTable:
-    """The blocks of packed bags with boundaries ``bounds`` (B + 1 ints); no device sync."""
+    """The blocks of packed bags with boundaries ``bounds`` (B + 1 ints), planned on the host and copied to
+    ``device`` by :func:`to_device` (no stream synchronization)."""
     bounds = torch.tensor(bounds, dtype=torch.long)
     lengths = bounds[1:] - bounds[:-1]
     counts = (lengths + block_n - 1) // block_n
@@ -36,8 +37,28 @@ def block_table(bounds, block_n: int, device) -> BlockTable:
     first = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     start = bounds[bag] + (torch.arange(int(first[-1])) - first[bag]) * block_n
     end = torch.minimum(start + block_n, bounds[bag + 1])
-    on_device = (t.to(device=device, dtype=torch.int32) for t in (start, end, bag, first))
-    return BlockTable(*on_device, start, end)
+    return BlockTable(*to_device([start, end, bag, first], device), start, end)
+
+
+ALIGNED_ENTRIES = 4  # int32 entries in 16 bytes: the pointer alignment a Triton launch specializes on
+
+
+def to_device(host_tensors, device) -> list[torch.Tensor]:
+    """int32 copies on ``device`` of the 1-D CPU ``host_tensors``, in one transfer, each starting 16 bytes
+    aligned. On CUDA the transfer is from pinned memory and non-blocking: a copy from pageable memory
+    synchronizes the stream (it waits for every launch queued before it)."""
+    sizes = [tensor.numel() for tensor in host_tensors]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // ALIGNED_ENTRIES) * ALIGNED_ENTRIES)
+    flat = torch.zeros(starts[-1], dtype=torch.int32)
+    for tensor, start, size in zip(host_tensors, starts, sizes):
+        flat[start:start + size] = tensor
+    if torch.device(device).type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return [flat[start:start + size] for start, size in zip(starts, sizes)]
 
 
 def split_rows(total_rows: int, programs_per_split: int, block_n: int, target_programs: int,

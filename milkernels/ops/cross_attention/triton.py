@@ -542,7 +542,7 @@ class Plan:
         self.tile, self.dtype = padded_heads(heads, self.head_dim), xq.dtype
         config = config_for(self.tile, self.dtype)
         device = xq.device
-        self.cu_q, self.cu_k = (torch.tensor(b, dtype=torch.int32, device=device) for b in (bounds_q, bounds_k))
+        self.cu_q, self.cu_k = _blocks.to_device([torch.tensor(bounds_q), torch.tensor(bounds_k)], device)
         self.forward_queries = block_table(bounds_q, config.forward_m, device)
         self.backward_queries = block_table(bounds_q, config.backward_m, device)
         # fp32's atomic kernel spilled in a trial sm_90 compile at (1, 128) (380 B) and (2, 64) (16 B)

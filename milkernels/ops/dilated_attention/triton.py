@@ -684,7 +684,7 @@ def residue_blocks(spans, period: int, block: int, device) -> list[torch.Tensor]
             first = max(0, -(-(first_position - residue) // period))
             stop = -(-(stop_position - residue) // period)
             entries += [(start, length, residue, j) for j in range(first, stop, block)]
-    return list(torch.tensor(entries, dtype=torch.int32).reshape(-1, 4).t().contiguous().to(device))
+    return _blocks.to_device(list(torch.tensor(entries, dtype=torch.int32).reshape(-1, 4).t()), device)
 
 
 def num_warps(block: int, block_dh: int) -> int:
@@ -722,8 +722,8 @@ class Plan:
         self.forward_tiles = forward_tiles(q.dtype, self.block, self.period, shortest)
         self.forward_rows = self.forward_tiles[0] * self.forward_tiles[1]
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
-        self.branches = [torch.tensor(values, dtype=torch.int32, device=q.device)
-                         for values in (segment_spans(segments, rates, longest, mode), rates)]
+        self.branches = _blocks.to_device([torch.tensor(values) for values in
+                                           (segment_spans(segments, rates, longest, mode), rates)], q.device)
         self.row_valid = row_valid
         block_dh, tail_dh = head_tiles(self.head_dim, q.dtype, self.block)
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block, BLOCK_DH=block_dh,
