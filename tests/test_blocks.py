@@ -8,7 +8,7 @@ from milkernels.ops import _blocks
 
 
 def test_to_device_copies_each_tensor_16_bytes_aligned(device):
-    """int32 copies on the device, in one buffer, each starting 16 bytes from the last (a launch specializes on a
+    """int32 copies on the device, in one buffer, each starting on a 16-byte boundary (a launch specializes on a
     pointer's 16-byte alignment, as the sm_90 compiles assume), for sizes that are no multiple of 4 and empty."""
     tensors = [torch.arange(5), torch.zeros(0, dtype=torch.long), torch.tensor([7, -1, 2**30])]
     copies = _blocks.to_device(tensors, device)
@@ -18,6 +18,12 @@ def test_to_device_copies_each_tensor_16_bytes_aligned(device):
     assert [copy.storage_offset() for copy in copies] == [0, 8, 8]
     assert len({copy.untyped_storage().data_ptr() for copy in copies}) == 1
     assert copies[0].data_ptr() % 16 == 0
+
+
+def test_to_device_refuses_entries_past_int32():
+    """A table entry past int32 (a row index of more than 2**31 - 1 rows) is a ValueError, not a wrapped index."""
+    with pytest.raises(ValueError, match="int32"):
+        _blocks.to_device([torch.tensor([0, 2**31])], "cpu")
 
 
 def test_block_table():

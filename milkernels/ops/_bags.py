@@ -1,7 +1,7 @@
 """Input checks and the one internal layout every op works on: packed bags.
 
 A call takes one of three layouts, and :func:`pack_bags` turns each into rows ``x2d: (T, L)``, bag
-boundaries ``cu_seqlens: (B + 1,)`` int32 and an optional ``row_valid: (T,)`` bool:
+boundaries ``bounds`` (B + 1 Python ints, as ``cu_seqlens``) and an optional ``row_valid: (T,)`` bool:
 
 - one bag ``x: (N, L)``;
 - padded bags ``x: (B, N, L)`` with an optional ``mask: (B, N)`` (nonzero or True = a real

@@ -46,7 +46,11 @@ ALIGNED_ENTRIES = 4  # int32 entries in 16 bytes: the pointer alignment a Triton
 def to_device(host_tensors, device) -> list[torch.Tensor]:
     """int32 copies on ``device`` of the 1-D CPU ``host_tensors``, in one transfer, each starting 16 bytes
     aligned. On CUDA the transfer is from pinned memory and non-blocking: a copy from pageable memory
-    synchronizes the stream (it waits for every launch queued before it)."""
+    synchronizes the stream (it waits for every launch queued before it). ValueError for an entry past int32."""
+    limits = torch.iinfo(torch.int32)
+    if any(tensor.numel() and not limits.min <= int(tensor.min()) <= int(tensor.max()) <= limits.max
+           for tensor in host_tensors):
+        raise ValueError(f"a launch table entry is past int32 ({limits.min} to {limits.max}): too many rows")
     sizes = [tensor.numel() for tensor in host_tensors]
     starts = [0]
     for size in sizes:

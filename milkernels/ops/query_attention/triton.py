@@ -74,11 +74,16 @@ class Config:
     num_warps: int
 
 
+def _padded(size: int) -> int:
+    """``size`` padded to a power of two of at least 16 (the smallest tile)."""
+    return max(16, triton.next_power_of_2(size))
+
+
 def config_for(columns: int, features: int) -> Config:
     """The shipped configuration for J = ``columns`` and Ein = ``features``."""
-    block_j = min(64, max(16, triton.next_power_of_2(columns)))
-    block_k = min(64, max(16, triton.next_power_of_2(features)))
-    block_e = min(128, max(16, triton.next_power_of_2(features)))
+    block_j = min(64, _padded(columns))
+    block_k = min(64, _padded(features))
+    block_e = min(128, _padded(features))
     # 8 warps from 32 columns x 64-wide Ein steps, 64 x 32 and 16 x 128-feature tiles on: at 4, the score-gradient
     # kernel spilled 68-476 B on sm_90 at 32 columns, and at 16 x 128 the two-pass kernels 4-580 B in fp32 and the
     # pooling kernel with dropout 8 B in fp16/bf16
@@ -121,7 +126,7 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
     configuration's tiles. With no pooled column at 64 columns over up to :data:`SCORE_ONLY_FEATURES` in
     fp16/bf16 (ASMIL's anchor scored alone), the score kernel takes the score-only tiles that follow the
     one-pass forward."""
-    padded_features = max(16, triton.next_power_of_2(features))
+    padded_features = _padded(features)
     if dtype == torch.float32 or cfg.block_j < 64:
         two_pass = ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
     else:
@@ -142,8 +147,7 @@ def score_kernel_tiles(tiles: ForwardTiles, features: int, dropout: bool) -> dic
     once a split and whole rows on :data:`SCORE_ONLY_ROWS`-row steps); else on the forward ``tiles``' steps,
     keeping the pooled columns' statistics."""
     if tiles.one_pass or tiles.scores_only:
-        return dict(BLOCK_N=SCORE_ONLY_ROWS, BLOCK_K=max(16, triton.next_power_of_2(features)), POOLED=False,
-                    DROPOUT=False)
+        return dict(BLOCK_N=SCORE_ONLY_ROWS, BLOCK_K=_padded(features), POOLED=False, DROPOUT=False)
     return dict(BLOCK_N=tiles.score_block_n, BLOCK_K=tiles.score_block_k, POOLED=True, DROPOUT=dropout)
 
 
