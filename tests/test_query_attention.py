@@ -726,9 +726,9 @@ def test_anchored_step_traffic():
     backward and dx alone. Against the minimum of :func:`test_anchored_traffic` (one call of all 128 columns):
     forward measured 2.23x (2.32x with the scores-only call reading u per 256-row step, 2.50x on the two-pass
     128-row steps; 2.21x in one call; the scores-only call's score kernel 46.5 dot FLOPs a byte, u loaded once
-    a 512-row split), backward 1.41x (2.65x in one call, which also forms, for the anchor's columns, score gradients, du, dc
-    and dx terms that ASMIL drops; about 1.55x against the two-call step's own minimum, which has no anchor
-    term)."""
+    a 512-row split), backward 1.41x (2.65x in one call, which also forms, for the anchor's columns, score
+    gradients, du, dc and dx terms that ASMIL drops; about 1.55x against the two-call step's own minimum,
+    which has no anchor term)."""
     rows, features, columns, pooled = ANCHORED_SHAPE
     x, u, c = _anchored_inputs()
     online = [t[:, :pooled].clone().requires_grad_() for t in (u, c)]

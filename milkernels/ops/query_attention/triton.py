@@ -123,9 +123,9 @@ def forward_tiles(cfg: Config, num_pooled: int, features: int, dtype, dropout: b
     step; with dropout's draws 128 rows spilled 36 B on sm_90) and 16-wide Ein steps; the pooling kernel's
     there: 256 features (the fp32 scores are read once per feature tile) on 32-row steps, where wider ones
     spilled. Otherwise (or fp32, whose tf32x3 tiles spill at these sizes) both step 64 rows over the
-    configuration's tiles. With no pooled column at 64 columns over up to :data:`SCORE_ONLY_FEATURES` in
-    fp16/bf16 (ASMIL's anchor scored alone), the score kernel takes the score-only tiles that follow the
-    one-pass forward."""
+    configuration's tiles. With no pooled column, from 33 columns on (64-column tiles) over up to
+    :data:`SCORE_ONLY_FEATURES` in fp16/bf16 (ASMIL's anchor scored alone), the score kernel takes the
+    score-only tiles that follow the one-pass forward."""
     padded_features = _padded(features)
     if dtype == torch.float32 or cfg.block_j < 64:
         two_pass = ForwardTiles(BLOCK_N, cfg.block_k, BLOCK_N, cfg.block_e)
