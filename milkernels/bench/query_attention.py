@@ -8,7 +8,7 @@ head so that the case carries H), the online weights stacked over tokens (``(T, 
 ``(T, D)``) and the anchor's q and k projections (the anchor needs no others; no ``requires_grad``:
 the anchor is a stop-gradient target). Outputs ``(tokens: (T, D), loss)``. ``call`` runs
 :class:`milkernels.nn.anchor.AnchoredQueryAttention` on those weights (a folded pass over x for
-the online columns, and a scores-only one for the anchor's, without gradient); ``reference`` is ASMIL's
+the online columns that scores the anchor's too, without gradient); ``reference`` is ASMIL's
 eager composition, which projects the whole bag with every token's ``k_proj`` and ``v_proj`` and the
 anchor's ``k_proj``. Dropout is 0 and no token is dropped, so both compute the same numbers; the
 anchor's EMA update (once per optimizer step, independent of N) is not part of the step. The peer

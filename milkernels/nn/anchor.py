@@ -167,20 +167,21 @@ class AnchoredQueryAttention(nn.Module):
         bags = pack_bags(x, self.query.shape[1], mask)
         u, c = self._fold(self.tokens, 1.0)
         columns = u.shape[1]
-        folded = folded_attention(bags, u, c, nsf_from=columns, num_pooled=columns, training=self.training)
+        folded = folded_attention(bags, u, c, nsf_from=columns, num_pooled=columns, training=self.training,
+                                  anchor=self._anchor_queries() if self.training else None)
         tokens = bags.bags_to_caller(self._token_outputs(folded.pooled, folded.mass))
         logits = columns_to_caller(folded.z.to(x.dtype), bags, self.num_tokens, fill=float("-inf"))
         if not self.training:
             return AnchoredOutput(tokens, tokens, logits, None)
-        loss = self._loss(folded.z, self._anchor_scores(bags), bags)
+        loss = self._loss(folded.z, folded.anchor_z, bags)
         return AnchoredOutput(tokens, self._keep(tokens), logits, loss)
 
-    def _anchor_scores(self, bags: Bags) -> torch.Tensor:
-        """The EMA anchor's scores ``s_anchor / T: (rows, Tk * H)``, float32, without gradient: a scores-only
-        :func:`~milkernels.ops.query_attention.folded_attention` call (no pooled column)."""
+    def _anchor_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The EMA anchor's folded queries ``(u_a: (1, Tk * H, E), c_a: (1, Tk * H))``, without gradient, whose
+        scores ``s_anchor / T`` :func:`~milkernels.ops.query_attention.folded_attention` forms in the pass over
+        the bag that pools it (x read once for both where the kernels allow)."""
         with torch.no_grad():
-            u, c = self._fold(self.anchor.module, self.temperature)
-            return folded_attention(bags, u, c, nsf_from=0, num_pooled=0, training=False).z
+            return self._fold(self.anchor.module, self.temperature)
 
     def _without_instances(self, x: torch.Tensor) -> AnchoredOutput:
         """The forward on ``x: (0, E)`` or ``(B, 0, E)``, which the fused op refuses: ASMIL's composition in

@@ -39,12 +39,14 @@ class QueryAttentionOutput(NamedTuple):
 
 class Folded(NamedTuple):
     """What :func:`folded_attention` returns: ``pooled: (B, P, Ein)``, ``mass: (B, P)`` (x's dtype),
-    ``z: (T, J)`` float32 and ``weights: (T, P)`` (after dropout; None unless asked for)."""
+    ``z: (T, J)`` float32, ``weights: (T, P)`` (after dropout; None unless asked for) and ``anchor_z: (T, Ja)``
+    float32, without gradient (None without an anchor)."""
 
     pooled: torch.Tensor
     mass: torch.Tensor
     z: torch.Tensor
     weights: torch.Tensor | None
+    anchor_z: torch.Tensor | None = None
 
 
 def _plan(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed):
@@ -56,24 +58,34 @@ def _plan(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed):
 
 @_library.custom_op("folded_attention_forward")
 def _forward_op(x2d: Tensor, u: Tensor, c: Tensor, bounds: list[int], row_valid: Optional[Tensor], nsf_from: int,
-                num_pooled: int, dropout_p: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                num_pooled: int, dropout_p: float, seed: Optional[Tensor], anchor_u: Optional[Tensor] = None,
+                anchor_c: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The triton forward on packed rows ``x2d: (T, Ein)`` with bag ``bounds`` (B + 1 ints).
 
-    Returns ``pooled: (B, P, Ein)`` and ``mass: (B, P)`` in x's dtype, the scores ``z: (T, J)`` and the
-    pooled columns' log-sum-exp ``lse: (B, P)``, both float32.
+    Returns ``pooled: (B, P, Ein)`` and ``mass: (B, P)`` in x's dtype, the scores ``z: (T, J)``, the pooled
+    columns' log-sum-exp ``lse: (B, P)`` and the scores ``anchor_z: (T, Ja)`` of ``anchor_u: (Bu, Ja, Ein)``
+    and ``anchor_c: (Bu, Ja)`` (empty without them), all three float32.
     """
     from . import triton as kernels
 
     plan = _plan(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
-    return kernels.forward(x2d, u, c, row_valid, plan)
+    anchor = None if anchor_u is None else (anchor_u, anchor_c)
+    *outputs, anchor_z = kernels.forward(x2d, u, c, row_valid, plan, anchor)
+    return (*outputs, _library.absent(outputs[2]) if anchor_z is None else anchor_z)
 
 
-@_forward_op.register_fake
-def _(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed):
+def _fake_outputs(x2d, u, bounds, num_pooled) -> tuple:
+    """Empty ``(pooled, mass, z, lse)`` of the forward ops' shapes and dtypes, for their fake implementations."""
     (rows, features), num_bags = x2d.shape, len(bounds) - 1
     lse = x2d.new_empty(num_bags, num_pooled, dtype=torch.float32)
     z = x2d.new_empty(rows, u.shape[1], dtype=torch.float32)
     return x2d.new_empty(num_bags, num_pooled, features), x2d.new_empty(num_bags, num_pooled), z, lse
+
+
+@_forward_op.register_fake
+def _(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, anchor_u=None, anchor_c=None):
+    anchor_shape = (0,) if anchor_u is None else (x2d.shape[0], anchor_u.shape[1])
+    return (*_fake_outputs(x2d, u, bounds, num_pooled), x2d.new_empty(anchor_shape, dtype=torch.float32))
 
 
 @_library.custom_op("folded_attention_backward")
@@ -107,35 +119,38 @@ def _sharded_forward_op(x2d: Tensor, u: Tensor, c: Tensor, bounds: list[int], ro
                         group_name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_forward_op` on a rank's shard ``x2d``, its ``pooled``, ``mass`` and ``lse`` those of the whole
     bags across the ranks of process group ``group_name`` (the scores ``z`` stay the shard's)."""
-    pooled, mass, z, lse = _forward_op(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
+    pooled, mass, z, lse, _ = _forward_op(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
     pooled, mass, lse = _sharded.combine_pools(pooled, mass, lse, nsf_from, NSF_EPS, group_name, OP_NAME)
     return pooled, mass, z, lse
 
 
 @_sharded_forward_op.register_fake
 def _(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, group_name):
-    (rows, features), num_bags = x2d.shape, len(bounds) - 1
-    lse = x2d.new_empty(num_bags, num_pooled, dtype=torch.float32)
-    z = x2d.new_empty(rows, u.shape[1], dtype=torch.float32)
-    return x2d.new_empty(num_bags, num_pooled, features), x2d.new_empty(num_bags, num_pooled), z, lse
+    return _fake_outputs(x2d, u, bounds, num_pooled)
 
 
 def _setup_context(ctx, inputs, output):
-    x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed = inputs
-    pooled, mass, z, lse = output
+    """Both forward ops': their first 9 inputs and 4 outputs; ``lse`` and the anchor's scores take no gradient."""
+    x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed = inputs[:9]
+    pooled, mass, z, lse = output[:4]
     ctx.save_for_backward(x2d, u, row_valid, seed, z, lse, pooled, mass)
     ctx.options = (bounds, nsf_from, num_pooled, dropout_p)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(*output[3:])
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, d_pooled, d_mass, d_z, d_lse):
+def _input_grads(ctx, d_pooled, d_mass, d_z) -> tuple:
+    """The gradients of the forward ops' first 9 inputs (x2d, u, c; None for the others)."""
     x2d, u, row_valid, seed, z, lse, pooled, mass = ctx.saved_tensors
     bounds, nsf_from, num_pooled, dropout_p = ctx.options
     wanted = [bool(need) for need in ctx.needs_input_grad[:3]]
     grads = _backward_op(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass,
                          d_pooled, d_mass, d_z, wanted)
     return (*(g if want else None for g, want in zip(grads, wanted)), None, None, None, None, None, None)
+
+
+def _backward(ctx, d_pooled, d_mass, d_z, d_lse, d_anchor_z):
+    return (*_input_grads(ctx, d_pooled, d_mass, d_z), None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -148,7 +163,7 @@ def _sharded_setup_context(ctx, inputs, output):
 
 def _sharded_backward(ctx, d_pooled, d_mass, d_z, d_lse):
     d_pooled, d_mass = _sharded.sum_gradients(ctx.group_name, OP_NAME, d_pooled, d_mass)
-    return (*_backward(ctx, d_pooled, d_mass, d_z, d_lse), None)
+    return (*_input_grads(ctx, d_pooled, d_mass, d_z), None)
 
 
 _sharded_forward_op.register_autograd(_sharded_backward, setup_context=_sharded_setup_context)
@@ -157,11 +172,12 @@ _library.forbid_double_backward(_backward_op, OP_NAME)
 
 
 @_library.flop_formula("folded_attention_forward")
-def _forward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed):
-    """The reference's per-bag matmuls over all rows: the scores ``x u^T`` (J columns) and the pooling ``p^T x``
-    (P columns)."""
+def _forward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, anchor_u=None,
+                   anchor_c=None):
+    """The reference's per-bag matmuls over all rows: the scores ``x u^T`` (J columns), the pooling ``p^T x``
+    (P columns) and the anchor's scores (Ja columns)."""
     rows, features = x2d
-    return 2 * rows * features * (u[1] + num_pooled)
+    return 2 * rows * features * (u[1] + num_pooled + (anchor_u[1] if anchor_u else 0))
 
 
 @_library.flop_formula("folded_attention_forward_sharded")
@@ -222,7 +238,8 @@ def _check_folded(bags: Bags, u, c, nsf_from, num_pooled, dropout_p):
 
 
 def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropout_p: float = 0.0,
-                     training: bool = True, need_weights: bool = False, group_name: str | None = None) -> Folded:
+                     training: bool = True, need_weights: bool = False, group_name: str | None = None,
+                     anchor: tuple[Tensor, Tensor] | None = None) -> Folded:
     """Attention pooling of packed ``bags`` (from :func:`milkernels.ops._bags.pack_bags`) with folded queries.
 
     ``u: (Bu, J, Ein)`` and ``c: (Bu, J)``, Bu = 1 (all bags) or B, give the scores
@@ -232,23 +249,43 @@ def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropou
     ``num_pooled = 0``: ``pooled`` and ``mass`` are then empty). See :class:`Folded`.
     With ``group_name`` (:func:`milkernels.distributed.group_name`), ``bags`` is a rank's shard, ``pooled`` and
     ``mass`` are the whole bags' and the weights are detached.
+
+    ``anchor``: ``(u_a: (Bu, Ja, Ein), c_a: (Bu, Ja))`` or None, the folded queries of further columns scored
+    only and without gradient, ``anchor_z = x u_a^T + c_a`` (ASMIL's EMA anchor). The triton backend scores
+    them in the pass that pools the bag where one pass over whole rows runs without dropout and Ja fits a
+    column tile (up to 64 columns over 512 features: x is read once for both), else in a pass of their own.
     """
     _check_folded(bags, u, c, nsf_from, num_pooled, dropout_p)
+    if anchor is not None:
+        _check_folded(bags, *anchor, 0, 0, 0.0)
     active_p = dropout_p if training else 0.0
     backend = _backends.choose(OP_NAME, bags.x2d.device, lambda name: _reasons(name, bags))
     if group_name:
-        return _sharded_folded(backend, bags, u, c, nsf_from, num_pooled, active_p, need_weights, group_name)
+        folded = _sharded_folded(backend, bags, u, c, nsf_from, num_pooled, active_p, need_weights, group_name)
+        return _with_anchor_scores(folded, bags, anchor)
     if backend == "reference":
-        return Folded(*reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p, training))
+        folded = Folded(*reference.folded_attention(bags.x2d, u, c, bags, nsf_from, num_pooled, active_p, training))
+        return _with_anchor_scores(folded, bags, anchor)
     seed = _library.dropout_seed(active_p > 0)
-    pooled, mass, z, _ = _forward_op(bags.x2d.contiguous(), u.contiguous(), c.contiguous(), list(bags.bounds),
-                                     bags.row_valid, nsf_from, num_pooled, active_p, seed)
+    anchor_u, anchor_c = (None, None) if anchor is None else (t.contiguous() for t in anchor)
+    pooled, mass, z, _, anchor_z = _forward_op(bags.x2d.contiguous(), u.contiguous(), c.contiguous(),
+                                               list(bags.bounds), bags.row_valid, nsf_from, num_pooled, active_p,
+                                               seed, anchor_u, anchor_c)
     weights = None
     if need_weights:
         keep = _dropout_keep_op(z.detach(), num_pooled, active_p, seed) if seed is not None else None
         probabilities = reference.normalize(z[:, :num_pooled], bags, nsf_from)
         weights = reference.apply_dropout(probabilities, active_p, True, keep).to(bags.x2d.dtype)
-    return Folded(pooled, mass, z, weights)
+    return Folded(pooled, mass, z, weights, None if anchor is None else anchor_z)
+
+
+def _with_anchor_scores(folded: Folded, bags: Bags, anchor) -> Folded:
+    """``folded`` with the ``anchor``'s scores from a scores-only call of their own (none without one)."""
+    if anchor is None:
+        return folded
+    with torch.no_grad():
+        anchor_z = folded_attention(bags, *anchor, nsf_from=0, num_pooled=0, training=False).z
+    return folded._replace(anchor_z=anchor_z)
 
 
 def _sharded_folded(backend: str, bags: Bags, u, c, nsf_from: int, num_pooled: int, active_p: float,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -38,7 +39,7 @@ import triton.language as tl
 
 from ..._backends import triton_interpreted
 from .. import _blocks, _combine
-from .._bags import Bags
+from .._bags import Bags, bags_in_op
 from .._blocks import BlockTable, block_table, dot_flags
 from ..gated_attention.triton import _dot, _dropout_keep, _dropout_mask_kernel, _row_valid, _split_block
 from .reference import NSF_EPS
@@ -337,15 +338,20 @@ def _pool_kernel(
 @triton.jit
 def _one_pass_kernel(
     x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
-    z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr, part_acc_ptr,
-    E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale,
-    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
+    z_ptr, part_max_ptr, part_sum_ptr, part_mass_ptr, part_acc_ptr, second_u_ptr, second_c_ptr, second_z_ptr,
+    E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, second_columns, second_u_bag_stride,
+    second_c_bag_stride, second_z_stride, seed, p_drop, drop_scale,
+    BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr, SECOND: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """Both forward passes in one, per split, for the first column tile (it holds every pooled column) over
     whole rows: ``u`` is loaded once, each block of rows once for its scores ``z`` (written) and its pooling,
     and ``acc = p^T x`` is rescaled as the running max grows (online softmax). Writes what
-    :func:`_score_kernel` and :func:`_pool_kernel` write for that tile."""
+    :func:`_score_kernel` and :func:`_pool_kernel` write for that tile. With ``SECOND``, the same blocks of
+    rows also give the scores of a second, score-only tile of ``second_columns`` columns (``second_u``,
+    ``second_c``), written to ``second_z`` (rows ``second_z_stride`` apart). That product is formed
+    transposed, ``second_u x^T``, so that the second u stays in shared memory: held as ``x``'s right operand,
+    it took the registers of a second ``u^T`` and spilled 860 B on sm_90."""
     split = tl.program_id(0)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = tl.arange(0, BLOCK_J)
@@ -361,12 +367,21 @@ def _one_pass_kernel(
     run_sum = tl.zeros((BLOCK_J,), tl.float32)
     run_mass = tl.zeros((BLOCK_J,), tl.float32)
     acc = tl.zeros((BLOCK_J, BLOCK_E), tl.float32)
+    if SECOND:
+        second_ok = cols_j < second_columns
+        second_u = _load_rows(second_u_ptr + bag.to(tl.int64) * second_u_bag_stride, cols_j, second_ok, cols_e, e_ok,
+                              E)
+        second_c = tl.load(second_c_ptr + bag * second_c_bag_stride + cols_j, mask=second_ok, other=0.0)
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         x_tile = _load_rows(x_ptr, rows64, valid, cols_e, e_ok, E)
         z = _dot(x_tile, u_t, tl.zeros((BLOCK_N, BLOCK_J), tl.float32), DOT_FP32, FP32_PRECISION,
                  x_ptr.dtype.element_ty) + c[None, :]
         _store_rows(z_ptr, rows64, row_ok, cols_j, j_ok, J, z)
+        if SECOND:
+            second_z_t = _dot(second_u, tl.trans(x_tile), tl.zeros((BLOCK_J, BLOCK_N), tl.float32), DOT_FP32,
+                              FP32_PRECISION, x_ptr.dtype.element_ty) + second_c.to(tl.float32)[:, None]
+            _store_rows_t(second_z_ptr, rows64, row_ok, cols_j, second_ok, second_z_stride, second_z_t)
         run_max, alpha, run_sum, run_mass, kept = _running_stats(
             z, valid, is_nsf, run_max, run_sum, run_mass,
             _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT))
@@ -394,6 +409,12 @@ def _load_rows_t(ptr, rows, row_ok, cols, cols_ok, width):
 def _store_rows(ptr, rows64, row_ok, cols, cols_ok, width, value):
     """``value: (len(rows64), len(cols))`` into the row-major ``(*, width)`` matrix at ``ptr``, where both are ok."""
     tl.store(ptr + rows64[:, None] * width + cols[None, :], value, mask=row_ok[:, None] & cols_ok[None, :])
+
+
+@triton.jit
+def _store_rows_t(ptr, rows64, row_ok, cols, cols_ok, width, value_t):
+    """The transpose of :func:`_store_rows`: ``value_t: (len(cols), len(rows64))``."""
+    tl.store(ptr + rows64[None, :] * width + cols[:, None], value_t, mask=row_ok[None, :] & cols_ok[:, None])
 
 
 @triton.jit
@@ -709,10 +730,42 @@ def _or(tensor, placeholder):
     return tensor if tensor is not None else placeholder
 
 
-def forward(x2d, u, c, row_valid, plan: Plan):
-    """Fused forward over packed rows ``x2d: (T, Ein)`` with ``u: (Bu, J, Ein)``, ``c: (Bu, J)``.
+class SecondTile(NamedTuple):
+    """A score-only tile the one-pass kernel scores in its pass: ``u: (Bu, J2, Ein)``, ``c: (Bu, J2)`` (views
+    allowed) and the ``z: (T, J2)`` fp32 view it writes, J2 up to a column tile."""
 
-    Returns ``(pooled: (B, P, Ein) x's dtype, mass: (B, P) x's dtype, z: (T, J) fp32, lse: (B, P) fp32)``.
+    u: torch.Tensor
+    c: torch.Tensor
+    z: torch.Tensor
+
+    def args(self) -> tuple:
+        """Its pointers and its sizes, in the one-pass kernel's order."""
+        strides = (0 if self.u.shape[0] == 1 else self.u.stride(0), 0 if self.c.shape[0] == 1 else self.c.stride(0))
+        return (self.u, self.c, self.z), (self.u.shape[1], *strides, self.z.stride(0))
+
+
+def second_tile(plan: Plan, u, c, z, anchor) -> SecondTile | None:
+    """The one-pass kernel's second tile, where it runs without dropout (with dropout's draws, 512 features
+    spilled 112 B on sm_90): the ``anchor``'s columns ``(u_a, c_a)``, written to a new buffer, else the
+    score-only columns past the first tile (ASMIL's anchor in the same call); None where there is none or
+    they fill more than a column tile."""
+    first = plan.cfg.block_j
+    u_second, c_second = anchor if anchor is not None else (u[:, first:], c[:, first:])
+    if not plan.tiles_fwd.one_pass or plan.dropout_p > 0 or not 0 < u_second.shape[1] <= first:
+        return None
+    if anchor is None:
+        return SecondTile(u_second, c_second, z[:, first:])
+    anchor_z = _blocks.new_buffer(z.shape[0], u_second.shape[1], dtype=torch.float32, device=z.device)
+    return SecondTile(u_second, c_second, anchor_z)
+
+
+def forward(x2d, u, c, row_valid, plan: Plan, anchor=None):
+    """Fused forward over packed rows ``x2d: (T, Ein)`` with ``u: (Bu, J, Ein)``, ``c: (Bu, J)``, and the scores
+    of an ``anchor`` ``(u_a: (Bu, Ja, Ein), c_a: (Bu, Ja))`` if given (in the one-pass kernel's pass where
+    :func:`second_tile` allows, else in a scores-only call of its own).
+
+    Returns ``(pooled: (B, P, Ein) x's dtype, mass: (B, P) x's dtype, z: (T, J) fp32, lse: (B, P) fp32,
+    anchor_z: (T, Ja) fp32 or None)``.
     """
     rows, features = x2d.shape
     device, pooled_cols, splits = x2d.device, plan.num_pooled, plan.splits.num_blocks
@@ -725,12 +778,15 @@ def forward(x2d, u, c, row_valid, plan: Plan):
     queries = (u, c, *splits_args, z, *part_stats)
     sizes = (features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
              0 if plan.shared_queries else c.stride(0))
+    second = second_tile(plan, u, c, z, anchor)
     scored = 0  # columns scored so far
     if tiles.one_pass:
-        _one_pass_kernel[(splits,)](x2d, _or(row_valid, x2d), *queries, part_acc, *sizes,
-                                    **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
-                                           num_warps=ONE_PASS_WARPS))
-        scored = plan.cfg.block_j
+        second_pointers, second_sizes = second.args() if second else ((x2d, x2d, z), (0, 0, 0, 0))
+        _one_pass_kernel[(splits,)](x2d, _or(row_valid, x2d), *queries, part_acc, *second_pointers, *sizes,
+                                    *second_sizes, **dict(dropout, BLOCK_N=tiles.pool_block_n,
+                                                          BLOCK_E=tiles.pool_block_e, SECOND=second is not None,
+                                                          num_warps=ONE_PASS_WARPS))
+        scored = plan.columns if second and anchor is None else plan.cfg.block_j
     if scored < plan.columns:
         _score_kernel[(triton.cdiv(plan.columns - scored, plan.cfg.block_j), splits)](
             x2d, _or(row_valid, x2d), *queries, *sizes,
@@ -743,7 +799,18 @@ def forward(x2d, u, c, row_valid, plan: Plan):
         )
     pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
                                          x2d.dtype, plan.nsf_from, NSF_EPS, COMBINE_BLOCK_E)
-    return pooled, mass, z, lse
+    return pooled, mass, z, lse, _anchor_scores(x2d, row_valid, plan, anchor, second)
+
+
+def _anchor_scores(x2d, row_valid, plan: Plan, anchor, second: SecondTile | None):
+    """The ``anchor``'s scores ``(T, Ja)`` fp32: the second tile's where the one-pass kernel wrote them, else
+    from a scores-only call; None without an anchor."""
+    if anchor is None:
+        return None
+    if second is not None:
+        return second.z
+    anchor_plan = Plan.make(bags_in_op(x2d, plan.bounds, row_valid), anchor[0], 0, 0, 0.0, 0)
+    return forward(x2d, *anchor, row_valid, anchor_plan)[2]
 
 
 def _per_bag_sum(partials, plan: Plan):
@@ -877,16 +944,19 @@ def shipped_specializations():
 
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, and of
-    a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward).
-    ``aligned`` names the integer arguments (E, J, the per-bag strides J * E and J, the first column scored,
-    P and the first NSF column) that are multiples of 16 at the example shape (a launch specializes on
-    those).
+    a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward); the
+    one-pass kernel also with its second tile (without dropout; the columns past the first tile, or as many as
+    J of an anchor). ``aligned`` names the integer arguments (E, J, the per-bag strides J * E and J, the first
+    column scored, P, the first NSF column and the second tile's sizes) that are multiples of 16 at the example
+    shape (a launch specializes on those).
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for columns, features, pooled in _SHAPES:
             cfg = config_for(columns, features)
             sizes = dict(E=features, J=columns, u_bag_stride=columns * features, c_bag_stride=columns,
-                         first_column=0, num_pooled=pooled, nsf_from=pooled)
+                         first_column=0, num_pooled=pooled, nsf_from=pooled,
+                         second_columns=columns - cfg.block_j if columns > cfg.block_j else columns,
+                         second_u_bag_stride=columns * features, second_c_bag_stride=columns, second_z_stride=columns)
             aligned = {name for name, size in sizes.items() if size % 16 == 0}  # each kernel takes some of them
             base = dict(BLOCK_N=BLOCK_N, BLOCK_J=cfg.block_j, **dot_flags(dtype, interpreted=False))
             for has_mask, dropout in ((False, False), (True, True)):
@@ -903,14 +973,20 @@ def shipped_specializations():
 
 def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: int, pooled: int, dtype, flags: dict,
                              dropout: bool, aligned):
-    """The forward kernels :func:`forward` launches for one configuration: the one-pass kernel (and the score
-    kernel for score-only tiles past it), or the score and pooling kernels."""
+    """The forward kernels :func:`forward` launches for one configuration: the one-pass kernel, with and
+    without its second tile (and the score kernel for score-only tiles past the first), or the score and
+    pooling kernels."""
     tiles = forward_tiles(cfg, pooled, features, dtype, dropout)
     scores = _score_signature(ptr, valid)
     if tiles.one_pass:
-        one_pass = _signature(_one_pass_kernel, dict(scores, part_acc_ptr="*fp32"))
-        yield (_one_pass_kernel, one_pass, dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e,
-               DROPOUT=dropout), ONE_PASS_WARPS, _named(aligned, one_pass))
+        one_pass = _signature(_one_pass_kernel, dict(scores, part_acc_ptr="*fp32", second_u_ptr=ptr, second_c_ptr=ptr,
+                                                     second_z_ptr="*fp32", second_columns="i32",
+                                                     second_u_bag_stride="i32", second_c_bag_stride="i32",
+                                                     second_z_stride="i32"))
+        tile_flags = dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e)
+        for second, with_dropout in ((False, dropout), (True, False)):
+            yield (_one_pass_kernel, one_pass, dict(tile_flags, DROPOUT=with_dropout, SECOND=second), ONE_PASS_WARPS,
+                   _named(aligned, one_pass))
     if not tiles.one_pass or columns > cfg.block_j:
         yield (_score_kernel, scores, dict(flags, **score_kernel_tiles(tiles, features, dropout)), cfg.num_warps,
                _named(aligned, scores))
