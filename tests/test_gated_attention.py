@@ -8,6 +8,7 @@ import torch
 
 import milkernels
 from milkernels.ops import gated_attention_pool, gated_attention_scores
+from milkernels.ops import _blocks
 from milkernels.ops._bags import pack_bags
 from milkernels.ops.gated_attention import reference
 from milkernels.ops.gated_attention import triton as kernels
@@ -364,6 +365,25 @@ def test_traffic_within_budget():
     h_bytes = rows * 2 * hidden * kernels._gemm_dtype(dtype).itemsize
     assert backward.dot_flops == 0
     assert backward.by_kernel["_backward_rows_kernel"].requested_bytes <= TRAFFIC_BUDGET * 2 * (x_bytes + h_bytes)
+
+
+def test_each_block_table_is_built_where_it_is_used(monkeypatch):
+    """Each table is built on first use (a host-to-device copy each): the forward the score kernel's blocks and
+    the pooling splits (not the pooling splits for scores alone), the backward its own splits only."""
+    built = []
+    monkeypatch.setattr(kernels, "block_table", lambda bounds, rows, device: built.append(rows) or
+                        _blocks.block_table(bounds, rows, device))
+    generator = torch.Generator().manual_seed(10)
+    weights = make_weights(16, 8, 2, torch.float32, "cpu", generator=generator)
+    x = torch.randn(300, 16, generator=generator).requires_grad_()
+    plan = kernels.Plan.make(pack_bags(x, 16), 8, 0.0, 0)
+    with milkernels.use_backend("triton"):
+        gated_attention_scores(x, *weights)
+        assert built == [plan.score.block_n]
+        pooled, _ = gated_attention_pool(x, *weights)
+        assert built[1:] == [plan.score.block_n, plan.split_rows]
+        pooled.sum().backward()
+    assert built[3:] == [plan.grad_split_rows]
 
 
 def test_partials_do_not_grow_with_the_bag():

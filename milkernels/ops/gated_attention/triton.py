@@ -18,6 +18,7 @@ run as GEMMs on that chunk; all reductions have a fixed order, so results are de
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -378,17 +379,19 @@ def _dropout_mask_kernel(keep_ptr, seed, T, D, p_drop, BLOCK_N: tl.constexpr, BL
 
 @dataclass(frozen=True)
 class Plan:
-    """What one call launches: the tile configuration, the block tables (of the score kernel, of the
-    backward), the pooling splits, the bag count and the dropout.
+    """What one call launches: the tile configuration, the rows of the block tables (each built on first
+    use: the score kernel's and the pooling splits in the forward, the backward's splits in the backward),
+    the bag count and the dropout.
 
     It holds no input tensor, so keeping it on an autograd context keeps no activation alive.
     """
 
     cfg: Config
     score: ScoreTiles
-    score_table: BlockTable
-    splits: BlockTable
-    grad_splits: BlockTable
+    bounds: tuple
+    split_rows: int
+    grad_split_rows: int
+    device: torch.device
     num_bags: int
     has_mask: bool
     dropout_p: float
@@ -398,14 +401,27 @@ class Plan:
     def make(bags: Bags, hidden: int, dropout_p: float, seed: int) -> "Plan":
         rows, features = bags.x2d.shape
         cfg = config_for(features, hidden)
-        device = bags.x2d.device
         split = _blocks.split_rows(rows, triton.cdiv(features, cfg.pool_block_l), POOL_BLOCK_N, TARGET_PROGRAMS,
                                    MIN_SPLIT_BLOCKS)
         grad_split = _blocks.split_rows(rows, 1, cfg.block_n, TARGET_PROGRAMS, GRAD_MIN_SPLIT_BLOCKS)
         score = score_tiles(features, hidden, bags.x2d.dtype, dropout_p > 0)
-        return Plan(cfg, score, block_table(bags.bounds, score.block_n, device),
-                    block_table(bags.bounds, split, device), block_table(bags.bounds, grad_split, device),
-                    bags.num_bags, bags.row_valid is not None, dropout_p, seed)
+        return Plan(cfg, score, bags.bounds, split, grad_split, bags.x2d.device, bags.num_bags,
+                    bags.row_valid is not None, dropout_p, seed)
+
+    @functools.cached_property
+    def score_table(self) -> BlockTable:
+        """The score kernel's blocks."""
+        return block_table(self.bounds, self.score.block_n, self.device)
+
+    @functools.cached_property
+    def splits(self) -> BlockTable:
+        """The pooling kernel's splits."""
+        return block_table(self.bounds, self.split_rows, self.device)
+
+    @functools.cached_property
+    def grad_splits(self) -> BlockTable:
+        """The backward's splits."""
+        return block_table(self.bounds, self.grad_split_rows, self.device)
 
     def launch_args(self, x2d, hidden, gated, heads, score_kernel=False):
         """Keyword arguments of the score kernel or (by default) of the backward's row kernel."""
