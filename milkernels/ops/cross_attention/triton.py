@@ -29,6 +29,7 @@ Supported: ``HP * DHP <= 256`` and at most 8 heads (:func:`unsupported_shape`); 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,7 @@ import triton.language as tl
 
 from ..._backends import triton_interpreted
 from .. import _blocks
-from .._blocks import atomic_dq, block_table, dot_flags
+from .._blocks import BlockTable, atomic_dq, block_table, dot_flags
 from ..dilated_attention.triton import _mm
 
 MAX_PADDED_WIDTH = 256
@@ -533,25 +534,51 @@ def num_splits(num_blocks: int, longest_other_bag: int, min_split_rows: int) -> 
 
 
 class Plan:
-    """What every launch of one call shares: the block tables, the splits, the constexprs."""
+    """What every launch of one call shares: the block tables, the splits, the constexprs. The bags' bounds go
+    to the device in one copy; each block table is built on first use (the forward's query blocks in the
+    forward, the backward's query and key blocks in the backward: a host-to-device copy each)."""
 
     def __init__(self, xq, bounds_q, bounds_k, heads: int):
         self.query_rows, self.width = xq.shape
         self.key_rows = bounds_k[-1]
         self.heads, self.head_dim = heads, self.width // heads
         self.tile, self.dtype = padded_heads(heads, self.head_dim), xq.dtype
-        config = config_for(self.tile, self.dtype)
-        device = xq.device
-        self.cu_q, self.cu_k = _blocks.to_device([torch.tensor(bounds_q), torch.tensor(bounds_k)], device)
-        self.forward_queries = block_table(bounds_q, config.forward_m, device)
-        self.backward_queries = block_table(bounds_q, config.backward_m, device)
+        self.config = config_for(self.tile, self.dtype)
+        self.device = xq.device
+        self.bounds_q, self.bounds_k = bounds_q, bounds_k
+        self.cu_q, self.cu_k = _blocks.to_device([torch.tensor(bounds_q), torch.tensor(bounds_k)], self.device)
         # fp32's atomic kernel spilled in a trial sm_90 compile at (1, 128) (380 B) and (2, 64) (16 B)
         self.atomic_dq = atomic_dq(self.dtype)
-        self.backward_keys = block_table(bounds_k, self.backward_flags(self.atomic_dq)["BLOCK_N"], device)
-        longest_q, longest_k = longest_bag(bounds_q), longest_bag(bounds_k)
-        self.forward_splits = num_splits(self.forward_queries.num_blocks, longest_k, MIN_SPLIT_ROWS)
-        self.query_grad_splits = num_splits(self.backward_queries.num_blocks, longest_k, MIN_QUERY_GRAD_SPLIT_ROWS)
-        self.key_grad_splits = num_splits(self.backward_keys.num_blocks, longest_q, MIN_SPLIT_ROWS)
+
+    @functools.cached_property
+    def forward_queries(self) -> BlockTable:
+        """The forward's blocks of query rows."""
+        return block_table(self.bounds_q, self.config.forward_m, self.device)
+
+    @functools.cached_property
+    def backward_queries(self) -> BlockTable:
+        """The dq kernel's blocks of query rows."""
+        return block_table(self.bounds_q, self.config.backward_m, self.device)
+
+    @functools.cached_property
+    def backward_keys(self) -> BlockTable:
+        """The dk/dv kernel's blocks of key rows."""
+        return block_table(self.bounds_k, self.backward_flags(self.atomic_dq)["BLOCK_N"], self.device)
+
+    @functools.cached_property
+    def forward_splits(self) -> int:
+        """Key ranges a forward query block takes (:func:`num_splits`)."""
+        return num_splits(self.forward_queries.num_blocks, longest_bag(self.bounds_k), MIN_SPLIT_ROWS)
+
+    @functools.cached_property
+    def query_grad_splits(self) -> int:
+        """Key ranges a dq query block takes."""
+        return num_splits(self.backward_queries.num_blocks, longest_bag(self.bounds_k), MIN_QUERY_GRAD_SPLIT_ROWS)
+
+    @functools.cached_property
+    def key_grad_splits(self) -> int:
+        """Query ranges a dk/dv key block takes."""
+        return num_splits(self.backward_keys.num_blocks, longest_bag(self.bounds_q), MIN_SPLIT_ROWS)
 
     def sizes(self) -> tuple[int, int, int]:
         return self.heads, self.head_dim, self.width
