@@ -153,20 +153,23 @@ def test_scores_only(dtype, columns, features, device):
     assert tiles.scores_only == (columns == 64 and features <= 512 and dtype == torch.bfloat16)
 
 
-ANCHOR_CASES = {  # J columns, P pooled, Ja anchor columns, Ein, dropout
-    "in the pass": (64, 64, 64, 40, 0.0), "in the pass, few columns": (12, 12, 5, 40, 0.0),
-    "with dropout": (64, 64, 64, 40, 0.3), "past a column tile": (12, 12, 24, 40, 0.0)}
+ANCHOR_CASES = {  # J columns, P pooled, Ja anchor columns, Ein, dropout, the anchor's queries per bag (else u's)
+    "in the pass": (64, 64, 64, 40, 0.0, True), "in the pass, u per bag": (64, 64, 64, 40, 0.0, False),
+    "in the pass, few columns": (12, 12, 5, 40, 0.0, True), "with dropout": (64, 64, 64, 40, 0.3, True),
+    "past a column tile": (12, 12, 24, 40, 0.0, True)}
 
 
 def anchor_inputs(case: str, device):
     """``(bags, mask, u, c, anchor)`` for :data:`ANCHOR_CASES`: two padded bags of 150 rows with a mask, u and c
-    shared (requiring grad), the anchor's ``(u_a, c_a)`` per bag."""
-    columns, _, anchor_columns, features, _ = ANCHOR_CASES[case]
+    (requiring grad) and the anchor's ``(u_a, c_a)``, one of them per bag and the other shared."""
+    columns, _, anchor_columns, features, _, anchor_per_bag = ANCHOR_CASES[case]
     generator = torch.Generator().manual_seed(46)
     x = torch.randn(2, 150, features, generator=generator).to(device).requires_grad_()
     scale = features ** -0.5
-    u, u_a = (torch.randn(bu, j, features, generator=generator) * scale for bu, j in ((1, columns), (2, anchor_columns)))
-    c, c_a = torch.randn(1, columns, generator=generator), torch.randn(2, anchor_columns, generator=generator)
+    bags_u, bags_a = (1, 2) if anchor_per_bag else (2, 1)
+    u, u_a = (torch.randn(bu, j, features, generator=generator) * scale
+              for bu, j in ((bags_u, columns), (bags_a, anchor_columns)))
+    c, c_a = torch.randn(bags_u, columns, generator=generator), torch.randn(bags_a, anchor_columns, generator=generator)
     mask = torch.rand(2, 150, generator=generator) > 0.3
     mask[1, 100:] = False
     u, c = (t.to(device).requires_grad_() for t in (u, c))
@@ -180,7 +183,7 @@ def test_anchor_scores(case, device):
     rows aside), on both backends, the other outputs and their gradients exactly those of a call without it.
     Where the one-pass forward runs without dropout and the anchor's columns fit its column tile, its
     kernel scores them in its pass (no score kernel: x read once), else a scores-only call of their own."""
-    columns, pooled, anchor_columns, features, dropout_p = ANCHOR_CASES[case]
+    columns, pooled, anchor_columns, features, dropout_p, _ = ANCHOR_CASES[case]
     bags, mask, u, c, anchor = anchor_inputs(case, device)
     rows = bags.x2d.detach().double().reshape(2, 150, features)
     want = (rows @ anchor[0].double().transpose(1, 2) + anchor[1].double()[:, None]).reshape(300, anchor_columns)
@@ -210,9 +213,9 @@ def test_anchor_scores(case, device):
 
 def test_anchor_refuses_bad_queries():
     x, u, c = torch.randn(5, 4), torch.randn(1, 6, 4), torch.randn(1, 6)
-    with pytest.raises(ValueError, match="u must be"):
+    with pytest.raises(ValueError, match="anchor: u must be"):
         folded_attention(pack_bags(x, 4), u, c, nsf_from=6, num_pooled=6, anchor=(torch.randn(1, 6, 3), c))
-    with pytest.raises(ValueError, match="c must have shape"):
+    with pytest.raises(ValueError, match="anchor: c must have shape"):
         folded_attention(pack_bags(x, 4), u, c, nsf_from=6, num_pooled=6, anchor=(u, torch.randn(1, 5)))
 
 
@@ -610,8 +613,12 @@ def test_opcheck(masked, dropout_p, device):
         torch.library.opcheck(torch.ops.milkernels.folded_attention_dropout_keep, [z, num_pooled, dropout_p, seed])
 
 
-def test_opcheck_with_an_anchor(device):
-    """The forward op with the anchor's ``(u_a, c_a)``: 3 columns of their own, per bag."""
+@pytest.mark.parametrize("in_the_pass", [True, False])
+def test_opcheck_with_an_anchor(in_the_pass, device, monkeypatch):
+    """The forward op with the anchor's ``(u_a, c_a)``: 3 columns of their own, per bag, scored in the one-pass
+    kernel's pass (forced in fp32) or in a scores-only call."""
+    if in_the_pass:
+        monkeypatch.setattr(kernels, "ONE_PASS_DTYPES", (torch.float32,))
     generator = torch.Generator().manual_seed(17)
     anchor = [torch.randn(*shape, generator=generator).to(device) for shape in ((2, 3, 5), (2, 3))]
     torch.library.opcheck(torch.ops.milkernels.folded_attention_forward, [*op_inputs(True, 0.0, device), *anchor])

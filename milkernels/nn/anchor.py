@@ -6,8 +6,9 @@
   Linear(E, E)``, ``layer_norm: LayerNorm(E, eps=1e-6)``, ``dropout``), their EMA anchor scored with the
   normalized sigmoid (NSF) and the stabilization loss ``L_kd``. Every token's attention comes from ONE
   :func:`~milkernels.ops.query_attention.folded_attention` call over the bag, and in training the anchor's
-  scores from a second, scores-only one without gradient (in one call, whose backward cannot tell that the
-  anchor's columns take none, their gradients would be computed and dropped).
+  scores, without gradient, from the same call's ``anchor`` (read from the same pass over the bag where the
+  kernels allow; as columns of the call's own, whose backward cannot tell that they take no gradient, their
+  gradients would be computed and dropped).
 
 The anchor is a training device only: at inference only the online tokens run, and ``forward`` in eval
 mode computes no anchor scores and no loss.

@@ -39,8 +39,9 @@ class QueryAttentionOutput(NamedTuple):
 
 class Folded(NamedTuple):
     """What :func:`folded_attention` returns: ``pooled: (B, P, Ein)``, ``mass: (B, P)`` (x's dtype),
-    ``z: (T, J)`` float32, ``weights: (T, P)`` (after dropout; None unless asked for) and ``anchor_z: (T, Ja)``
-    float32, without gradient (None without an anchor)."""
+    ``z: (T, J)``, ``weights: (T, P)`` (after dropout; None unless asked for) and ``anchor_z: (T, Ja)``, without
+    gradient (None without an anchor); the scores in float32 on the triton backend, in x's dtype on the
+    reference."""
 
     pooled: torch.Tensor
     mass: torch.Tensor
@@ -252,12 +253,16 @@ def folded_attention(bags: Bags, u, c, *, nsf_from: int, num_pooled: int, dropou
 
     ``anchor``: ``(u_a: (Bu, Ja, Ein), c_a: (Bu, Ja))`` or None, the folded queries of further columns scored
     only and without gradient, ``anchor_z = x u_a^T + c_a`` (ASMIL's EMA anchor). The triton backend scores
-    them in the pass that pools the bag where one pass over whole rows runs without dropout and Ja fits a
-    column tile (up to 64 columns over 512 features: x is read once for both), else in a pass of their own.
+    them in the pass that pools the bag where one pass over whole rows runs without dropout and Ja is at most
+    the call's first column tile (J's padded to 16, 32 or 64 columns; ASMIL's 64 over 512 features: x is read
+    once for both), else (and with ``group_name``) in a scores-only call of their own.
     """
     _check_folded(bags, u, c, nsf_from, num_pooled, dropout_p)
     if anchor is not None:
-        _check_folded(bags, *anchor, 0, 0, 0.0)
+        try:
+            _check_folded(bags, *anchor, 0, 0, 0.0)
+        except ValueError as error:
+            raise ValueError(f"anchor: {error}") from None
     active_p = dropout_p if training else 0.0
     backend = _backends.choose(OP_NAME, bags.x2d.device, lambda name: _reasons(name, bags))
     if group_name:

@@ -4,8 +4,9 @@ Forward, flash-decoding style, over splits (runs of a bag's rows). In fp16/bf16,
 lies in the first column tile and whole rows fit (:func:`forward_tiles`: up to 64 columns over 512 features),
 ``_one_pass_kernel`` (one program per split) loads u once and reads each block of whole rows once, for its
 scores ``z = x u^T + c`` on the tensor cores (written to ``z``, which the op returns and the backward reads)
-and its pooling ``acc = p^T x``, rescaled as the running max grows; score-only column tiles past it (ASMIL's
-anchor) go to the score kernel. Otherwise two passes: ``_score_kernel``, one program per (tile of BLOCK_J
+and its pooling ``acc = p^T x``, rescaled as the running max grows; without dropout it also scores a second,
+score-only tile from the same rows (an ``anchor``'s columns, ASMIL's EMA anchor, or the call's columns past
+the first tile); other score-only tiles go to the score kernel. Otherwise two passes: ``_score_kernel``, one program per (tile of BLOCK_J
 columns, split): for each block of BLOCK_N rows, ``z`` over all Ein in BLOCK_K steps, once, and for the
 pooled columns the split's running max, sum of weights (softmax; NSF columns have no max) and sum of weights
 after dropout (from a Philox seed); ``_pool_kernel``, one program per (tile of BLOCK_E features, pooled
@@ -946,7 +947,7 @@ def shipped_specializations():
     dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, and of
     a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward); the
     one-pass kernel also with its second tile (without dropout; the columns past the first tile, or as many as
-    J of an anchor). ``aligned`` names the integer arguments (E, J, the per-bag strides J * E and J, the first
+    J of an anchor; without it, a launch passes zeros for the second tile's sizes). ``aligned`` names the integer arguments (E, J, the per-bag strides J * E and J, the first
     column scored, P, the first NSF column and the second tile's sizes) that are multiples of 16 at the example
     shape (a launch specializes on those).
     """
@@ -984,9 +985,10 @@ def _forward_specializations(ptr, valid, cfg: Config, columns: int, features: in
                                                      second_u_bag_stride="i32", second_c_bag_stride="i32",
                                                      second_z_stride="i32"))
         tile_flags = dict(flags, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e)
+        no_second = aligned | {name for name in one_pass if name.startswith("second_") and one_pass[name] == "i32"}
         for second, with_dropout in ((False, dropout), (True, False)):
             yield (_one_pass_kernel, one_pass, dict(tile_flags, DROPOUT=with_dropout, SECOND=second), ONE_PASS_WARPS,
-                   _named(aligned, one_pass))
+                   _named(aligned if second else no_second, one_pass))
     if not tiles.one_pass or columns > cfg.block_j:
         yield (_score_kernel, scores, dict(flags, **score_kernel_tiles(tiles, features, dropout)), cfg.num_warps,
                _named(aligned, scores))
