@@ -125,3 +125,18 @@ class _Launches:
 
     def record(self, metadata) -> None:
         self.by_kernel[metadata.get()["name"]].launches += 1
+
+
+def record_block_tables(monkeypatch, kernels_module) -> list:
+    """A list that gets ``(rows of the bags, rows a block)`` for each block table ``kernels_module`` builds
+    from then on (each one a host-to-device copy)."""
+    from milkernels.ops import _blocks
+
+    built = []
+
+    def recording(bounds, block_rows, device):
+        built.append((bounds[-1], block_rows))
+        return _blocks.block_table(bounds, block_rows, device)
+
+    monkeypatch.setattr(kernels_module, "block_table", recording)
+    return built

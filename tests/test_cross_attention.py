@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import milkernels
 from milkernels.bench.saved import saved_bytes
-from milkernels.ops import _blocks, cross_attention
+from milkernels.ops import cross_attention
 from milkernels.ops.cross_attention import reference
 
 import aot
@@ -244,15 +244,13 @@ def test_splits_cover_the_other_side():
 def test_each_block_table_is_built_where_it_is_used(monkeypatch):
     """Each table is built on first use (a host-to-device copy each): the forward the query blocks of its
     kernel, the backward the dq kernel's query blocks and the dk/dv kernel's key blocks."""
-    built = []
-    monkeypatch.setattr(kernels, "block_table", lambda bounds, rows, device: built.append(bounds[-1]) or
-                        _blocks.block_table(bounds, rows, device))
+    built = kernel_checks.record_block_tables(monkeypatch, kernels)
     xq, q, k, v, weight, bias = make_inputs(40, 70, 16, seed=21)
     with milkernels.use_backend("triton"):
         out = cross_attention(xq, q, k, v, weight, bias)
-        assert built == [40]
+        assert [rows for rows, _ in built] == [40]
         out.sum().backward()
-    assert sorted(built[1:]) == [40, 70]
+    assert sorted(rows for rows, _ in built[1:]) == [40, 70]
 
 
 def bad_input_cases():

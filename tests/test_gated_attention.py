@@ -8,7 +8,6 @@ import torch
 
 import milkernels
 from milkernels.ops import gated_attention_pool, gated_attention_scores
-from milkernels.ops import _blocks
 from milkernels.ops._bags import pack_bags
 from milkernels.ops.gated_attention import reference
 from milkernels.ops.gated_attention import triton as kernels
@@ -370,20 +369,18 @@ def test_traffic_within_budget():
 def test_each_block_table_is_built_where_it_is_used(monkeypatch):
     """Each table is built on first use (a host-to-device copy each): the forward the score kernel's blocks and
     the pooling splits (not the pooling splits for scores alone), the backward its own splits only."""
-    built = []
-    monkeypatch.setattr(kernels, "block_table", lambda bounds, rows, device: built.append(rows) or
-                        _blocks.block_table(bounds, rows, device))
+    built = kernel_checks.record_block_tables(monkeypatch, kernels)
     generator = torch.Generator().manual_seed(10)
     weights = make_weights(16, 8, 2, torch.float32, "cpu", generator=generator)
     x = torch.randn(300, 16, generator=generator).requires_grad_()
     plan = kernels.Plan.make(pack_bags(x, 16), 8, 0.0, 0)
     with milkernels.use_backend("triton"):
         gated_attention_scores(x, *weights)
-        assert built == [plan.score.block_n]
+        assert built == [(300, plan.score.block_n)]
         pooled, _ = gated_attention_pool(x, *weights)
-        assert built[1:] == [plan.score.block_n, plan.split_rows]
+        assert built[1:] == [(300, plan.score.block_n), (300, plan.split_rows)]
         pooled.sum().backward()
-    assert built[3:] == [plan.grad_split_rows]
+    assert built[3:] == [(300, plan.grad_split_rows)]
 
 
 def test_partials_do_not_grow_with_the_bag():

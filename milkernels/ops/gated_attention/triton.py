@@ -392,7 +392,6 @@ class Plan:
     split_rows: int
     grad_split_rows: int
     device: torch.device
-    num_bags: int
     has_mask: bool
     dropout_p: float
     seed: int
@@ -405,8 +404,12 @@ class Plan:
                                    MIN_SPLIT_BLOCKS)
         grad_split = _blocks.split_rows(rows, 1, cfg.block_n, TARGET_PROGRAMS, GRAD_MIN_SPLIT_BLOCKS)
         score = score_tiles(features, hidden, bags.x2d.dtype, dropout_p > 0)
-        return Plan(cfg, score, bags.bounds, split, grad_split, bags.x2d.device, bags.num_bags,
-                    bags.row_valid is not None, dropout_p, seed)
+        return Plan(cfg, score, bags.bounds, split, grad_split, bags.x2d.device, bags.row_valid is not None,
+                    dropout_p, seed)
+
+    @property
+    def num_bags(self) -> int:
+        return len(self.bounds) - 1
 
     @functools.cached_property
     def score_table(self) -> BlockTable:

@@ -6,8 +6,8 @@ lies in the first column tile and whole rows fit (:func:`forward_tiles`: up to 6
 scores ``z = x u^T + c`` on the tensor cores (written to ``z``, which the op returns and the backward reads)
 and its pooling ``acc = p^T x``, rescaled as the running max grows; without dropout it also scores a second,
 score-only tile from the same rows (an ``anchor``'s columns, ASMIL's EMA anchor, or the call's columns past
-the first tile); other score-only tiles go to the score kernel. Otherwise two passes: ``_score_kernel``, one program per (tile of BLOCK_J
-columns, split): for each block of BLOCK_N rows, ``z`` over all Ein in BLOCK_K steps, once, and for the
+the first tile); other score-only tiles go to the score kernel. Otherwise two passes: ``_score_kernel``, one
+program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, ``z`` over all Ein in BLOCK_K steps, once, and for the
 pooled columns the split's running max, sum of weights (softmax; NSF columns have no max) and sum of weights
 after dropout (from a Philox seed); ``_pool_kernel``, one program per (tile of BLOCK_E features, pooled
 column tile, split): the weights again from ``z`` and the split's max (no score recomputed) and ``acc`` for
@@ -670,7 +670,6 @@ class Plan:
     splits: BlockTable
     bounds: tuple
     block_rows: int
-    num_bags: int
     has_mask: bool
     shared_queries: bool
     columns: int
@@ -687,8 +686,12 @@ class Plan:
         programs = _programs_per_split(tiles_fwd, cfg, columns, features, num_pooled)
         splits = block_table(bags.bounds, _split_rows(bags, programs, num_pooled), bags.x2d.device)
         block_rows = score_grad_tiles(tiles_fwd, cfg, columns, num_pooled, dropout_p > 0)["BLOCK_N"]
-        return Plan(cfg, tiles_fwd, splits, bags.bounds, block_rows, bags.num_bags, bags.row_valid is not None,
+        return Plan(cfg, tiles_fwd, splits, bags.bounds, block_rows, bags.row_valid is not None,
                     u.shape[0] == 1, columns, nsf_from, num_pooled, dropout_p, seed)
+
+    @property
+    def num_bags(self) -> int:
+        return len(self.bounds) - 1
 
     @functools.cached_property
     def blocks(self) -> BlockTable:
@@ -741,8 +744,12 @@ class SecondTile(NamedTuple):
 
     def args(self) -> tuple:
         """Its pointers and its sizes, in the one-pass kernel's order."""
-        strides = (0 if self.u.shape[0] == 1 else self.u.stride(0), 0 if self.c.shape[0] == 1 else self.c.stride(0))
-        return (self.u, self.c, self.z), (self.u.shape[1], *strides, self.z.stride(0))
+        return (self.u, self.c, self.z), (self.u.shape[1], _bag_stride(self.u), _bag_stride(self.c), self.z.stride(0))
+
+
+def _bag_stride(queries) -> int:
+    """The stride between bags of ``queries: (Bu, ...)``: 0 where one set serves every bag (Bu = 1)."""
+    return 0 if queries.shape[0] == 1 else queries.stride(0)
 
 
 def second_tile(plan: Plan, u, c, z, anchor) -> SecondTile | None:
@@ -777,8 +784,7 @@ def forward(x2d, u, c, row_valid, plan: Plan, anchor=None):
     splits_args = (table.start, table.end, table.bag)
     dropout = dict(**plan.dropout_args(), DROPOUT=plan.dropout_p > 0, **plan.flags(x2d))
     queries = (u, c, *splits_args, z, *part_stats)
-    sizes = (features, plan.columns, pooled_cols, plan.nsf_from, 0 if plan.shared_queries else u.stride(0),
-             0 if plan.shared_queries else c.stride(0))
+    sizes = (features, plan.columns, pooled_cols, plan.nsf_from, _bag_stride(u), _bag_stride(c))
     second = second_tile(plan, u, c, z, anchor)
     scored = 0  # columns scored so far
     if tiles.one_pass:
@@ -908,7 +914,7 @@ def _dx(dx, row_valid, u, d_pooled, d_s, pk, plan: Plan):
     """Writes ``dx: (T, Ein)`` ``= pk dP + ds u``: per split, with u and dP loaded once, where
     :func:`dx_split_tiles` gives its tiles, else per block and feature tile."""
     features = dx.shape[1]
-    sizes = (features, plan.columns, plan.num_pooled, 0 if plan.shared_queries else u.stride(0))
+    sizes = (features, plan.columns, plan.num_pooled, _bag_stride(u))
     split_dx = dx_split_tiles(plan.tiles_fwd, plan.cfg, plan.columns, plan.num_pooled)
     if split_dx:
         table = plan.splits
@@ -947,9 +953,9 @@ def shipped_specializations():
     dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, and of
     a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward); the
     one-pass kernel also with its second tile (without dropout; the columns past the first tile, or as many as
-    J of an anchor; without it, a launch passes zeros for the second tile's sizes). ``aligned`` names the integer arguments (E, J, the per-bag strides J * E and J, the first
-    column scored, P, the first NSF column and the second tile's sizes) that are multiples of 16 at the example
-    shape (a launch specializes on those).
+    J of an anchor; without it, a launch passes zeros for the second tile's sizes). ``aligned`` names the
+    integer arguments (E, J, the per-bag strides J * E and J, the first column scored, P, the first NSF column
+    and the second tile's sizes) that are multiples of 16 at the example shape (a launch specializes on those).
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for columns, features, pooled in _SHAPES:
