@@ -1,19 +1,19 @@
 """Learnable-query attention in Triton, folded form: a split-N forward, a combine and a three-kernel backward.
 
-Forward, flash-decoding style, over splits (runs of a bag's rows). In fp16/bf16, when every pooled column
-lies in the first column tile and whole rows fit (:func:`forward_tiles`: up to 64 columns over 512 features),
+Forward, flash-decoding style, over splits (runs of a bag's rows). In fp16/bf16, when every pooled column lies
+in the first column tile and whole rows fit (:func:`forward_tiles`: up to 64 columns over 512 features),
 ``_one_pass_kernel`` (one program per split) loads u once and reads each block of whole rows once, for its
 scores ``z = x u^T + c`` on the tensor cores (written to ``z``, which the op returns and the backward reads)
 and its pooling ``acc = p^T x``, rescaled as the running max grows; without dropout it also scores a second,
 score-only tile from the same rows (an ``anchor``'s columns, ASMIL's EMA anchor, or the call's columns past
 the first tile); other score-only tiles go to the score kernel. Otherwise two passes: ``_score_kernel``, one
-program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, ``z`` over all Ein in BLOCK_K steps, once, and for the
-pooled columns the split's running max, sum of weights (softmax; NSF columns have no max) and sum of weights
-after dropout (from a Philox seed); ``_pool_kernel``, one program per (tile of BLOCK_E features, pooled
-column tile, split): the weights again from ``z`` and the split's max (no score recomputed) and ``acc`` for
-its feature tile. All write fp32 partials per split; :func:`milkernels.ops._combine.combine` merges each
-bag's splits into ``pooled``, ``mass`` (the sum of the weights) and the per-column log-normalizer ``lse``.
-Score-only columns (from ``num_pooled`` on) are only scored.
+program per (tile of BLOCK_J columns, split): for each block of BLOCK_N rows, ``z`` over all Ein in BLOCK_K
+steps, once, and for the pooled columns the split's running max, sum of weights (softmax; NSF columns have no
+max) and sum of weights after dropout (from a Philox seed); ``_pool_kernel``, one program per (tile of BLOCK_E
+features, pooled column tile, split): the weights again from ``z`` and the split's max (no score recomputed)
+and ``acc`` for its feature tile. All write fp32 partials per split; :func:`milkernels.ops._combine.combine`
+merges each bag's splits into ``pooled``, ``mass`` (the sum of the weights) and the per-column log-normalizer
+``lse``. Score-only columns (from ``num_pooled`` on) are only scored.
 
 Backward: after the one-pass forward, with every column in one column tile, ``_one_pass_grad_kernel`` (per
 split, dP loaded once) reads each block of whole rows once for the score gradients ``ds`` (the
