@@ -139,30 +139,43 @@ def padded_mask(batch: int, length: int) -> torch.Tensor:
     return mask
 
 
-def compared_kernels(fn, inputs, dtype) -> set:
-    """:func:`kernel_checks.compare` of ``fn`` on ``inputs``; the Triton kernels its forward and backward launched."""
+def compared_kernels(fn, inputs, dtype, key_launches: int | None = None) -> set:
+    """:func:`kernel_checks.compare` of ``fn`` on ``inputs``; the Triton kernels its forward and backward launched
+    (and, given ``key_launches``, that the key kernel ran that many times)."""
     with kernel_checks.launched() as counts:
         kernel_checks.compare(fn, inputs, dtype)
+    if key_launches is not None:
+        assert counts.by_kernel["_key_grad_kernel"].launches == key_launches
     return set(counts.by_kernel)
 
 
 ATOMIC_KERNELS = {"_forward_kernel", "_delta_kernel", "_key_grad_kernel"}
 TWO_KERNELS = {"_forward_kernel", "_query_grad_kernel", "_key_grad_kernel"}
-WIDE_KEYS = ([256, 512], [1, 2])  # 128 keys of residue period 2 fit in each segment (:func:`kernels.key_tiles`)
-NARROW_KEYS = ([128, 256], [1, 2])  # 64 rows of residue period 2 fit in each segment, 128 do not
+WIDE_KEYS = ([256, 512], [1, 2])  # 128 keys of residue period 2 fit in each segment (:func:`kernels.key_launches`)
+NARROW_KEYS = ([128, 256], [1, 2])  # 64 rows of residue period 2 fit in each segment, 128 only in the second's
+GIGAPATH_SPANS = [1024, 5792, 32768, 185363, 1048576]  # Prov-GigaPath's segments at N = 1M, rates 1 to 16
 
 
-def test_key_tiles():
-    assert kernels.key_tiles(64, False, 2, 256) == (64, 64)
-    assert kernels.key_tiles(32, False, 16, 10**6) == (32, 32)
-    assert kernels.key_tiles(64, True, 2, 256) == (128, 16)
-    assert kernels.key_tiles(64, True, 16, 1024) == (64, 32)  # Prov-GigaPath: 128 keys span 2 segments of 1024
+def test_key_launches():
+    """The key kernel's launches: one over every branch, or with the atomic dq 128 keys a program over the branches
+    whose segments hold them, then 64 over the others, adding."""
+    assert kernels.key_launches(64, False, 2, [128, 256]) == ((64, 64, (0, 1)),)
+    assert kernels.key_launches(32, False, 16, [10**6]) == ((32, 32, (0,)),)
+    assert kernels.key_launches(64, True, 2, [256, 512]) == ((128, 16, (0, 1)),)
+    assert kernels.key_launches(64, True, 2, [128, 256]) == ((128, 16, (1,)), (64, 32, (0,)))
+    assert kernels.key_launches(64, True, 2, [256, 128]) == ((128, 16, (0,)), (64, 32, (1,)))
+    assert kernels.key_launches(64, True, 16, [1024]) == ((64, 32, (0,)),)
+    # Prov-GigaPath: 128 keys of a residue span 2048 positions, two of the first branch's segments of 1024
+    assert kernels.key_launches(64, True, 16, GIGAPATH_SPANS) == ((128, 16, (1, 2, 3, 4)), (64, 32, (0,)))
     half = torch.zeros(600, 2, 48, dtype=torch.float16)
-    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "exact", None).key_block == 128
-    assert kernels.Plan(half, [0, 300, 600], *SMALL, "exact", None).key_block == 64
-    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "torchscale", None).key_block == 64
-    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "torchscale", None, branch_outputs=True).key_block == 128
-    assert kernels.Plan(half.float(), [0, 300, 600], *WIDE_KEYS, "exact", None).key_block == 64
+    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "exact", None).key_launches == ((128, 16, (0, 1)),)
+    assert kernels.Plan(half, [0, 300, 600], *NARROW_KEYS, "exact", None).key_launches == (
+        (128, 16, (1,)), (64, 32, (0,)))
+    assert kernels.Plan(half, [0, 300, 600], *SMALL, "exact", None).key_launches == ((64, 32, (0, 1, 2)),)
+    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "torchscale", None).key_launches == ((64, 64, (0, 1)),)
+    assert kernels.Plan(half, [0, 300, 600], *WIDE_KEYS, "torchscale", None,
+                        branch_outputs=True).key_launches == ((128, 16, (0, 1)),)
+    assert kernels.Plan(half.float(), [0, 300, 600], *WIDE_KEYS, "exact", None).key_launches == ((64, 64, (0, 1)),)
 
 
 LONG_SEGMENTS = ([384, 1000], [1, 2])  # 128 rows of residue period 2 (256 positions) fit in each segment
@@ -246,27 +259,33 @@ def test_keeps_branches_where_the_backward_takes_the_atomic_dq(request):
     assert not kernels.keeps_branches(half, bounds, *NARROW_KEYS, "torchscale")
 
 
-@pytest.mark.parametrize("branches", [WIDE_KEYS, SMALL], ids=["128-keys", "64-keys"])
-def test_atomic_dq_in_fp32(branches, monkeypatch):
+KEY_BLOCKS = {"128-keys": (WIDE_KEYS, 1), "both": (NARROW_KEYS, 2), "64-keys": (SMALL, 1)}  # branches, key launches
+
+
+@pytest.mark.parametrize("keys", KEY_BLOCKS)
+def test_atomic_dq_in_fp32(keys, monkeypatch):
     """Exact mode's backward with the atomic dq (fp16 / bf16 by default) forced in fp32 for a tight comparison: two
-    padded bags with a mask, 3 heads of dh 40, 128 or 64 keys a program; outputs and every gradient, and only the
-    delta and key kernels run on the backward."""
+    padded bags with a mask, 3 heads of dh 40, 128 or 64 keys a program, or both (:func:`kernels.key_launches`:
+    128 for the second branch, then 64 for the first, adding); outputs and every gradient, and only the delta and
+    key kernels run on the backward."""
+    branches, key_launches = KEY_BLOCKS[keys]
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
     q, k, v = make_qkv((2, 260, 3, 40), seed=30)
     fn = with_lse(*branches, mode="exact", mask=padded_mask(2, 260))
-    assert compared_kernels(fn, [q, k, v], torch.float32) == ATOMIC_KERNELS
+    assert compared_kernels(fn, [q, k, v], torch.float32, key_launches) == ATOMIC_KERNELS
 
 
-@pytest.mark.parametrize("branches", [WIDE_KEYS, NARROW_KEYS], ids=["128-keys", "64-keys"])
-def test_torchscale_atomic_dq_in_fp32(branches, monkeypatch):
+@pytest.mark.parametrize("keys", ["128-keys", "both"])
+def test_torchscale_atomic_dq_in_fp32(keys, monkeypatch):
     """Torchscale mode with the branch outputs kept and the atomic dq (fp16 / bf16 by default), forced in fp32: two
     packed bags (260 and 197 rows, the last segments zero-padded), 3 heads of dh 40 (head groups of 2 and 1 at
-    r = 2), 128 or 64 keys a program; outputs and every gradient, and only the delta and key kernels run on the
-    backward."""
+    r = 2), 128 keys a program, or 128 for the second branch then 64 for the first; outputs and every gradient,
+    and only the delta and key kernels run on the backward."""
+    branches, key_launches = KEY_BLOCKS[keys]
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
     q, k, v = make_qkv((457, 3, 40), seed=33)
     fn = with_lse(*branches, cu_seqlens=torch.tensor([0, 260, 457], device=sharding.device()))
-    assert compared_kernels(fn, [q, k, v], torch.float32) == ATOMIC_KERNELS
+    assert compared_kernels(fn, [q, k, v], torch.float32, key_launches) == ATOMIC_KERNELS
 
 
 @pytest.mark.parametrize("branches", [WIDE_KEYS, SMALL], ids=["128-keys", "64-keys"])
@@ -515,24 +534,38 @@ def test_traffic_within_budget(dtype):
 
 
 TWO_PART_FORWARD = {"torchscale": 66.5, "exact": 76.4}  # dot FLOPs per requested byte (on 64-row programs 49.4, 54.7)
+SPLIT_KEY_BACKWARD = {"torchscale": 7256384, "exact": 7155520}  # bytes requested (8468480, 8367616 on 64 keys)
 
 
 @pytest.mark.parametrize("mode", TWO_PART_FORWARD)
-def test_two_part_forward_traffic(mode):
+def test_two_part_traffic(mode):
     """bf16, one bag of 1024 rows, 2 heads of dh 48, branches [128, 1024] x [1, 2]: 128 rows of a residue (256
-    positions) do not fit in the first branch's segments of 128, so a forward program takes two parts of 64 rows
-    (:func:`kernels.forward_tiles`; Prov-GigaPath's first segment of 1024 at R = 16 is the same case). The second
-    branch's k, v tiles are read once for both parts: 66.5 dot FLOPs per requested byte in torchscale mode (49.4 on
-    64-row programs), 76.4 in exact mode (54.7); the first branch's keys are read per part, since its segments
-    divide the parts, which keeps this shape under issue 12's 80 (a third of its pairs are the first branch's; at
-    GigaPath's N = 1M a tenth). Dot FLOPs are exactly the useful ones. The measured figure is held within 10%."""
+    positions) do not fit in the first branch's segments of 128 (Prov-GigaPath's first segment of 1024 at R = 16
+    is the same case), which keeps this shape under issue 12's 80 dot FLOPs per requested byte (a third of its
+    pairs are the first branch's; at GigaPath's N = 1M a tenth). The measured figures are held within 10%.
+
+    - Forward: a program takes two parts of 64 rows (:func:`kernels.forward_tiles`). The second branch's k, v
+      tiles are read once for both parts: 66.5 dot FLOPs per requested byte in torchscale mode (49.4 on 64-row
+      programs), 76.4 in exact mode (54.7); the first branch's keys are read per part, since its segments divide
+      the parts. Dot FLOPs are exactly the useful ones.
+    - Backward: the atomic key kernel takes the second branch on 128 keys a program, then the first on 64, adding
+      to the first launch's dk and dv (:func:`kernels.key_launches`): 55.9 dot FLOPs per requested byte, its
+      float32 atomic adds counted as read and written, and 7.26 MB requested in torchscale mode, 7.16 MB in exact
+      mode (47.4 and 8.47 / 8.37 MB with 64 keys a program for both branches); 5 products a tile pair."""
     q, k, v = make_qkv((1024, 2, 48), dtype=torch.bfloat16, seed=21)
-    with milkernels.use_backend("triton"), counting() as forward:
-        dilated_attention(q, k, v, [128, 1024], [1, 2], mode=mode)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            out = dilated_attention(q, k, v, [128, 1024], [1, 2], mode=mode)
+        with counting() as backward:
+            out.backward(torch.randn_like(out))
     counts = forward.by_kernel["_forward_kernel"]
     assert counts.dot_flops >= TWO_PART_FORWARD[mode] / MARGIN * counts.requested_bytes
     if mode == "torchscale":
         assert counts.dot_flops == 4 * 48 * attended_pairs(1024, 2, [128, 1024], [1, 2])
+    keys = backward.by_kernel["_key_grad_kernel"]
+    assert keys.launches == 2 and keys.dot_flops >= 55.9 / MARGIN * keys.requested_bytes
+    assert backward.dot_flops * 2 == 5 * forward.dot_flops
+    assert backward.requested_bytes <= MARGIN * SPLIT_KEY_BACKWARD[mode]
 
 
 EXACT_BACKWARD = {  # per deterministic: products a tile pair over the forward's 2, dot FLOPs per requested byte

@@ -19,12 +19,13 @@ nothing gathered or copied.
   ``torchscale``: ``D_i = dout . out_i`` per branch, from sums over the branch's keys in the same pass,
   since upstream's merge weights take no gradient: ``dS = P (dP - D_i)`` with ``P = exp(s - lse)``);
   a key kernel, one program per key block, walks the queries of each branch it belongs to (those at
-  positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``.
+  positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``; with the
+  atomic dq, on wider key blocks for the branches whose segments hold them, then adding the others'
+  (:func:`key_launches`).
   Deterministic, except in fp16 / bf16 in exact mode and in torchscale mode with the branch outputs kept
   (:func:`atomic_dq`): there the key kernel also adds each query step's ``dS K`` to a zeroed float32 ``dq``
   with atomics and :func:`_delta_kernel` only finds ``D`` or each ``D_i`` (from ``out_i``): 5 products a tile
-  pair instead of 7 (exact) or 8 (torchscale, whose query kernel also takes ``P K`` for ``D_i``)
-  (:func:`key_tiles`).
+  pair instead of 7 (exact) or 8 (torchscale, whose query kernel also takes ``P K`` for ``D_i``).
 
 Head dim: a tile of the next power of two, or two tiles side by side (:func:`head_tiles`: 32 + 16 for
 Prov-GigaPath's dh = 48 in fp16/bf16 on 64-row blocks), so that the products take 48 columns, not 64; every
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -75,15 +77,16 @@ def shortest_segment(segments, longest_bag: int) -> int:
 def widest_block(head_dim: int, dtype, segments, rates, longest_bag: int, mode: str) -> int:
     """The most positions of one residue that a program of any kernel covers on inputs of ``dtype``: the forward's
     rows (:func:`forward_tiles`), in exact mode at least the key kernel's ``WIDE_BLOCK`` keys with the atomic dq
-    (:func:`key_tiles`; a bound, taken for every dtype)."""
+    (:func:`key_launches`; a bound, taken for every dtype)."""
     block = block_size(head_dim, segments, rates, longest_bag, mode)
     rows, parts = forward_tiles(dtype, block, math.lcm(*rates), shortest_segment(segments, longest_bag))
     return max(rows * parts, WIDE_BLOCK) if mode == "exact" else rows * parts
 
 
 WIDE_BLOCK = 128
-"""Rows (or keys) of one residue a wide program takes where ``WIDE_BLOCK * R`` positions fit in every segment: the
-forward's rows in one part (:func:`forward_tiles`) and the atomic key kernel's keys (:func:`key_tiles`)."""
+"""Rows (or keys) of one residue a wide program takes: the forward's rows in one part where ``WIDE_BLOCK * R``
+positions fit in every segment (:func:`forward_tiles`), the atomic key kernel's keys for the branches whose
+segments hold them (:func:`key_launches`)."""
 
 
 def forward_tiles(dtype, block: int, period: int, shortest_segment: int) -> tuple[int, int]:
@@ -614,13 +617,15 @@ def _query_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, d_out_p
 
 @triton.jit
 def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_ptr, d_q_ptr, d_k_ptr, d_v_ptr,
-                     start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr,
+                     start_ptr, length_ptr, residue_ptr, first_ptr, segment_ptr, rate_ptr, branch_ptr,
                      T, H, dh, R, num_branches, scale, query_start, query_stop,
                      EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
                      TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                     ATOMIC_DQ: tl.constexpr, QUERY_BLOCK: tl.constexpr):
-    """``dk`` and ``dv`` of the block's keys; with ``ATOMIC_DQ`` also each query step's part of ``dq``, ``dS K`` (from
-    the transposed ``dS^T`` it holds), added to the float32 ``dq`` at ``d_q_ptr`` (else unused)."""
+                     ATOMIC_DQ: tl.constexpr, QUERY_BLOCK: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """``dk`` and ``dv`` of the block's keys over the ``num_branches`` branches whose indices ``branch_ptr`` lists
+    (:class:`KeyLaunch`), written, or with ``ACCUMULATE`` added to those an earlier launch wrote; with
+    ``ATOMIC_DQ`` also each query step's part of ``dq``, ``dS K`` (from the transposed ``dS^T`` it holds), added to
+    the float32 ``dq`` at ``d_q_ptr`` (else unused)."""
     head = tl.program_id(1)
     start, length, residue, keys, key_exists = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, BLOCK)
     key_ok = _row_valid(valid_ptr, keys, key_exists, start, HAS_MASK)
@@ -631,7 +636,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
     d_v = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
     d_v_tail = tl.zeros(k_tail.shape, tl.float32)
     last_key = tl.max(tl.where(key_exists, keys, 0), axis=0)
-    for i in range(0, num_branches):
+    for n in range(0, num_branches):
+        i = tl.load(branch_ptr + n)
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
         if residue % r == g:
             key_segment = keys // sl
@@ -669,8 +675,20 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                     d_q, d_q_tail = _mm_rows(tl.trans(d_s_t), k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
                     _add_rows(d_q_ptr, d_q * scale, d_q_tail * scale, queries, query_ok, start, head, H, dh,
                               BLOCK_DH, TAIL_DH)
-    _store_rows(d_k_ptr, d_k * scale, d_k_tail * scale, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH)
-    _store_rows(d_v_ptr, d_v, d_v_tail, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH)
+    _store_key_rows(d_k_ptr, d_k * scale, d_k_tail * scale, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH,
+                    ACCUMULATE)
+    _store_key_rows(d_v_ptr, d_v, d_v_tail, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH, ACCUMULATE)
+
+
+@triton.jit
+def _store_key_rows(ptr, main, tail, rows, ok, start, head, H, dh, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr,
+                    ACCUMULATE: tl.constexpr):
+    """:func:`_store_rows` of the fp32 tiles ``(main, tail)``; with ``ACCUMULATE`` their sum with what is there."""
+    if ACCUMULATE:
+        before, before_tail = _load_rows(ptr, rows, ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+        main += before.to(tl.float32)
+        tail += before_tail.to(tl.float32)
+    _store_rows(ptr, main, tail, rows, ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
 
 
 def residue_blocks(spans, period: int, block: int, device) -> list[torch.Tensor]:
@@ -718,7 +736,8 @@ class Plan:
         self.slots = branch_slots(self.heads, rates)
         self.short_groups = any(self.heads % rate for rate in rates)
         shortest = shortest_segment(segments, longest)
-        self.key_block, self.query_step = key_tiles(self.block, self.atomic_dq, self.period, shortest)
+        self.key_launches = key_launches(self.block, self.atomic_dq, self.period,
+                                         [min(w, longest) for w in segments])
         self.forward_tiles = forward_tiles(q.dtype, self.block, self.period, shortest)
         self.forward_rows = self.forward_tiles[0] * self.forward_tiles[1]
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
@@ -741,13 +760,17 @@ class Plan:
         return residue_blocks(self.query_spans, self.period, self.forward_rows, self.device)
 
     @functools.cached_property
-    def key_blocks(self) -> list[torch.Tensor]:
-        """The key kernel's blocks of ``key_block`` keys (:func:`residue_blocks`)."""
-        return residue_blocks(self.key_spans, self.period, self.key_block, self.device)
+    def key_tables(self) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+        """Per key launch (:func:`key_launches`): its blocks of ``keys`` keys (:func:`residue_blocks`) and its branch
+        indices, on the device."""
+        return [(residue_blocks(self.key_spans, self.period, launch.keys, self.device),
+                 _blocks.to_device([torch.tensor(launch.branches)], self.device)[0]) for launch in self.key_launches]
 
-    def key_flags(self) -> dict:
-        """The key kernel's constexprs and warps (:func:`key_tiles`)."""
-        return dict(self.flags, BLOCK=self.key_block, QUERY_BLOCK=self.query_step, ATOMIC_DQ=self.atomic_dq)
+    def key_flags(self, launch: int) -> dict:
+        """The constexprs and warps of key launch ``launch`` (:func:`key_launches`): each after the first adds its
+        dk and dv to the earlier ones'."""
+        keys, queries, _ = self.key_launches[launch]
+        return dict(self.flags, BLOCK=keys, QUERY_BLOCK=queries, ATOMIC_DQ=self.atomic_dq, ACCUMULATE=launch > 0)
 
     def sizes(self) -> tuple:
         return self.heads, self.head_dim, self.period, self.branches[0].numel()
@@ -757,19 +780,34 @@ class Plan:
 
 
 _ATOMIC_KEY_TILES = ((WIDE_BLOCK, 16), (64, 32))
-"""The key kernel's ``(keys a program, queries a step)`` with the atomic dq: the first where it fits (:func:`key_tiles`)."""
+"""The key kernel's ``(keys a program, queries a step)`` with the atomic dq: the first for the branches it fits
+(:func:`key_launches`)."""
 
 
-def key_tiles(block: int, atomic: bool, period: int, shortest_segment: int) -> tuple[int, int]:
-    """``(keys a program, queries a step)`` of the key kernel: ``(block, block)``, or with the atomic dq (fp16 / bf16
-    on 64-row blocks, :class:`Plan`) ``(128, 16)`` where 128 such keys (``128 * period`` positions) fit in the
-    shortest segment, else ``(64, 32)``. Each step's float32 ``dq`` adds then serve 128 or 64 keys (a key block
-    across segments would pair keys with the other segment's queries for nothing); 64 queries a step spill on
-    sm_90 (up to 112 B at dh 64)."""
+class KeyLaunch(NamedTuple):
+    """One launch of the key kernel: ``keys`` a program, ``queries`` a step, over the branches ``branches``
+    (indices, in order)."""
+
+    keys: int
+    queries: int
+    branches: tuple
+
+
+def key_launches(block: int, atomic: bool, period: int, spans) -> tuple[KeyLaunch, ...]:
+    """The key kernel's launches over branches of segment spans ``spans`` (``min(w, N)`` each): one of ``block``
+    keys a program and as many queries a step over every branch, or with the atomic dq (fp16 / bf16 on 64-row
+    blocks, :class:`Plan`) 128 keys a program and 16 queries a step over the branches whose segments hold 128 such
+    keys (``128 * period`` positions), then 64 and 32 over the others (Prov-GigaPath's first, 1024 positions at R =
+    16), adding their dk and dv to the first launch's. Each step's float32 ``dq`` adds then serve 128 or 64 keys
+    (a key block across segments would pair keys with the other segment's queries for nothing), and each k, v tile
+    meets as many queries; 64 queries a step spill on sm_90 (up to 112 B at dh 64)."""
+    every = tuple(range(len(spans)))
     if not atomic:
-        return block, block
+        return (KeyLaunch(block, block, every),)
     wide, narrow = _ATOMIC_KEY_TILES
-    return wide if wide[0] * period <= shortest_segment else narrow
+    fits = tuple(i for i in every if wide[0] * period <= spans[i])
+    rest = tuple(i for i in every if i not in fits)
+    return tuple(KeyLaunch(*tiles, branches) for tiles, branches in ((wide, fits), (narrow, rest)) if branches)
 
 
 def keeps_branches(q, bounds, segments, rates, mode: str) -> bool:
@@ -835,11 +873,13 @@ def backward(q, k, v, out, lse, branch_out, d_out, plan: Plan, scale: float):
     branches = 1 if plan.flags["EXACT"] else plan.branches[0].numel()
     delta = _blocks.new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
     _query_side(q, k, v, out, lse, branch_out, d_out, d_q, delta, plan, scale)
-    key_grid = _grid(plan.key_blocks, plan)
-    if key_grid[0]:
-        added_d_q = d_q if plan.atomic_dq else torch.empty(0, dtype=torch.float32, device=q.device)
-        _key_grad_kernel[key_grid](q, k, v, plan.valid(q), lse, d_out, delta, added_d_q, d_k, d_v, *plan.key_blocks,
-                                   *plan.branches, plan.rows, *plan.sizes(), scale, *plan.queries, **plan.key_flags())
+    added_d_q = d_q if plan.atomic_dq else torch.empty(0, dtype=torch.float32, device=q.device)
+    for launch, (blocks, branch_indices) in enumerate(plan.key_tables):
+        grid = _grid(blocks, plan)
+        if grid[0]:
+            _key_grad_kernel[grid](q, k, v, plan.valid(q), lse, d_out, delta, added_d_q, d_k, d_v, *blocks,
+                                   *plan.branches, branch_indices, plan.rows, *plan.sizes()[:3],
+                                   branch_indices.numel(), scale, *plan.queries, **plan.key_flags(launch))
     return d_q.to(q.dtype), d_k, d_v
 
 
@@ -883,7 +923,8 @@ def shipped_specializations():
     they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once, the
     forward at each of its row tilings (:func:`forward_tiles`); in fp16 and bf16 in exact mode, and in torchscale
     mode on 64-row blocks, the backward both ways (:func:`atomic_dq`): the query and key kernels, and the
-    :func:`_delta_kernel` and the key kernel at each of its atomic tiles (:func:`key_tiles`), and there in
+    :func:`_delta_kernel` and the key kernel at each of its atomic tiles (:func:`key_launches`; the narrow one
+    also adding to an earlier launch's dk and dv), and there in
     torchscale mode the forward both ways (:func:`keeps_branches`); ``aligned`` names H and dh where the example
     shape has them as multiples of 16.
     """
@@ -917,14 +958,16 @@ def shipped_specializations():
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
                                                 delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
                 key_signature = dict(rows, lse_ptr="*fp32", d_out_ptr=ptr, delta_ptr="*fp32", d_q_ptr="*fp32",
-                                     d_k_ptr=ptr, d_v_ptr=ptr, **blocks, T="i32", **sizes, query_start="i32",
-                                     query_stop="i32")
-                yield (_key_grad_kernel, key_signature, dict(flags, QUERY_BLOCK=block, ATOMIC_DQ=False), warps, aligned)
+                                     d_k_ptr=ptr, d_v_ptr=ptr, **blocks, branch_ptr="*i32", T="i32", **sizes,
+                                     query_start="i32", query_stop="i32")
+                yield (_key_grad_kernel, key_signature, dict(flags, QUERY_BLOCK=block, ATOMIC_DQ=False,
+                                                             ACCUMULATE=False), warps, aligned)
                 if not atomic:
                     continue
-                for keys, queries in _ATOMIC_KEY_TILES:
-                    yield (_key_grad_kernel, key_signature, dict(flags, BLOCK=keys, QUERY_BLOCK=queries,
-                                                                 ATOMIC_DQ=True), warps, aligned)
+                (wide_keys, wide_queries), (keys, queries) = _ATOMIC_KEY_TILES  # the second launch adds
+                for tiles in (dict(BLOCK=wide_keys, QUERY_BLOCK=wide_queries, ACCUMULATE=False),
+                              *(dict(BLOCK=keys, QUERY_BLOCK=queries, ACCUMULATE=add) for add in (False, True))):
+                    yield (_key_grad_kernel, key_signature, dict(flags, ATOMIC_DQ=True, **tiles), warps, aligned)
                 if not has_mask:
                     delta_signature = dict(out_ptr=ptr, branch_out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32",
                                            **{name: "*i32" for name in list(blocks)[:4]}, rate_ptr="*i32", T="i32",
