@@ -259,7 +259,13 @@ def test_keeps_branches_where_the_backward_takes_the_atomic_dq(request):
     assert not kernels.keeps_branches(half, bounds, *NARROW_KEYS, "torchscale")
 
 
-KEY_BLOCKS = {"128-keys": (WIDE_KEYS, 1), "both": (NARROW_KEYS, 2), "64-keys": (SMALL, 1)}  # branches, key launches
+# branches, key launches; "both-rate-2": the 64-key launch's branch (r = 2) covers half the residues of a head,
+# whose blocks leave the first launch's dk and dv as they are
+KEY_BLOCKS = {"128-keys": (WIDE_KEYS, 1), "both": (NARROW_KEYS, 2), "both-rate-2": (([256, 128], [1, 2]), 2),
+              "64-keys": (SMALL, 1)}
+# torchscale mode on 64-row blocks (SMALL's segments take 32-row blocks): 64 rows of residue period 2 fit in each
+# segment of [128, 200], 128 in neither
+TORCHSCALE_KEY_BLOCKS = {**KEY_BLOCKS, "64-keys": (([128, 200], [1, 2]), 1)}
 
 
 @pytest.mark.parametrize("keys", KEY_BLOCKS)
@@ -275,30 +281,32 @@ def test_atomic_dq_in_fp32(keys, monkeypatch):
     assert compared_kernels(fn, [q, k, v], torch.float32, key_launches) == ATOMIC_KERNELS
 
 
-@pytest.mark.parametrize("keys", ["128-keys", "both"])
+@pytest.mark.parametrize("keys", TORCHSCALE_KEY_BLOCKS)
 def test_torchscale_atomic_dq_in_fp32(keys, monkeypatch):
     """Torchscale mode with the branch outputs kept and the atomic dq (fp16 / bf16 by default), forced in fp32: two
     packed bags (260 and 197 rows, the last segments zero-padded), 3 heads of dh 40 (head groups of 2 and 1 at
-    r = 2), 128 keys a program, or 128 for the second branch then 64 for the first; outputs and every gradient,
-    and only the delta and key kernels run on the backward."""
-    branches, key_launches = KEY_BLOCKS[keys]
+    r = 2), 128 or 64 keys a program, or 128 for the second branch then 64 for the first; outputs and every
+    gradient, and only the delta and key kernels run on the backward."""
+    branches, key_launches = TORCHSCALE_KEY_BLOCKS[keys]
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
     q, k, v = make_qkv((457, 3, 40), seed=33)
     fn = with_lse(*branches, cu_seqlens=torch.tensor([0, 260, 457], device=sharding.device()))
     assert compared_kernels(fn, [q, k, v], torch.float32, key_launches) == ATOMIC_KERNELS
 
 
-@pytest.mark.parametrize("branches", [WIDE_KEYS, SMALL], ids=["128-keys", "64-keys"])
-def test_atomic_dq_in_half_precision(branches):
+@pytest.mark.parametrize("keys", KEY_BLOCKS)
+def test_atomic_dq_in_half_precision(keys):
     """fp16 exact mode takes the atomic dq by default: GigaPath's dh 48 (tiles of 32 and 16), two padded bags with a
-    mask, 128 or 64 keys a program; outputs and every gradient within fp16's tolerance. So does torchscale mode on
-    64-row blocks (one bag, branch outputs kept); on 32-row blocks (SMALL) it keeps the query kernel."""
+    mask, 128 or 64 keys a program, or both (the second launch adds to dk and dv rounded to fp16); outputs and
+    every gradient within fp16's tolerance. So does torchscale mode on 64-row blocks (one bag, branch outputs
+    kept); on 32-row blocks (SMALL) it keeps the query kernel."""
+    branches, key_launches = KEY_BLOCKS[keys]
     q, k, v = make_qkv((2, 260, 2, 48), dtype=torch.float16, seed=31)
     fn = lambda *t: dilated_attention(*t, *branches, mode="exact", mask=padded_mask(2, 260))  # noqa: E731
-    assert compared_kernels(fn, [q, k, v], torch.float16) == ATOMIC_KERNELS
+    assert compared_kernels(fn, [q, k, v], torch.float16, key_launches) == ATOMIC_KERNELS
     torchscale = lambda *t: dilated_attention(*t, *branches)  # noqa: E731
     kernels_run = compared_kernels(torchscale, [t[:1].detach().requires_grad_() for t in (q, k, v)], torch.float16)
-    assert kernels_run == (ATOMIC_KERNELS if branches == WIDE_KEYS else TWO_KERNELS)
+    assert kernels_run == (TWO_KERNELS if branches == SMALL else ATOMIC_KERNELS)
 
 
 def test_deterministic_mode_runs_the_query_kernel(deterministic):

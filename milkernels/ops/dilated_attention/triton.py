@@ -636,9 +636,11 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
     d_v = tl.zeros([BLOCK, BLOCK_DH], tl.float32)
     d_v_tail = tl.zeros(k_tail.shape, tl.float32)
     last_key = tl.max(tl.where(key_exists, keys, 0), axis=0)
+    covering = 0  # how many of the launch's branches cover the block's residue for this head
     for n in range(0, num_branches):
         i = tl.load(branch_ptr + n)
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
+        covering += (residue % r == g).to(tl.int32)
         if residue % r == g:
             key_segment = keys // sl
             # the queries of the keys' segments, those at positions [query_start, query_stop) only
@@ -675,6 +677,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                     d_q, d_q_tail = _mm_rows(tl.trans(d_s_t), k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION)
                     _add_rows(d_q_ptr, d_q * scale, d_q_tail * scale, queries, query_ok, start, head, H, dh,
                               BLOCK_DH, TAIL_DH)
+    if ACCUMULATE:  # where no branch of the launch covers the block, the earlier launch's rows stay as they are
+        key_exists = tl.where(covering > 0, key_exists, False)
     _store_key_rows(d_k_ptr, d_k * scale, d_k_tail * scale, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH,
                     ACCUMULATE)
     _store_key_rows(d_v_ptr, d_v, d_v_tail, keys, key_exists, start, head, H, dh, BLOCK_DH, TAIL_DH, ACCUMULATE)
@@ -735,9 +739,9 @@ class Plan:
         self.atomic_dq = atomic_dq(q.dtype) and (mode == "exact" or branch_outputs)
         self.slots = branch_slots(self.heads, rates)
         self.short_groups = any(self.heads % rate for rate in rates)
-        shortest = shortest_segment(segments, longest)
-        self.key_launches = key_launches(self.block, self.atomic_dq, self.period,
-                                         [min(w, longest) for w in segments])
+        spans = [min(w, longest) for w in segments]
+        shortest = min(spans)
+        self.key_launches = key_launches(self.block, self.atomic_dq, self.period, spans)
         self.forward_tiles = forward_tiles(q.dtype, self.block, self.period, shortest)
         self.forward_rows = self.forward_tiles[0] * self.forward_tiles[1]
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
