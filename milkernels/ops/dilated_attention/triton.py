@@ -717,7 +717,7 @@ def num_warps(block: int, block_dh: int) -> int:
 
 class Plan:
     """What every launch of one call shares: the query, forward and key blocks (each built on first use), the
-    branches on the device and the constexprs. ``window`` (sequence parallelism, :mod:`.sharded`): ``[bags, N,
+    branches and each key launch's branch indices on the device, and the constexprs. ``window`` (sequence parallelism, :mod:`.sharded`): ``[bags, N,
     offset, query start, query stop, key start, key stop]``; then ``q``'s rows are ``bags`` equal windows of a
     bag of N positions, from position ``offset`` on, and the blocks cover those query and key positions; else
     every row of the bags ``bounds``.
@@ -745,8 +745,11 @@ class Plan:
         self.forward_tiles = forward_tiles(q.dtype, self.block, self.period, shortest)
         self.forward_rows = self.forward_tiles[0] * self.forward_tiles[1]
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
-        self.branches = _blocks.to_device([torch.tensor(values) for values in
-                                           (segment_spans(segments, rates, longest, mode), rates)], q.device)
+        # the branches' spans and rates, then each key launch's branch indices, in one copy
+        tables = _blocks.to_device([torch.tensor(values) for values in
+                                    (segment_spans(segments, rates, longest, mode), rates,
+                                     *(launch.branches for launch in self.key_launches))], q.device)
+        self.branches, self.launch_branches = tables[:2], tables[2:]
         self.row_valid = row_valid
         block_dh, tail_dh = head_tiles(self.head_dim, q.dtype, self.block)
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block, BLOCK_DH=block_dh,
@@ -764,11 +767,9 @@ class Plan:
         return residue_blocks(self.query_spans, self.period, self.forward_rows, self.device)
 
     @functools.cached_property
-    def key_tables(self) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
-        """Per key launch (:func:`key_launches`): its blocks of ``keys`` keys (:func:`residue_blocks`) and its branch
-        indices, on the device."""
-        return [(residue_blocks(self.key_spans, self.period, launch.keys, self.device),
-                 _blocks.to_device([torch.tensor(launch.branches)], self.device)[0]) for launch in self.key_launches]
+    def key_blocks(self) -> list[list[torch.Tensor]]:
+        """Per key launch (:func:`key_launches`): its blocks of ``keys`` keys (:func:`residue_blocks`)."""
+        return [residue_blocks(self.key_spans, self.period, launch.keys, self.device) for launch in self.key_launches]
 
     def key_flags(self, launch: int) -> dict:
         """The constexprs and warps of key launch ``launch`` (:func:`key_launches`): each after the first adds its
@@ -878,7 +879,7 @@ def backward(q, k, v, out, lse, branch_out, d_out, plan: Plan, scale: float):
     delta = _blocks.new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
     _query_side(q, k, v, out, lse, branch_out, d_out, d_q, delta, plan, scale)
     added_d_q = d_q if plan.atomic_dq else torch.empty(0, dtype=torch.float32, device=q.device)
-    for launch, (blocks, branch_indices) in enumerate(plan.key_tables):
+    for launch, (blocks, branch_indices) in enumerate(zip(plan.key_blocks, plan.launch_branches)):
         grid = _grid(blocks, plan)
         if grid[0]:
             _key_grad_kernel[grid](q, k, v, plan.valid(q), lse, d_out, delta, added_d_q, d_k, d_v, *blocks,
