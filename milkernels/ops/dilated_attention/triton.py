@@ -2,8 +2,9 @@
 
 Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
 ``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (the forward ``ROWS * PARTS`` of
-them: :func:`forward_tiles`). Because every ``r_i`` divides R, a branch either covers all of a program's rows for
-its head (``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as
+them: :func:`forward_tiles`; a key launch's programs, modulo the lcm of its branches' rates: :func:`key_launches`).
+Because every ``r_i`` divides R, a branch either covers all of a program's rows for its head
+(``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as
 ``t -> s * sl + (t % Lsp) * r + g`` with ``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads,
 nothing gathered or copied.
 
@@ -20,8 +21,8 @@ nothing gathered or copied.
   since upstream's merge weights take no gradient: ``dS = P (dP - D_i)`` with ``P = exp(s - lse)``);
   a key kernel, one program per key block, walks the queries of each branch it belongs to (those at
   positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``; with the
-  atomic dq, on wider key blocks for the branches whose segments hold them, then adding the others'
-  (:func:`key_launches`).
+  atomic dq, on 128 keys of a residue for the branches whose segments hold them, then adding the others' in
+  launches of their own, modulo their own rates' lcm (:func:`key_launches`).
   Deterministic, except in fp16 / bf16 in exact mode and in torchscale mode with the branch outputs kept
   (:func:`atomic_dq`): there the key kernel also adds each query step's ``dS K`` to a zeroed float32 ``dq``
   with atomics and :func:`_delta_kernel` only finds ``D`` or each ``D_i`` (from ``out_i``): 5 products a tile
@@ -40,6 +41,7 @@ otherwise torchscale shifts the rows of later segments, which only the reference
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -741,7 +743,7 @@ class Plan:
         self.short_groups = any(self.heads % rate for rate in rates)
         spans = [min(w, longest) for w in segments]
         shortest = min(spans)
-        self.key_launches = key_launches(self.block, self.atomic_dq, self.period, spans)
+        self.key_launches = key_launches(self.block, self.atomic_dq, rates, spans)
         self.forward_tiles = forward_tiles(q.dtype, self.block, self.period, shortest)
         self.forward_rows = self.forward_tiles[0] * self.forward_tiles[1]
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
@@ -769,12 +771,13 @@ class Plan:
     @functools.cached_property
     def key_blocks(self) -> list[list[torch.Tensor]]:
         """Per key launch (:func:`key_launches`): its blocks of ``keys`` keys (:func:`residue_blocks`)."""
-        return [residue_blocks(self.key_spans, self.period, launch.keys, self.device) for launch in self.key_launches]
+        return [residue_blocks(self.key_spans, launch.period, launch.keys, self.device)
+                for launch in self.key_launches]
 
     def key_flags(self, launch: int) -> dict:
         """The constexprs and warps of key launch ``launch`` (:func:`key_launches`): each after the first adds its
         dk and dv to the earlier ones'."""
-        keys, queries, _ = self.key_launches[launch]
+        keys, queries, _, _ = self.key_launches[launch]
         return dict(self.flags, BLOCK=keys, QUERY_BLOCK=queries, ATOMIC_DQ=self.atomic_dq, ACCUMULATE=launch > 0)
 
     def sizes(self) -> tuple:
@@ -790,29 +793,37 @@ _ATOMIC_KEY_TILES = ((WIDE_BLOCK, 16), (64, 32))
 
 
 class KeyLaunch(NamedTuple):
-    """One launch of the key kernel: ``keys`` a program, ``queries`` a step, over the branches ``branches``
-    (indices, in order)."""
+    """One launch of the key kernel: ``keys`` a program of one residue modulo ``period``, ``queries`` a step, over
+    the branches ``branches`` (indices, in order; ``period`` is a multiple of each one's rate)."""
 
     keys: int
     queries: int
+    period: int
     branches: tuple
 
 
-def key_launches(block: int, atomic: bool, period: int, spans) -> tuple[KeyLaunch, ...]:
-    """The key kernel's launches over branches of segment spans ``spans`` (``min(w, N)`` each): one of ``block``
-    keys a program and as many queries a step over every branch, or with the atomic dq (fp16 / bf16 on 64-row
-    blocks, :class:`Plan`) 128 keys a program and 16 queries a step over the branches whose segments hold 128 such
-    keys (``128 * period`` positions), then 64 and 32 over the others (Prov-GigaPath's first, 1024 positions at R =
-    16), adding their dk and dv to the first launch's. Each step's float32 ``dq`` adds then serve 128 or 64 keys
-    (a key block across segments would pair keys with the other segment's queries for nothing), and each k, v tile
+def key_launches(block: int, atomic: bool, rates, spans) -> tuple[KeyLaunch, ...]:
+    """The key kernel's launches over branches of rates ``rates`` and segment spans ``spans`` (``min(w, N)`` each):
+    one of ``block`` keys a program and as many queries a step over every branch, its keys of one residue modulo
+    ``lcm(rates)``; or with the atomic dq (fp16 / bf16 on 64-row blocks, :class:`Plan`) 128 keys a program and 16
+    queries a step over the branches whose segments hold 128 keys of one residue modulo the ``lcm`` of the rates
+    left (``128 * period`` positions), and so on over the others, each launch adding its dk and dv to the earlier
+    ones'; 64 keys and 32 queries over branches left that hold 128 keys at no period. At Prov-GigaPath's rates 1
+    to 16, 128 keys of a residue modulo 16 span 2048 positions, two of the first branch's segments of 1024, so a
+    second launch takes that branch on 128 keys modulo 1. Each step's float32 ``dq`` adds then serve 128 keys (a
+    key block across segments would pair keys with the other segment's queries for nothing), and each k, v tile
     meets as many queries; 64 queries a step spill on sm_90 (up to 112 B at dh 64)."""
     every = tuple(range(len(spans)))
     if not atomic:
-        return (KeyLaunch(block, block, every),)
+        return (KeyLaunch(block, block, math.lcm(*rates), every),)
     wide, narrow = _ATOMIC_KEY_TILES
-    fits = tuple(i for i in every if wide[0] * period <= spans[i])
-    rest = tuple(i for i in every if i not in fits)
-    return tuple(KeyLaunch(*tiles, branches) for tiles, branches in ((wide, fits), (narrow, rest)) if branches)
+    launches, rest = [], every
+    while rest:
+        period = math.lcm(*(rates[i] for i in rest))
+        fits = tuple(i for i in rest if wide[0] * period <= spans[i])
+        launches.append(KeyLaunch(*(wide if fits else narrow), period, fits or rest))
+        rest = tuple(i for i in rest if i not in launches[-1].branches)
+    return tuple(launches)
 
 
 def keeps_branches(q, bounds, segments, rates, mode: str) -> bool:
@@ -883,8 +894,9 @@ def backward(q, k, v, out, lse, branch_out, d_out, plan: Plan, scale: float):
         grid = _grid(blocks, plan)
         if grid[0]:
             _key_grad_kernel[grid](q, k, v, plan.valid(q), lse, d_out, delta, added_d_q, d_k, d_v, *blocks,
-                                   *plan.branches, branch_indices, plan.rows, *plan.sizes()[:3],
-                                   branch_indices.numel(), scale, *plan.queries, **plan.key_flags(launch))
+                                   *plan.branches, branch_indices, plan.rows, plan.heads, plan.head_dim,
+                                   plan.key_launches[launch].period, branch_indices.numel(), scale, *plan.queries,
+                                   **plan.key_flags(launch))
     return d_q.to(q.dtype), d_k, d_v
 
 
@@ -928,8 +940,8 @@ def shipped_specializations():
     they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once, the
     forward at each of its row tilings (:func:`forward_tiles`); in fp16 and bf16 in exact mode, and in torchscale
     mode on 64-row blocks, the backward both ways (:func:`atomic_dq`): the query and key kernels, and the
-    :func:`_delta_kernel` and the key kernel at each of its atomic tiles (:func:`key_launches`; the narrow one
-    also adding to an earlier launch's dk and dv), and there in
+    :func:`_delta_kernel` and the key kernel at each of its atomic tiles, writing or adding to an earlier launch's dk
+    and dv (:func:`key_launches`), and there in
     torchscale mode the forward both ways (:func:`keeps_branches`); ``aligned`` names H and dh where the example
     shape has them as multiples of 16.
     """
@@ -969,9 +981,8 @@ def shipped_specializations():
                                                              ACCUMULATE=False), warps, aligned)
                 if not atomic:
                     continue
-                (wide_keys, wide_queries), (keys, queries) = _ATOMIC_KEY_TILES  # the second launch adds
-                for tiles in (dict(BLOCK=wide_keys, QUERY_BLOCK=wide_queries, ACCUMULATE=False),
-                              *(dict(BLOCK=keys, QUERY_BLOCK=queries, ACCUMULATE=add) for add in (False, True))):
+                for (keys, queries), add in itertools.product(_ATOMIC_KEY_TILES, (False, True)):  # later launches add
+                    tiles = dict(BLOCK=keys, QUERY_BLOCK=queries, ACCUMULATE=add)
                     yield (_key_grad_kernel, key_signature, dict(flags, ATOMIC_DQ=True, **tiles), warps, aligned)
                 if not has_mask:
                     delta_signature = dict(out_ptr=ptr, branch_out_ptr=ptr, d_out_ptr=ptr, delta_ptr="*fp32",
