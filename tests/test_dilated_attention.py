@@ -199,10 +199,86 @@ def test_forward_tiles():
     assert kernels.forward_tiles(torch.bfloat16, 64, 16, 1024) == (64, 2)  # Prov-GigaPath: 128 rows span 2 segments
     half = torch.zeros(917, 3, 40, dtype=torch.float16)
     for mode in ("torchscale", "exact"):
-        assert kernels.Plan(half, [0, 600, 917], *LONG_SEGMENTS, mode, None).forward_rows == 128
-        assert kernels.Plan(half.float(), [0, 600, 917], *LONG_SEGMENTS, mode, None).forward_rows == 64
+        assert kernels.Plan(half, [0, 600, 917], *LONG_SEGMENTS, mode, None).forward_launches == (
+            (128, 1, 2, (0, 1)),)
+        assert kernels.Plan(half.float(), [0, 600, 917], *LONG_SEGMENTS, mode, None).forward_launches == (
+            (64, 1, 2, (0, 1)),)
     assert kernels.widest_block(40, torch.bfloat16, *LONG_SEGMENTS, 917, "torchscale") == 128
     assert kernels.widest_block(40, torch.float32, *LONG_SEGMENTS, 917, "torchscale") == 64
+
+
+SPLIT_FORWARD = ([256, 512], [1, 4])  # on 520 rows: 128 rows modulo 4 fit in the second's segments; the first's
+# 256 keys a row pay for a second launch
+
+
+def test_forward_launches(monkeypatch):
+    """The forward's launches (rows, parts, residue period, branches): one over every branch, or in fp16 / bf16 on
+    64-row blocks 128 rows a program over the branches whose segments hold them modulo the lcm of the rates left,
+    then again over the others where they hold 128 rows, their keys a row pay for it and every earlier branch's
+    rate divides the period; else they join the first launch (in two parts of 64 where they do not hold 128)."""
+    bf16 = torch.bfloat16
+    assert kernels.forward_launches(bf16, 64, *WIDE_KEYS[::-1]) == ((128, 1, 2, (0, 1)),)
+    assert kernels.forward_launches(bf16, 64, *NARROW_KEYS[::-1]) == ((64, 2, 2, (0, 1)),)  # 128 keys a row
+    assert kernels.forward_launches(bf16, 64, *SPLIT_FORWARD[::-1]) == ((128, 1, 4, (1,)), (128, 1, 1, (0,)))
+    assert kernels.forward_launches(bf16, 64, *THREE_LAUNCHES[::-1]) == ((64, 2, 2, (0, 1, 2)),)
+    assert kernels.forward_launches(bf16, 64, [2, 4, 8], [128, 64, 32]) == ((64, 2, 8, (0, 1, 2)),)  # LIN_MIL
+    assert kernels.forward_launches(bf16, 32, *NARROW_KEYS[::-1]) == ((32, 1, 2, (0, 1)),)
+    assert kernels.forward_launches(torch.float32, 64, *NARROW_KEYS[::-1]) == ((64, 1, 2, (0, 1)),)
+    # Prov-GigaPath: 128 rows of a residue modulo 16 span two of the first branch's segments of 1024
+    assert kernels.forward_launches(bf16, 64, [1, 2, 4, 8, 16], GIGAPATH_SPANS) == (
+        (128, 1, 16, (1, 2, 3, 4)), (128, 1, 1, (0,)))
+    monkeypatch.setattr(kernels, "FORWARD_SPLIT_KEYS", 0)  # every later launch that holds 128 rows taken
+    assert kernels.forward_launches(bf16, 64, *NARROW_KEYS[::-1]) == ((128, 1, 2, (1,)), (128, 1, 1, (0,)))
+    assert kernels.forward_launches(bf16, 64, [1, 2, 4], [128, 256, 512]) == (
+        (128, 1, 4, (2,)), (128, 1, 2, (1,)), (128, 1, 1, (0,)))
+    # the branch left on two parts joins the first launch; so does one after a branch whose rate (2) does not
+    # divide its period (1)
+    assert kernels.forward_launches(bf16, 64, [1, 1, 2], [64, 128, 256]) == (
+        (64, 2, 2, (0, 2)), (128, 1, 1, (1,)))
+    assert kernels.forward_launches(bf16, 64, *THREE_LAUNCHES[::-1]) == ((64, 2, 2, (0, 1, 2)),)
+
+
+# branches, bag rows, forward launches (:func:`kernels.forward_launches`, fp16 / bf16's rule, every later launch that
+# holds 128 rows taken): "two": the second merges into the first's rows; "rate-2": the second's branch (r = 2) covers
+# half the residues of a head, whose blocks leave the first launch's rows as they are; "three": modulo 4, 2 then 1;
+# "two-parts-first": the first launch takes two parts of 64 rows, the second merges (torchscale takes 32-row blocks
+# on the last two's segments, so one launch)
+FORWARD_LAUNCHES = {"two": (NARROW_KEYS, 260, 2), "rate-2": (([256, 512], [2, 4]), 520, 2),
+                    "three": (([128, 256, 512], [1, 2, 4]), 520, 3),
+                    "two-parts-first": (([64, 128, 256], [1, 1, 2]), 260, 2)}
+EXACT_ONLY = ("three", "two-parts-first")
+
+
+@pytest.mark.parametrize("mode, launches", [(mode, launches) for mode in ("torchscale", "exact")
+                                            for launches in FORWARD_LAUNCHES
+                                            if mode == "exact" or launches not in EXACT_ONLY])
+def test_forward_launches_merge(mode, launches, monkeypatch):
+    """The fp16 / bf16 forward's launches, forced in fp32 for a tight comparison with the atomic dq (torchscale then
+    keeps and merges the branch outputs): each launch after the first merges its branches' softmax into the rows'
+    ``out`` and ``lse`` (in exact mode without the pairs an earlier branch gave, whatever launch took it); two bags,
+    3 heads of dh 40 (head groups of 2 and 1 at r = 2), torchscale packed (260 or 520 rows, and 197, the last
+    segments zero-padded), exact padded with a mask; outputs, lse and every gradient, and the number of forward
+    launches. Every later launch that holds 128 rows is taken, whatever keys a row its branches give."""
+    half_precision_tiles = kernels.forward_tiles
+    monkeypatch.setattr(kernels, "forward_tiles", lambda dtype, *rest: half_precision_tiles(torch.bfloat16, *rest))
+    monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: True)
+    monkeypatch.setattr(kernels, "FORWARD_SPLIT_KEYS", 0)
+    branches, rows, forward_launches = FORWARD_LAUNCHES[launches]
+    fn, inputs = two_bags(mode, branches, (rows, 197), (3, 40), seed=37)
+    with kernel_checks.launched() as counts:
+        kernel_checks.compare(fn, inputs, torch.float32)
+    assert counts.by_kernel["_forward_kernel"].launches == forward_launches
+
+
+@pytest.mark.parametrize("mode", ["torchscale", "exact"])
+def test_forward_launches_in_half_precision(mode):
+    """fp16 by its own rules: one bag of 520 rows, 2 heads of dh 48, SPLIT_FORWARD's branches, so a second forward
+    launch takes the first branch on 128 rows modulo 1 and merges into the rows' out (rounded to fp16) and lse;
+    outputs and every gradient within fp16's tolerance."""
+    q, k, v = make_qkv((520, 2, 48), dtype=torch.float16, seed=38)
+    with kernel_checks.launched() as counts:
+        kernel_checks.compare(lambda *t: dilated_attention(*t, *SPLIT_FORWARD, mode=mode), [q, k, v], torch.float16)
+    assert counts.by_kernel["_forward_kernel"].launches == 2
 
 
 def forward_kernel_loads(fn, inputs) -> int:
@@ -316,7 +392,8 @@ def test_atomic_dq_in_half_precision(keys):
     assert compared_kernels(fn, [q, k, v], torch.float16, key_launches) == ATOMIC_KERNELS
     torchscale = lambda *t: dilated_attention(*t, *branches)  # noqa: E731
     kernels_run = compared_kernels(torchscale, [t[:1].detach().requires_grad_() for t in (q, k, v)], torch.float16)
-    assert kernels_run == (TWO_KERNELS if kernels.block_size(48, *branches, 260, "torchscale") == 32 else ATOMIC_KERNELS)
+    on_32_rows = kernels.block_size(48, *branches, 260, "torchscale") == 32
+    assert kernels_run == (TWO_KERNELS if on_32_rows else ATOMIC_KERNELS)
 
 
 def test_deterministic_mode_runs_the_query_kernel(deterministic):
@@ -586,6 +663,26 @@ def test_two_part_traffic(mode):
     assert keys.launches == 2 and keys.dot_flops >= 67.9 / MARGIN * keys.requested_bytes
     assert backward.dot_flops * 2 == 5 * forward.dot_flops
     assert backward.requested_bytes <= MARGIN * SPLIT_KEY_BACKWARD[mode]
+
+
+def test_split_launch_traffic():
+    """Torchscale mode (Prov-GigaPath's), bf16, one bag of 2048 rows, 2 heads of dh 48, Prov-GigaPath's first two branches at its R = 16, [1024, 2048] x
+    [1, 16]: 128 rows (or keys) modulo 16 span two of the first branch's segments, so the forward and the key kernel
+    each take it in a second launch, on 128 rows (keys) modulo 1 (:func:`kernels.forward_launches`,
+    :func:`kernels.key_launches`). Both meet issue 12's 80 dot FLOPs per requested byte: the forward 92.5 (58.6 in
+    one launch of two-part programs, the first branch's k, v read per part of 64 rows; exact mode measured 97.1 and
+    60.4), the key kernel 87.4, its float32 atomic adds counted as read and written. Dot FLOPs are exactly the
+    useful ones in the forward, 5 products a tile pair in the backward."""
+    q, k, v = make_qkv((2048, 2, 48), dtype=torch.bfloat16, seed=21)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            out = dilated_attention(q, k, v, [1024, 2048], [1, 16])
+        with counting() as backward:
+            out.backward(torch.randn_like(out))
+    for counts in (forward.by_kernel["_forward_kernel"], backward.by_kernel["_key_grad_kernel"]):
+        assert counts.launches == 2 and counts.dot_flops >= GEMM_FLOPS_PER_BYTE * counts.requested_bytes
+    assert forward.dot_flops == 4 * 48 * attended_pairs(2048, 2, [1024, 2048], [1, 16])
+    assert backward.dot_flops * 2 == 5 * forward.dot_flops
 
 
 EXACT_BACKWARD = {  # per deterministic: products a tile pair over the forward's 2, dot FLOPs per requested byte

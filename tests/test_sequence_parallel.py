@@ -437,9 +437,10 @@ def test_dilated_refusals_are_value_errors():
 @pytest.mark.parametrize("mode", ("torchscale", "exact"))
 def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forward, monkeypatch):
     """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels'
-    query, forward and key blocks (whose last rows pass the shard), and the keys its queries reach lie in its key
-    range. "forced-128-row-forward" forces the forward's 128 rows a program in one part (fp16 / bf16 where 128 R
-    positions fit in every segment; these segments are shorter) on every block size."""
+    query, forward and key blocks (whose last rows pass the shard; those of every forward and key launch, each
+    modulo its own period), and the keys its queries reach lie in its key range. "forced-128-row-forward" forces
+    the forward's 128 rows a program in one part (fp16 / bf16 where 128 R positions fit in every segment; these
+    segments are shorter) on every block size."""
     from milkernels.ops.dilated_attention import reference, sharded
     from milkernels.ops.dilated_attention import triton as kernels
 
@@ -463,11 +464,17 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forwar
             view = sharded.window(bounds, rank, spans, key_block * math.lcm(*rates))
             window = view.kernel_window(1)
             _, query_spans, key_spans = kernels.window_spans(view.rows, window)
-            rows, parts = kernels.forward_tiles(torch.bfloat16, block, math.lcm(*rates),
-                                                kernels.shortest_segment(segments, length))
-            for spans_of, width in ((query_spans, block), (query_spans, rows * parts), (key_spans, key_block)):
-                _, _, residue, first = kernels.residue_blocks(spans_of, math.lcm(*rates), width, "cpu")
-                positions = residue[:, None] + math.lcm(*rates) * (first[:, None] + torch.arange(width))
+            launch_spans = [min(w, length) for w in segments]
+            blocks = [(query_spans, block, math.lcm(*rates))]
+            blocks += [(query_spans, launch.rows * launch.parts, launch.period)
+                       for launch in kernels.forward_launches(torch.bfloat16, block, rates, launch_spans)]
+            atomic = mode == "exact" or block == 64  # the atomic dq where fp16 / bf16 can take it
+            blocks += [(key_spans, launch.keys, launch.period)
+                       for launch in {*kernels.key_launches(block, False, rates, launch_spans),
+                                      *kernels.key_launches(block, atomic, rates, launch_spans)}]
+            for spans_of, width, period in blocks:
+                _, _, residue, first = kernels.residue_blocks(spans_of, period, width, "cpu")
+                positions = residue[:, None] + period * (first[:, None] + torch.arange(width))
                 positions = positions[positions < length]
                 for span in spans:
                     starts = positions // span * span

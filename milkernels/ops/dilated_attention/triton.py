@@ -1,10 +1,10 @@
 """Dilated attention in Triton: a fused forward over every branch and a FlashAttention-2 style backward.
 
 Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
-``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (the forward ``ROWS * PARTS`` of
-them: :func:`forward_tiles`; a key launch's programs, modulo the lcm of its branches' rates: :func:`key_launches`).
-Because every ``r_i`` divides R, a branch either covers all of a program's rows for its head
-(``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as
+``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (a forward or key launch's
+programs take ``ROWS * PARTS`` rows or 128 keys modulo the lcm of its own branches' rates: :func:`forward_launches`,
+:func:`key_launches`). Because every ``r_i`` divides the period, a branch either covers all of a program's rows for
+its head (``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as
 ``t -> s * sl + (t % Lsp) * r + g`` with ``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads,
 nothing gathered or copied.
 
@@ -218,7 +218,8 @@ def _counted_before(i, query_pos, key_pos, segment_ptr, rate_ptr, head, H):
 @triton.jit
 def _counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H):
     """``[M, N]`` bool: key ``keys[n]`` already reaches row ``rows[m]`` through an earlier branch (exact mode).
-    The rows share their residue modulo R, so whether branch ``j`` covers them is one scalar test."""
+    The rows share their residue modulo the launch's period, which every earlier branch's rate divides
+    (:func:`forward_launches`), so whether branch ``j`` covers them is one scalar test."""
     seen = (rows[:, None] < 0) | (keys[None, :] < 0)  # all False, in the broadcast shape
     for j in range(0, i):
         w = tl.load(segment_ptr + j)
@@ -424,11 +425,13 @@ def _store_rows_result(out_ptr, lse_ptr, valid_ptr, m, l, acc, acc_tail, rows, r
 
 @triton.jit
 def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out_ptr, start_ptr, length_ptr,
-                    residue_ptr, first_ptr, segment_ptr, rate_ptr, H, dh, R, num_branches, scale, slots,
+                    residue_ptr, first_ptr, segment_ptr, rate_ptr, branch_ptr, H, dh, R, num_branches, scale, slots,
                     EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_DH: tl.constexpr,
                     TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
-                    KEEP_BRANCHES: tl.constexpr, ROWS: tl.constexpr, PARTS: tl.constexpr):
-    """``out`` and ``lse`` of the block's ``ROWS * PARTS`` rows (:func:`forward_tiles`), over tiles of ``BLOCK``
+                    KEEP_BRANCHES: tl.constexpr, ROWS: tl.constexpr, PARTS: tl.constexpr, MERGE: tl.constexpr):
+    """``out`` and ``lse`` of the block's ``ROWS * PARTS`` rows (:func:`forward_tiles`) over the ``num_branches``
+    branches whose indices ``branch_ptr`` lists (:class:`ForwardLaunch`), written, or with ``MERGE`` merged into
+    those an earlier launch wrote, over tiles of ``BLOCK``
     keys; with ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's own output ``out_i`` in column
     :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch then runs its own online
     softmax, merged into the rows' at its end. With ``PARTS = 2`` (:func:`forward_tiles`) the rows are two parts
@@ -447,8 +450,11 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
         m_b, l_b, acc_b, acc_b_tail = _empty_state(q_b_tail, BLOCK_DH)
         last_row_b = tl.max(tl.where(row_ok_b, rows_b, 0), axis=0)
         has_rows_b = tl.max(row_ok_b.to(tl.int32), axis=0) > 0
-    for i in range(0, num_branches):
+    covering = 0  # how many of the launch's branches cover the block's residue for this head
+    for n in range(0, num_branches):
+        i = tl.load(branch_ptr + n)
         sl, r, g, lsp, real_end = _branch(segment_ptr, rate_ptr, i, length, head, H, EXACT)
+        covering += (residue % r == g).to(tl.int32)
         if residue % r == g:
             if KEEP_BRANCHES:
                 m_kept, l_kept, acc_kept, acc_kept_tail = m, l, acc, acc_tail
@@ -497,11 +503,27 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
                                   slots, dh, BLOCK_DH, TAIL_DH)
                     m_b, l_b, acc_b, acc_b_tail = _merged(m_kept_b, l_kept_b, acc_kept_b, acc_kept_b_tail, m_b, l_b,
                                                           acc_b, acc_b_tail)
+    _finish_rows(out_ptr, lse_ptr, valid_ptr, m, l, acc, acc_tail, rows, row_ok, covering, start, head, H, dh,
+                 HAS_MASK, BLOCK_DH, TAIL_DH, MERGE)
+    if PARTS == 2:
+        _finish_rows(out_ptr, lse_ptr, valid_ptr, m_b, l_b, acc_b, acc_b_tail, rows_b, row_ok_b, covering, start, head,
+                     H, dh, HAS_MASK, BLOCK_DH, TAIL_DH, MERGE)
+
+
+@triton.jit
+def _finish_rows(out_ptr, lse_ptr, valid_ptr, m, l, acc, acc_tail, rows, row_ok, covering, start, head, H, dh,
+                 HAS_MASK: tl.constexpr, BLOCK_DH: tl.constexpr, TAIL_DH: tl.constexpr, MERGE: tl.constexpr):
+    """:func:`_store_rows_result` of the rows' final state; with ``MERGE``, merged first with the ``out`` (in the
+    input dtype) and ``lse`` an earlier launch wrote, as the state ``(lse, 1, out)``. Where no branch of the launch
+    covers the block (``covering`` 0), the earlier launch's rows stay as they are."""
+    if MERGE:
+        row_ok = tl.where(covering > 0, row_ok, False)
+        before, before_tail = _load_rows(out_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
+        lse = tl.load(lse_ptr + (start + rows).to(tl.int64) * H + head, mask=row_ok, other=float("-inf"))
+        m, l, acc, acc_tail = _merged(lse, tl.where(lse > float("-inf"), 1.0, 0.0), before.to(tl.float32),
+                                      before_tail.to(tl.float32), m, l, acc, acc_tail)
     _store_rows_result(out_ptr, lse_ptr, valid_ptr, m, l, acc, acc_tail, rows, row_ok, start, head, H, dh, HAS_MASK,
                        BLOCK_DH, TAIL_DH)
-    if PARTS == 2:
-        _store_rows_result(out_ptr, lse_ptr, valid_ptr, m_b, l_b, acc_b, acc_b_tail, rows_b, row_ok_b, start, head,
-                           H, dh, HAS_MASK, BLOCK_DH, TAIL_DH)
 
 
 @triton.jit
@@ -719,12 +741,11 @@ def num_warps(block: int, block_dh: int) -> int:
 
 class Plan:
     """What every launch of one call shares: the query, forward and key blocks (each built on first use), the
-    branches and each key launch's branch indices on the device, and the constexprs. ``window`` (sequence parallelism, :mod:`.sharded`): ``[bags, N,
-    offset, query start, query stop, key start, key stop]``; then ``q``'s rows are ``bags`` equal windows of a
-    bag of N positions, from position ``offset`` on, and the blocks cover those query and key positions; else
-    every row of the bags ``bounds``.
-    ``branch_outputs``: the forward kept each branch's output (:func:`keeps_branches`), so a torchscale backward
-    can take the atomic dq."""
+    branches and each forward and key launch's branch indices on the device, and the constexprs. ``window``
+    (sequence parallelism, :mod:`.sharded`): ``[bags, N, offset, query start, query stop, key start, key stop]``;
+    then ``q``'s rows are ``bags`` equal windows of a bag of N positions, from position ``offset`` on, and the
+    blocks cover those query and key positions; else every row of the bags ``bounds``. ``branch_outputs``: the
+    forward kept each branch's output (:func:`keeps_branches`), so a torchscale backward can take the atomic dq."""
 
     def __init__(self, q, bounds, segments, rates, mode: str, row_valid, window=None, branch_outputs: bool = False):
         self.rows, self.heads, self.head_dim = q.shape
@@ -742,16 +763,17 @@ class Plan:
         self.slots = branch_slots(self.heads, rates)
         self.short_groups = any(self.heads % rate for rate in rates)
         spans = [min(w, longest) for w in segments]
-        shortest = min(spans)
         self.key_launches = key_launches(self.block, self.atomic_dq, rates, spans)
-        self.forward_tiles = forward_tiles(q.dtype, self.block, self.period, shortest)
-        self.forward_rows = self.forward_tiles[0] * self.forward_tiles[1]
+        self.forward_launches = forward_launches(q.dtype, self.block, rates, spans)
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
-        # the branches' spans and rates, then each key launch's branch indices, in one copy
+        # the branches' spans and rates, then each key and forward launch's branch indices, in one copy
+        launches = self.key_launches + self.forward_launches
         tables = _blocks.to_device([torch.tensor(values) for values in
                                     (segment_spans(segments, rates, longest, mode), rates,
-                                     *(launch.branches for launch in self.key_launches))], q.device)
-        self.branches, self.launch_branches = tables[:2], tables[2:]
+                                     *(launch.branches for launch in launches))], q.device)
+        self.branches = tables[:2]
+        self.key_branches = tables[2:2 + len(self.key_launches)]
+        self.forward_branches = tables[2 + len(self.key_launches):]
         self.row_valid = row_valid
         block_dh, tail_dh = head_tiles(self.head_dim, q.dtype, self.block)
         self.flags = dict(EXACT=mode == "exact", HAS_MASK=row_valid is not None, BLOCK=self.block, BLOCK_DH=block_dh,
@@ -764,9 +786,11 @@ class Plan:
         return residue_blocks(self.query_spans, self.period, self.block, self.device)
 
     @functools.cached_property
-    def forward_blocks(self) -> list[torch.Tensor]:
-        """The forward's blocks of ``forward_rows`` rows, all its parts' (:func:`residue_blocks`)."""
-        return residue_blocks(self.query_spans, self.period, self.forward_rows, self.device)
+    def forward_blocks(self) -> list[list[torch.Tensor]]:
+        """Per forward launch (:func:`forward_launches`): its blocks of ``rows * parts`` rows
+        (:func:`residue_blocks`)."""
+        return [residue_blocks(self.query_spans, launch.period, launch.rows * launch.parts, self.device)
+                for launch in self.forward_launches]
 
     @functools.cached_property
     def key_blocks(self) -> list[list[torch.Tensor]]:
@@ -792,6 +816,63 @@ _ATOMIC_KEY_TILES = ((WIDE_BLOCK, 16), (64, 32))
 (:func:`key_launches`)."""
 
 
+def branch_groups(rates, spans, holds) -> list[tuple[int, tuple]]:
+    """The branches (rates ``rates``, segment spans ``spans``) in launches ``(period, branches)``: those that
+    ``holds(period, span)`` of one residue modulo the ``lcm`` of the rates left, then again over the others; the
+    branches left that it holds at no period in one last launch."""
+    groups, rest = [], tuple(range(len(spans)))
+    while rest:
+        period = math.lcm(*(rates[i] for i in rest))
+        branches = tuple(i for i in rest if holds(period, spans[i])) or rest
+        groups.append((period, branches))
+        rest = tuple(i for i in rest if i not in branches)
+    return groups
+
+
+class ForwardLaunch(NamedTuple):
+    """One launch of the forward: ``parts`` parts of ``rows`` query rows a program (:func:`forward_tiles`), of one
+    residue modulo ``period``, over the branches ``branches`` (indices, in order)."""
+
+    rows: int
+    parts: int
+    period: int
+    branches: tuple
+
+
+FORWARD_SPLIT_KEYS = 2 * WIDE_BLOCK
+"""The keys a row meets in the branches of a later forward launch (``min(w_i, N) / r_i`` each, summed) from which
+that launch pays (:func:`forward_launches`). It reads each row's q again and reads and writes its out and lse
+(about 3 dh elements), to read those branches' k and v once per 128 rows instead of per part of 64 (2 dh elements
+a key, over 128 rows, saved): the two balance at about 192 keys a row; 256 leaves a margin (Prov-GigaPath's first
+branch gives 1024, the [128, 1024] x [1, 2] of the tests 128, where a split measured 9% more bytes)."""
+
+
+def forward_launches(dtype, block: int, rates, spans) -> tuple[ForwardLaunch, ...]:
+    """The forward's launches over branches of rates ``rates`` and segment spans ``spans`` (``min(w, N)`` each): one
+    over every branch, or in fp16 / bf16 on 64-row blocks 128 rows a program in one part over the branches whose
+    segments hold 128 rows of one residue modulo the ``lcm`` of the rates left, then again over the others, each
+    launch merging its rows' out and lse into the earlier ones' (:func:`branch_groups`). A later launch runs only
+    where its branches hold 128 rows in one part, give a row at least :data:`FORWARD_SPLIT_KEYS` keys (else it
+    does not pay) and come after branches whose rates all divide its period (so that in exact mode whether an
+    earlier branch gave a pair stays one test a program: :func:`_counted_before_rows`); else its branches join
+    the first launch, which then takes two parts of 64 rows where they do not hold 128 (:func:`forward_tiles`). At
+    Prov-GigaPath's rates 1 to 16 a second launch takes the first branch on 128 rows modulo 1 (1024 keys a row),
+    so its keys are read once per 128 rows, not per part of 64."""
+    def one_part(period, span):
+        return forward_tiles(dtype, block, period, span)[1] == 1
+
+    def own_launch(period, branches):
+        keys = sum(spans[i] // rates[i] for i in branches)
+        return (one_part(period, spans[branches[0]]) and keys >= FORWARD_SPLIT_KEYS
+                and all(period % rate == 0 for rate in rates[:max(branches)]))
+
+    (period, first), *later = branch_groups(rates, spans, one_part)
+    first = tuple(sorted(first + tuple(i for group in later if not own_launch(*group) for i in group[1])))
+    groups = [(period, first), *(group for group in later if own_launch(*group))]
+    return tuple(ForwardLaunch(*forward_tiles(dtype, block, period_i, min(spans[i] for i in branches)), period_i,
+                               branches) for period_i, branches in groups)
+
+
 class KeyLaunch(NamedTuple):
     """One launch of the key kernel: ``keys`` a program of one residue modulo ``period``, ``queries`` a step, over
     the branches ``branches`` (indices, in order; ``period`` is a multiple of each one's rate)."""
@@ -813,17 +894,15 @@ def key_launches(block: int, atomic: bool, rates, spans) -> tuple[KeyLaunch, ...
     second launch takes that branch on 128 keys modulo 1. Each step's float32 ``dq`` adds then serve 128 keys (a
     key block across segments would pair keys with the other segment's queries for nothing), and each k, v tile
     meets as many queries; 64 queries a step spill on sm_90 (up to 112 B at dh 64)."""
-    every = tuple(range(len(spans)))
     if not atomic:
-        return (KeyLaunch(block, block, math.lcm(*rates), every),)
+        return (KeyLaunch(block, block, math.lcm(*rates), tuple(range(len(spans)))),)
     wide, narrow = _ATOMIC_KEY_TILES
-    launches, rest = [], every
-    while rest:
-        period = math.lcm(*(rates[i] for i in rest))
-        fits = tuple(i for i in rest if wide[0] * period <= spans[i])
-        launches.append(KeyLaunch(*(wide if fits else narrow), period, fits or rest))
-        rest = tuple(i for i in rest if i not in launches[-1].branches)
-    return tuple(launches)
+
+    def holds(period, span):
+        return wide[0] * period <= span
+
+    return tuple(KeyLaunch(*(wide if holds(period, spans[branches[0]]) else narrow), period, branches)
+                 for period, branches in branch_groups(rates, spans, holds))
 
 
 def keeps_branches(q, bounds, segments, rates, mode: str) -> bool:
@@ -857,7 +936,8 @@ def _grid(blocks, plan: Plan) -> tuple[int, int]:
 
 def forward(q, k, v, plan: Plan, scale: float, keep_branches: bool = False):
     """``out: (T, H, dh)`` in q's dtype, ``lse: (T, H)`` float32 and the branch outputs of contiguous ``q, k, v: (T,
-    H, dh)`` (the rows of the plan's forward blocks): with ``keep_branches`` (torchscale, :func:`keeps_branches`)
+    H, dh)`` (the rows of the plan's forward blocks; each launch after the first merges its branches into the
+    rows' ``out`` and ``lse``, :func:`forward_launches`): with ``keep_branches`` (torchscale, :func:`keeps_branches`)
     each branch's own ``out_i`` as ``(T, slots, dh)`` in q's dtype (:func:`_branch_slot`), else an empty ``(0,)``.
     Where ``r_i`` does not divide H, a short or empty last head group leaves some of branch i's columns of some
     rows unwritten: the buffer is zeroed first then."""
@@ -866,12 +946,14 @@ def forward(q, k, v, plan: Plan, scale: float, keep_branches: bool = False):
     shape = (plan.rows, plan.slots, plan.head_dim) if keep_branches else (0,)
     allocate = torch.zeros if plan.short_groups else _blocks.new_buffer
     branch_out = allocate(*shape, dtype=q.dtype, device=q.device)
-    grid = _grid(plan.forward_blocks, plan)
-    if grid[0]:
-        _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, branch_out if keep_branches else out,
-                              *plan.forward_blocks, *plan.branches, *plan.sizes(), scale, plan.slots,
-                              KEEP_BRANCHES=keep_branches, ROWS=plan.forward_tiles[0], PARTS=plan.forward_tiles[1],
-                              **plan.flags)
+    for launch, (blocks, branches) in enumerate(zip(plan.forward_blocks, plan.forward_branches)):
+        grid = _grid(blocks, plan)
+        if grid[0]:
+            rows, parts, period, _ = plan.forward_launches[launch]
+            _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, branch_out if keep_branches else out, *blocks,
+                                  *plan.branches, branches, plan.heads, plan.head_dim, period, branches.numel(), scale,
+                                  plan.slots, KEEP_BRANCHES=keep_branches, ROWS=rows, PARTS=parts, MERGE=launch > 0,
+                                  **plan.flags)
     return out, lse, branch_out
 
 
@@ -890,7 +972,7 @@ def backward(q, k, v, out, lse, branch_out, d_out, plan: Plan, scale: float):
     delta = _blocks.new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
     _query_side(q, k, v, out, lse, branch_out, d_out, d_q, delta, plan, scale)
     added_d_q = d_q if plan.atomic_dq else torch.empty(0, dtype=torch.float32, device=q.device)
-    for launch, (blocks, branch_indices) in enumerate(zip(plan.key_blocks, plan.launch_branches)):
+    for launch, (blocks, branch_indices) in enumerate(zip(plan.key_blocks, plan.key_branches)):
         grid = _grid(blocks, plan)
         if grid[0]:
             _key_grad_kernel[grid](q, k, v, plan.valid(q), lse, d_out, delta, added_d_q, d_k, d_v, *blocks,
@@ -938,7 +1020,8 @@ def shipped_specializations():
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
     dtypes, the head tiles (:func:`head_tiles`) of 32, 32 + 16, 64, 128 and 256 columns with each block size
     they take, torchscale mode and exact mode with and without a mask (where :func:`_launched`), each once, the
-    forward at each of its row tilings (:func:`forward_tiles`); in fp16 and bf16 in exact mode, and in torchscale
+    forward at each of its row tilings (:func:`forward_tiles`), where it has two the one-part one also merging into
+    an earlier launch's rows (:func:`forward_launches`); in fp16 and bf16 in exact mode, and in torchscale
     mode on 64-row blocks, the backward both ways (:func:`atomic_dq`): the query and key kernels, and the
     :func:`_delta_kernel` and the key kernel at each of its atomic tiles, writing or adding to an earlier launch's dk
     and dv (:func:`key_launches`), and there in
@@ -964,13 +1047,15 @@ def shipped_specializations():
                               segment_ptr="*i32", rate_ptr="*i32")
                 sizes = dict(H="i32", dh="i32", R="i32", num_branches="i32", scale="fp32")
                 rows = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, valid_ptr="*i1" if has_mask else ptr)
-                forward_signature = dict(rows, out_ptr=ptr, lse_ptr="*fp32", branch_out_ptr=ptr, **blocks, **sizes,
-                                         slots="i32")
+                forward_signature = dict(rows, out_ptr=ptr, lse_ptr="*fp32", branch_out_ptr=ptr, **blocks,
+                                         branch_ptr="*i32", **sizes, slots="i32")
                 atomic = dtype != torch.float32 and (exact or block == 64)  # keeps_branches in torchscale
                 tilings = {forward_tiles(dtype, block, 1, shortest) for shortest in (ALL_POSITIONS, 1)}  # long, short
-                for query_rows, parts in sorted(tilings):
+                merges = [(tiles, merge) for tiles in sorted(tilings) for merge in (False, True)
+                          if not merge or (len(tilings) > 1 and tiles[1] == 1)]  # later launches: one part
+                for (query_rows, parts), merge in merges:
                     for keep in (False, True) if atomic and not exact else (False,):
-                        forward_flags = dict(flags, KEEP_BRANCHES=keep, ROWS=query_rows, PARTS=parts)
+                        forward_flags = dict(flags, KEEP_BRANCHES=keep, ROWS=query_rows, PARTS=parts, MERGE=merge)
                         yield (_forward_kernel, forward_signature, forward_flags, warps, aligned)
                 yield (_query_grad_kernel, dict(rows, out_ptr=ptr, lse_ptr="*fp32", d_out_ptr=ptr, d_q_ptr=ptr,
                                                 delta_ptr="*fp32", **blocks, T="i32", **sizes), flags, warps, aligned)
