@@ -161,13 +161,16 @@ GIGAPATH_SPANS = [1024, 5792, 32768, 185363, 1048576]  # Prov-GigaPath's segment
 def test_key_launches():
     """The key kernel's launches (keys, queries a step, residue period, branches): one over every branch, or with
     the atomic dq 128 keys a program over the branches whose segments hold them modulo the lcm of the rates left,
-    then again over the others, 64 keys over those left that hold 128 at no period, each adding."""
+    then again over the others; where none does, 64 keys over those that hold 128 at no period (else over all
+    left), then again over the others; each launch after the first adding."""
     assert kernels.key_launches(64, False, [1, 2], [128, 256]) == ((64, 64, 2, (0, 1)),)
     assert kernels.key_launches(32, False, [16], [10**6]) == ((32, 32, 16, (0,)),)
     assert kernels.key_launches(64, True, [1, 2], [256, 512]) == ((128, 16, 2, (0, 1)),)
     assert kernels.key_launches(64, True, [1, 2], [128, 256]) == ((128, 16, 2, (1,)), (128, 16, 1, (0,)))
     assert kernels.key_launches(64, True, [1, 2], [256, 128]) == ((128, 16, 2, (0,)), (64, 32, 2, (1,)))
     assert kernels.key_launches(64, True, [16], [1024]) == ((64, 32, 16, (0,)),)
+    # 128 keys modulo 16 fit in neither; the branch that holds them at no period takes 64, the other 128 modulo 1
+    assert kernels.key_launches(64, True, [1, 16], [1024, 1024]) == ((64, 32, 16, (1,)), (128, 16, 1, (0,)))
     assert kernels.key_launches(64, True, *THREE_LAUNCHES[::-1]) == (
         (128, 16, 2, (0,)), (128, 16, 1, (2,)), (64, 32, 1, (1,)))
     # Prov-GigaPath: 128 keys of a residue modulo 16 span 2048 positions, two of the first branch's segments of
@@ -214,33 +217,39 @@ SPLIT_FORWARD = ([256, 512], [1, 4])  # on 520 rows: 128 rows modulo 4 fit in th
 def test_forward_launches(monkeypatch):
     """The forward's launches (rows, parts, residue period, branches): one over every branch, or in fp16 / bf16 on
     64-row blocks 128 rows a program over the branches whose segments hold them modulo the lcm of the rates left,
-    then again over the others where they hold 128 rows, their keys a row pay for it and every earlier branch's
-    rate divides the period; else they join the first launch (in two parts of 64 where they do not hold 128)."""
+    then again over the others where they hold 128 rows, their keys a row pay for it and (exact mode) every
+    earlier branch's rate divides the period; else they join the first launch (in two parts of 64 where they do
+    not hold 128). The last argument: exact mode."""
     bf16 = torch.bfloat16
-    assert kernels.forward_launches(bf16, 64, *WIDE_KEYS[::-1]) == ((128, 1, 2, (0, 1)),)
-    assert kernels.forward_launches(bf16, 64, *NARROW_KEYS[::-1]) == ((64, 2, 2, (0, 1)),)  # 128 keys a row
-    assert kernels.forward_launches(bf16, 64, *SPLIT_FORWARD[::-1]) == ((128, 1, 4, (1,)), (128, 1, 1, (0,)))
-    assert kernels.forward_launches(bf16, 64, *THREE_LAUNCHES[::-1]) == ((64, 2, 2, (0, 1, 2)),)
-    assert kernels.forward_launches(bf16, 64, [2, 4, 8], [128, 64, 32]) == ((64, 2, 8, (0, 1, 2)),)  # LIN_MIL
-    assert kernels.forward_launches(bf16, 32, *NARROW_KEYS[::-1]) == ((32, 1, 2, (0, 1)),)
-    assert kernels.forward_launches(torch.float32, 64, *NARROW_KEYS[::-1]) == ((64, 1, 2, (0, 1)),)
-    # Prov-GigaPath: 128 rows of a residue modulo 16 span two of the first branch's segments of 1024
-    assert kernels.forward_launches(bf16, 64, [1, 2, 4, 8, 16], GIGAPATH_SPANS) == (
+    assert kernels.forward_launches(bf16, 64, *WIDE_KEYS[::-1], False) == ((128, 1, 2, (0, 1)),)
+    assert kernels.forward_launches(bf16, 64, *NARROW_KEYS[::-1], False) == ((64, 2, 2, (0, 1)),)  # 128 keys a row
+    assert kernels.forward_launches(bf16, 64, *SPLIT_FORWARD[::-1], False) == ((128, 1, 4, (1,)), (128, 1, 1, (0,)))
+    assert kernels.forward_launches(bf16, 64, *THREE_LAUNCHES[::-1], False) == ((64, 2, 2, (0, 1, 2)),)
+    assert kernels.forward_launches(bf16, 64, [2, 4, 8], [128, 64, 32], False) == ((64, 2, 8, (0, 1, 2)),)  # LIN_MIL
+    assert kernels.forward_launches(bf16, 32, *NARROW_KEYS[::-1], False) == ((32, 1, 2, (0, 1)),)
+    assert kernels.forward_launches(torch.float32, 64, *NARROW_KEYS[::-1], False) == ((64, 1, 2, (0, 1)),)
+    # Prov-GigaPath: 128 rows of a residue modulo 16 span two of the first branch's segments of 1024; on a bag of
+    # 1024 rows, 128 modulo 16 fit in no segment, 128 modulo 8 in every segment but the last branch's
+    assert kernels.forward_launches(bf16, 64, [1, 2, 4, 8, 16], GIGAPATH_SPANS, False) == (
         (128, 1, 16, (1, 2, 3, 4)), (128, 1, 1, (0,)))
+    assert kernels.forward_launches(bf16, 64, [1, 2, 4, 8, 16], [1024] * 5, True) == (
+        (64, 2, 16, (4,)), (128, 1, 8, (0, 1, 2, 3)))
     monkeypatch.setattr(kernels, "FORWARD_SPLIT_KEYS", 0)  # every later launch that holds 128 rows taken
-    assert kernels.forward_launches(bf16, 64, *NARROW_KEYS[::-1]) == ((128, 1, 2, (1,)), (128, 1, 1, (0,)))
-    assert kernels.forward_launches(bf16, 64, [1, 2, 4], [128, 256, 512]) == (
+    assert kernels.forward_launches(bf16, 64, *NARROW_KEYS[::-1], False) == ((128, 1, 2, (1,)), (128, 1, 1, (0,)))
+    assert kernels.forward_launches(bf16, 64, [1, 2, 4], [128, 256, 512], False) == (
         (128, 1, 4, (2,)), (128, 1, 2, (1,)), (128, 1, 1, (0,)))
-    # the branch left on two parts joins the first launch; so does one after a branch whose rate (2) does not
-    # divide its period (1)
-    assert kernels.forward_launches(bf16, 64, [1, 1, 2], [64, 128, 256]) == (
+    # the branch left on two parts joins the first launch; in exact mode so does one after a branch whose rate (2)
+    # does not divide its period (1)
+    assert kernels.forward_launches(bf16, 64, [1, 1, 2], [64, 128, 256], True) == (
         (64, 2, 2, (0, 2)), (128, 1, 1, (1,)))
-    assert kernels.forward_launches(bf16, 64, *THREE_LAUNCHES[::-1]) == ((64, 2, 2, (0, 1, 2)),)
+    assert kernels.forward_launches(bf16, 64, *THREE_LAUNCHES[::-1], True) == ((64, 2, 2, (0, 1, 2)),)
+    assert kernels.forward_launches(bf16, 64, *THREE_LAUNCHES[::-1], False) == ((64, 2, 2, (0, 1)), (128, 1, 1, (2,)))
 
 
 # branches, bag rows, forward launches (:func:`kernels.forward_launches`, fp16 / bf16's rule, every later launch that
 # holds 128 rows taken): "two": the second merges into the first's rows; "rate-2": the second's branch (r = 2) covers
-# half the residues of a head, whose blocks leave the first launch's rows as they are; "three": modulo 4, 2 then 1;
+# half the residues of a head (its blocks of the other residue skip their rows: no read, no write; merging nothing
+# would give the same values); "three": modulo 4, 2 then 1;
 # "two-parts-first": the first launch takes two parts of 64 rows, the second merges (torchscale takes 32-row blocks
 # on the last two's segments, so one launch)
 FORWARD_LAUNCHES = {"two": (NARROW_KEYS, 260, 2), "rate-2": (([256, 512], [2, 4]), 520, 2),
@@ -344,14 +353,16 @@ def test_keeps_branches_where_the_backward_takes_the_atomic_dq(request):
 
 
 # branches, key launches; "128-keys-twice": the second launch, 128 keys modulo 1, adds; "both-rate-2": the 64-key
-# launch's branch (r = 2) covers half the residues of a head, whose blocks leave the first launch's dk and dv as they
-# are; "three": 128 keys modulo 2, then 128 modulo 1 and 64 modulo 1, adding
+# launch's branch (r = 2) covers half the residues of a head (its blocks of the other residue skip their rows: no
+# read, no write; adding nothing would give the same values); "three": 128 keys modulo 2, then 128 modulo 1 and 64
+# modulo 1, adding; "64-then-128": 128 keys modulo 2 fit in neither's segments, so 64 for the second (which holds
+# 128 at no period), then 128 modulo 1 for the first, adding
 TWO_LAUNCHES = {"128-keys": (WIDE_KEYS, 1), "128-keys-twice": (NARROW_KEYS, 2),
-                "both-rate-2": (([256, 128], [1, 2]), 2)}
+                "both-rate-2": (([256, 128], [1, 2]), 2), "64-then-128": (([128, 200], [1, 2]), 2)}
 KEY_BLOCKS = {**TWO_LAUNCHES, "64-keys": (SMALL, 1), "three": (THREE_LAUNCHES, 3)}
 # torchscale mode on 64-row blocks (SMALL's and THREE_LAUNCHES' segments take 32-row blocks): 64 rows of residue
-# period 2 fit in each segment of [128, 200], 128 in neither
-TORCHSCALE_KEY_BLOCKS = {**TWO_LAUNCHES, "64-keys": (([128, 200], [1, 2]), 1)}
+# period 2 fit in each segment of [128, 200] x [2, 2], 128 in neither
+TORCHSCALE_KEY_BLOCKS = {**TWO_LAUNCHES, "64-keys": (([128, 200], [2, 2]), 1)}
 
 
 @pytest.mark.parametrize("keys", KEY_BLOCKS)
@@ -666,10 +677,10 @@ def test_two_part_traffic(mode):
 
 
 def test_split_launch_traffic():
-    """Torchscale mode (Prov-GigaPath's), bf16, one bag of 2048 rows, 2 heads of dh 48, Prov-GigaPath's first two branches at its R = 16, [1024, 2048] x
-    [1, 16]: 128 rows (or keys) modulo 16 span two of the first branch's segments, so the forward and the key kernel
-    each take it in a second launch, on 128 rows (keys) modulo 1 (:func:`kernels.forward_launches`,
-    :func:`kernels.key_launches`). Both meet issue 12's 80 dot FLOPs per requested byte: the forward 92.5 (58.6 in
+    """Torchscale mode (Prov-GigaPath's), bf16, one bag of 2048 rows, 2 heads of dh 48, Prov-GigaPath's first two
+    branches at its R = 16, [1024, 2048] x [1, 16]: 128 rows (or keys) modulo 16 span two of the first branch's
+    segments, so the forward and the key kernel each take it in a second launch, on 128 rows (keys) modulo 1
+    (:func:`kernels.forward_launches`, :func:`kernels.key_launches`). Both meet issue 12's 80 dot FLOPs per requested byte: the forward 92.5 (58.6 in
     one launch of two-part programs, the first branch's k, v read per part of 64 rows; exact mode measured 97.1 and
     60.4), the key kernel 87.4, its float32 atomic adds counted as read and written. Dot FLOPs are exactly the
     useful ones in the forward, 5 products a tile pair in the backward."""

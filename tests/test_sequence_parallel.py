@@ -438,7 +438,8 @@ def test_dilated_refusals_are_value_errors():
 def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forward, monkeypatch):
     """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels'
     query, forward and key blocks (whose last rows pass the shard; those of every forward and key launch, each
-    modulo its own period), and the keys its queries reach lie in its key range. "forced-128-row-forward" forces
+    modulo its own period: the long bags' segments give later launches at smaller periods), and the keys its
+    queries reach lie in its key range. "forced-128-row-forward" forces
     the forward's 128 rows a program in one part (fp16 / bf16 where 128 R positions fit in every segment; these
     segments are shorter) on every block size."""
     from milkernels.ops.dilated_attention import reference, sharded
@@ -451,12 +452,20 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forwar
     def draw(high):
         return int(torch.randint(1, high + 1, (), generator=generator))
 
-    for _ in range(40):
-        length, world_size, heads, head_dim = draw(300), draw(4), draw(8), (8, 100)[draw(2) - 1]
+    def bags_and_branches():
+        for _ in range(40):
+            rates = [draw(4) for _ in range(draw(3))]
+            yield draw(300), rates, [r * draw(24) for r in rates], (8, 100)[draw(2) - 1]
+        for _ in range(10):  # long bags, Prov-GigaPath's rule (segment = rate x the same keys, 64 R to 128 R)
+            rates = [1, 2, 4, 8, 16][:2 + draw(3)]
+            keys = 64 * rates[-1] + draw(64 * rates[-1])
+            yield 600 + draw(1200), rates, [r * keys for r in rates], 8
+
+    later_launches = 0
+    for length, rates, segments, head_dim in bags_and_branches():
+        world_size, heads = draw(4), draw(8)
         cuts = sorted(torch.randint(0, length + 1, (world_size - 1,), generator=generator).tolist())
         bounds = [0, *cuts, length]
-        rates = [draw(4) for _ in range(draw(3))]
-        segments = [r * draw(24) for r in rates]
         spans = reference.segment_spans(segments, rates, length, mode)
         block = kernels.block_size(head_dim, segments, rates, length, mode)
         key_block = kernels.widest_block(head_dim, torch.bfloat16, segments, rates, length, mode)  # the widest dtype
@@ -466,12 +475,13 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forwar
             _, query_spans, key_spans = kernels.window_spans(view.rows, window)
             launch_spans = [min(w, length) for w in segments]
             blocks = [(query_spans, block, math.lcm(*rates))]
-            blocks += [(query_spans, launch.rows * launch.parts, launch.period)
-                       for launch in kernels.forward_launches(torch.bfloat16, block, rates, launch_spans)]
             atomic = mode == "exact" or block == 64  # the atomic dq where fp16 / bf16 can take it
-            blocks += [(key_spans, launch.keys, launch.period)
-                       for launch in {*kernels.key_launches(block, False, rates, launch_spans),
-                                      *kernels.key_launches(block, atomic, rates, launch_spans)}]
+            forward = kernels.forward_launches(torch.bfloat16, block, rates, launch_spans, mode == "exact")
+            keys = {*kernels.key_launches(block, False, rates, launch_spans),
+                    *kernels.key_launches(block, atomic, rates, launch_spans)}
+            later_launches += sum(launch.period < math.lcm(*rates) for launch in (*forward, *keys))
+            blocks += [(query_spans, launch.rows * launch.parts, launch.period) for launch in forward]
+            blocks += [(key_spans, launch.keys, launch.period) for launch in keys]
             for spans_of, width, period in blocks:
                 _, _, residue, first = kernels.residue_blocks(spans_of, period, width, "cpu")
                 positions = residue[:, None] + period * (first[:, None] + torch.arange(width))
@@ -481,6 +491,7 @@ def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forwar
                     assert (starts >= view.start).all() and ((starts + span).clamp(max=length) <= view.stop).all()
             queries = sharded.needed(torch.arange(length), heads, view.queries, spans, rates).any(1).nonzero()
             assert ((queries >= view.key_start) & (queries < view.key_stop)).all()
+    assert later_launches
 
 
 class ShardableModel(torch.nn.Module):

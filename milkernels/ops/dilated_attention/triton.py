@@ -1,10 +1,10 @@
 """Dilated attention in Triton: a fused forward over every branch and a FlashAttention-2 style backward.
 
 Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
-``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (a forward or key launch's
-programs take ``ROWS * PARTS`` rows or 128 keys modulo the lcm of its own branches' rates: :func:`forward_launches`,
-:func:`key_launches`). Because every ``r_i`` divides the period, a branch either covers all of a program's rows for
-its head (``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as
+``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (a later forward or key launch's
+programs take ``ROWS * PARTS`` rows or 128 keys modulo the lcm of the rates of the branches no earlier launch took:
+:func:`forward_launches`, :func:`key_launches`). Because every ``r_i`` of a launch divides its period, a branch
+either covers all of a program's rows for its head (``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as
 ``t -> s * sl + (t % Lsp) * r + g`` with ``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads,
 nothing gathered or copied.
 
@@ -22,7 +22,7 @@ nothing gathered or copied.
   a key kernel, one program per key block, walks the queries of each branch it belongs to (those at
   positions in a range: under sequence parallelism, the rank's own) and writes ``dk`` and ``dv``; with the
   atomic dq, on 128 keys of a residue for the branches whose segments hold them, then adding the others' in
-  launches of their own, modulo their own rates' lcm (:func:`key_launches`).
+  later launches, modulo the lcm of the rates left (:func:`key_launches`).
   Deterministic, except in fp16 / bf16 in exact mode and in torchscale mode with the branch outputs kept
   (:func:`atomic_dq`): there the key kernel also adds each query step's ``dS K`` to a zeroed float32 ``dq``
   with atomics and :func:`_delta_kernel` only finds ``D`` or each ``D_i`` (from ``out_i``): 5 products a tile
@@ -724,13 +724,25 @@ def residue_blocks(spans, period: int, block: int, device) -> list[torch.Tensor]
     block the bag's start row and length, the residue ``c`` modulo ``period`` and the first ``j`` of its positions
     ``c + period * j``, which start at the first position; four ``(num_blocks,)`` int32 tensors. A block's last
     positions may pass the stop position (not the bag's end)."""
+    return _blocks.to_device(_residue_table(spans, period, block), device)
+
+
+def launch_blocks(spans, launches, device) -> list[list[torch.Tensor]]:
+    """:func:`residue_blocks` of each ``(period, block)`` of ``launches``, all in one host-to-device copy."""
+    tables = [_residue_table(spans, period, block) for period, block in launches]
+    moved = _blocks.to_device([column for table in tables for column in table], device)
+    return [moved[4 * n:4 * n + 4] for n in range(len(tables))]
+
+
+def _residue_table(spans, period: int, block: int) -> list[torch.Tensor]:
+    """The four host columns of :func:`residue_blocks`."""
     entries = []
     for start, length, first_position, stop_position in spans:
         for residue in range(min(period, length)):
             first = max(0, -(-(first_position - residue) // period))
             stop = -(-(stop_position - residue) // period)
             entries += [(start, length, residue, j) for j in range(first, stop, block)]
-    return _blocks.to_device(list(torch.tensor(entries, dtype=torch.int32).reshape(-1, 4).t()), device)
+    return list(torch.tensor(entries, dtype=torch.int32).reshape(-1, 4).t())
 
 
 def num_warps(block: int, block_dh: int) -> int:
@@ -764,7 +776,7 @@ class Plan:
         self.short_groups = any(self.heads % rate for rate in rates)
         spans = [min(w, longest) for w in segments]
         self.key_launches = key_launches(self.block, self.atomic_dq, rates, spans)
-        self.forward_launches = forward_launches(q.dtype, self.block, rates, spans)
+        self.forward_launches = forward_launches(q.dtype, self.block, rates, spans, mode == "exact")
         self.query_spans, self.key_spans, self.device = query_spans, key_spans, q.device
         # the branches' spans and rates, then each key and forward launch's branch indices, in one copy
         launches = self.key_launches + self.forward_launches
@@ -788,15 +800,15 @@ class Plan:
     @functools.cached_property
     def forward_blocks(self) -> list[list[torch.Tensor]]:
         """Per forward launch (:func:`forward_launches`): its blocks of ``rows * parts`` rows
-        (:func:`residue_blocks`)."""
-        return [residue_blocks(self.query_spans, launch.period, launch.rows * launch.parts, self.device)
-                for launch in self.forward_launches]
+        (:func:`launch_blocks`)."""
+        return launch_blocks(self.query_spans, [(launch.period, launch.rows * launch.parts)
+                                                for launch in self.forward_launches], self.device)
 
     @functools.cached_property
     def key_blocks(self) -> list[list[torch.Tensor]]:
-        """Per key launch (:func:`key_launches`): its blocks of ``keys`` keys (:func:`residue_blocks`)."""
-        return [residue_blocks(self.key_spans, launch.period, launch.keys, self.device)
-                for launch in self.key_launches]
+        """Per key launch (:func:`key_launches`): its blocks of ``keys`` keys (:func:`launch_blocks`)."""
+        return launch_blocks(self.key_spans, [(launch.period, launch.keys) for launch in self.key_launches],
+                             self.device)
 
     def key_flags(self, launch: int) -> dict:
         """The constexprs and warps of key launch ``launch`` (:func:`key_launches`): each after the first adds its
@@ -817,13 +829,15 @@ _ATOMIC_KEY_TILES = ((WIDE_BLOCK, 16), (64, 32))
 
 
 def branch_groups(rates, spans, holds) -> list[tuple[int, tuple]]:
-    """The branches (rates ``rates``, segment spans ``spans``) in launches ``(period, branches)``: those that
-    ``holds(period, span)`` of one residue modulo the ``lcm`` of the rates left, then again over the others; the
-    branches left that it holds at no period in one last launch."""
+    """The branches (rates ``rates``, segment spans ``spans``) in launches ``(period, branches)``, each modulo the
+    ``lcm`` of the rates of the branches not yet taken: those whose segments ``holds(period, span)``, then again
+    over the others; where none does, those that hold at no period (not even their own rate), else all that are
+    left, then again over the others."""
     groups, rest = [], tuple(range(len(spans)))
     while rest:
         period = math.lcm(*(rates[i] for i in rest))
-        branches = tuple(i for i in rest if holds(period, spans[i])) or rest
+        branches = (tuple(i for i in rest if holds(period, spans[i]))
+                    or tuple(i for i in rest if not holds(rates[i], spans[i])) or rest)
         groups.append((period, branches))
         rest = tuple(i for i in rest if i not in branches)
     return groups
@@ -847,15 +861,16 @@ a key, over 128 rows, saved): the two balance at about 192 keys a row; 256 leave
 branch gives 1024, the [128, 1024] x [1, 2] of the tests 128, where a split measured 9% more bytes)."""
 
 
-def forward_launches(dtype, block: int, rates, spans) -> tuple[ForwardLaunch, ...]:
+def forward_launches(dtype, block: int, rates, spans, exact: bool) -> tuple[ForwardLaunch, ...]:
     """The forward's launches over branches of rates ``rates`` and segment spans ``spans`` (``min(w, N)`` each): one
     over every branch, or in fp16 / bf16 on 64-row blocks 128 rows a program in one part over the branches whose
     segments hold 128 rows of one residue modulo the ``lcm`` of the rates left, then again over the others, each
     launch merging its rows' out and lse into the earlier ones' (:func:`branch_groups`). A later launch runs only
     where its branches hold 128 rows in one part, give a row at least :data:`FORWARD_SPLIT_KEYS` keys (else it
-    does not pay) and come after branches whose rates all divide its period (so that in exact mode whether an
+    does not pay) and, in exact mode, come after branches whose rates all divide its period (so that whether an
     earlier branch gave a pair stays one test a program: :func:`_counted_before_rows`); else its branches join
-    the first launch, which then takes two parts of 64 rows where they do not hold 128 (:func:`forward_tiles`). At
+    the first launch (modulo the lcm of every rate), which then takes two parts of 64 rows where they do not hold
+    128 (:func:`forward_tiles`). At
     Prov-GigaPath's rates 1 to 16 a second launch takes the first branch on 128 rows modulo 1 (1024 keys a row),
     so its keys are read once per 128 rows, not per part of 64."""
     def one_part(period, span):
@@ -864,7 +879,7 @@ def forward_launches(dtype, block: int, rates, spans) -> tuple[ForwardLaunch, ..
     def own_launch(period, branches):
         keys = sum(spans[i] // rates[i] for i in branches)
         return (one_part(period, spans[branches[0]]) and keys >= FORWARD_SPLIT_KEYS
-                and all(period % rate == 0 for rate in rates[:max(branches)]))
+                and not (exact and any(period % rate for rate in rates[:max(branches)])))
 
     (period, first), *later = branch_groups(rates, spans, one_part)
     first = tuple(sorted(first + tuple(i for group in later if not own_launch(*group) for i in group[1])))
@@ -889,7 +904,8 @@ def key_launches(block: int, atomic: bool, rates, spans) -> tuple[KeyLaunch, ...
     ``lcm(rates)``; or with the atomic dq (fp16 / bf16 on 64-row blocks, :class:`Plan`) 128 keys a program and 16
     queries a step over the branches whose segments hold 128 keys of one residue modulo the ``lcm`` of the rates
     left (``128 * period`` positions), and so on over the others, each launch adding its dk and dv to the earlier
-    ones'; 64 keys and 32 queries over branches left that hold 128 keys at no period. At Prov-GigaPath's rates 1
+    ones'; where none of the branches left holds 128 keys modulo that lcm, 64 keys and 32 queries over those that
+    hold them at no period (else over all left), then again (:func:`branch_groups`). At Prov-GigaPath's rates 1
     to 16, 128 keys of a residue modulo 16 span 2048 positions, two of the first branch's segments of 1024, so a
     second launch takes that branch on 128 keys modulo 1. Each step's float32 ``dq`` adds then serve 128 keys (a
     key block across segments would pair keys with the other segment's queries for nothing), and each k, v tile
