@@ -680,10 +680,10 @@ def test_split_launch_traffic():
     """Torchscale mode (Prov-GigaPath's), bf16, one bag of 2048 rows, 2 heads of dh 48, Prov-GigaPath's first two
     branches at its R = 16, [1024, 2048] x [1, 16]: 128 rows (or keys) modulo 16 span two of the first branch's
     segments, so the forward and the key kernel each take it in a second launch, on 128 rows (keys) modulo 1
-    (:func:`kernels.forward_launches`, :func:`kernels.key_launches`). Both meet issue 12's 80 dot FLOPs per requested byte: the forward 92.5 (58.6 in
-    one launch of two-part programs, the first branch's k, v read per part of 64 rows; exact mode measured 97.1 and
-    60.4), the key kernel 87.4, its float32 atomic adds counted as read and written. Dot FLOPs are exactly the
-    useful ones in the forward, 5 products a tile pair in the backward."""
+    (:func:`kernels.forward_launches`, :func:`kernels.key_launches`). Both meet issue 12's 80 dot FLOPs per
+    requested byte: the forward 92.5 (58.6 in one launch of two-part programs, the first branch's k, v read per part
+    of 64 rows; exact mode measured 97.1 and 60.4), the key kernel 87.4, its float32 atomic adds counted as read and
+    written. Dot FLOPs are exactly the useful ones in the forward, 5 products a tile pair in the backward."""
     q, k, v = make_qkv((2048, 2, 48), dtype=torch.bfloat16, seed=21)
     with milkernels.use_backend("triton"):
         with counting() as forward:

@@ -1,12 +1,12 @@
 """Dilated attention in Triton: a fused forward over every branch and a FlashAttention-2 style backward.
 
-Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns
-``BLOCK`` positions of one bag that are congruent modulo R: ``p = c + R * j`` (a later forward or key launch's
-programs take ``ROWS * PARTS`` rows or 128 keys modulo the lcm of the rates of the branches no earlier launch took:
+Layout. Rows are packed bags ``q, k, v: (T, H, dh)`` (contiguous). With ``R = lcm(r_i)``, a program owns ``BLOCK``
+positions of one bag that are congruent modulo R: ``p = c + R * j`` (a later forward or key launch's programs take
+``ROWS * PARTS`` rows or 128 keys modulo the lcm of the rates of the branches no earlier launch took:
 :func:`forward_launches`, :func:`key_launches`). Because every ``r_i`` of a launch divides its period, a branch
-either covers all of a program's rows for its head (``c % r_i == g_i(h)``) or none of them. The rows of a branch's segments are addressed as
-``t -> s * sl + (t % Lsp) * r + g`` with ``s = t // Lsp`` (segment ``s``, kept row ``t % Lsp``): strided loads,
-nothing gathered or copied.
+either covers all of a program's rows for its head (``c % r_i == g_i(h)``) or none of them. The rows of a branch's
+segments are addressed as ``t -> s * sl + (t % Lsp) * r + g`` with ``s = t // Lsp`` (segment ``s``, kept row ``t %
+Lsp``): strided loads, nothing gathered or copied.
 
 - Forward, one program per (row block, head): for each covering branch, the key tiles of the segments
   its rows fall in, one online softmax over all of them. In ``torchscale`` mode that single softmax is
