@@ -605,6 +605,18 @@ MEASURED_FLOPS_PER_BYTE = {  # dot FLOPs per requested byte at test_traffic_with
 MEASURED_RECOMPUTE = {torch.bfloat16: (1.0, 1.25), torch.float32: (4 / 3, 8 / 3)}  # dot over useful FLOPs: fwd, bwd
 
 
+def bag_traffic(length, segments, rates, dtype=torch.bfloat16, **kwargs):
+    """The counts (:func:`counting`) of the triton backend's forward and backward of ``dilated_attention(q, k, v,
+    segments, rates, **kwargs)`` on one bag of ``length`` rows, 2 heads of Prov-GigaPath's dh = 48."""
+    q, k, v = make_qkv((length, 2, 48), dtype=dtype, seed=21)
+    with milkernels.use_backend("triton"):
+        with counting() as forward:
+            out = dilated_attention(q, k, v, segments, rates, **kwargs)
+        with counting() as backward:
+            out.backward(torch.randn_like(out))
+    return forward, backward
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_traffic_within_budget(dtype):
     """Torchscale mode on one bag of 1024 rows, H = 2 heads of Prov-GigaPath's dh = 48, branches [512, 1024] x
@@ -621,12 +633,7 @@ def test_traffic_within_budget(dtype):
     written), met (fp32's dq 73.0 and dk/dv 71.9). Where not met, the measured figure is held within 10%. The bf16
     backward requests 8.47 MB (11.23 MB with the query kernel)."""
     length, heads, head_dim, segments, rates = 1024, 2, 48, [512, 1024], [1, 2]
-    q, k, v = make_qkv((length, heads, head_dim), dtype=dtype, seed=21)
-    with milkernels.use_backend("triton"):
-        with counting() as forward:
-            out = dilated_attention(q, k, v, segments, rates)
-        with counting() as backward:
-            out.backward(torch.randn_like(out))
+    forward, backward = bag_traffic(length, segments, rates, dtype)
     useful = 4 * head_dim * attended_pairs(length, heads, segments, rates)  # forward: q k^T and p v
     for name, measured in MEASURED_FLOPS_PER_BYTE[dtype].items():
         counts = (forward.by_kernel | backward.by_kernel)[name]
@@ -660,12 +667,7 @@ def test_two_part_traffic(mode):
       branch meets the 128 queries of its segment only), and 6.06 MB requested in torchscale mode, 5.96 MB in
       exact mode (55.9 and 7.26 / 7.16 MB with the first branch on 64 keys modulo 2, 47.4 and 8.47 / 8.37 MB with
       both on 64); 5 products a tile pair."""
-    q, k, v = make_qkv((1024, 2, 48), dtype=torch.bfloat16, seed=21)
-    with milkernels.use_backend("triton"):
-        with counting() as forward:
-            out = dilated_attention(q, k, v, [128, 1024], [1, 2], mode=mode)
-        with counting() as backward:
-            out.backward(torch.randn_like(out))
+    forward, backward = bag_traffic(1024, [128, 1024], [1, 2], mode=mode)
     counts = forward.by_kernel["_forward_kernel"]
     assert counts.dot_flops >= TWO_PART_FORWARD[mode] / MARGIN * counts.requested_bytes
     if mode == "torchscale":
@@ -684,12 +686,7 @@ def test_split_launch_traffic():
     requested byte: the forward 92.5 (58.6 in one launch of two-part programs, the first branch's k, v read per part
     of 64 rows; exact mode measured 97.1 and 60.4), the key kernel 87.4, its float32 atomic adds counted as read and
     written. Dot FLOPs are exactly the useful ones in the forward, 5 products a tile pair in the backward."""
-    q, k, v = make_qkv((2048, 2, 48), dtype=torch.bfloat16, seed=21)
-    with milkernels.use_backend("triton"):
-        with counting() as forward:
-            out = dilated_attention(q, k, v, [1024, 2048], [1, 16])
-        with counting() as backward:
-            out.backward(torch.randn_like(out))
+    forward, backward = bag_traffic(2048, [1024, 2048], [1, 16])
     for counts in (forward.by_kernel["_forward_kernel"], backward.by_kernel["_key_grad_kernel"]):
         assert counts.launches == 2 and counts.dot_flops >= GEMM_FLOPS_PER_BYTE * counts.requested_bytes
     assert forward.dot_flops == 4 * 48 * attended_pairs(2048, 2, [1024, 2048], [1, 16])
@@ -712,12 +709,7 @@ def test_exact_backward_traffic(deterministic_mode, request):
     (59.0 on 64)."""
     if deterministic_mode:
         request.getfixturevalue("deterministic")
-    q, k, v = make_qkv((1024, 2, 48), dtype=torch.bfloat16, seed=21)
-    with milkernels.use_backend("triton"):
-        with counting() as forward:
-            out = dilated_attention(q, k, v, [512, 1024], [1, 2], mode="exact")
-        with counting() as backward:
-            out.backward(torch.randn_like(out))
+    forward, backward = bag_traffic(1024, [512, 1024], [1, 2], mode="exact")
     products, measured_flops_per_byte = EXACT_BACKWARD[deterministic_mode]
     assert forward.dot_flops >= GEMM_FLOPS_PER_BYTE * forward.requested_bytes
     assert backward.dot_flops * 2 == products * forward.dot_flops
