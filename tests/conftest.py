@@ -40,15 +40,18 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
-def flat_one_head(monkeypatch):
-    """Cross-attention's ``FLAT_ONE_HEAD`` forced on (Triton before 3.9: one-head tiles as 2-D products), under the
-    interpreter only: compiled kernels keep the value they were built with, and Triton raises when it changes."""
+def flat_heads(monkeypatch):
+    """Cross-attention's products as one 2-D product a head at every head count and dtype (under Triton before
+    3.9 they are at up to 1 head in fp32 and 2 in fp16 / bf16: ``FLAT_HEADS_FP32``, ``FLAT_HEADS_HALF``), under
+    the interpreter only: compiled kernels keep the value they were built with, and Triton raises when it
+    changes."""
     if not _backends.triton_interpreted():
-        pytest.skip("forcing FLAT_ONE_HEAD needs the interpreter; on a GPU the Triton version sets it")
+        pytest.skip("forcing FLAT_HEADS_* needs the interpreter; on a GPU the Triton version sets them")
     import triton
 
     from milkernels.ops.cross_attention import triton as kernels
-    monkeypatch.setattr(kernels, "FLAT_ONE_HEAD", triton.language.constexpr(True))
+    for name in ("FLAT_HEADS_FP32", "FLAT_HEADS_HALF"):
+        monkeypatch.setattr(kernels, name, triton.language.constexpr(kernels.MAX_HEADS))
 
 
 @pytest.fixture

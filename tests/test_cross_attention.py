@@ -211,15 +211,17 @@ def test_atomic_dq_in_fp32(queries, keys, heads, width, monkeypatch, short_split
 
 
 @pytest.mark.parametrize("dq", ["atomic", "deterministic"])
-def test_one_head_as_a_2d_product(dq, monkeypatch, short_splits, flat_one_head):
-    """``FLAT_ONE_HEAD`` (Triton before 3.9, the GPU machine's 3.6): one head's products as 2-D dots, in the split
-    forward and every backward kernel (the atomic dq's own key tiles at E = 128, or the dq kernel), over padded
-    bags with key padding; outputs and every gradient against the reference."""
+@pytest.mark.parametrize("heads, width, queries, keys", [(1, 128, 300, 700), (3, 72, 140, 300), (8, 40, 140, 300)])
+def test_heads_as_2d_products(dq, heads, width, queries, keys, monkeypatch, short_splits, flat_heads):
+    """One 2-D product a head (:func:`_heads_mm`; the GPU machine's Triton 3.6 at one and two heads), the heads
+    halved down to one (3 heads pad to 4; 8 heads of 5 columns), in the split forward and every backward kernel
+    (the atomic dq's own key tiles at E = 128 in one head, or the dq kernel), over padded bags with key padding;
+    outputs and every gradient against the reference (every tile forced flat; a head swapped fails it)."""
     monkeypatch.setattr(kernels, "atomic_dq", lambda dtype: dq == "atomic")
-    inputs = make_inputs(300, 700, 128, batch=(2,), seed=31)
-    padding = torch.zeros(2, 700, dtype=torch.bool, device=sharding.device())
-    padding[1, 250:] = True
-    kernel_checks.compare(attend(1, key_padding_mask=padding), inputs, torch.float32)
+    inputs = make_inputs(queries, keys, width, batch=(2,), seed=31)
+    padding = torch.zeros(2, keys, dtype=torch.bool, device=sharding.device())
+    padding[1, keys // 3:] = True
+    kernel_checks.compare(attend(heads, key_padding_mask=padding), inputs, torch.float32)
 
 
 def test_norm_grad_partials_do_not_grow_with_the_bag(monkeypatch):

@@ -257,12 +257,13 @@ def test_kernels_match_reference(patch_size_q, patch_size_k, radius, heads, widt
     kernel_checks.compare(attend_locally(local, heads), local_inputs(local, width, seed=radius), torch.float32)
 
 
-@pytest.mark.usefixtures("poisoned_buffers", "flat_one_head")
-def test_one_head_as_a_2d_product():
-    """``FLAT_ONE_HEAD`` (Triton before 3.9, the GPU machine's 3.6): the local kernels' one-head products as 2-D
-    dots, against the reference: the output and every gradient."""
+@pytest.mark.usefixtures("poisoned_buffers", "flat_heads")
+@pytest.mark.parametrize("heads, width", [(1, 40), (4, 72)])
+def test_heads_as_2d_products(heads, width):
+    """One 2-D product a head (the GPU machine's Triton 3.6 at one and two heads) in the local kernels, the 4
+    heads halved down to one, against the reference: the output and every gradient."""
     local = on_device(random_layout(8, 224, 448, 37))
-    kernel_checks.compare(attend_locally(local, 1), local_inputs(local, 40, seed=5), torch.float32)
+    kernel_checks.compare(attend_locally(local, heads), local_inputs(local, width, seed=5), torch.float32)
 
 
 @pytest.mark.usefixtures("poisoned_buffers")

@@ -4,7 +4,8 @@ two-kernel backward with an atomic dq (three kernels, deterministic, on request 
 Layout. Rows are packed bags, ``xq, q: (Tq, E)`` and ``k, v: (Tk, E)`` (contiguous). A program holds every head
 of its rows as one 3-D tile ``(HP, rows, DHP)``: head ``h``, head column ``d`` is column ``h * dh + d``, with
 ``HP`` and ``DHP`` the head count and head size padded to powers of two (``DHP >= 16``), masked. The score and
-value products are batched ``tl.dot`` over the heads.
+value products are batched ``tl.dot`` over the heads, or under Triton before 3.9 one 2-D ``tl.dot`` a head at
+one head, and at two in fp16 / bf16 (:func:`_flat_heads`).
 
 - Forward (``_forward_kernel``), one program per block of query rows: the online softmax of each head over
   the keys of the rows' bag, then the epilogue: ``attn = A V``, ``y = xq + attn`` and the LayerNorm of ``y``
@@ -51,16 +52,22 @@ MIN_QUERY_GRAD_SPLIT_ROWS = 1024  # keys per split of the deterministic dq kerne
 _POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
-def _flat_one_head() -> bool:
-    """Whether a one-head tile is multiplied as a 2-D product (:func:`_heads_mm`): under Triton before 3.9.
-    Triton 3.6 (the GPU machine's, with torch 2.11), 3.7 and 3.8 compile the one-head 3-D dot for sm_90 into 32
-    registers and 13-57 KB of local memory a thread at E = 128 (the kernels ran 30 times slower than PyTorch on
-    the H200); Triton 3.9 compiles the 3-D dot without a spill and the 2-D one with spills in the dk/dv kernel,
-    so it keeps the 3-D dot."""
-    return tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
+def _flat_heads() -> tuple[int, int]:
+    """``(fp32, fp16 / bf16)``: the most heads a tile multiplies as one 2-D product a head (:func:`_heads_mm`)
+    rather than one batched 3-D product: 1 and 2 under Triton before 3.9, 0 from 3.9 on. Triton 3.6 (the GPU
+    machine's, with torch 2.11), 3.7 and 3.8 compile the one-head 3-D dot for sm_90 into 32 registers and 13-57 KB
+    of local memory a thread at E = 128 (the kernels ran 30 times slower than PyTorch on the H200), and spill up
+    to 16 KB at two heads in fp16 / bf16. As 2-D products, Triton 3.6's spills in the 88 fp16 / bf16 two-head
+    specializations that multiply fell from 143 KB in all (84 spilling, up to 16 KB) to 9.2 KB (54, up to 868
+    B); at 4 and 8 heads they grew (11 to 94 KB, 0 to 164 KB), and at two heads in fp32 (three products a tile)
+    from 32 to 104 KB, so those stay 3-D. Triton 3.9 compiles the 3-D dot without a spill (and the one-head 2-D
+    one with spills in the dk/dv kernel), so it keeps the 3-D dot."""
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
+        return 1, 2
+    return 0, 0
 
 
-FLAT_ONE_HEAD = tl.constexpr(_flat_one_head())
+FLAT_HEADS_FP32, FLAT_HEADS_HALF = (tl.constexpr(heads) for heads in _flat_heads())
 
 
 def padded_heads(heads: int, head_dim: int) -> tuple[int, int]:
@@ -162,13 +169,43 @@ def kernel_flags(tile: tuple[int, int], dtype, interpreted: bool, backward: bool
 
 @triton.jit
 def _heads_mm(a, b, like_ptr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr):
-    """``a @ b`` batched over the heads, ``(HP, M, K) @ (HP, K, N) -> (HP, M, N)`` fp32; with one head (``HP``
-    = 1) under :data:`FLAT_ONE_HEAD` a 2-D product, reshaped."""
-    if FLAT_ONE_HEAD and a.shape[0] == 1:
-        product = _mm(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])), like_ptr,
-                      DOT_FP32, FP32_PRECISION)
-        return tl.reshape(product, (1, a.shape[1], b.shape[2]))
-    return _mm(a, b, like_ptr, DOT_FP32, FP32_PRECISION)
+    """``a @ b`` batched over the heads, ``(HP, M, K) @ (HP, K, N) -> (HP, M, N)`` fp32; at most
+    :data:`FLAT_HEADS_FP32` or :data:`FLAT_HEADS_HALF` heads (by ``like_ptr``'s dtype) one 2-D product a head:
+    the heads halved (:func:`_head_halves`) down to one, whose product is 2-D, reshaped."""
+    flat_heads: tl.constexpr = FLAT_HEADS_FP32 if like_ptr.dtype.element_ty == tl.float32 else FLAT_HEADS_HALF
+    if a.shape[0] <= flat_heads:
+        if a.shape[0] == 1:
+            product = _mm(tl.reshape(a, (a.shape[1], a.shape[2])), tl.reshape(b, (b.shape[1], b.shape[2])),
+                          like_ptr, DOT_FP32, FP32_PRECISION)
+            product = tl.reshape(product, (1, a.shape[1], b.shape[2]))
+        else:
+            a_lo, a_hi = _head_halves(a)
+            b_lo, b_hi = _head_halves(b)
+            product = _joined_heads(_heads_mm(a_lo, b_lo, like_ptr, DOT_FP32, FP32_PRECISION),
+                                    _heads_mm(a_hi, b_hi, like_ptr, DOT_FP32, FP32_PRECISION))
+    else:
+        product = _mm(a, b, like_ptr, DOT_FP32, FP32_PRECISION)
+    return product
+
+
+@triton.jit
+def _head_halves(a):
+    """``(HP, M, K) -> ((HP / 2, M, K), (HP / 2, M, K))``: the first and the last half of the heads."""
+    half: tl.constexpr = a.shape[0] // 2
+    rows: tl.constexpr = a.shape[1]
+    cols: tl.constexpr = a.shape[2]
+    lo, hi = tl.split(tl.permute(tl.reshape(a, (2, half * rows * cols)), (1, 0)))
+    return tl.reshape(lo, (half, rows, cols)), tl.reshape(hi, (half, rows, cols))
+
+
+@triton.jit
+def _joined_heads(lo, hi):
+    """The inverse of :func:`_head_halves`."""
+    half: tl.constexpr = lo.shape[0]
+    rows: tl.constexpr = lo.shape[1]
+    cols: tl.constexpr = lo.shape[2]
+    joined = tl.join(tl.reshape(lo, (half * rows * cols,)), tl.reshape(hi, (half * rows * cols,)))
+    return tl.reshape(tl.permute(joined, (1, 0)), (2 * half, rows, cols))
 
 
 @triton.jit

@@ -216,18 +216,19 @@ def _counted_before(i, query_pos, key_pos, segment_ptr, rate_ptr, head, H):
 
 
 @triton.jit
-def _counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H):
-    """``[M, N]`` bool: key ``keys[n]`` already reaches row ``rows[m]`` through an earlier branch (exact mode).
-    The rows share their residue modulo the launch's period, which every earlier branch's rate divides
-    (:func:`forward_launches`), so whether branch ``j`` covers them is one scalar test."""
-    seen = (rows[:, None] < 0) | (keys[None, :] < 0)  # all False, in the broadcast shape
+def _drop_counted_before_rows(allowed, i, residue, rows, keys, segment_ptr, rate_ptr, head, H):
+    """``allowed: [M, N]`` bool, cleared where key ``keys[n]`` already reaches row ``rows[m]`` through an earlier
+    branch (exact mode). The rows share their residue modulo the launch's period, which every earlier branch's
+    rate divides (:func:`forward_launches`), so whether branch ``j`` covers them is one scalar test. Clearing
+    ``allowed`` in place, not building a second mask, keeps the 128-row forward at dh 64 from spilling under
+    Triton 3.6 (4 B)."""
     for j in range(0, i):
         w = tl.load(segment_ptr + j)
         r = tl.load(rate_ptr + j)
         g = head // tl.cdiv(H, r)
         if residue % r == g:
-            seen |= ((rows // w)[:, None] == (keys // w)[None, :]) & (keys % r == g)[None, :]
-    return seen
+            allowed &= ((rows // w)[:, None] != (keys // w)[None, :]) | (keys % r != g)[None, :]
+    return allowed
 
 
 @triton.jit
@@ -333,7 +334,7 @@ def _scores(q, q_tail, k, k_tail, rows, rows_ok, keys, key_segment, key_ok, i, s
     scores = _mm_t(q, q_tail, k, k_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION) * scale
     allowed = ((rows // sl)[:, None] == key_segment[None, :]) & key_ok[None, :] & rows_ok[:, None]
     if EXACT:
-        allowed &= ~_counted_before_rows(i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
+        allowed = _drop_counted_before_rows(allowed, i, residue, rows, keys, segment_ptr, rate_ptr, head, H)
     return scores, allowed
 
 
@@ -364,7 +365,8 @@ def _branch_slot(rate_ptr, i, head, H):
 
 @triton.jit
 def _merged(m, l, acc, acc_tail, m_b, l_b, acc_b, acc_b_tail):
-    """The online-softmax state ``(m, l, acc, acc_tail)`` with a branch's own ``(m_b, l_b, acc_b, acc_b_tail)`` added."""
+    """The online-softmax state ``(m, l, acc, acc_tail)`` with a branch's own ``(m_b, l_b, acc_b, acc_b_tail)``
+    added."""
     m_new = tl.maximum(m, m_b)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
@@ -683,7 +685,8 @@ def _key_grad_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, lse_ptr, d_out_ptr, delta_p
                 if EXACT:
                     delta = tl.load(delta_ptr + query_rows, mask=query_ok, other=0.0)
                 else:
-                    delta = tl.load(delta_ptr + (tl.zeros([], tl.int64) + i) * T * H + query_rows, mask=query_ok, other=0.0)
+                    branch_delta = delta_ptr + (tl.zeros([], tl.int64) + i) * T * H
+                    delta = tl.load(branch_delta + query_rows, mask=query_ok, other=0.0)
                 scores_t = _mm_t(k, k_tail, q, q_tail, q_ptr, TAIL_DH, DOT_FP32, FP32_PRECISION) * scale
                 allowed = (key_segment[:, None] == query_segment[None, :]) & key_ok[:, None] & query_ok[None, :]
                 if EXACT:
@@ -868,7 +871,7 @@ def forward_launches(dtype, block: int, rates, spans, exact: bool) -> tuple[Forw
     launch merging its rows' out and lse into the earlier ones' (:func:`branch_groups`). A later launch runs only
     where its branches hold 128 rows in one part, give a row at least :data:`FORWARD_SPLIT_KEYS` keys (else it
     does not pay) and, in exact mode, come after branches whose rates all divide its period (so that whether an
-    earlier branch gave a pair stays one test a program: :func:`_counted_before_rows`); else its branches join
+    earlier branch gave a pair stays one test a program: :func:`_drop_counted_before_rows`); else its branches join
     the first launch (modulo the lcm of every rate), which then takes two parts of 64 rows where they do not hold
     128 (:func:`forward_tiles`). At
     Prov-GigaPath's rates 1 to 16 a second launch takes the first branch on 128 rows modulo 1 (1024 keys a row),
