@@ -59,7 +59,7 @@ def _flat_heads() -> tuple[int, int]:
     of local memory a thread at E = 128 (the kernels ran 30 times slower than PyTorch on the H200), and spill up
     to 16 KB at two heads in fp16 / bf16. As 2-D products, Triton 3.6's spills in the 88 fp16 / bf16 two-head
     specializations that multiply fell from 143 KB in all (84 spilling, up to 16 KB) to 9.2 KB (54, up to 868
-    B); at 4 and 8 heads they grew (11 to 94 KB, 0 to 164 KB), and at two heads in fp32 (three products a tile)
+    B); at 4 and 8 heads they grew (11 to 94 KB, 0 to 164 KB), and at two heads in fp32 (tf32x3, three products a tile)
     from 32 to 104 KB, so those stay 3-D. Triton 3.9 compiles the 3-D dot without a spill (and the one-head 2-D
     one with spills in the dk/dv kernel), so it keeps the 3-D dot."""
     if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):

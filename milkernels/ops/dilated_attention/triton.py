@@ -965,14 +965,14 @@ def forward(q, k, v, plan: Plan, scale: float, keep_branches: bool = False):
     shape = (plan.rows, plan.slots, plan.head_dim) if keep_branches else (0,)
     allocate = torch.zeros if plan.short_groups else _blocks.new_buffer
     branch_out = allocate(*shape, dtype=q.dtype, device=q.device)
-    for launch, (blocks, branches) in enumerate(zip(plan.forward_blocks, plan.forward_branches)):
+    launches = zip(plan.forward_launches, plan.forward_blocks, plan.forward_branches)
+    for index, (launch, blocks, branches) in enumerate(launches):
         grid = _grid(blocks, plan)
         if grid[0]:
-            rows, parts, period, _ = plan.forward_launches[launch]
             _forward_kernel[grid](q, k, v, plan.valid(q), out, lse, branch_out if keep_branches else out, *blocks,
-                                  *plan.branches, branches, plan.heads, plan.head_dim, period, branches.numel(), scale,
-                                  plan.slots, KEEP_BRANCHES=keep_branches, ROWS=rows, PARTS=parts, MERGE=launch > 0,
-                                  **plan.flags)
+                                  *plan.branches, branches, plan.heads, plan.head_dim, launch.period, branches.numel(),
+                                  scale, plan.slots, KEEP_BRANCHES=keep_branches, ROWS=launch.rows, PARTS=launch.parts,
+                                  MERGE=index > 0, **plan.flags)
     return out, lse, branch_out
 
 
@@ -991,13 +991,13 @@ def backward(q, k, v, out, lse, branch_out, d_out, plan: Plan, scale: float):
     delta = _blocks.new_buffer(branches, plan.rows, plan.heads, dtype=torch.float32, device=q.device)
     _query_side(q, k, v, out, lse, branch_out, d_out, d_q, delta, plan, scale)
     added_d_q = d_q if plan.atomic_dq else torch.empty(0, dtype=torch.float32, device=q.device)
-    for launch, (blocks, branch_indices) in enumerate(zip(plan.key_blocks, plan.key_branches)):
+    launches = zip(plan.key_launches, plan.key_blocks, plan.key_branches)
+    for index, (launch, blocks, branch_indices) in enumerate(launches):
         grid = _grid(blocks, plan)
         if grid[0]:
             _key_grad_kernel[grid](q, k, v, plan.valid(q), lse, d_out, delta, added_d_q, d_k, d_v, *blocks,
-                                   *plan.branches, branch_indices, plan.rows, plan.heads, plan.head_dim,
-                                   plan.key_launches[launch].period, branch_indices.numel(), scale, *plan.queries,
-                                   **plan.key_flags(launch))
+                                   *plan.branches, branch_indices, plan.rows, plan.heads, plan.head_dim, launch.period,
+                                   branch_indices.numel(), scale, *plan.queries, **plan.key_flags(index))
     return d_q.to(q.dtype), d_k, d_v
 
 
