@@ -224,6 +224,16 @@ def test_heads_as_2d_products(dq, heads, width, queries, keys, monkeypatch, shor
     kernel_checks.compare(attend(heads, key_padding_mask=padding), inputs, torch.float32)
 
 
+@pytest.mark.parametrize("version, limits", [("3.6.0", (1, 2)), ("3.8.1", (1, 2)), ("3.9.0", (0, 0)),
+                                             ("4.0.0", (0, 0))])
+def test_flat_head_limits_follow_the_triton_version(version, limits, monkeypatch):
+    """``(fp32, fp16 / bf16)`` heads multiplied one 2-D product a head: 1 and 2 before Triton 3.9 (the sm_90
+    compiles' choice), none from 3.9 on; the module's limits are those of the installed Triton."""
+    assert (kernels.FLAT_HEADS_FP32.value, kernels.FLAT_HEADS_HALF.value) == kernels._flat_heads()
+    monkeypatch.setattr(kernels.triton, "__version__", version)
+    assert kernels._flat_heads() == limits
+
+
 def test_norm_grad_partials_do_not_grow_with_the_bag(monkeypatch):
     """With 3 LayerNorm-gradient programs for 19 blocks of 16 rows (300 rows in two bags), each loops over
     several blocks: the gradients match the reference, and the kernel writes dy, delta and 3 (2, E) partials."""
