@@ -234,6 +234,20 @@ def test_flat_head_limits_follow_the_triton_version(version, limits, monkeypatch
     assert kernels._flat_heads() == limits
 
 
+@pytest.mark.parametrize("version, tiles", [("3.6.0", {(1, 256)}), ("3.8.1", {(1, 256)}), ("3.9.0", set()),
+                                            ("4.0.0", set())])
+def test_atomic_dq_tiles_follow_the_triton_version(version, tiles, monkeypatch):
+    """One head of 256 takes the deterministic dq before Triton 3.9 (its atomic key kernel spills 4-5 KB under
+    3.6), the atomic one from 3.9 on; the module's set is that of the installed Triton, and the plan follows it."""
+    assert kernels.ATOMIC_SPILLING_TILES == kernels._atomic_spilling_tiles()
+    monkeypatch.setattr(kernels.triton, "__version__", version)
+    assert kernels._atomic_spilling_tiles() == tiles
+    monkeypatch.setattr(kernels, "ATOMIC_SPILLING_TILES", kernels._atomic_spilling_tiles())
+    for width, heads, atomic in ((256, 1, not tiles), (200, 1, not tiles), (128, 1, True), (256, 2, True)):
+        xq = torch.empty(8, width, dtype=torch.bfloat16)
+        assert kernels.Plan(xq, [0, 8], [0, 8], heads).atomic_dq is atomic, (width, heads)
+
+
 def test_norm_grad_partials_do_not_grow_with_the_bag(monkeypatch):
     """With 3 LayerNorm-gradient programs for 19 blocks of 16 rows (300 rows in two bags), each loops over
     several blocks: the gradients match the reference, and the kernel writes dy, delta and 3 (2, E) partials."""

@@ -21,8 +21,9 @@ one head, and at two in fp16 / bf16 (:func:`_flat_heads`).
   per-program partials of the weight and bias gradients (summed by torch); ``_key_grad_kernel`` (per key block
   and query range) writes ``dk`` and ``dv``, and in fp16 / bf16 adds each query tile's ``dS K`` atomically to an
   fp32 ``dq``: five products a tile (S, dP, dV, dK, dQ), FlashAttention-2's. Under
-  ``torch.use_deterministic_algorithms``, and always in fp32, ``dq`` comes instead from ``_query_grad_kernel``
-  (per query block and key range), which forms S and dP again (seven products) with no atomics. With several
+  ``torch.use_deterministic_algorithms``, always in fp32, and at one head of 256 under Triton before 3.9
+  (:func:`_atomic_spilling_tiles`), ``dq`` comes instead from ``_query_grad_kernel`` (per query block and key
+  range), which forms S and dP again (seven products) with no atomics. With several
   ranges the kernels write fp32 partials that torch sums in a fixed order.
 
 Supported: ``HP * DHP <= 256`` and at most 8 heads (:func:`unsupported_shape`); other shapes run on the reference.
@@ -62,9 +63,22 @@ def _flat_heads() -> tuple[int, int]:
     B); at 4 and 8 heads they grew (11 to 94 KB, 0 to 164 KB), and at two heads in fp32 (tf32x3, three products a tile)
     from 32 to 104 KB, so those stay 3-D. Triton 3.9 compiles the 3-D dot without a spill (and the one-head 2-D
     one with spills in the dk/dv kernel), so it keeps the 3-D dot."""
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9):
-        return 1, 2
-    return 0, 0
+    return (1, 2) if _triton_before_3_9() else (0, 0)
+
+
+def _triton_before_3_9() -> bool:
+    return tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 9)
+
+
+def _atomic_spilling_tiles() -> frozenset:
+    """The tiles ``(HP, DHP)`` that take the deterministic dq kernel even where :func:`atomic_dq` allows the atomic
+    one: ``(1, 256)`` under Triton before 3.9. Triton 3.6 compiles its atomic key kernel (32 x 32, fp16 / bf16) for
+    sm_90 into 32 registers and 4.2-4.6 KB of local memory a thread, its two deterministic kernels into 183-188
+    and 240-251 registers without a spill; Triton 3.9 compiles the atomic one without a spill."""
+    return frozenset({(1, 256)}) if _triton_before_3_9() else frozenset()
+
+
+ATOMIC_SPILLING_TILES = _atomic_spilling_tiles()
 
 
 FLAT_HEADS_FP32, FLAT_HEADS_HALF = (tl.constexpr(heads) for heads in _flat_heads())
@@ -585,7 +599,7 @@ class Plan:
         self.bounds_q, self.bounds_k = bounds_q, bounds_k
         self.cu_q, self.cu_k = _blocks.to_device([torch.tensor(bounds_q), torch.tensor(bounds_k)], self.device)
         # fp32's atomic kernel spilled in a trial sm_90 compile at (1, 128) (380 B) and (2, 64) (16 B)
-        self.atomic_dq = atomic_dq(self.dtype)
+        self.atomic_dq = atomic_dq(self.dtype) and self.tile not in ATOMIC_SPILLING_TILES
 
     @functools.cached_property
     def forward_queries(self) -> BlockTable:
