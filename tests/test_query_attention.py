@@ -694,8 +694,9 @@ def test_traffic_within_budget(shape, dtype):
       weight-gradient kernel) 2.83, NOT met (3.65 with the per-block dx). Dot FLOPs: the useful ones.
     - LiteMIL: forward 1.07 in bf16, within 2x (the one-pass kernel reads each row once, for its scores and
       its pooling; 2.18 before, with two passes); fp32, two passes (the one-pass tiles spill in tf32x3), 2.12,
-      not within; backward 1.60 / 1.61, within (bf16 1.74 before the per-split dx). Dot FLOPs 4x the
-      useful: J = 4 padded to a 16-column tile (issue 12's tile-padding exception).
+      not within; backward 1.06 / 1.61, within (bf16 1.60 with a score-gradient and a weight-gradient kernel
+      before the one-pass backward, 1.74 before the per-split dx). Dot FLOPs 4x the useful: J = 4 padded to a
+      16-column tile (issue 12's tile-padding exception).
     """
     rows, features, queries, heads, logits, padding = TRAFFIC_SHAPES[shape]
     forward_bound, backward_bound, gemm_bound = TRAFFIC_BOUNDS[shape, dtype]

@@ -436,12 +436,11 @@ def test_dilated_refusals_are_value_errors():
 @pytest.mark.parametrize("wide_forward", [False, True], ids=["forward-rows-by-rule", "forced-128-row-forward"])
 @pytest.mark.parametrize("mode", ("torchscale", "exact"))
 def test_dilated_window_holds_every_position_the_kernels_reach(mode, wide_forward, monkeypatch):
-    """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels'
-    query, forward and key blocks (whose last rows pass the shard; those of every forward and key launch, each
-    modulo its own period: the long bags' segments give later launches at smaller periods), and the keys its
-    queries reach lie in its key range. "forced-128-row-forward" forces
-    the forward's 128 rows a program in one part (fp16 / bf16 where 128 R positions fit in every segment; these
-    segments are shorter) on every block size."""
+    """On random bags, shards and branches: each rank's window holds the segments of every row of its kernels' query,
+    forward and key blocks (whose last rows pass the shard; those of every forward and key launch, each modulo its own
+    period: the long bags' segments give later launches at smaller periods), and the keys its queries reach lie in its
+    key range. "forced-128-row-forward" forces the forward's 128 rows a program in one part (fp16 / bf16 where 128 R
+    positions fit in every segment; these segments are shorter) on every block size."""
     from milkernels.ops.dilated_attention import reference, sharded
     from milkernels.ops.dilated_attention import triton as kernels
 

@@ -432,14 +432,13 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, branch_out
                     TAIL_DH: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
                     KEEP_BRANCHES: tl.constexpr, ROWS: tl.constexpr, PARTS: tl.constexpr, MERGE: tl.constexpr):
     """``out`` and ``lse`` of the block's ``ROWS * PARTS`` rows (:func:`forward_tiles`) over the ``num_branches``
-    branches whose indices ``branch_ptr`` lists (:class:`ForwardLaunch`), written, or with ``MERGE`` merged into
-    those an earlier launch wrote, over tiles of ``BLOCK``
-    keys; with ``KEEP_BRANCHES`` (torchscale mode) also each covering branch's own output ``out_i`` in column
-    :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each branch then runs its own online
-    softmax, merged into the rows' at its end. With ``PARTS = 2`` (:func:`forward_tiles`) the rows are two parts
-    of ``ROWS``, each with its own state and key range: a key tile is read once for both where their ranges meet
-    and multiplied by the part (or parts) whose range it is in, so a branch whose segments the parts do not share
-    forms no score tile of one part with the other's keys."""
+    branches whose indices ``branch_ptr`` lists (:class:`ForwardLaunch`), written, or with ``MERGE`` merged into those
+    an earlier launch wrote, over tiles of ``BLOCK`` keys; with ``KEEP_BRANCHES`` (torchscale mode) also each covering
+    branch's own output ``out_i`` in column :func:`_branch_slot` of ``branch_out: (T, slots, dh)`` (else unused): each
+    branch then runs its own online softmax, merged into the rows' at its end. With ``PARTS = 2``
+    (:func:`forward_tiles`) the rows are two parts of ``ROWS``, each with its own state and key range: a key tile is
+    read once for both where their ranges meet and multiplied by the part (or parts) whose range it is in, so a branch
+    whose segments the parts do not share forms no score tile of one part with the other's keys."""
     head = tl.program_id(1)
     start, length, residue, rows, row_ok = _block(start_ptr, length_ptr, residue_ptr, first_ptr, R, ROWS)
     q, q_tail = _load_rows(q_ptr, rows, row_ok, start, head, H, dh, BLOCK_DH, TAIL_DH)
@@ -727,7 +726,7 @@ def residue_blocks(spans, period: int, block: int, device) -> list[torch.Tensor]
     block the bag's start row and length, the residue ``c`` modulo ``period`` and the first ``j`` of its positions
     ``c + period * j``, which start at the first position; four ``(num_blocks,)`` int32 tensors. A block's last
     positions may pass the stop position (not the bag's end)."""
-    return _blocks.to_device(_residue_table(spans, period, block), device)
+    return launch_blocks(spans, [(period, block)], device)[0]
 
 
 def launch_blocks(spans, launches, device) -> list[list[torch.Tensor]]:
@@ -867,15 +866,14 @@ branch gives 1024, the [128, 1024] x [1, 2] of the tests 128, where a split meas
 def forward_launches(dtype, block: int, rates, spans, exact: bool) -> tuple[ForwardLaunch, ...]:
     """The forward's launches over branches of rates ``rates`` and segment spans ``spans`` (``min(w, N)`` each): one
     over every branch, or in fp16 / bf16 on 64-row blocks 128 rows a program in one part over the branches whose
-    segments hold 128 rows of one residue modulo the ``lcm`` of the rates left, then again over the others, each
-    launch merging its rows' out and lse into the earlier ones' (:func:`branch_groups`). A later launch runs only
-    where its branches hold 128 rows in one part, give a row at least :data:`FORWARD_SPLIT_KEYS` keys (else it
-    does not pay) and, in exact mode, come after branches whose rates all divide its period (so that whether an
-    earlier branch gave a pair stays one test a program: :func:`_drop_counted_before_rows`); else its branches join
-    the first launch (modulo the lcm of every rate), which then takes two parts of 64 rows where they do not hold
-    128 (:func:`forward_tiles`). At
-    Prov-GigaPath's rates 1 to 16 a second launch takes the first branch on 128 rows modulo 1 (1024 keys a row),
-    so its keys are read once per 128 rows, not per part of 64."""
+    segments hold 128 rows of one residue modulo the ``lcm`` of the rates left, then again over the others, each launch
+    merging its rows' out and lse into the earlier ones' (:func:`branch_groups`). A later launch runs only where its
+    branches hold 128 rows in one part, give a row at least :data:`FORWARD_SPLIT_KEYS` keys (else it does not pay) and,
+    in exact mode, come after branches whose rates all divide its period (so that whether an earlier branch gave a pair
+    stays one test a program: :func:`_drop_counted_before_rows`); else its branches join the first launch (modulo the
+    lcm of every rate), which then takes two parts of 64 rows where they do not hold 128 (:func:`forward_tiles`). At
+    Prov-GigaPath's rates 1 to 16 a second launch takes the first branch on 128 rows modulo 1 (1024 keys a row), so its
+    keys are read once per 128 rows, not per part of 64."""
     def one_part(period, span):
         return forward_tiles(dtype, block, period, span)[1] == 1
 
