@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import milkernels
-from milkernels.ops import lin_mil_attention, linear_attention
+from milkernels.ops import lin_mil_attention, linear_attention, projected_linear_attention
 from milkernels.ops.linear_attention import triton as kernels
 
 import aot
@@ -69,6 +69,17 @@ def test_key_padding_mask(device):
     mask[2, 5:] = False
     kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=4, mask=mask.to(device),
                           denominator="clamp")
+
+
+@pytest.mark.parametrize("denominator, floor", [("eps", dict(eps=0.0)), ("clamp", dict(clamp_min=0.0))])
+def test_masked_rows_are_zero_at_a_zero_denominator_floor(denominator, floor, device):
+    """With eps = 0 (or clamp_min = 0) a masked row's numerator and denominator are both 0: its output is 0, as
+    the reference's, not 0 / 0."""
+    qkv, temperature = make_qkv((2, 50, 3 * 32), 2, device=device, seed=15)
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[1, 30:] = False
+    kernel_checks.compare(all_outputs, [qkv, temperature], torch.float32, heads=2, mask=mask.to(device),
+                          denominator=denominator, **floor)
 
 
 def test_packed_bags_equal_separate_calls(device):
@@ -232,6 +243,20 @@ def bad_input_cases():
 def test_bad_input_raises_value_error(message, args, kwargs, backend):
     with milkernels.use_backend(backend), pytest.raises(ValueError, match=message):
         linear_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("projected", [False, True], ids=["core", "projected"])
+def test_heads_of_more_than_64_features_are_refused_by_the_kernels(projected):
+    """C = 256 in 2 heads of 128: the triton backend says why it cannot (a program holds a head's (dh x dh) state;
+    in bf16 the backward at dh 256 would ask for 320 KiB of shared memory on sm_90); the reference runs it."""
+    qkv, temperature = make_qkv((1, 10, 3 * 256), 2)
+    weight = torch.randn(3 * 256, 32)
+    call = ((lambda: projected_linear_attention(torch.randn(1, 10, 32), weight, None, 2)) if projected
+            else (lambda: linear_attention(qkv, 2, temperature=temperature)))
+    with milkernels.use_backend("triton"), pytest.raises(milkernels.BackendUnavailable, match="dh=128"):
+        call()
+    with milkernels.use_backend("reference"):
+        assert call().shape == (1, 10, 256)
 
 
 def test_cuda_backend_says_there_is_no_cuda_kernel():

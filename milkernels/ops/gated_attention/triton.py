@@ -237,12 +237,14 @@ def _pool_kernel(
     x_ptr, valid_ptr, split_start_ptr, split_end_ptr, scores_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr, L,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
-    """The forward's second pass, per (feature tile, split of whole blocks of one bag): the split's softmax
-    statistics from the stored scores, then ``acc = sum_n exp(score_n - max) x_n`` over its rows for the
-    feature tile (x read once in all). Writes the split's fp32 partials ``(K, L)``, max and sum (the first
-    feature tile writes these two)."""
-    l_tile = tl.program_id(0)  # fastest: the feature tiles of a split run together and share its scores in L2
-    split = tl.program_id(1)
+    """The forward's second pass, per (feature tile, split of whole blocks of one bag), the feature tiles fastest on a
+    1-D grid, so that those of a split run together and share its scores in L2 (and past 65535 splits): the split's
+    softmax statistics from the stored scores, then ``acc = sum_n exp(score_n - max) x_n`` over its rows for the feature
+    tile (x read once in all). Writes the split's fp32 partials ``(K, L)``, max and sum (the first feature tile writes
+    these two)."""
+    l_tiles = tl.cdiv(L, BLOCK_L)
+    l_tile = tl.program_id(0) % l_tiles
+    split = tl.program_id(0) // l_tiles
     start = tl.load(split_start_ptr + split)
     end = tl.load(split_end_ptr + split)
     heads = tl.arange(0, K_PAD)
@@ -477,7 +479,7 @@ def _pool(x2d, row_valid, scores, plan: Plan):
     part_acc = _blocks.new_buffer(splits.num_blocks, heads, features, dtype=torch.float32, device=x2d.device)
     part_max, part_sum = (_blocks.new_buffer(splits.num_blocks, heads, dtype=torch.float32, device=x2d.device)
                           for _ in range(2))
-    _pool_kernel[(triton.cdiv(features, plan.cfg.pool_block_l), splits.num_blocks)](
+    _pool_kernel[(triton.cdiv(features, plan.cfg.pool_block_l) * splits.num_blocks,)](
         x2d, _or(row_valid, x2d), splits.start, splits.end, scores, part_acc, part_max, part_sum, features,
         K=heads, K_PAD=triton.next_power_of_2(heads), BLOCK_N=POOL_BLOCK_N, BLOCK_L=plan.cfg.pool_block_l,
         HAS_MASK=plan.has_mask, num_warps=4)

@@ -207,8 +207,8 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     qkv, temperature = autocast_inputs(qkv, temperature)
     _check(qkv, num_heads, activation, temperature, denominator)
     shard, group_name, tau, options, backend = prepare_call(
-        qkv, mask, cu_seqlens, temperature, process_group, num_heads=num_heads, activation=activation,
-        denominator=denominator, clamp_min=clamp_min, eps=eps)
+        qkv, mask, cu_seqlens, temperature, process_group, channels=qkv.shape[-1] // 3, num_heads=num_heads,
+        activation=activation, denominator=denominator, clamp_min=clamp_min, eps=eps)
     bags = shard.bags
     if backend == "reference":
         out, numerator, attention_map = reference.linear_attention(bags.x2d, bags, temperature=tau,
@@ -225,19 +225,21 @@ def linear_attention(qkv, num_heads, *, activation="relu", temperature=None, den
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def prepare_call(rows, mask, cu_seqlens, temperature, process_group, *, num_heads: int, activation: str,
-                 denominator: str, clamp_min: float, eps: float) -> tuple:
-    """``(shard, group_name, tau, options, backend)`` for a call on ``rows`` (``(N, W)``, ``(B, N, W)`` or
-    ``(T, W)``): its packed bags as a :class:`~milkernels.ops._sharded.Shard`, the name of its process group
-    (None without one), the per-head temperature (:func:`per_head`), the kernel options as the custom ops take
-    them (``num_heads, activation, denominator, clamp_min, eps``, in that order) and the backend to run."""
+def prepare_call(rows, mask, cu_seqlens, temperature, process_group, *, channels: int, num_heads: int,
+                 activation: str, denominator: str, clamp_min: float, eps: float) -> tuple:
+    """``(shard, group_name, tau, options, backend)`` for a call on ``rows`` (``(N, W)``, ``(B, N, W)`` or ``(T, W)``)
+    whose q, k and v have ``channels`` (C) columns each: its packed bags as a :class:`~milkernels.ops._sharded.Shard`,
+    the name of its process group (None without one), the per-head temperature (:func:`per_head`), the kernel options as
+    the custom ops take them (``num_heads, activation, denominator, clamp_min, eps``, in that order) and the backend to
+    run."""
     shard, group_name = _sharded.shard_call(OP_NAME, rows, rows.shape[-1], mask, cu_seqlens, process_group,
                                             heads=num_heads, activations=ACTIVATIONS.index(activation),
                                             denominators=DENOMINATORS.index(denominator))
     tau = per_head(temperature, num_heads, rows)
     options = dict(num_heads=num_heads, activation=activation, denominator=denominator, clamp_min=float(clamp_min),
                    eps=float(eps))
-    backend = _backends.choose(OP_NAME, rows.device, lambda name: backend_reasons(name, rows))
+    head_dim = channels // num_heads
+    backend = _backends.choose(OP_NAME, rows.device, lambda name: backend_reasons(name, rows, head_dim))
     return shard, group_name, tau, options, backend
 
 
@@ -248,11 +250,24 @@ def reference_sum(group_name: Optional[str]):
     return lambda states: _sharded.SumOfShards.apply(states, group_name, OP_NAME)
 
 
-def backend_reasons(name: str, like: Tensor) -> list[str]:
-    """Why backend ``name`` cannot run the op on tensors like ``like``."""
+MAX_KERNEL_HEAD_DIM = 64
+"""The largest head size the Triton kernels take: a program holds a head's ``(dh, dh)`` fp32 state (and in the
+backward its gradient), padded to a power of two. Past 64 it does not fit an sm_90 SM: in bf16 the query-gradient
+kernel at dh 256 asks for 320 KiB of shared memory and the apply kernel at 512 for 576 KiB (227 KiB an SM); the
+fp32 gradient kernels have tiles up to 64 only (:data:`.triton.FP32_GRADIENT_ROWS`)."""
+
+
+def backend_reasons(name: str, like: Tensor, head_dim: int) -> list[str]:
+    """Why backend ``name`` cannot run the op on tensors like ``like`` with heads of ``head_dim`` features."""
     if name == "reference":
         return []
-    return _backends.kernel_reasons(name, like) + (["no cuda kernel for linear attention"] if name == "cuda" else [])
+    reasons = _backends.kernel_reasons(name, like)
+    if name == "cuda":
+        reasons.append("no cuda kernel for linear attention")
+    if head_dim > MAX_KERNEL_HEAD_DIM:
+        reasons.append(f"heads of dh={head_dim} features: the {name} kernels hold a head's (dh x dh) state in one "
+                       f"program and take dh <= {MAX_KERNEL_HEAD_DIM} (more heads of fewer features run on them)")
+    return reasons
 
 
 def _numerator_to_caller(bags, numerator):

@@ -155,8 +155,8 @@ def projected_linear_attention(x, weight, bias, num_heads, *, activation="relu",
     _check_projection(x, weight, bias)
     check_options(weight.shape[0], num_heads, activation, temperature, denominator, x)
     shard, group_name, tau, options, backend = prepare_call(
-        x, mask, cu_seqlens, temperature, process_group, num_heads=num_heads, activation=activation,
-        denominator=denominator, clamp_min=clamp_min, eps=eps)
+        x, mask, cu_seqlens, temperature, process_group, channels=weight.shape[0] // 3, num_heads=num_heads,
+        activation=activation, denominator=denominator, clamp_min=clamp_min, eps=eps)
     bags = shard.bags
     if backend == "reference":
         out, _, attention_map = reference.linear_attention(F.linear(bags.x2d, weight, bias), bags, temperature=tau,

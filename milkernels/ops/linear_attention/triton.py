@@ -244,7 +244,8 @@ def _apply_kernel(qkv_ptr, valid_ptr, split_start_ptr, split_end_ptr, split_bag_
         rows64, row_ok, valid = _rows(row0, end, valid_ptr, HAS_MASK, BLOCK_N)
         _, q, numerator, q_dot_z = _numerator(qkv_ptr, state, z, rows64, valid, head, C, dh, ACT, DH, DOT_FP32,
                                               FP32_PRECISION)
-        out = numerator / _denominator(q_dot_z, clamp_min, eps, CLAMP)[:, None]
+        # a masked row's numerator and denominator are 0 at eps = 0 (or clamp_min <= 0): 0, as the reference
+        out = tl.where(valid[:, None], numerator / _denominator(q_dot_z, clamp_min, eps, CLAMP)[:, None], 0.0)
         store = row_ok[:, None] & (cols[None, :] < dh)
         columns = rows64[:, None] * C + head * dh + cols[None, :]
         tl.store(out_ptr + columns, out.to(out_ptr.dtype.element_ty), mask=store)

@@ -266,12 +266,14 @@ def _score_kernel(
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, POOLED: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """The forward's first pass, per (column tile from ``first_column`` on, split): ``z`` over all Ein, once,
+    """The forward's first pass, per (column tile from ``first_column`` on, split), the tiles of a split in
+    consecutive programs of a 1-D grid (axis 1 would stop at 65535 splits): ``z`` over all Ein, once,
     written for every row. With ``POOLED``, u is read per block in ``BLOCK_K`` steps and, for pooled columns,
     the split's max, sum of weights and sum of kept weights are kept; without, every tile is score-only, all
     of Ein fits in ``BLOCK_K``: u is loaded once and each block of whole rows read once."""
-    j0 = first_column + tl.program_id(0) * BLOCK_J
-    split = tl.program_id(1)
+    column_tiles = tl.cdiv(J - first_column, BLOCK_J)
+    j0 = first_column + tl.program_id(0) % column_tiles * BLOCK_J
+    split = tl.program_id(0) // column_tiles
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = j0 + tl.arange(0, BLOCK_J)
     j_ok = cols_j < J
@@ -312,12 +314,15 @@ def _pool_kernel(
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """The forward's second pass, per (feature tile, pooled column tile, split): the kept weights from the
-    first pass's ``z`` and the split's max, pooled into ``acc = p^T x`` for the feature tile (no score is
-    recomputed)."""
-    e_tile = tl.program_id(0)  # fastest: the feature tiles of a split run together and share its z in L2
-    cols_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
-    split = tl.program_id(2)
+    """The forward's second pass, per (feature tile, pooled column tile, split), in that order (fastest first)
+    on a 1-D grid, so that the tiles of a split run together and share its z in L2 (and past 65535 splits): the
+    kept weights from the first pass's ``z`` and the split's max, pooled into ``acc = p^T x`` for the feature
+    tile (no score is recomputed)."""
+    e_tiles = tl.cdiv(E, BLOCK_E)
+    e_tile = tl.program_id(0) % e_tiles
+    tiles = tl.cdiv(num_pooled, BLOCK_J) * e_tiles
+    cols_j = tl.program_id(0) % tiles // e_tiles * BLOCK_J + tl.arange(0, BLOCK_J)
+    split = tl.program_id(0) // tiles
     start, end, _ = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     pool_ok = cols_j < num_pooled
     is_nsf = cols_j >= nsf_from
@@ -644,9 +649,11 @@ def _store_weight_grads(part_du_ptr, part_dc_ptr, split, cols_j, J, cols_e, e_ok
 
 @triton.jit
 def _bag_sum_kernel(part_ptr, bag_first_split_ptr, out_ptr, width, BLOCK_S: tl.constexpr, BLOCK_W: tl.constexpr):
-    """out[bag, cols] = the sum over the bag's splits of part[split, cols], in order (part: (S, width))."""
-    cols = tl.program_id(0) * BLOCK_W + tl.arange(0, BLOCK_W)
-    bag = tl.program_id(1)
+    """out[bag, cols] = the sum over the bag's splits of part[split, cols], in order (part: (S, width)); a 1-D
+    grid of (column tile, bag), the column tiles fastest (axis 1 would stop at 65535 bags)."""
+    column_tiles = tl.cdiv(width, BLOCK_W)
+    cols = tl.program_id(0) % column_tiles * BLOCK_W + tl.arange(0, BLOCK_W)
+    bag = tl.program_id(0) // column_tiles
     first = tl.load(bag_first_split_ptr + bag)
     last = tl.load(bag_first_split_ptr + bag + 1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -795,12 +802,13 @@ def forward(x2d, u, c, row_valid, plan: Plan, anchor=None):
                                                           num_warps=ONE_PASS_WARPS))
         scored = plan.columns if second and anchor is None else plan.cfg.block_j
     if scored < plan.columns:
-        _score_kernel[(triton.cdiv(plan.columns - scored, plan.cfg.block_j), splits)](
+        _score_kernel[(triton.cdiv(plan.columns - scored, plan.cfg.block_j) * splits,)](
             x2d, _or(row_valid, x2d), *queries, *sizes,
             **dict(dropout, first_column=scored, **score_kernel_tiles(tiles, features, plan.dropout_p > 0)),
         )
     if pooled_cols and not tiles.one_pass:
-        _pool_kernel[(triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j), splits)](
+        pool_tiles = triton.cdiv(features, tiles.pool_block_e) * triton.cdiv(pooled_cols, plan.cfg.block_j)
+        _pool_kernel[(pool_tiles * splits,)](
             x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns,
             pooled_cols, plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
         )
@@ -827,7 +835,7 @@ def _per_bag_sum(partials, plan: Plan):
         return partials.sum(0, keepdim=True)
     width = partials[0].numel()
     out = _blocks.new_buffer(plan.num_bags, *partials.shape[1:], dtype=torch.float32, device=partials.device)
-    _bag_sum_kernel[(triton.cdiv(width, 128), plan.num_bags)](partials, plan.splits.bag_first_block, out, width,
+    _bag_sum_kernel[(triton.cdiv(width, 128) * plan.num_bags,)](partials, plan.splits.bag_first_block, out, width,
                                                               BLOCK_S=_combine.BLOCK_S, BLOCK_W=128)
     return out
 
