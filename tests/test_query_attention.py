@@ -244,6 +244,22 @@ def test_bag_with_no_valid_instance(normalization, device):
 
 
 @pytest.mark.usefixtures("forward_passes")
+def test_pooling_launches_in_chunks_of_splits(monkeypatch):
+    """The two-pass pooling kernel takes at most ``GRID_SPLITS`` splits a launch (CUDA stops grid axis 2 at 65535);
+    set to 2, four bags (five splits) launch three chunks, each from its own first split: outputs and every
+    gradient match the reference."""
+    monkeypatch.setattr(kernels, "GRID_SPLITS", 2)
+    launches = []
+    pool = kernels._pool_kernel
+    monkeypatch.setattr(kernels, "_pool_kernel", type("Recorded", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or pool[grid]})())
+    inputs = make_inputs(1300, 24, 16, 2, seed=8)
+    cu_seqlens = torch.tensor([0, 1, 66, 800, 1300])
+    kernel_checks.compare(all_outputs, inputs, torch.float32, heads=4, cu_seqlens=cu_seqlens)
+    two_passes = torch.float32 not in kernels.ONE_PASS_DTYPES  # else (the one-pass fixture) no pooling kernel runs
+    assert [grid[2] for grid in launches[:3]] == ([2, 2, 1] if two_passes else [])
+
+
 def test_packed_bags_equal_separate_calls(device):
     inputs = make_inputs(217, 24, 16, 2, device=device, seed=6)
     cu_seqlens = torch.tensor([0, 1, 66, 200, 217], device=device)

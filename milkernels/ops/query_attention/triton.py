@@ -64,6 +64,8 @@ TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at
 SHORT_ROWS_TILE = 2048  # columns x features from which the one-pass backward steps SHORT_ROWS rows
 SHORT_ROWS = 16
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
+GRID_SPLITS = 65532  # splits a pooling launch takes on grid axis 2 (CUDA's 65535 at most; a multiple of 4, so that
+# each chunk's int32 table and fp32 partials start 16 bytes aligned, as the first chunk's, and share its compile)
 
 
 @dataclass(frozen=True)
@@ -314,15 +316,13 @@ def _pool_kernel(
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
-    """The forward's second pass, per (feature tile, pooled column tile, split), in that order (fastest first)
-    on a 1-D grid, so that the tiles of a split run together and share its z in L2 (and past 65535 splits): the
-    kept weights from the first pass's ``z`` and the split's max, pooled into ``acc = p^T x`` for the feature
-    tile (no score is recomputed)."""
-    e_tiles = tl.cdiv(E, BLOCK_E)
-    e_tile = tl.program_id(0) % e_tiles
-    tiles = tl.cdiv(num_pooled, BLOCK_J) * e_tiles
-    cols_j = tl.program_id(0) % tiles // e_tiles * BLOCK_J + tl.arange(0, BLOCK_J)
-    split = tl.program_id(0) // tiles
+    """The forward's second pass, per (feature tile, pooled column tile, split): the kept weights from the
+    first pass's ``z`` and the split's max, pooled into ``acc = p^T x`` for the feature tile (no score is
+    recomputed). The splits are on grid axis 2, which CUDA stops at 65535: :func:`forward` launches them in
+    chunks of :data:`GRID_SPLITS`."""
+    e_tile = tl.program_id(0)  # fastest: the feature tiles of a split run together and share its z in L2
+    cols_j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    split = tl.program_id(2)
     start, end, _ = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     pool_ok = cols_j < num_pooled
     is_nsf = cols_j >= nsf_from
@@ -807,11 +807,12 @@ def forward(x2d, u, c, row_valid, plan: Plan, anchor=None):
             **dict(dropout, first_column=scored, **score_kernel_tiles(tiles, features, plan.dropout_p > 0)),
         )
     if pooled_cols and not tiles.one_pass:
-        pool_tiles = triton.cdiv(features, tiles.pool_block_e) * triton.cdiv(pooled_cols, plan.cfg.block_j)
-        _pool_kernel[(pool_tiles * splits,)](
-            x2d, _or(row_valid, x2d), *splits_args, z, part_stats[0], part_acc, features, plan.columns,
-            pooled_cols, plan.nsf_from, **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e),
-        )
+        tile_grid = (triton.cdiv(features, tiles.pool_block_e), triton.cdiv(pooled_cols, plan.cfg.block_j))
+        for first in range(0, splits, GRID_SPLITS):  # from the chunk's first split on: its tables and partials
+            chunk = (*(column[first:] for column in splits_args), z, part_stats[0][first:], part_acc[first:])
+            _pool_kernel[(*tile_grid, min(GRID_SPLITS, splits - first))](
+                x2d, _or(row_valid, x2d), *chunk, features, plan.columns, pooled_cols, plan.nsf_from,
+                **dict(dropout, BLOCK_N=tiles.pool_block_n, BLOCK_E=tiles.pool_block_e))
     pooled, mass, lse = _combine.combine(part_acc, *part_stats, table.bag_first_block, plan.num_bags,
                                          x2d.dtype, plan.nsf_from, NSF_EPS, COMBINE_BLOCK_E)
     return pooled, mass, z, lse, _anchor_scores(x2d, row_valid, plan, anchor, second)
