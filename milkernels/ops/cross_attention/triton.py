@@ -23,8 +23,8 @@ one head, and at two in fp16 / bf16 (:func:`_flat_heads`).
   fp32 ``dq``: five products a tile (S, dP, dV, dK, dQ), FlashAttention-2's. Under
   ``torch.use_deterministic_algorithms``, always in fp32, and at one head of 256 under Triton before 3.9
   (:func:`_atomic_spilling_tiles`), ``dq`` comes instead from ``_query_grad_kernel`` (per query block and key
-  range), which forms S and dP again (seven products) with no atomics. With several
-  ranges the kernels write fp32 partials that torch sums in a fixed order.
+  range), which forms S and dP again (seven products) with no atomics. With several ranges the kernels write
+  fp32 partials that torch sums in a fixed order.
 
 Supported: ``HP * DHP <= 256`` and at most 8 heads (:func:`unsupported_shape`); other shapes run on the reference.
 """
