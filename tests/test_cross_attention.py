@@ -246,6 +246,10 @@ def test_atomic_dq_tiles_follow_the_triton_version(version, tiles, monkeypatch):
     for width, heads, atomic in ((256, 1, not tiles), (200, 1, not tiles), (128, 1, True), (256, 2, True)):
         xq = torch.empty(8, width, dtype=torch.bfloat16)
         assert kernels.Plan(xq, [0, 8], [0, 8], heads).atomic_dq is atomic, (width, heads)
+    atomic_tiles = {(flags["HP"], flags["DHP"]) for _, _, flags, _, _ in kernels.shipped_specializations()
+                    if flags.get("ATOMIC_DQ")}
+    assert (1, 256) not in atomic_tiles if tiles else (1, 256) in atomic_tiles  # the AOT list: what launches
+    assert (1, 128) in atomic_tiles
 
 
 def test_norm_grad_partials_do_not_grow_with_the_bag(monkeypatch):

@@ -776,8 +776,9 @@ def shipped_specializations():
     Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them, for the three
     dtypes and every ``(HP, DHP)`` tile (:data:`_CONFIGS`): the forward, the split forward and its combine, and
     the four backward kernels, the dq and dk/dv ones writing the gradient's dtype (one split) and, for fp16 and
-    bf16, also float32 partials; for fp16 and bf16, the dk/dv kernel with the atomic dq too, writing either.
-    ``aligned``: E and dh, multiples of 16 where the head size is.
+    bf16, also float32 partials; for fp16 and bf16, the dk/dv kernel with the atomic dq too, writing either, but
+    at the tiles that take the deterministic dq (:data:`ATOMIC_SPILLING_TILES`). ``aligned``: E and dh, multiples
+    of 16 where the head size is.
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for tile in _CONFIGS:
@@ -792,7 +793,7 @@ def shipped_specializations():
                 signatures = _signatures(ptr, grad_ptr)
                 kernels = launches if grad_ptr == ptr else (_query_grad_kernel, _key_grad_kernel)
                 runs = [(kernel, launches[kernel]) for kernel in kernels]
-                if dtype != torch.float32:
+                if dtype != torch.float32 and tile not in ATOMIC_SPILLING_TILES:
                     runs.append((_key_grad_kernel, atomic))
                 for kernel, launch in runs:
                     flags = dict(launch)
