@@ -2,8 +2,9 @@
 
 The tests run with TRITON_INTERPRET=1, under which kernels cannot be compiled, so the compiles run
 in a child process with the interpreter off. A kernel module lists its specializations with
-``shipped_specializations()``, yielding ``(kernel, signature, constexprs, num_warps)`` or
-``(kernel, signature, constexprs, num_warps, aligned)``, ``aligned`` naming the integer arguments that are
+``shipped_specializations()``, yielding ``(kernel, signature, constexprs, launch)`` or
+``(kernel, signature, constexprs, launch, aligned)``: ``launch`` is the number of warps, or a dict of the
+launch's compile options (``num_warps``, ``num_stages``); ``aligned`` names the integer arguments that are
 multiples of 16 at the sizes the specialization stands for.
 
 Each compiles with the hints a real launch adds (Triton specializes on them at launch): every pointer
@@ -14,9 +15,10 @@ spills only warns (they are listed in the README). The tests carry the ``aot`` m
 half an hour on two cores, and a GPU run deselects them (``-m "not aot"``).
 
 Usage (what :func:`compile_all` runs): ``python tests/aot.py MODULE`` prints one JSON line per
-specialization: ``{"name", "kernel", "constexprs", "dtype", "num_warps", "aligned", "shared", "regs",
-"stack", "spills", "spill_loads", "error"}`` (spills in bytes). ``python tests/aot.py --table MODULE...``
-prints a markdown table of them (fast once the Triton cache holds the compiles).
+specialization: ``{"name", "kernel", "constexprs", "dtype", "num_warps", "num_stages", "aligned", "shared",
+"regs", "stack", "spills", "spill_loads", "error"}`` (spills in bytes; ``num_stages`` None for Triton's
+default). ``python tests/aot.py --table MODULE...`` prints a markdown table of them (fast once the Triton
+cache holds the compiles).
 """
 
 import concurrent.futures
@@ -132,16 +134,18 @@ def _compile_one(module: str, index: int) -> dict:
     from triton.compiler import ASTSource, make_backend
 
     specializations = list(importlib.import_module(module).shipped_specializations())
-    kernel, signature, constexprs, num_warps, *rest = specializations[index]
+    kernel, signature, constexprs, launch, *rest = specializations[index]
+    options = launch if isinstance(launch, dict) else dict(num_warps=launch)
     aligned = sorted(rest[0]) if rest else []
     result = dict(name=f"{kernel.__name__}{constexprs}", kernel=kernel.__name__, constexprs=constexprs,
-                  dtype=_dtype(signature), num_warps=num_warps, aligned=aligned,
+                  dtype=_dtype(signature), num_warps=options["num_warps"], num_stages=options.get("num_stages"),
+                  aligned=aligned,
                   shared=None, regs=None, stack=None, spills=None, spill_loads=None, error=None)
     target = GPUTarget("cuda", TARGET_ARCH, 32)
     try:
         attrs = _launch_attrs(kernel, signature, aligned, make_backend(target))
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                  target=target, options=dict(num_warps=num_warps))
+                                  target=target, options=options)
         if "cubin" not in compiled.asm:
             return dict(result, error="no cubin produced")
         result.update(shared=compiled.metadata.shared, **_resource_usage(compiled.asm["cubin"], kernel.__name__))
@@ -167,9 +171,10 @@ def _table(modules) -> str:
         for result in _results(module):
             constexprs = " ".join(f"{k}={v}" for k, v in result["constexprs"].items() if k not in _DTYPE_FLAGS)
             spills = "error" if result["error"] else f"{result['spills']}/{result['spill_loads']}"
+            stages = f" ({result['num_stages']} stages)" if result["num_stages"] else ""
             lines.append(f"| {module.split('.')[-2]} | {result['kernel']} | {result['dtype']} | "
-                         f"{result['num_warps']} | {constexprs} | {' '.join(result['aligned'])} | {result['regs']} | "
-                         f"{spills} | {result['shared']} |")
+                         f"{result['num_warps']}{stages} | {constexprs} | {' '.join(result['aligned'])} | "
+                         f"{result['regs']} | {spills} | {result['shared']} |")
     return "\n".join(lines)
 
 

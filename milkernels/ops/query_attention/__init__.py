@@ -90,24 +90,24 @@ def _(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, ancho
 
 
 @_library.custom_op("folded_attention_backward")
-def _backward_op(x2d: Tensor, u: Tensor, bounds: list[int], row_valid: Optional[Tensor], nsf_from: int,
+def _backward_op(x2d: Tensor, u: Tensor, c: Tensor, bounds: list[int], row_valid: Optional[Tensor], nsf_from: int,
                  num_pooled: int, dropout_p: float, seed: Optional[Tensor], z: Tensor, lse: Tensor, pooled: Tensor,
                  mass: Tensor, d_pooled: Optional[Tensor], d_mass: Optional[Tensor], d_z: Optional[Tensor],
                  wanted: list[bool]) -> list[Tensor]:
     """Gradients ``(dx: (T, Ein), du: (Bu, J, Ein), dc: (Bu, J))``, each empty where ``wanted`` is False.
 
-    ``z, lse, pooled, mass`` are the forward's; ``d_pooled: (B, P, Ein)``, ``d_mass: (B, P)`` and
-    ``d_z: (T, J)`` may each be None.
+    ``u, c`` are the forward's inputs and ``z, lse, pooled, mass`` its outputs; ``d_pooled: (B, P, Ein)``,
+    ``d_mass: (B, P)`` and ``d_z: (T, J)`` may each be None.
     """
     from . import triton as kernels
 
     plan = _plan(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed)
-    grads = kernels.backward(x2d, u, row_valid, z, lse, pooled, mass, plan, d_pooled, d_mass, d_z, wanted)
+    grads = kernels.backward(x2d, u, c, row_valid, z, lse, pooled, mass, plan, d_pooled, d_mass, d_z, wanted)
     return _library.owned(grads, x2d)
 
 
 @_backward_op.register_fake
-def _(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass, d_pooled, d_mass,
+def _(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass, d_pooled, d_mass,
       d_z, wanted):
     shapes = (x2d.shape, u.shape, u.shape[:2])
     return [x2d.new_empty(shape, dtype=like.dtype) if want else _library.absent(x2d)
@@ -134,7 +134,7 @@ def _setup_context(ctx, inputs, output):
     """Both forward ops': their first 9 inputs and 4 outputs; ``lse`` and the anchor's scores take no gradient."""
     x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed = inputs[:9]
     pooled, mass, z, lse = output[:4]
-    ctx.save_for_backward(x2d, u, row_valid, seed, z, lse, pooled, mass)
+    ctx.save_for_backward(x2d, u, c, row_valid, seed, z, lse, pooled, mass)
     ctx.options = (bounds, nsf_from, num_pooled, dropout_p)
     ctx.mark_non_differentiable(*output[3:])
     ctx.set_materialize_grads(False)
@@ -142,10 +142,10 @@ def _setup_context(ctx, inputs, output):
 
 def _input_grads(ctx, d_pooled, d_mass, d_z) -> tuple:
     """The gradients of the forward ops' first 9 inputs (x2d, u, c; None for the others)."""
-    x2d, u, row_valid, seed, z, lse, pooled, mass = ctx.saved_tensors
+    x2d, u, c, row_valid, seed, z, lse, pooled, mass = ctx.saved_tensors
     bounds, nsf_from, num_pooled, dropout_p = ctx.options
     wanted = [bool(need) for need in ctx.needs_input_grad[:3]]
-    grads = _backward_op(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass,
+    grads = _backward_op(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass,
                          d_pooled, d_mass, d_z, wanted)
     return (*(g if want else None for g, want in zip(grads, wanted)), None, None, None, None, None, None)
 
@@ -188,8 +188,8 @@ def _sharded_forward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, d
 
 
 @_library.flop_formula("folded_attention_backward")
-def _backward_flops(x2d, u, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass, d_pooled,
-                    d_mass, d_z, wanted):
+def _backward_flops(x2d, u, c, bounds, row_valid, nsf_from, num_pooled, dropout_p, seed, z, lse, pooled, mass,
+                    d_pooled, d_mass, d_z, wanted):
     """The gradients that autograd takes through the reference's matmuls for the inputs in ``wanted`` (x, u, c).
 
     The pooling ``p^T x`` gives d p (p depends on every input) and, if x is wanted, d x when pooled takes a

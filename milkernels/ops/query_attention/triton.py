@@ -16,9 +16,10 @@ merges each bag's splits into ``pooled``, ``mass`` (the sum of the weights) and 
 ``lse``. Score-only columns (from ``num_pooled`` on) are only scored.
 
 Backward: after the one-pass forward, with every column in one column tile, ``_one_pass_grad_kernel`` (per
-split, dP loaded once) reads each block of whole rows once for the score gradients ``ds`` (the
-normalization's Jacobian applied to ``dp = keep (x . dP + d_mass)``, plus ``dz``) and the split's partials of
-``du = ds^T x`` and ``dc``, storing ``ds`` and the dropped weights ``pk`` (in x's dtype) only for dx.
+split, u and dP loaded once, interleaved) reads each block of whole rows once for the scores (recomputed, in
+one product with ``x . dP``), the score gradients ``ds`` (the normalization's Jacobian applied to
+``dp = keep (x . dP + d_mass)``, plus ``dz``) and the split's partials of ``du = ds^T x`` and ``dc``, storing
+``ds`` and the dropped weights ``pk`` (in x's dtype) only for dx.
 Elsewhere ``_score_grad_kernel`` (per block of rows and column tile) forms ``ds`` and ``pk`` and
 ``_weight_grad_kernel`` (per split; over whole rows where the one-pass forward runs, and there both column
 tiles in one program where the second is score-only) the partials of ``du`` and ``dc``. ``_dx_kernel`` (per
@@ -61,8 +62,10 @@ SCORE_ONLY_FEATURES = 512  # most features of those whole rows, as the one-pass 
 TWO_PASS_DX_ROWS = 32  # rows a step of the per-split dx after two passes: at 64 (J = 64), fp32 spilled 308-608 B
 TWO_PASS_DX_WARPS = 8  # its warps, as the one-pass kernels' (80-205 registers in fp32 on sm_90)
 TWO_PASS_SCORE_TILE_FEATURES = 64  # its feature tile with a score-only tile: at 128, fp32 took 248 KiB of shared
-SHORT_ROWS_TILE = 2048  # columns x features from which the one-pass backward steps SHORT_ROWS rows
-SHORT_ROWS = 16
+# rows a step of the one-pass backward: its x tile multiplies the interleaved u and dP, which on 64 rows (a wgmma
+# operand) failed to compile for sm_90 at 16 columns x 32 features ("Illegal shared layout"); on the forward's steps
+# the former two products spilled 24-72 B
+GRAD_ROWS = 16
 COMBINE_BLOCK_E = 64  # features a combine program merges: at 128, a feature count not a multiple of 16 spilled 40 B
 GRID_SPLITS = 65532  # splits a pooling launch takes on grid axis 2 (CUDA's 65535 at most; a multiple of 4, so that
 # each chunk's int32 table and fp32 partials start 16 bytes aligned, as the first chunk's, and share its compile)
@@ -100,6 +103,10 @@ def config_for(columns: int, features: int) -> Config:
 ONE_PASS_TILES = ((16, 256, 64), (32, 128, 64), (32, 512, 32), (64, 512, 32))
 ONE_PASS_WARPS = 8  # its warps: at 4, 256 features with dropout take 255 registers; at 16, 64 x 512 spills
 ONE_PASS_DTYPES = (torch.float16, torch.bfloat16)  # fp32's tf32x3 products spill there, even at 16 rows
+# pipeline stages of the one-pass backward: at Triton's default of 3, 32 columns x 256 features spilled 56 B on sm_90
+ONE_PASS_GRAD_STAGES = 2
+# columns x features up to which the one-pass backward runs on 4 warps: on 8, 32 x 256 spilled 8 B (at 128 registers)
+SMALL_GRAD_TILE = 8192
 
 
 @dataclass(frozen=True)
@@ -481,19 +488,34 @@ def _score_grad_kernel(
 
 
 @triton.jit
+def _queries_with_pooled_grads(u_bag, d_pooled_bag, J, num_pooled, cols_e, e_ok, E, BLOCK_J: tl.constexpr):
+    """``w: (len(cols_e), 2 BLOCK_J)``: the bag's query rows ``u_j`` (columns 2j) and pooled-gradient rows
+    ``dP_j`` (columns 2j + 1, 0 from ``num_pooled`` on), transposed, loaded once and interleaved, so that one
+    product ``x w`` gives each column's score and ``x . dP`` side by side. (One load picking u's or dP's row
+    per column, instead of two loads joined, spilled 52-60 B on sm_90 at 64 columns x 512 features.)"""
+    cols_j = tl.arange(0, BLOCK_J)
+    queries = _load_rows_t(u_bag, cols_j, cols_j < J, cols_e, e_ok, E)
+    pooled_grads = _load_rows_t(d_pooled_bag, cols_j, cols_j < num_pooled, cols_e, e_ok, E)
+    return tl.reshape(tl.join(queries, pooled_grads), (cols_e.shape[0], 2 * BLOCK_J))
+
+
+@triton.jit
 def _one_pass_grad_kernel(
-    x_ptr, valid_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
-    z_ptr, lse_ptr, delta_ptr, d_pooled_ptr, d_mass_ptr, d_z_ptr, ds_ptr, pk_ptr, part_du_ptr, part_dc_ptr,
-    E, J, num_pooled, nsf_from, seed, p_drop, drop_scale,
+    x_ptr, valid_ptr, u_ptr, c_ptr, split_start_ptr, split_end_ptr, split_bag_ptr,
+    lse_ptr, delta_ptr, d_pooled_ptr, d_mass_ptr, d_z_ptr, ds_ptr, pk_ptr, part_du_ptr, part_dc_ptr,
+    E, J, num_pooled, nsf_from, u_bag_stride, c_bag_stride, seed, p_drop, drop_scale,
     BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_E: tl.constexpr,
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, HAS_DZ: tl.constexpr, FOR_DX: tl.constexpr,
     DOT_FP32: tl.constexpr, FP32_PRECISION: tl.constexpr,
 ):
     """The score gradients and the weight gradients in one pass, per split, where one column tile holds every
-    column and whole rows fit (after :func:`_one_pass_kernel`): dP is loaded once, each block of whole rows
-    read once for ``d_p = x . dP`` and for ``du += ds^T x``; writes the split's partials of ``du`` and ``dc``
-    (as :func:`_weight_grad_kernel`) and, with ``FOR_DX``, ``ds`` and ``pk`` for the dx kernel (as
-    :func:`_score_grad_kernel`; ``ds`` rounded to x's dtype in both uses)."""
+    column and whole rows fit (after :func:`_one_pass_kernel`): u and dP are loaded once, interleaved
+    (:func:`_queries_with_pooled_grads`), and each block of whole rows read once for the scores
+    ``z = x u^T + c`` (recomputed, not read back) and ``d_p = x . dP`` in one product, and for
+    ``du += ds^T x``; writes the split's partials of ``du`` and ``dc`` (as
+    :func:`_weight_grad_kernel`) and, with ``FOR_DX``, ``ds`` and ``pk`` for the dx kernel (as
+    :func:`_score_grad_kernel`; ``ds`` rounded to x's dtype in both uses). One product over the interleaved
+    columns, not two, lets 64 columns over 512 features compile without a spill for sm_90 (Triton 3.9)."""
     split = tl.program_id(0)
     start, end, bag = _split(split_start_ptr, split_end_ptr, split_bag_ptr, split)
     cols_j = tl.arange(0, BLOCK_J)
@@ -502,8 +524,11 @@ def _one_pass_grad_kernel(
     is_nsf = (cols_j >= nsf_from)[None, :]
     cols_e = tl.arange(0, BLOCK_E)
     e_ok = cols_e < E
+    w_t = _queries_with_pooled_grads(u_ptr + bag.to(tl.int64) * u_bag_stride,
+                                     d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, J, num_pooled, cols_e, e_ok, E,
+                                     BLOCK_J)
+    c = tl.load(c_ptr + bag * c_bag_stride + cols_j, mask=j_ok, other=0.0).to(tl.float32)
     per_bag = bag * num_pooled + cols_j
-    d_pooled_t = _load_rows_t(d_pooled_ptr + bag.to(tl.int64) * num_pooled * E, cols_j, pool_ok, cols_e, e_ok, E)
     d_mass = tl.load(d_mass_ptr + per_bag, mask=pool_ok, other=0.0).to(tl.float32)
     lse = tl.load(lse_ptr + per_bag, mask=pool_ok, other=0.0)
     delta = tl.load(delta_ptr + per_bag, mask=pool_ok, other=0.0)
@@ -512,14 +537,15 @@ def _one_pass_grad_kernel(
     for r0 in range(start, end, BLOCK_N):
         rows64, row_ok, valid = _split_block(r0, end, valid_ptr, HAS_MASK, BLOCK_N)
         x_tile = _load_rows(x_ptr, rows64, valid, cols_e, e_ok, E)
-        d_s = tl.zeros((BLOCK_N, BLOCK_J), tl.float32)
-        if HAS_DZ:
-            d_s += _load_rows(d_z_ptr, rows64, valid, cols_j, j_ok, J).to(tl.float32)
-        d_p = _dot(x_tile, d_pooled_t, tl.zeros((BLOCK_N, BLOCK_J), tl.float32), DOT_FP32, FP32_PRECISION,
-                   x_ptr.dtype.element_ty) + d_mass[None, :]
-        d_s, pk = _add_score_grads(d_s, _load_rows(z_ptr, rows64, valid, cols_j, j_ok, J), lse, delta, d_p,
+        z_and_d_p = _dot(x_tile, w_t, tl.zeros((BLOCK_N, 2 * BLOCK_J), tl.float32), DOT_FP32, FP32_PRECISION,
+                         x_ptr.dtype.element_ty)
+        z, d_p = tl.split(tl.reshape(z_and_d_p, (BLOCK_N, BLOCK_J, 2)))
+        d_s, pk = _add_score_grads(tl.zeros((BLOCK_N, BLOCK_J), tl.float32), z + c[None, :], lse, delta,
+                                   d_p + d_mass[None, :],
                                    _keep_factor(seed, rows64, cols_j, J, p_drop, drop_scale, DROPOUT),
                                    valid[:, None] & pool_ok[None, :], is_nsf)
+        if HAS_DZ:
+            d_s += _load_rows(d_z_ptr, rows64, valid, cols_j, j_ok, J).to(tl.float32)
         d_s = d_s.to(x_ptr.dtype.element_ty)
         if FOR_DX:
             _store_rows(ds_ptr, rows64, row_ok, cols_j, j_ok, J, d_s)
@@ -841,10 +867,11 @@ def _per_bag_sum(partials, plan: Plan):
     return out
 
 
-def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_mass, d_z, wanted):
+def backward(x2d, u, c, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_mass, d_z, wanted):
     """Gradients ``(dx, du, dc)``; None where ``wanted`` (``needs_input_grad`` of x, u, c) says no.
 
-    ``d_pooled: (B, P, Ein)``, ``d_mass: (B, P)`` and ``d_z: (T, J)`` may each be None (no gradient).
+    ``u: (Bu, J, Ein)`` and ``c: (Bu, J)`` are the forward's; ``d_pooled: (B, P, Ein)``, ``d_mass: (B, P)`` and
+    ``d_z: (T, J)`` may each be None (no gradient).
     """
     rows, features = x2d.shape
     device = x2d.device
@@ -860,8 +887,9 @@ def backward(x2d, u, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d_ma
     if weight_grads and one_pass_backward(plan.tiles_fwd, plan.cfg, plan.columns):
         splits = plan.splits
         _one_pass_grad_kernel[(splits.num_blocks,)](
-            x2d, _or(row_valid, x2d), splits.start, splits.end, splits.bag, *score_grads, _or(d_s, x2d),
-            _or(pk, x2d), *weight_grads, features, plan.columns, plan.num_pooled, plan.nsf_from, **plan.dropout_args(),
+            x2d, _or(row_valid, x2d), u, c, splits.start, splits.end, splits.bag, lse, delta, d_pooled, d_mass,
+            _or(d_z, z), _or(d_s, x2d), _or(pk, x2d), *weight_grads, features, plan.columns, plan.num_pooled,
+            plan.nsf_from, _bag_stride(u), _bag_stride(c), **plan.dropout_args(),
             DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, FOR_DX=wanted[0],
             **dict(plan.flags(x2d), **one_pass_grad_tiles(plan.tiles_fwd, plan.cfg)))
     else:
@@ -893,13 +921,11 @@ def one_pass_backward(tiles: ForwardTiles, cfg: Config, columns: int) -> bool:
 
 
 def one_pass_grad_tiles(tiles: ForwardTiles, cfg: Config) -> dict:
-    """Rows a step, feature tile (all of Ein) and warps of :func:`_one_pass_grad_kernel`: the one-pass forward's,
-    but 16-row steps from :data:`SHORT_ROWS_TILE` (columns x features) on. At the forward's row steps, on
-    sm_90 with Triton 3.9, 16 columns over 256 features spilled 72 B (with a mask, dropout and dz), 32 over 64
-    24 B and 64 over 512 up to 56 B; at half of them, Triton 3.6 spilled 28 B at 16 over 256 (LiteMIL's
-    shape) and Triton 3.9 8 B at 16 over 32 in fp16 (so those keep the forward's 64)."""
-    rows = SHORT_ROWS if cfg.block_j * tiles.pool_block_e >= SHORT_ROWS_TILE else tiles.pool_block_n
-    return dict(BLOCK_N=rows, BLOCK_E=tiles.pool_block_e, num_warps=ONE_PASS_WARPS)
+    """Rows a step (:data:`GRAD_ROWS`), feature tile (the forward's, all of Ein), warps (:data:`ONE_PASS_WARPS`,
+    or 4 up to :data:`SMALL_GRAD_TILE` columns x features) and pipeline stages (:data:`ONE_PASS_GRAD_STAGES`)
+    of :func:`_one_pass_grad_kernel`."""
+    warps = 4 if cfg.block_j * tiles.pool_block_e <= SMALL_GRAD_TILE else ONE_PASS_WARPS
+    return dict(BLOCK_N=GRAD_ROWS, BLOCK_E=tiles.pool_block_e, num_warps=warps, num_stages=ONE_PASS_GRAD_STAGES)
 
 
 def _weight_grad_partials(plan: Plan, x2d) -> tuple:
@@ -958,13 +984,14 @@ _SHAPES = ((4, 20, 4), (4, 256, 4), (4, 300, 4), (24, 40, 24), (24, 200, 24), (2
 def shipped_specializations():
     """Every kernel specialization the dispatcher can launch on a GPU, for ahead-of-time compile checks.
 
-    Yields ``(kernel, signature, constexprs, num_warps, aligned)`` as the launches build them: the three
-    dtypes, the shapes of :data:`_SHAPES` (softmax columns), with neither or both of a mask and dropout, and of
-    a gradient of the scores and a gradient of x (each of the four pairs for the one-pass backward); the
-    one-pass kernel also with its second tile (without dropout; the columns past the first tile, or as many as
-    J of an anchor; without it, a launch passes zeros for the second tile's sizes). ``aligned`` names the
-    integer arguments (E, J, the per-bag strides J * E and J, the first column scored, P, the first NSF column
-    and the second tile's sizes) that are multiples of 16 at the example shape (a launch specializes on those).
+    Yields ``(kernel, signature, constexprs, launch, aligned)`` as the launches build them (``launch``: the warps,
+    or a dict of them and the pipeline stages): the three dtypes, the shapes of :data:`_SHAPES` (softmax columns),
+    with neither or both of a mask and dropout, and of a gradient of the scores and a gradient of x (each of the
+    four pairs for the one-pass backward); the one-pass kernel also with its second tile (without dropout; the
+    columns past the first tile, or as many as J of an anchor; without it, a launch passes zeros for the second
+    tile's sizes). ``aligned`` names the integer arguments (E, J, the per-bag strides J * E and J, the first column
+    scored, P, the first NSF column and the second tile's sizes) that are multiples of 16 at the example shape (a
+    launch specializes on those).
     """
     for dtype, ptr in _POINTER_TYPES.items():
         for columns, features, pooled in _SHAPES:
@@ -1043,13 +1070,14 @@ def _backward_specializations(ptr, valid, cfg: Config, columns: int, features: i
                _named(aligned, signature))
         return
     signature = _signature(_one_pass_grad_kernel, dict(_score_grad_signature(ptr, valid),
-                                                       **_weight_grad_signature(ptr, valid)))
+                                                       **_weight_grad_signature(ptr, valid), u_ptr=ptr, c_ptr=ptr,
+                                                       u_bag_stride="i32", c_bag_stride="i32"))
     one_pass_tiles = one_pass_grad_tiles(tiles, cfg)
-    warps = one_pass_tiles.pop("num_warps")
+    options = dict(num_warps=one_pass_tiles.pop("num_warps"), num_stages=one_pass_tiles.pop("num_stages"))
     # all four pairs: under Triton 3.6, (False, True) spilled where (True, True) did not
     for has_dz, for_dx in itertools.product((True, False), repeat=2):
         yield (_one_pass_grad_kernel, signature,
-               dict(flags, **one_pass_tiles, DROPOUT=dropout, HAS_DZ=has_dz, FOR_DX=for_dx), warps,
+               dict(flags, **one_pass_tiles, DROPOUT=dropout, HAS_DZ=has_dz, FOR_DX=for_dx), options,
                _named(aligned, signature))
 
 
