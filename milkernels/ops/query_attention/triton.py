@@ -882,7 +882,6 @@ def backward(x2d, u, c, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d
     # ds and pk only enter products, whose operands are in x's dtype: stored in it
     d_s = _blocks.new_buffer(rows, plan.columns, dtype=x2d.dtype, device=device) if wanted[0] else None
     pk = _blocks.new_buffer(rows, plan.num_pooled, dtype=x2d.dtype, device=device) if wanted[0] else None
-    score_grads = (z, lse, delta, d_pooled, d_mass, _or(d_z, z))
     weight_grads = _weight_grad_partials(plan, x2d) if wanted[1] or wanted[2] else None
     if weight_grads and one_pass_backward(plan.tiles_fwd, plan.cfg, plan.columns):
         splits = plan.splits
@@ -896,8 +895,9 @@ def backward(x2d, u, c, row_valid, z, lse, pooled, mass, plan: Plan, d_pooled, d
         if d_s is None:
             d_s = _blocks.new_buffer(rows, plan.columns, dtype=x2d.dtype, device=device)
         _score_grad_kernel[(plan.blocks.num_blocks, plan.tiles(features)[0])](
-            x2d, _or(row_valid, x2d), plan.blocks.start, plan.blocks.end, plan.blocks.bag, *score_grads, d_s,
-            _or(pk, d_s), features, plan.columns, plan.num_pooled, plan.nsf_from, **plan.dropout_args(),
+            x2d, _or(row_valid, x2d), plan.blocks.start, plan.blocks.end, plan.blocks.bag, z, lse, delta, d_pooled,
+            d_mass, _or(d_z, z), d_s, _or(pk, d_s), features, plan.columns, plan.num_pooled, plan.nsf_from,
+            **plan.dropout_args(),
             DROPOUT=plan.dropout_p > 0, HAS_DZ=d_z is not None, STORE_PK=pk is not None,
             **dict(plan.flags(x2d), **score_grad_tiles(plan.tiles_fwd, plan.cfg, plan.columns, plan.num_pooled,
                                                      plan.dropout_p > 0)))
